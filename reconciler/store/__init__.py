@@ -1,0 +1,154 @@
+"""The store: where nodes publish heartbeats and status and hold claims on groups.
+
+`Store` is the interface; `directory.DirectoryStore` (the embedded default, also for a
+shared NFS/GFS/CephFS directory) and `etcd.EtcdStore` are its backends. One contract test
+suite (tests/test_store_contract.py) runs against every backend.
+
+Liveness is never judged by timestamps written by another machine: a node's heartbeat
+carries a counter that must advance, and the *observer* times how long it stood still on its
+own monotonic clock (`liveness.Liveness`). That needs no clock synchronisation.
+
+Decisions (who claims, when to break a claim) live in `plan`; backends only do I/O.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import attrs
+
+
+class StoreError(Exception):
+    """The store could not be reached or did not answer in time. Transient: retry later.
+
+    Every Store method raises this (and only this) for I/O failures, with a one-line message
+    naming the store.
+    """
+
+
+@attrs.frozen
+class Heartbeat:
+    """What one node publishes about itself on every renewal."""
+
+    node: str
+    counter: int  # grows with every renewal; observers time how long it stands still
+    digest: str = ""  # digest of the spec the node runs
+    status: dict[str, Any] = attrs.field(factory=dict)  # JSON-able: see agent.status_doc
+
+
+@attrs.frozen
+class Claim:
+    """One instance of one node's claim on one group."""
+
+    group: str
+    node: str
+    generation: int  # fencing token: grows with every new claim instance of the group
+    token: str = ""  # backend identity of this instance (directory: generation; etcd: revision)
+
+
+@attrs.frozen
+class Snapshot:
+    """One read of the whole store."""
+
+    members: dict[str, Heartbeat] = attrs.field(factory=dict)
+    claims: dict[str, Claim] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Member:
+    name: str
+    last_change: float  # monotonic time (observer's clock) its heartbeat last advanced
+    heartbeat: Heartbeat | None = None  # None when the store no longer lists it
+    up: bool = True  # what the membership source says (hpc); the store source: always True
+
+
+@attrs.frozen
+class ClusterView:
+    """Everything `plan` needs to know about the cluster, as seen from `node`."""
+
+    node: str
+    members: dict[str, Member] = attrs.field(factory=dict)
+    claims: dict[str, Claim] = attrs.field(factory=dict)
+    lease_until: float = float("inf")  # this node may run claimed groups until then (its clock)
+    quorum: bool = True
+    store_ok: bool = True
+    store_error: str = ""
+
+    def alive(self, name: str, now: float, dead_after: float) -> bool:
+        if name == self.node:
+            return now < self.lease_until and self.quorum
+        m = self.members.get(name)
+        return m is not None and m.up and now - m.last_change < dead_after
+
+    def stalled_for(self, name: str, now: float) -> float:
+        m = self.members.get(name)
+        return float("inf") if m is None else now - m.last_change
+
+
+class Store(abc.ABC):
+    """A backend. Every method is a coroutine; every I/O failure raises StoreError."""
+
+    url: str = ""
+
+    @abc.abstractmethod
+    async def publish(self, heartbeat: Heartbeat) -> None:
+        """Renew this node's heartbeat and replace its published status, atomically.
+
+        Readers see either the old or the new record, never a torn one. Returns only after
+        the write is durable enough for other nodes to read it. On error nothing is assumed
+        renewed: the caller's lease runs on from its last successful call.
+        """
+
+    @abc.abstractmethod
+    async def read(self) -> Snapshot:
+        """Read every member's latest heartbeat and every claim.
+
+        Re-reads contents every call (no caching: NFS close-to-open consistency).
+        """
+
+    @abc.abstractmethod
+    async def claim(self, group: str, node: str) -> Claim | None:
+        """Create the claim on `group` for `node` if no claim exists: atomic, one winner.
+
+        Returns the new Claim (with a generation larger than any earlier claim instance of
+        the group), or None if a claim already exists (the caller lost).
+        """
+
+    @abc.abstractmethod
+    async def release(self, claim: Claim) -> bool:
+        """The owner gives up this claim instance. True if it was removed by this call.
+
+        Removes the claim only if the current claim is this very instance (same token), so a
+        stale owner can never remove its successor's claim.
+        """
+
+    @abc.abstractmethod
+    async def break_claim(self, claim: Claim) -> bool:
+        """Another node removes a dead owner's claim instance (after fencing or expiry).
+
+        Atomic with exactly one winner among concurrent breakers of the same instance; a
+        claim instance that was already replaced is never touched. True if this call won.
+        """
+
+    async def wait(self, timeout: float) -> None:
+        """Return when the store may have changed, or after `timeout` seconds."""
+        import asyncio
+
+        await asyncio.sleep(timeout)
+
+    async def close(self) -> None:
+        """Release connections; the node's heartbeat is left to go stale."""
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """Build the backend for `url` ("dir:PATH" or "etcd://HOST:PORT,..."). Options: etcd TLS/auth."""
+    if url.startswith("dir:"):
+        from reconciler.store import directory
+
+        return directory.DirectoryStore(url[4:])
+    if url.startswith(("etcd://", "etcds://")):
+        from reconciler.store import etcd
+
+        return etcd.EtcdStore(url, **options)
+    raise StoreError(f"{url}: unknown store (use dir:PATH or etcd://HOST:PORT)")

@@ -1,0 +1,200 @@
+"""The directory store: the embedded default, local or on a shared NFS/GFS/CephFS directory.
+
+Layout under the root:
+    nodes/NODE.json          heartbeat {node, counter, digest}; replaced by rename (atomic)
+    status/NODE.json         published status; rewritten only when it changes
+    claims/GROUP             a symlink whose target is "NODE:GENERATION": symlink(2) creates
+                             it only if absent, atomically, on local filesystems and NFS alike
+    ends/GROUP.GENERATION    a symlink created (exclusively) by whoever ends that instance
+    generations/GROUP        the last ended generation, so the next claim's number is larger
+
+Ending a claim (release by its owner, break by a survivor) first wins the exclusive
+`ends/GROUP.GENERATION` marker: for any one instance only one caller gets past that point,
+so two survivors can never both remove it, and a stale owner can never remove a successor's
+claim (the successor is a different instance with a larger generation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+from pathlib import Path
+
+from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError
+
+
+class DirectoryStore(Store):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = f"dir:{self.root}"
+        self._last_status: dict[str, str] = {}
+        self._ready = False
+
+    # Every public method runs its blocking file I/O in a thread: a hung NFS server must not
+    # stall the event loop (the lease deadline, not the call, decides what happens then).
+    async def _io(self, fn, *args):
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"{self.url}: {exc.strerror or exc} ({exc.filename or self.root})") from None
+
+    def _setup(self) -> None:
+        if self._ready:
+            return
+        for sub in ("nodes", "status", "claims", "ends", "generations"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._ready = True
+
+    def _replace(self, path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+
+    # --- heartbeat ------------------------------------------------------------------------
+
+    async def publish(self, heartbeat: Heartbeat) -> None:
+        await self._io(self._publish, heartbeat)
+
+    def _publish(self, hb: Heartbeat) -> None:
+        self._setup()
+        status = json.dumps(hb.status, sort_keys=True, separators=(",", ":"))
+        if self._last_status.get(hb.node) != status:
+            self._replace(self.root / "status" / f"{hb.node}.json", status)
+            self._last_status[hb.node] = status
+        beat = json.dumps({"node": hb.node, "counter": hb.counter, "digest": hb.digest})
+        self._replace(self.root / "nodes" / f"{hb.node}.json", beat)
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def read(self) -> Snapshot:
+        return await self._io(self._read)
+
+    def _read(self) -> Snapshot:
+        if not self.root.is_dir():
+            raise StoreError(f"{self.url}: no such directory")
+        members: dict[str, Heartbeat] = {}
+        nodes_dir = self.root / "nodes"
+        for name in _listdir(nodes_dir):
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            node = name[:-5]
+            beat = _read_json(nodes_dir / name)
+            if not isinstance(beat, dict) or "counter" not in beat:
+                continue
+            status = _read_json(self.root / "status" / name)
+            members[node] = Heartbeat(
+                node=node,
+                counter=int(beat["counter"]),
+                digest=str(beat.get("digest", "")),
+                status=status if isinstance(status, dict) else {},
+            )
+        claims: dict[str, Claim] = {}
+        claims_dir = self.root / "claims"
+        for group in _listdir(claims_dir):
+            c = self._read_claim(group)
+            if c is not None:
+                claims[group] = c
+        return Snapshot(members=members, claims=claims)
+
+    def _read_claim(self, group: str) -> Claim | None:
+        try:
+            target = os.readlink(self.root / "claims" / group)
+        except FileNotFoundError:
+            return None
+        node, _, gen = target.rpartition(":")
+        if not node or not gen.isdigit():
+            return None
+        return Claim(group=group, node=node, generation=int(gen), token=gen)
+
+    # --- claims ---------------------------------------------------------------------------
+
+    async def claim(self, group: str, node: str) -> Claim | None:
+        return await self._io(self._claim, group, node)
+
+    def _claim(self, group: str, node: str) -> Claim | None:
+        self._setup()
+        if self._read_claim(group) is not None:
+            return None
+        gen = _read_int(self.root / "generations" / group) + 1
+        try:
+            os.symlink(f"{node}:{gen}", self.root / "claims" / group)
+        except FileExistsError:
+            return None
+        return Claim(group=group, node=node, generation=gen, token=str(gen))
+
+    async def release(self, claim: Claim) -> bool:
+        return await self._io(self._end, claim)
+
+    async def break_claim(self, claim: Claim) -> bool:
+        return await self._io(self._end, claim)
+
+    def _end(self, claim: Claim) -> bool:
+        self._setup()
+        marker = self.root / "ends" / f"{claim.group}.{claim.generation}"
+        try:
+            os.symlink(claim.node, marker)
+        except FileExistsError:
+            # Someone else already won this instance; if they died before finishing, the
+            # instance is still decided ended: completing the removal is idempotent.
+            current = self._read_claim(claim.group)
+            if current is not None and current.generation == claim.generation and current.node == claim.node:
+                self._remove(claim)
+            return False
+        current = self._read_claim(claim.group)
+        if current is None or current.generation != claim.generation or current.node != claim.node:
+            return False
+        self._remove(claim)
+        self._prune(claim.group, claim.generation)
+        return True
+
+    def _remove(self, claim: Claim) -> None:
+        gens = self.root / "generations" / claim.group
+        if _read_int(gens) < claim.generation:
+            self._replace(gens, str(claim.generation))
+        try:
+            os.unlink(self.root / "claims" / claim.group)
+        except FileNotFoundError:
+            pass
+
+    def _prune(self, group: str, generation: int) -> None:
+        # End markers older than a few generations can never be contended again.
+        old = self.root / "ends" / f"{group}.{generation - 8}"
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _read_json(path: Path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
+    except ValueError:
+        return 0
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return 0
+        raise

@@ -46,6 +46,8 @@ class Observed:
     node: str
     entries: dict[tuple[str, str], EntryState] = attrs.field(factory=dict)
     busy: frozenset[str] = frozenset()  # groups whose previous actions are still in flight
+    # group-level attempts that failed (fence hook, claim): {group: (retry_at, message)}
+    blocked: dict[str, tuple[float, str]] = attrs.field(factory=dict)
 
     def get(self, group: str, tag: str, kind: str = "process") -> EntryState:
         return self.entries.get((group, tag)) or EntryState(group=group, tag=tag, kind=kind)

@@ -74,6 +74,10 @@ class ClusterView:
     quorum: bool = True
     store_ok: bool = True
     store_error: str = ""
+    # monotonic time this node first saw each group without a claim (for fallback claiming)
+    unclaimed_since: dict[str, float] = attrs.field(factory=dict)
+    # this node's claims that outlived a lapse of its lease: they must be re-arbitrated
+    stale_claims: frozenset[str] = frozenset()
 
     def alive(self, name: str, now: float, dead_after: float) -> bool:
         if name == self.node:

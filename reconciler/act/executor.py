@@ -1,0 +1,210 @@
+"""execute(plan): carry out one group's actions in order, with bounded tenacity retries.
+
+A failed action ends its group's run for this round: what follows depends on it (a process
+needs its mount). Failures are remembered with a retry time, so the next plan backs off
+instead of hammering; nothing here decides *what* to do, only how.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import attrs
+import tenacity
+
+from reconciler import spec as specmod
+from reconciler.act import fence as fencemod
+from reconciler.act import process
+from reconciler.plan import Action
+from reconciler.store import Claim, Store, StoreError
+
+log = logging.getLogger("reconciler.act")
+
+
+@attrs.define
+class ResourceRecord:
+    """What we remember about a mount or address entry beyond what the kernel shows."""
+
+    owned: bool = False  # we applied it: only what we applied is ever removed
+    failures: int = 0
+    retry_at: float | None = None
+    message: str = ""
+    since: float = 0.0
+    entry: specmod.Entry | None = None  # last known definition: a removed entry is still removable
+
+
+@attrs.define
+class Events:
+    """Callbacks the agent passes in: metrics and cached-view updates. All optional."""
+
+    action: Callable[[Action, str, float], None] = lambda a, result, seconds: None
+    retry: Callable[[str], None] = lambda kind: None
+    claimed: Callable[[str, Claim | None], None] = lambda group, claim: None
+    fenced: Callable[[str, fencemod.Outcome], None] = lambda group, outcome: None
+    taken_over: Callable[[str, Claim], None] = lambda group, claim: None
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        node: str,
+        supervisor: process.Supervisor,
+        store: Store,
+        resources=None,
+        events: Events | None = None,
+        store_budget: float = 0.3,
+    ):
+        self.node = node
+        self.supervisor = supervisor
+        self.store = store
+        self.resources = resources
+        self.events = events or Events()
+        self.store_budget = store_budget
+        self.book: dict[tuple[str, str], ResourceRecord] = {}
+        self.blocked: dict[str, tuple[float, str]] = {}  # group -> (retry_at, message)
+        self._block_count: dict[str, int] = {}
+
+    async def run_group(self, spec: specmod.Spec, actions: tuple[Action, ...], generation: int | None) -> None:
+        for a in actions:
+            started = time.monotonic()
+            try:
+                ok, msg = await self._do(spec, a, generation)
+            except _Failed as exc:
+                ok, msg = False, str(exc)
+                self.block(a.group, msg)
+            except Exception as exc:  # a bug or an unexpected OS error must not kill the loop
+                log.exception("%s failed", a.describe())
+                ok, msg = False, f"{type(exc).__name__}: {exc}"
+            result = "ok" if ok else "error"
+            self.events.action(a, result, time.monotonic() - started)
+            level = logging.INFO if ok else logging.WARNING
+            log.log(level, "%s -> %s%s", a.describe(), result, f" ({msg})" if msg else "",
+                    extra={"group": a.group, "tag": a.tag, "node": self.node, "reason": a.reason, "result": result})
+            if not ok:
+                return
+
+    async def _do(self, spec: specmod.Spec, a: Action, generation: int | None) -> tuple[bool, str]:
+        g = spec.groups.get(a.group)
+        entry = spec.entry(a.group, a.tag) if a.tag else None
+        if entry is None and (a.group, a.tag) in self.book:
+            entry = self.book[(a.group, a.tag)].entry
+        if a.kind in ("start", "stop") and entry is not None and entry.kind != "process":
+            return await self._resource(a, entry)
+        if a.kind == "start":
+            assert entry is not None and g is not None
+            env = {
+                "RECONCILER_NODE": self.node,
+                "RECONCILER_GROUP": a.group,
+                "RECONCILER_TAG": a.tag,
+                "RECONCILER_RUNLEVEL": g.runlevel,
+            }
+            if generation is not None:
+                env["RECONCILER_GENERATION"] = str(generation)
+            try:
+                result = await self.supervisor.start(a.group, entry, level=g.runlevel, env=env)
+            except process.StartError as exc:
+                return False, str(exc)
+            if entry.foreground:
+                rec = self.supervisor.records[(a.group, a.tag)]
+                return rec.state in ("done", "passed"), rec.message or f"exit {result}"
+            return True, f"pid {result}"
+        if a.kind == "stop":
+            sig, timeout = (entry.stop_signal, entry.stop_timeout) if entry else (15, 10.0)
+            if a.urgent and a.deadline is not None:
+                timeout = max(0.0, a.deadline - time.monotonic())
+            await self.supervisor.stop(a.group, a.tag, sig=sig, timeout=timeout, deadline=a.deadline)
+            return True, ""
+        if a.kind == "reset":
+            self.supervisor.reset(a.group, a.tag)
+            self.book.pop((a.group, a.tag), None)
+            return True, ""
+        if a.kind == "claim":
+            claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
+            self.events.claimed(a.group, claim)
+            if claim is None:
+                return False, "another node claimed it first"
+            self.unblock(a.group)
+            return True, f"generation {claim.generation}"
+        if a.kind == "release":
+            assert a.claim is not None
+            won = await self._store(lambda: self.store.release(a.claim), "release")
+            self.events.claimed(a.group, None)
+            return True, "released" if won else "already gone"
+        if a.kind == "takeover":
+            return await self._takeover(spec, a)
+        return False, f"unknown action kind {a.kind}"
+
+    async def _takeover(self, spec: specmod.Spec, a: Action) -> tuple[bool, str]:
+        assert a.claim is not None
+        g = spec.groups[a.group]
+        if a.fence:
+            outcome = await fencemod.fence(a.fence, node=a.claim.node, timeout=g.fence_timeout)
+            self.events.fenced(a.group, outcome)
+            if not outcome.ok:
+                self.block(a.group, f"fencing {a.claim.node} failed: {outcome.message}")
+                return False, outcome.message
+        await self._store(lambda: self.store.break_claim(a.claim), "break")
+        claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
+        self.events.claimed(a.group, claim)
+        if claim is None:
+            return False, "another node took it over first"
+        self.unblock(a.group)
+        self.events.taken_over(a.group, claim)
+        return True, f"took over from {a.claim.node}: generation {claim.generation}"
+
+    async def _store(self, call, kind: str):
+        """A store call retried within a small budget: a flicker should not cost a round."""
+        try:
+            async for attempt in tenacity.AsyncRetrying(
+                stop=tenacity.stop_after_delay(self.store_budget) | tenacity.stop_after_attempt(4),
+                wait=tenacity.wait_exponential(multiplier=0.02, max=0.1),
+                retry=tenacity.retry_if_exception_type(StoreError),
+                before_sleep=lambda _state: self.events.retry(kind),
+                reraise=True,
+            ):
+                with attempt:
+                    return await call()
+        except StoreError as exc:
+            raise _Failed(str(exc)) from None
+
+    async def _resource(self, a: Action, entry: specmod.Entry) -> tuple[bool, str]:
+        rec = self.book.setdefault((a.group, a.tag), ResourceRecord(entry=entry))
+        if self.resources is None:
+            return False, f"{entry.kind} entries are not supported on this node"
+        now = time.monotonic()
+        budget = max(1.0, entry.stop_timeout)
+        try:
+            if a.kind == "start":
+                await self.resources.start(entry, deadline=budget)
+                rec.owned = True
+            else:
+                await self.resources.stop(entry, deadline=budget)
+                rec.owned = False
+        except Exception as exc:
+            permanent = getattr(exc, "permanent", False)
+            rec.failures += 1
+            rec.retry_at = now + min(30.0, 0.5 * 2 ** min(rec.failures, 6)) * (4 if permanent else 1)
+            rec.message = str(exc)
+            rec.since = now
+            return False, str(exc)
+        rec.failures, rec.retry_at, rec.message, rec.since = 0, None, "", now
+        return True, ""
+
+    def new_record(self, entry: specmod.Entry) -> ResourceRecord:
+        return ResourceRecord(entry=entry)
+
+    def block(self, group: str, message: str) -> None:
+        n = self._block_count.get(group, 0) + 1
+        self._block_count[group] = n
+        self.blocked[group] = (time.monotonic() + min(30.0, 0.5 * 2 ** min(n, 6)), message)
+
+    def unblock(self, group: str) -> None:
+        self.blocked.pop(group, None)
+        self._block_count.pop(group, None)
+
+
+class _Failed(Exception):
+    pass

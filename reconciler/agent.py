@@ -1,0 +1,352 @@
+"""The agent: one asyncio loop per node that keeps reality equal to the spec.
+
+Child exits, store changes, spec edits and a periodic tick all set one wake event; every
+wake runs the same level-triggered reconcile (observe -> plan -> execute -> publish), so
+nothing depends on having seen a particular event. The heartbeat task renews this node's
+lease and the keeper's deadline; `plan` alone decides what that means for the groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from reconciler import observation, plan as planmod, spec as specmod, status as statusmod
+from reconciler.act import executor as executormod
+from reconciler.act import process
+from reconciler.metrics import Metrics
+from reconciler.store import ClusterView, StoreError, hpc as hpcmod, liveness, open_store
+
+log = logging.getLogger("reconciler.agent")
+
+
+class Agent:
+    def __init__(self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None):
+        self.spec_path = spec_path
+        self.node = node
+        self.once = once
+        self.metrics = metrics or Metrics(node)
+        self.notify = notify
+        self.spec: specmod.Spec = specmod.load(spec_path)  # SpecError: the caller reports it
+        self.spec_error = ""
+        self.wake_event = asyncio.Event()
+        self.reload = False
+        self.stopping = False
+        self.busy: dict[str, asyncio.Task] = {}
+        self.view = ClusterView(node=node, lease_until=float("-inf"), store_ok=False, store_error="not read yet")
+        self.lease_until = float("-inf")
+        self.stale: set[str] = set()
+        self.last_plan = planmod.Plan()
+        self.status_doc: dict = {}
+        self.counter = time.time_ns() // 1_000_000
+        self.takeover_started: dict[str, float] = {}
+        self._fingerprint: object = None
+        self.metrics.spec_loaded(self.spec, ok=True)
+
+    # --- setup --------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        c = self.spec.cluster
+        self.store = open_store(
+            self.spec.store_url,
+            prefix=c.etcd_prefix, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
+            password=c.etcd_password, lease=c.timing.lease,
+        ) if not self.spec.store_url.startswith("dir:") else open_store(self.spec.store_url)
+        self.node_dir = Path(self.spec.state_dir) / self.node
+        self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
+        try:
+            from reconciler.act import resources
+        except ImportError:  # resource support not installed on this node
+            resources = None
+        self.resources = resources
+        self.executor = executormod.Executor(
+            node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, events=self.metrics.executor_events(self)
+        )
+        self.liveness = liveness.Liveness(self.node)
+        self.observer = observation.Observer(self)
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    def _inherit_lease(self) -> None:
+        """A restarted agent continues its predecessor's lease, or knows that it lapsed."""
+        try:
+            previous = float((self.node_dir / "lease").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            previous = float("-inf")
+        self.lease_until = previous
+        self.lapsed_at_start = previous <= time.monotonic()
+
+    def _ensure_keeper(self) -> None:
+        if self.once:
+            return
+        try:
+            pid, ticks = (self.node_dir / "keeper.pid").read_text().split()
+            if process.start_ticks(int(pid)) == int(ticks):
+                return
+        except (OSError, ValueError):
+            pass
+        subprocess.Popen(
+            [sys.executable, "-m", "reconciler.keeper", str(self.node_dir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def _write_lease(self) -> None:
+        tmp = self.node_dir / ".lease.tmp"
+        tmp.write_text(f"{self.lease_until:.6f}\n")
+        os.replace(tmp, self.node_dir / "lease")
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._build()
+        self.node_dir.mkdir(parents=True, exist_ok=True)
+        self.supervisor.attach(loop)
+        self._inherit_lease()
+        adopted = self.supervisor.adopt()
+        for rec in adopted:
+            log.info("adopted %s/%s pid %s", rec.group, rec.tag, rec.pid)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._heartbeat_once()
+        if self.lapsed_at_start:
+            self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
+            self.view = self._with_lease(self.view)
+        self._ensure_keeper()
+        tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+        if not self.once:
+            tasks.append(asyncio.create_task(self._watch_spec(), name="spec-watch"))
+        if self.notify:
+            self.notify.ready()
+        try:
+            return await self._main()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.supervisor.save()
+            self.supervisor.detach()
+            await self.store.close()
+
+    def request_stop(self) -> None:
+        if not self.stopping:
+            log.info("stopping every local group, then exiting")
+            if self.notify:
+                self.notify.stopping()
+        self.stopping = True
+        self.wake()
+
+    async def _main(self) -> int:
+        while True:
+            self.wake_event.clear()
+            if self.reload:
+                self._reload()
+            self.reconcile()
+            if self.stopping and not self.busy and not self._anything_runs():
+                await self._release_all()
+                with_lease = self.node_dir / "lease"
+                with_lease.unlink(missing_ok=True)  # tells the keeper: clean exit, nothing to guard
+                return 0
+            if self.once and not self.busy and self.last_plan.empty:
+                return 0
+            now = time.monotonic()
+            due = now + self.spec.cluster.timing.tick
+            if self.last_plan.wake_at is not None:
+                due = min(due, self.last_plan.wake_at)
+            try:
+                await asyncio.wait_for(self.wake_event.wait(), max(0.0, due - now) + 0.001)
+            except TimeoutError:
+                pass
+
+    def _anything_runs(self) -> bool:
+        return any(st.active for st in self.observer.observe(time.monotonic()).entries.values())
+
+    async def _release_all(self) -> None:
+        for g, c in list(self.view.claims.items()):
+            if c.node == self.node:
+                try:
+                    await self.store.release(c)
+                except StoreError as exc:
+                    log.warning("could not release %s: %s", g, exc)
+
+    def reconcile(self) -> None:
+        started = time.monotonic()
+        try:
+            spec = self.spec
+            if self.stopping:
+                spec = specmod.Spec(
+                    cluster=spec.cluster,
+                    groups={n: _stopped(g) for n, g in spec.groups.items()},
+                    base=spec.base,
+                    files=spec.files,
+                )
+            now = time.monotonic()
+            observed = self.observer.observe(now)
+            view = self._with_lease(self.view)
+            p = planmod.plan(spec, observed, view, now)
+            self.last_plan = p
+            by_group: dict[str, list[planmod.Action]] = {}
+            for a in p.actions:
+                by_group.setdefault(a.group, []).append(a)
+            for group, actions in by_group.items():
+                running = self.busy.get(group)
+                if running is not None:
+                    running.cancel()  # only urgent actions reach a busy group: preempt it
+                claim = view.claims.get(group)
+                gen = claim.generation if claim is not None and claim.node == self.node else None
+                self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
+            self.supervisor.save()
+            self.status_doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error)
+            self.metrics.tick(self, observed, view, time.monotonic() - started, ok=True)
+        except Exception:
+            log.exception("reconcile failed")
+            self.metrics.tick(self, None, None, time.monotonic() - started, ok=False)
+
+    async def _run_group(self, spec, group, actions, generation, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        try:
+            await self.executor.run_group(spec, actions, generation)
+        finally:
+            if self.busy.get(group) is asyncio.current_task():
+                del self.busy[group]
+            self.supervisor.save()
+            self.wake()
+
+    def _reload(self) -> None:
+        self.reload = False
+        try:
+            new = specmod.load(self.spec_path)
+        except specmod.SpecError as exc:
+            self.spec_error = str(exc)
+            log.error("%s (keeping the last good spec)", exc)
+            self.metrics.spec_loaded(None, ok=False)
+            return
+        if new.digest() != self.spec.digest():
+            log.info("spec reloaded: digest %s", new.digest())
+        self.spec, self.spec_error = new, ""
+        self.metrics.spec_loaded(new, ok=True)
+
+    async def _watch_spec(self) -> None:
+        import watchfiles
+
+        path = Path(self.spec_path)
+        root = path if path.is_dir() else path.parent
+        wanted = None if path.is_dir() else path.name
+
+        def only_specs(_change, changed: str) -> bool:
+            name = os.path.basename(changed)
+            return name.endswith(".toml") and (wanted is None or name == wanted)
+
+        # Watch the directory, not the file: editors save by writing a new file and renaming.
+        async for _changes in watchfiles.awatch(root, watch_filter=only_specs, recursive=False, step=10, debounce=30):
+            self.reload = True
+            self.wake()
+
+    # --- heartbeat and the cluster view ---------------------------------------------------
+
+    def _with_lease(self, view: ClusterView) -> ClusterView:
+        import attrs
+
+        return attrs.evolve(view, lease_until=self.lease_until, stale_claims=frozenset(self.stale))
+
+    async def _heartbeat_loop(self) -> None:
+        t = self.spec.cluster.timing
+        while True:
+            started = time.monotonic()
+            await self._heartbeat_once()
+            if self.notify:
+                self.notify.watchdog()
+            self._ensure_keeper_cheap()
+            await asyncio.sleep(max(0.0, t.heartbeat - (time.monotonic() - started)))
+
+    def _ensure_keeper_cheap(self) -> None:
+        self._keeper_check = getattr(self, "_keeper_check", 0) + 1
+        if self._keeper_check % 20 == 0:
+            self._ensure_keeper()
+
+    async def _heartbeat_once(self) -> None:
+        from reconciler.store import Heartbeat
+
+        t = self.spec.cluster.timing
+        self.counter += 1
+        started = time.monotonic()
+        hb = Heartbeat(node=self.node, counter=self.counter, digest=self.spec.digest(), status=self.status_doc)
+        error = ""
+        try:
+            await asyncio.wait_for(self.store.publish(hb), t.lease / 2)
+            if self.lease_until < started and self.lease_until != float("-inf"):
+                # The lease ran out before this renewal: peers may have taken our groups.
+                mine = {g for g, c in self.view.claims.items() if c.node == self.node}
+                if mine:
+                    log.warning("lease lapsed for %.2fs: re-arbitrating %s", started - self.lease_until, ", ".join(sorted(mine)))
+                self.stale |= mine
+            self.lease_until = max(self.lease_until, started + t.lease)
+            if not self.once:
+                self._write_lease()
+        except (StoreError, TimeoutError) as exc:
+            error = str(exc) or f"{self.store.url}: no answer within {t.lease / 2:g}s"
+        hpc = None
+        if self.spec.cluster.membership.startswith("hpc:"):
+            try:
+                hpc = hpcmod.read(self.spec.path(self.spec.cluster.membership[4:]))
+            except hpcmod.MembershipError as exc:
+                error = error or str(exc)
+        try:
+            snap = await asyncio.wait_for(self.store.read(), t.lease / 2)
+        except (StoreError, TimeoutError) as exc:
+            error = error or str(exc) or f"{self.store.url}: no answer"
+            self.view = self._with_lease(_evolve(self.view, store_ok=False, store_error=error))
+            self.wake()
+            return
+        now = time.monotonic()
+        self.stale &= {g for g, c in snap.claims.items() if c.node == self.node}
+        view = self.liveness.update(
+            snap, now, groups=list(self.spec.groups), lease_until=self.lease_until, hpc=hpc,
+            stale_claims=frozenset(self.stale), store_ok=not error, store_error=error,
+        )
+        if hpc is not None and hpc.me != self.node:
+            view = _evolve(view, quorum=False, store_error=f"node name {self.node} is not this node's hpc id {hpc.me}")
+        self.view = view
+        fp = _fingerprint(view, now, t.dead_after)
+        if fp != self._fingerprint:
+            self._fingerprint = fp
+            self.wake()
+
+    def set_claim(self, group: str, claim) -> None:
+        """The executor won (or lost) a claim: show it in the view before the next read."""
+        claims = dict(self.view.claims)
+        if claim is None:
+            claims.pop(group, None)
+        else:
+            claims[group] = claim
+        self.view = _evolve(self.view, claims=claims)
+        self.stale.discard(group)
+
+
+def _evolve(view: ClusterView, **changes) -> ClusterView:
+    import attrs
+
+    return attrs.evolve(view, **changes)
+
+
+def _stopped(g: specmod.Group) -> specmod.Group:
+    import attrs
+
+    return attrs.evolve(g, runlevel=specmod.STOP)
+
+
+def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:
+    alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
+    eligible = tuple(
+        sorted((n, str(m.heartbeat.status.get("eligible_groups"))) for n, m in view.members.items() if m.heartbeat is not None)
+    )
+    claims = tuple(sorted((g, c.node, c.generation) for g, c in view.claims.items()))
+    return (alive, eligible, claims, view.store_ok, view.quorum)

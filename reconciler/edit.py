@@ -1,0 +1,89 @@
+"""`reconcile tell`: change one group's desired runlevel in the spec file that defines it.
+
+Only the value of that group's `runlevel` key is rewritten (rendered by tomli-w), so the
+operator's comments and layout survive; the result is parsed again and must differ from the
+original in exactly that one value before it replaces the file (atomically, same mode).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import tomllib
+
+import tomli_w
+
+from reconciler import spec as specmod
+
+_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+_KEY = re.compile(r"^(\s*runlevel\s*=\s*)(\"[^\"]*\"|'[^']*')(\s*(#.*)?)$")
+
+
+def _header_name(line: str) -> str | None:
+    m = _HEADER.match(line)
+    if not m:
+        return None
+    parts = [p.strip().strip('"').strip("'") for p in m.group(1).split(".")]
+    return ".".join(parts)
+
+
+def tell(spec_path: str, group: str, runlevel: str) -> str:
+    """Set groups.GROUP.runlevel; returns the file written. Raises SpecError, writes nothing on error."""
+    spec = specmod.load(spec_path)
+    g = spec.groups.get(group)
+    if g is None:
+        known = ", ".join(spec.groups) or "none"
+        raise specmod.SpecError(f"unknown group {group!r} (known: {known})", file=spec_path, field=f"groups.{group}")
+    if runlevel != specmod.STOP and runlevel not in g.levels():
+        raise specmod.SpecError(
+            f"no entry of {group} mentions runlevel {runlevel!r} (known: {', '.join(g.levels())}, stop)",
+            file=g.source, field=f"groups.{group}.runlevel",
+        )
+    path = g.source
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    new_text = _rewrite(text, group, tomli_w.dumps({"runlevel": runlevel}).split("=", 1)[1].strip(), path)
+    before, after = tomllib.loads(text), tomllib.loads(new_text)
+    before["groups"][group]["runlevel"] = runlevel
+    if before != after:
+        raise specmod.SpecError("could not rewrite the runlevel line safely; edit the file by hand", file=path, field=f"groups.{group}.runlevel")
+    st = os.stat(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tell.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(new_text)
+        os.chmod(tmp, st.st_mode & 0o7777)
+        os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _rewrite(text: str, group: str, value: str, path: str) -> str:
+    lines = text.splitlines(keepends=True)
+    target = f"groups.{group}"
+    in_table = False
+    header_at = None
+    for i, line in enumerate(lines):
+        name = _header_name(line) if line.lstrip().startswith("[") else None
+        if name is not None:
+            if in_table:
+                break
+            in_table = name == target and not line.lstrip().startswith("[[")
+            if in_table:
+                header_at = i
+            continue
+        if in_table:
+            m = _KEY.match(line.rstrip("\n"))
+            if m:
+                end = "\n" if line.endswith("\n") else ""
+                lines[i] = f"{m.group(1)}{value}{m.group(3)}{end}"
+                return "".join(lines)
+    if header_at is None:
+        raise specmod.SpecError(f"no [{target}] table header to edit", file=path, field=f"groups.{group}.runlevel")
+    lines.insert(header_at + 1, f"runlevel = {value}\n")
+    return "".join(lines)

@@ -1,0 +1,153 @@
+"""Prometheus metrics: the reconcile loop, actions, the cluster, failover phases, the spec.
+
+Names follow Prometheus conventions (reconciler_ prefix, base units, _total counters);
+labels are bounded sets (node, group, tag, action kind, state, result, phase), never pids
+or messages. Each agent has its own registry, so tests can run several in one process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import prometheus_client as prom
+
+from reconciler.observe import STATES
+
+KINDS = ("start", "stop", "reset", "claim", "release", "takeover")
+PHASE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, node: str, registry: prom.CollectorRegistry | None = None):
+        self.node = node
+        r = self.registry = registry or prom.CollectorRegistry()
+        L = ["node"]
+        self.tick_seconds = prom.Histogram(
+            "reconciler_tick_duration_seconds", "Time one reconcile pass took (observe, plan, dispatch).", L, registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        self.ticks = prom.Counter("reconciler_ticks", "Reconcile passes by result.", L + ["result"], registry=r)
+        self.last_ok = prom.Gauge(
+            "reconciler_last_successful_tick_timestamp_seconds", "Unix time of the last successful reconcile pass.", L, registry=r
+        )
+        self.actions = prom.Counter("reconciler_actions", "Actions executed by kind and result.", L + ["kind", "result"], registry=r)
+        self.retries = prom.Counter("reconciler_action_retries", "Store calls retried within an action.", L + ["kind"], registry=r)
+        self.entries = prom.Gauge("reconciler_entries", "Entries by group and state on this node.", L + ["group", "state"], registry=r)
+        self.members_live = prom.Gauge("reconciler_members_live", "Cluster members this node sees alive.", L, registry=r)
+        self.groups_owned = prom.Gauge("reconciler_groups_owned", "Groups this node holds the claim of.", L, registry=r)
+        self.group_running = prom.Gauge("reconciler_group_running", "1 if the group runs on this node.", L + ["group"], registry=r)
+        self.group_desired = prom.Gauge("reconciler_group_desired", "1 if the group's desired runlevel is not stop.", L + ["group"], registry=r)
+        self.claims = prom.Counter("reconciler_claims", "Claim attempts by result.", L + ["result"], registry=r)
+        self.failovers = prom.Counter("reconciler_failovers", "Groups this node took over from a dead owner.", L + ["group"], registry=r)
+        self.phase = prom.Histogram(
+            "reconciler_failover_phase_seconds", "Duration of each failover phase: detect, fence, start.", L + ["phase"],
+            registry=r, buckets=PHASE_BUCKETS,
+        )
+        self.fence = prom.Counter("reconciler_fence", "Fence hook runs by result.", L + ["result"], registry=r)
+        self.spec_valid = prom.Gauge("reconciler_spec_valid", "1 if the last spec load succeeded.", L, registry=r)
+        self.reloads = prom.Counter("reconciler_spec_reloads", "Spec loads by result.", L + ["result"], registry=r)
+        self.spec_info = prom.Info("reconciler_spec", "Digest of the spec this node runs.", L, registry=r)
+        self.respawns = prom.Counter("reconciler_respawns", "Respawns of exited processes.", L + ["group", "tag"], registry=r)
+        self._known_groups: set[str] = set()
+        self._pending_start: dict[str, float] = {}
+        for k in KINDS:
+            for res in ("ok", "error"):
+                self.actions.labels(node, k, res)
+        for res in ("ok", "error"):
+            self.ticks.labels(node, res)
+            self.reloads.labels(node, res)
+        for res in ("won", "lost"):
+            self.claims.labels(node, res)
+        for res in ("ok", "failed"):
+            self.fence.labels(node, res)
+
+    # --- hooks the agent calls ------------------------------------------------------------
+
+    def spec_loaded(self, spec, *, ok: bool) -> None:
+        self.reloads.labels(self.node, "ok" if ok else "error").inc()
+        self.spec_valid.labels(self.node).set(1 if ok else 0)
+        if spec is not None:
+            self.spec_info.labels(self.node).info({"digest": spec.digest()})
+
+    def tick(self, agent, observed, view, seconds: float, *, ok: bool) -> None:
+        n = self.node
+        self.tick_seconds.labels(n).observe(seconds)
+        self.ticks.labels(n, "ok" if ok else "error").inc()
+        if not ok or observed is None:
+            return
+        self.last_ok.labels(n).set(time.time())
+        now = time.monotonic()
+        dead_after = agent.spec.cluster.timing.dead_after
+        self.members_live.labels(n).set(sum(1 for m in set(view.members) | {n} if view.alive(m, now, dead_after)))
+        mine = {g for g, c in view.claims.items() if c.node == n}
+        self.groups_owned.labels(n).set(len(mine))
+        groups = set(agent.spec.groups)
+        for gone in self._known_groups - groups:
+            for s in STATES:
+                self.entries.remove(n, gone, s) if (n, gone, s) in self.entries._metrics else None
+            for gauge in (self.group_running, self.group_desired):
+                if (n, gone) in gauge._metrics:
+                    gauge.remove(n, gone)
+        self._known_groups = groups
+        counts: dict[tuple[str, str], int] = {}
+        running: dict[str, bool] = {}
+        for st in observed.entries.values():
+            counts[(st.group, st.state)] = counts.get((st.group, st.state), 0) + 1
+            running[st.group] = running.get(st.group, False) or st.state == "running"
+        for g in groups:
+            for s in STATES:
+                self.entries.labels(n, g, s).set(counts.get((g, s), 0))
+            self.group_running.labels(n, g).set(1 if g in mine and running.get(g) else 0)
+            self.group_desired.labels(n, g).set(0 if agent.spec.groups[g].runlevel == "stop" else 1)
+        for g, since in list(self._pending_start.items()):
+            if g not in mine:
+                del self._pending_start[g]
+            elif running.get(g) and not agent.last_plan.for_group(g) and g not in agent.busy:
+                self.phase.labels(n, "start").observe(now - since)
+                del self._pending_start[g]
+
+    def executor_events(self, agent):
+        from reconciler.act.executor import Events
+
+        n = self.node
+
+        def action(a, result, seconds):
+            self.actions.labels(n, a.kind, result).inc()
+            if a.kind == "start" and result == "ok":
+                rec = agent.supervisor.records.get((a.group, a.tag))
+                if rec is not None and rec.respawns and a.reason.startswith("respawn"):
+                    self.respawns.labels(n, a.group, a.tag).inc()
+
+        def claimed(group, claim):
+            agent.set_claim(group, claim)
+
+        def fenced(group, outcome):
+            self.fence.labels(n, "ok" if outcome.ok else "failed").inc()
+            self.phase.labels(n, "fence").observe(outcome.seconds)
+
+        def taken_over(group, claim):
+            self.failovers.labels(n, group).inc()
+            self._pending_start[group] = time.monotonic()
+            self.claims.labels(n, "won").inc()
+
+        def claim_result(group, claim):
+            claimed(group, claim)
+
+        events = Events(action=action, retry=lambda kind: self.retries.labels(n, kind).inc(), claimed=claimed, fenced=fenced, taken_over=taken_over)
+        return events
+
+    def detected(self, seconds: float) -> None:
+        self.phase.labels(self.node, "detect").observe(seconds)
+
+    def claim_attempt(self, won: bool) -> None:
+        self.claims.labels(self.node, "won" if won else "lost").inc()
+
+    def exposition(self) -> bytes:
+        return prom.generate_latest(self.registry)
+
+
+def serve(metrics: Metrics, address: str) -> object:
+    """Serve /metrics on HOST:PORT in a thread; returns the server (shutdown() to stop)."""
+    host, _, port = address.rpartition(":")
+    server, _thread = prom.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)
+    return server

@@ -1,0 +1,92 @@
+"""Where each group should run: pure functions over the spec, Observed and ClusterView.
+
+Every node evaluates the same rules on (nearly) the same view, so they agree without a
+leader; where views differ for a moment, the store's atomic claim picks one winner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from reconciler import spec as specmod
+from reconciler.observe import Observed
+from reconciler.store import ClusterView
+
+
+def leading_tests(g: specmod.Group, level: str) -> tuple[specmod.Entry, ...]:
+    """The test entries that come before every other entry active at `level`.
+
+    They prove a node's fitness for the group before it owns it: standby nodes run them
+    periodically so that eligibility is current when a takeover is needed.
+    """
+    out = []
+    for e in g.entries:
+        if not e.active_at(level):
+            continue
+        if e.kind == "process" and e.mode == "test":
+            out.append(e)
+        else:
+            break
+    return tuple(out)
+
+
+def local_eligibility(g: specmod.Group, observed: Observed) -> bool | None:
+    """True when every leading test passed here, False when one failed, None if not yet run."""
+    result: bool | None = True
+    for e in leading_tests(g, g.runlevel):
+        st = observed.get(g.name, e.tag).state
+        if st == "failed":
+            return False
+        if st != "passed":
+            result = None
+    return result
+
+
+def allowed(g: specmod.Group, node: str) -> bool:
+    return not g.nodes or node in g.nodes
+
+
+def rank_key(g: specmod.Group, node: str) -> tuple[int, str]:
+    """Preference order: the group's `nodes` list first, then rendezvous hashing.
+
+    Rendezvous hashing spreads groups over nodes evenly and moves few groups when
+    membership changes; every node computes the same order.
+    """
+    if g.nodes and node in g.nodes:
+        return (g.nodes.index(node), "")
+    return (len(g.nodes), hashlib.sha1(f"{g.name}/{node}".encode()).hexdigest())
+
+
+def peer_eligibility(g: specmod.Group, view: ClusterView, node: str) -> bool | None:
+    m = view.members.get(node)
+    if m is None or m.heartbeat is None:
+        return None
+    info = m.heartbeat.status.get("groups", {}).get(g.name)
+    if not isinstance(info, dict):
+        return None
+    e = info.get("eligible")
+    return e if isinstance(e, bool) else None
+
+
+def candidates(
+    g: specmod.Group, observed: Observed, view: ClusterView, now: float, dead_after: float, exclude: str = ""
+) -> list[str]:
+    """Live, allowed, eligible nodes for `g`, best first."""
+    names = set(view.members) | {view.node}
+    out = []
+    for n in names:
+        if n == exclude or not allowed(g, n) or not view.alive(n, now, dead_after):
+            continue
+        ok = local_eligibility(g, observed) if n == view.node else peer_eligibility(g, view, n)
+        if ok:
+            out.append(n)
+    return sorted(out, key=lambda n: rank_key(g, n))
+
+
+def my_turn(rank: int, waited: float, dead_after: float) -> bool:
+    """The best candidate acts at once; the k-th only after k x dead_after of nobody acting.
+
+    That keeps a group from being stranded when the best candidate's agent is alive but
+    not acting, without letting candidates race in the normal case.
+    """
+    return rank == 0 or waited >= rank * dead_after

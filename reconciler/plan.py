@@ -1,0 +1,328 @@
+"""plan(spec, observed, view, now) -> Plan: what this node must do, and why.
+
+Pure: no I/O, no clock (`now` is an argument, monotonic seconds), no logging. The same
+inputs always give the same Plan, which is what makes `--dry-run` honest and lets the
+property tests explore it. Each group's actions are executed in order by one task; groups
+are independent of each other.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from reconciler import placement
+from reconciler import spec as specmod
+from reconciler.observe import EntryState, Observed
+from reconciler.store import Claim, ClusterView
+
+KINDS = ("start", "stop", "reset", "claim", "release", "takeover")
+
+
+@attrs.frozen
+class Action:
+    kind: str  # one of KINDS
+    group: str
+    tag: str = ""
+    reason: str = ""
+    urgent: bool = False  # self-demotion: SIGKILL no later than `deadline`
+    deadline: float | None = None
+    claim: Claim | None = None  # release / takeover: the claim instance to end
+    fence: tuple[str, ...] = ()  # takeover: the fence hook argv, "{node}" filled in
+
+    def describe(self) -> str:
+        what = f"{self.group}/{self.tag}" if self.tag else self.group
+        return f"{self.kind} {what}: {self.reason}"
+
+
+@attrs.frozen
+class Plan:
+    actions: tuple[Action, ...] = ()
+    wake_at: float | None = None  # the plan changes by itself then, with no event
+    notes: dict[str, str] = attrs.field(factory=dict)  # per group: why nothing happens yet
+
+    @property
+    def empty(self) -> bool:
+        return not self.actions
+
+    def for_group(self, group: str) -> tuple[Action, ...]:
+        return tuple(a for a in self.actions if a.group == group)
+
+
+@attrs.frozen
+class _Part:
+    """One group's contribution to the plan."""
+
+    actions: tuple[Action, ...] = ()
+    wake_at: float | None = None
+    note: str = ""
+
+
+def _earliest(*times: float | None) -> float | None:
+    real = [t for t in times if t is not None]
+    return min(real) if real else None
+
+
+def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) -> Plan:
+    actions: list[Action] = []
+    notes: dict[str, str] = {}
+    wake: float | None = None
+    names = list(spec.groups) + sorted(observed.groups() - set(spec.groups))
+    for name in names:
+        g = spec.groups.get(name)
+        part = _removed(name, observed, view) if g is None else _group(g, spec.cluster.timing, observed, view, now)
+        if name in observed.busy and not any(a.urgent for a in part.actions):
+            continue  # its previous actions are still running; it is planned again after
+        actions.extend(part.actions)
+        wake = _earliest(wake, part.wake_at)
+        if part.note:
+            notes[name] = part.note
+    return Plan(actions=tuple(actions), wake_at=wake, notes=notes)
+
+
+# --- placement: which role this node has for a group ---------------------------------
+
+
+def _group(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float) -> _Part:
+    me = view.node
+    claim = view.claims.get(g.name)
+    can_run = view.quorum and now < view.lease_until - t.demote_margin
+    if claim is not None and claim.node == me:
+        return _owner(g, t, obs, view, now, claim, can_run)
+    if claim is None and g.name in view.stale_claims:
+        view = attrs.evolve(view, stale_claims=view.stale_claims - {g.name})
+    mine_active = _active(g.name, obs, keep=_test_tags(g))
+    if mine_active:
+        # Running here without owning the claim (it was broken while this node was paused,
+        # or never won): stop at once, before anything else.
+        # Another node's claim makes this urgent (it may be starting the group right now).
+        if claim is not None:
+            why = f"claimed by {claim.node} (generation {claim.generation}): must not run here"
+            return _stop_all(g.name, obs, why, urgent=True, deadline=now, keep=_test_tags(g))
+        return _stop_all(g.name, obs, "runs here without a claim", keep=_test_tags(g))
+    if g.runlevel == specmod.STOP:
+        return _cleanup(g, obs, "desired runlevel is stop")
+    standby = _standby(g, t, obs, view, now)
+    if not placement.allowed(g, me):
+        return attrs.evolve(standby, note=f"not allowed here (nodes = {', '.join(g.nodes)})")
+    blocked = obs.blocked.get(g.name)
+    if blocked and now < blocked[0]:
+        return _Part(standby.actions, _earliest(standby.wake_at, blocked[0]), f"retry at +{blocked[0] - now:.1f}s: {blocked[1]}")
+    if not view.store_ok:
+        return attrs.evolve(standby, note=f"store unreachable: {view.store_error}")
+    if not can_run:
+        why = "no quorum" if not view.quorum else "this node's lease is not valid"
+        return attrs.evolve(standby, note=why)
+    if claim is None:
+        return _maybe_claim(g, t, obs, view, now, standby)
+    return _maybe_takeover(g, t, obs, view, now, claim, standby)
+
+
+def _owner(
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, can_run: bool
+) -> _Part:
+    gen = f"generation {claim.generation}"
+    if not can_run:
+        why = "no quorum" if not view.quorum else "lease not renewed in time"
+        if _active(g.name, obs):
+            return _stop_all(g.name, obs, f"self-demotion: {why}", urgent=True, deadline=view.lease_until)
+        return _Part(note=f"demoted ({why}); claim {gen} kept until the store answers")
+    if g.name in view.stale_claims:
+        if _active(g.name, obs):
+            return _stop_all(g.name, obs, "claim outlived a lapse of this node's lease", urgent=True, deadline=now)
+        return _Part((Action("release", g.name, reason=f"lease lapsed since {gen} was won: re-arbitrate", claim=claim),))
+    reason = ""
+    if g.runlevel == specmod.STOP:
+        reason = "desired runlevel is stop"
+    elif not placement.allowed(g, view.node):
+        reason = f"this node is no longer allowed (nodes = {', '.join(g.nodes)})"
+    elif placement.local_eligibility(g, obs) is False:
+        reason = "a test failed here"
+    elif g.failback:
+        best = placement.candidates(g, obs, view, now, t.dead_after)
+        if best and best[0] != view.node and placement.rank_key(g, best[0]) < placement.rank_key(g, view.node):
+            reason = f"failback to preferred node {best[0]}"
+    if reason:
+        if _active(g.name, obs):
+            return _stop_all(g.name, obs, reason)
+        return _Part((Action("release", g.name, reason=f"{reason}; nothing runs", claim=claim),))
+    part = _entries(g, g.runlevel, obs, now, t)
+    return attrs.evolve(part, wake_at=_earliest(part.wake_at, view.lease_until - t.demote_margin))
+
+
+def _maybe_claim(
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, standby: _Part
+) -> _Part:
+    ranked = placement.candidates(g, obs, view, now, t.dead_after)
+    if view.node not in ranked:
+        why = "a test failed here" if placement.local_eligibility(g, obs) is False else "not eligible yet"
+        if placement.local_eligibility(g, obs) is None:
+            why = "tests have not passed here yet"
+        return attrs.evolve(standby, note=f"unclaimed; {why}")
+    rank = ranked.index(view.node)
+    waited = now - view.unclaimed_since.get(g.name, now)
+    if placement.my_turn(rank, waited, t.dead_after):
+        return _Part((Action("claim", g.name, reason=f"unclaimed and this node is candidate {rank + 1} of {len(ranked)}"),))
+    due = view.unclaimed_since.get(g.name, now) + rank * t.dead_after
+    return _Part(standby.actions, _earliest(standby.wake_at, due), f"unclaimed; {ranked[0]} should claim it")
+
+
+def _maybe_takeover(
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, standby: _Part
+) -> _Part:
+    owner = claim.node
+    if view.alive(owner, now, t.dead_after):
+        return attrs.evolve(standby, note=f"runs on {owner} (generation {claim.generation})")
+    stalled = view.stalled_for(owner, now)
+    ranked = placement.candidates(g, obs, view, now, t.dead_after, exclude=owner)
+    if view.node not in ranked:
+        return attrs.evolve(standby, note=f"owner {owner} is dead; this node is not eligible")
+    rank = ranked.index(view.node)
+    member = view.members.get(owner)
+    down = member is not None and not member.up
+    if g.fence:
+        argv = tuple(a.replace("{node}", owner) for a in g.fence)
+        if rank == 0 or placement.my_turn(rank, stalled - t.dead_after, t.dead_after):
+            why = f"owner {owner} is {'down' if down else f'silent for {stalled:.2f}s'}: fence it, then take over"
+            return _Part((Action("takeover", g.name, reason=why, claim=claim, fence=argv),))
+    else:
+        # Without fencing, only the timing budget guarantees the owner has stopped.
+        if stalled >= t.dead_after and placement.my_turn(rank, stalled - t.dead_after, t.dead_after):
+            why = f"owner {owner} silent for {stalled:.2f}s (dead_after {t.dead_after:g}s): its lease has run out"
+            return _Part((Action("takeover", g.name, reason=why, claim=claim),))
+    member_seen = view.members.get(owner)
+    due = (member_seen.last_change if member_seen else now) + t.dead_after * (rank + 1)
+    return _Part(standby.actions, _earliest(standby.wake_at, due), f"owner {owner} is dead; takeover pending")
+
+
+def _removed(name: str, obs: Observed, view: ClusterView) -> _Part:
+    reason = "group removed from the spec"
+    if _active(name, obs):
+        return _stop_all(name, obs, reason)
+    acts = [Action("reset", name, st.tag, reason=reason) for st in _states(name, obs) if st.state != "stopped"]
+    claim = view.claims.get(name)
+    if claim is not None and claim.node == view.node:
+        acts.append(Action("release", name, reason=reason, claim=claim))
+    return _Part(tuple(acts))
+
+
+def _cleanup(g: specmod.Group, obs: Observed, reason: str) -> _Part:
+    acts = [Action("reset", g.name, st.tag, reason=reason) for st in _states(g.name, obs) if st.state not in ("stopped",)]
+    return _Part(tuple(acts))
+
+
+def _standby(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float) -> _Part:
+    """A node that does not own the group keeps its fitness tests current."""
+    if not placement.allowed(g, view.node):
+        return _Part()
+    return _entries(g, g.runlevel, obs, now, t, only=_test_tags(g), retest=True)
+
+
+# --- entries: the inittab part -----------------------------------------------------------
+
+
+def _test_tags(g: specmod.Group) -> frozenset[str]:
+    return frozenset(e.tag for e in placement.leading_tests(g, g.runlevel))
+
+
+def _states(group: str, obs: Observed) -> list[EntryState]:
+    return [st for (gname, _), st in obs.entries.items() if gname == group]
+
+
+def _active(group: str, obs: Observed, keep: frozenset[str] = frozenset()) -> bool:
+    return any(st.active and st.tag not in keep for st in _states(group, obs))
+
+
+def _stop_all(
+    group: str, obs: Observed, reason: str, *, urgent: bool = False, deadline: float | None = None, keep: frozenset[str] = frozenset()
+) -> _Part:
+    # Stop in reverse start order: what started last depends on what started first.
+    states = sorted((st for st in _states(group, obs) if st.active and st.tag not in keep), key=lambda s: -s.since)
+    return _Part(tuple(Action("stop", group, st.tag, reason=reason, urgent=urgent, deadline=deadline) for st in states))
+
+
+def _entries(
+    g: specmod.Group,
+    level: str,
+    obs: Observed,
+    now: float,
+    t: specmod.Timing,
+    *,
+    only: frozenset[str] | None = None,
+    retest: bool = False,
+) -> _Part:
+    """Minimal transition of one group's entries to `level`, in inittab order."""
+    wanted = {e.tag for e in g.entries if e.active_at(level) and (only is None or e.tag in only)}
+    acts: list[Action] = []
+    wake: float | None = None
+    known = {e.tag for e in g.entries}
+    for st in sorted(_states(g.name, obs), key=lambda s: -s.since):
+        if st.tag not in known:
+            acts.append(_leave(g.name, st, "entry removed from the spec"))
+    for e in reversed(g.entries):
+        st = obs.get(g.name, e.tag, e.kind)
+        if e.tag not in wanted and st.state != "stopped":
+            acts.append(_leave(g.name, st, _why_not(e, level, only)))
+    for e in g.entries:
+        if e.tag not in wanted:
+            continue
+        st = obs.get(g.name, e.tag, e.kind)
+        act, due, halt = _advance(g.name, e, st, level, now, t, retest)
+        if act is not None:
+            acts.append(act)
+        wake = _earliest(wake, due)
+        if halt:
+            break
+    return _Part(tuple(acts), wake)
+
+
+def _leave(group: str, st: EntryState, reason: str) -> Action:
+    return Action("stop" if st.active else "reset", group, st.tag, reason=reason)
+
+
+def _why_not(e: specmod.Entry, level: str, only: frozenset[str] | None) -> str:
+    if level == specmod.STOP:
+        return "runlevel stop"
+    if e.mode == "off":
+        return "mode is off"
+    if level not in e.runlevels:
+        return f"runlevel {level} is not in its runlevels ({', '.join(e.runlevels)})"
+    return "the group runs on another node"
+
+
+def _advance(
+    group: str, e: specmod.Entry, st: EntryState, level: str, now: float, t: specmod.Timing, retest: bool
+) -> tuple[Action | None, float | None, bool]:
+    """(action, wake time, halt): what one wanted entry needs; halt = later entries wait."""
+
+    def start(why: str) -> Action:
+        return Action("start", group, e.tag, reason=why)
+
+    if e.kind != "process":
+        if st.state == "running":
+            return None, None, False
+        if st.retry_at is not None and now < st.retry_at:
+            return None, st.retry_at, True  # later entries depend on this resource
+        why = {"mismatch": f"present but different ({st.message})", "error": f"retry after: {st.message}"}.get(
+            st.state, f"runlevel {level} includes it, not present"
+        )
+        return start(why), None, False
+    s = st.state
+    if s in ("running", "stopping"):
+        return None, None, e.foreground or s == "stopping"
+    if s == "stopped":
+        return start(f"runlevel {level} includes it, not running"), None, e.foreground
+    if s == "done":
+        return None, None, False
+    if s in ("passed", "failed"):
+        due = st.since + t.retest
+        rerun = retest or s == "failed"
+        if rerun and now >= due:
+            return start(f"re-run test: {s} {now - st.since:.0f}s ago"), None, True
+        return None, due if rerun else None, s == "failed"
+    # exited (respawn) or error (could not start): retry when the backoff allows
+    if st.retry_at is not None and now < st.retry_at:
+        return None, st.retry_at, False
+    if e.mode == "respawn" or s == "error":
+        last = f"exit {st.exit_code}" if st.exit_code is not None else (st.message or "exited")
+        return start(f"respawn: {last}"), None, e.foreground
+    return None, None, False

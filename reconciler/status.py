@@ -1,0 +1,131 @@
+"""Status documents: what a node publishes about itself, and how `reconcile status` shows
+the whole cluster from the store."""
+
+from __future__ import annotations
+
+import time
+
+from reconciler import placement, spec as specmod
+from reconciler.observe import Observed
+from reconciler.plan import Plan
+from reconciler.store import ClusterView
+
+
+def node_status(spec: specmod.Spec, observed: Observed, view: ClusterView, plan: Plan, now: float, *, spec_error: str = "") -> dict:
+    """The JSON-able status this node publishes with its heartbeat."""
+    pending = {a.group for a in plan.actions} | set(observed.busy)
+    groups = {}
+    eligible = []
+    for g in spec.groups.values():
+        claim = view.claims.get(g.name)
+        mine = claim is not None and claim.node == view.node
+        ok = placement.local_eligibility(g, observed) if placement.allowed(g, view.node) else False
+        if ok:
+            eligible.append(g.name)
+        entries = {}
+        running_any = False
+        for e in g.entries:
+            st = observed.get(g.name, e.tag, e.kind)
+            running_any = running_any or st.active
+            doc = {"state": st.state}
+            if st.pid:
+                doc["pid"] = st.pid
+            if st.exit_code is not None:
+                doc["exit_code"] = st.exit_code
+            if st.message:
+                doc["message"] = st.message
+            if st.retry_at is not None and st.retry_at > now:
+                doc["retry_in"] = round(st.retry_at - now, 3)
+            entries[e.tag] = doc
+        if mine and g.name not in pending:
+            actual = g.runlevel
+        elif running_any:
+            actual = f"->{g.runlevel}" if mine else "stopping"
+        else:
+            actual = specmod.STOP
+        groups[g.name] = {
+            "desired": g.runlevel,
+            "owner": claim.node if claim else None,
+            "generation": claim.generation if claim else None,
+            "mine": mine,
+            "actual": actual,
+            "eligible": ok,
+            "note": plan.notes.get(g.name, ""),
+            "entries": entries,
+        }
+    return {
+        "digest": spec.digest(),
+        "spec_error": spec_error,
+        "wall_time": round(time.time(), 3),
+        "lease_left": round(view.lease_until - now, 3) if view.lease_until != float("inf") else None,
+        "store_ok": view.store_ok,
+        "store_error": view.store_error,
+        "quorum": view.quorum,
+        "members": {
+            n: {"age": round(now - m.last_change, 3) if m.last_change != float("-inf") else None, "up": m.up}
+            for n, m in view.members.items()
+        },
+        "eligible_groups": sorted(eligible),
+        "groups": groups,
+    }
+
+
+def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float) -> dict:
+    """Merge every node's published status into one document (for `reconcile status`)."""
+    now_wall = time.time()
+    nodes = {}
+    reporter = snap.members.get(node) or next(iter(snap.members.values()), None)
+    ages = (reporter.status.get("members", {}) if reporter else {}) or {}
+    for name, hb in sorted(snap.members.items()):
+        age = (ages.get(name) or {}).get("age")
+        if age is None and hb.status.get("wall_time"):
+            age = max(0.0, now_wall - hb.status["wall_time"])
+        nodes[name] = {
+            "live": age is not None and age < dead_after,
+            "heartbeat_age": round(age, 3) if age is not None else None,
+            "digest": hb.digest,
+            "spec_differs": hb.digest != spec.digest(),
+            "spec_error": hb.status.get("spec_error", ""),
+        }
+    groups = {}
+    for g in spec.groups.values():
+        claim = snap.claims.get(g.name)
+        owner_doc = {}
+        if claim is not None and claim.node in snap.members:
+            owner_doc = snap.members[claim.node].status.get("groups", {}).get(g.name, {})
+        notes = {n: hb.status.get("groups", {}).get(g.name, {}).get("note", "") for n, hb in snap.members.items()}
+        groups[g.name] = {
+            "desired": g.runlevel,
+            "owner": claim.node if claim else None,
+            "generation": claim.generation if claim else None,
+            "actual": owner_doc.get("actual", specmod.STOP if claim is None else "unknown"),
+            "entries": owner_doc.get("entries", {}),
+            "notes": {n: v for n, v in notes.items() if v},
+        }
+    return {"nodes": nodes, "groups": groups}
+
+
+def render(doc: dict) -> str:
+    lines = ["NODE                 LIVE  HEARTBEAT  SPEC"]
+    for name, n in doc["nodes"].items():
+        age = "-" if n["heartbeat_age"] is None else f"{n['heartbeat_age']:.2f}s ago"
+        spec = n["digest"] + (" (differs)" if n["spec_differs"] else "") + (f" error: {n['spec_error']}" if n["spec_error"] else "")
+        lines.append(f"{name:<20} {'yes' if n['live'] else 'NO':<5} {age:<10} {spec}")
+    lines.append("")
+    lines.append("GROUP                DESIRED    ACTUAL     OWNER                GEN")
+    for name, g in doc["groups"].items():
+        gen = "-" if g["generation"] is None else str(g["generation"])
+        lines.append(f"{name:<20} {g['desired']:<10} {g['actual']:<10} {g['owner'] or '-':<20} {gen}")
+        for tag, e in g["entries"].items():
+            extra = " ".join(
+                str(x) for x in (
+                    f"pid {e['pid']}" if "pid" in e else "",
+                    f"exit {e['exit_code']}" if "exit_code" in e and e["state"] != "running" else "",
+                    f"retry in {e['retry_in']}s" if "retry_in" in e else "",
+                    e.get("message", "") if e.get("message", "") != f"exit {e.get('exit_code')}" else "",
+                ) if x
+            )
+            lines.append(f"  {tag:<18} {e['state']:<10} {extra}")
+        for node, note in g["notes"].items():
+            lines.append(f"  [{node}] {note}")
+    return "\n".join(lines)

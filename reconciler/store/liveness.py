@@ -1,0 +1,58 @@
+"""Turn store snapshots into a ClusterView, timing heartbeats on this node's own clock.
+
+A peer is alive while its heartbeat counter keeps advancing; when it advanced last is
+measured here, by the observer, so no two machines need synchronised clocks.
+"""
+
+from __future__ import annotations
+
+from reconciler.store import ClusterView, Member, Snapshot
+from reconciler.store.hpc import HpcView
+
+
+class Liveness:
+    def __init__(self, node: str):
+        self.node = node
+        self._seen: dict[str, tuple[int, float]] = {}  # node -> (counter, when it last changed)
+        self._unclaimed: dict[str, float] = {}
+
+    def update(
+        self,
+        snap: Snapshot,
+        now: float,
+        *,
+        groups: list[str],
+        lease_until: float,
+        hpc: HpcView | None = None,
+        stale_claims: frozenset[str] = frozenset(),
+        store_ok: bool = True,
+        store_error: str = "",
+    ) -> ClusterView:
+        members: dict[str, Member] = {}
+        if hpc is not None:
+            for name in hpc.configured:
+                self._seen.setdefault(name, (-1, now))  # never seen: wait dead_after from now
+        for name, hb in snap.members.items():
+            prev = self._seen.get(name)
+            if prev is None or prev[0] != hb.counter:
+                self._seen[name] = (hb.counter, now)
+        for name, (counter, changed) in self._seen.items():
+            hb = snap.members.get(name)
+            up = True if hpc is None else name in hpc.up
+            members[name] = Member(name=name, last_change=changed, heartbeat=hb, up=up)
+        for g in groups:
+            if g in snap.claims:
+                self._unclaimed.pop(g, None)
+            else:
+                self._unclaimed.setdefault(g, now)
+        return ClusterView(
+            node=self.node,
+            members=members,
+            claims=dict(snap.claims),
+            lease_until=lease_until,
+            quorum=True if hpc is None else (hpc.quorum and self.node in hpc.up),
+            store_ok=store_ok,
+            store_error=store_error,
+            unclaimed_since=dict(self._unclaimed),
+            stale_claims=stale_claims,
+        )

@@ -69,16 +69,31 @@ def peer_eligibility(g: specmod.Group, view: ClusterView, node: str) -> bool | N
 
 
 def candidates(
-    g: specmod.Group, observed: Observed, view: ClusterView, now: float, dead_after: float, exclude: str = ""
+    g: specmod.Group,
+    observed: Observed,
+    view: ClusterView,
+    now: float,
+    dead_after: float,
+    exclude: str = "",
+    unseen_rank: bool = False,
 ) -> list[str]:
-    """Live, allowed, eligible nodes for `g`, best first."""
+    """Live, allowed nodes for `g` not known to be unfit, best first.
+
+    A peer whose tests have not reported yet still ranks: it may pass in a moment, and a
+    node further down must not grab the group just because it answered first. If it never
+    reports, `my_turn` lets the next candidate act after a delay.
+    """
     names = set(view.members) | {view.node}
     out = []
+    if unseen_rank:
+        # A preferred node this one has never heard from may just be starting: it ranks,
+        # so a less preferred node waits (my_turn) instead of grabbing the group first.
+        out.extend(n for n in g.nodes if n not in names and n != exclude)
     for n in names:
         if n == exclude or not allowed(g, n) or not view.alive(n, now, dead_after):
             continue
         ok = local_eligibility(g, observed) if n == view.node else peer_eligibility(g, view, n)
-        if ok:
+        if ok is not False:
             out.append(n)
     return sorted(out, key=lambda n: rank_key(g, n))
 

@@ -125,6 +125,10 @@ def _owner(
         why = "no quorum" if not view.quorum else "lease not renewed in time"
         if _active(g.name, obs):
             return _stop_all(g.name, obs, f"self-demotion: {why}", urgent=True, deadline=view.lease_until)
+        if view.store_ok:
+            # Give the group back so that a node that can run it need not wait for our
+            # heartbeat to stall (with hpc membership it never would).
+            return _Part((Action("release", g.name, reason=f"demoted ({why}); nothing runs", claim=claim),))
         return _Part(note=f"demoted ({why}); claim {gen} kept until the store answers")
     if g.name in view.stale_claims:
         if _active(g.name, obs):
@@ -152,11 +156,10 @@ def _owner(
 def _maybe_claim(
     g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, standby: _Part
 ) -> _Part:
-    ranked = placement.candidates(g, obs, view, now, t.dead_after)
-    if view.node not in ranked:
-        why = "a test failed here" if placement.local_eligibility(g, obs) is False else "not eligible yet"
-        if placement.local_eligibility(g, obs) is None:
-            why = "tests have not passed here yet"
+    ranked = placement.candidates(g, obs, view, now, t.dead_after, unseen_rank=True)
+    fit = placement.local_eligibility(g, obs)
+    if view.node not in ranked or not fit:
+        why = "tests have not passed here yet" if fit is None else "a test failed here"
         return attrs.evolve(standby, note=f"unclaimed; {why}")
     rank = ranked.index(view.node)
     waited = now - view.unclaimed_since.get(g.name, now)
@@ -174,7 +177,7 @@ def _maybe_takeover(
         return attrs.evolve(standby, note=f"runs on {owner} (generation {claim.generation})")
     stalled = view.stalled_for(owner, now)
     ranked = placement.candidates(g, obs, view, now, t.dead_after, exclude=owner)
-    if view.node not in ranked:
+    if view.node not in ranked or not placement.local_eligibility(g, obs):
         return attrs.evolve(standby, note=f"owner {owner} is dead; this node is not eligible")
     rank = ranked.index(view.node)
     member = view.members.get(owner)

@@ -1,0 +1,46 @@
+"""A test resource that reports when it runs, for the safety checker.
+
+    python3 guard.py LOG
+
+Appends `start`, then `alive` every 10 ms, then `stop` (on SIGTERM) records to LOG under an
+flock: `<monotonic> <event> <node> <group> <pid> <generation>`. A SIGKILLed guard writes no
+`stop`; its last `alive` bounds when it ended (the checker adds the interval).
+"""
+
+import fcntl
+import os
+import signal
+import sys
+import time
+
+ALIVE_EVERY = 0.01
+
+
+def main() -> None:
+    log = sys.argv[1]
+    node = os.environ.get("RECONCILER_NODE", "?")
+    group = os.environ.get("RECONCILER_GROUP", "?")
+    gen = os.environ.get("RECONCILER_GENERATION", "-")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def record(event: str) -> None:
+        line = f"{time.monotonic():.6f} {event} {node} {group} {os.getpid()} {gen}\n".encode()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            os.write(fd, line)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def on_term(_sig, _frame):
+        record("stop")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    record("start")
+    while True:
+        time.sleep(ALIVE_EVERY)
+        record("alive")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The safety checker: no group may ever run on two nodes at once.
+
+Reads the records guard.py writes and builds, per process, the interval from its `start` to
+its `stop` (or, if it was SIGKILLed, its last `alive` plus the alive period and a margin,
+an upper bound of when it died). Any two intervals of one group on different nodes that
+overlap are a violation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+ALIVE_MARGIN = 0.02  # alive period (10 ms) + scheduling slack
+
+
+def _runs(path: str) -> dict[tuple[str, int], dict]:
+    runs: dict[tuple[str, int], dict] = {}
+    with open(path) as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) < 6:
+                continue  # a torn last line of a process killed mid-write
+            t, event, node, group, pid = float(parts[0]), parts[1], parts[2], parts[3], int(parts[4])
+            r = runs.setdefault((node, pid), {"group": group, "node": node, "start": t, "last": t, "stop": None})
+            r["last"] = max(r["last"], t)
+            if event == "start":
+                r["start"] = t
+            elif event == "stop":
+                r["stop"] = t
+    return runs
+
+
+def intervals(path: str) -> dict[str, list[tuple[float, float, str, int]]]:
+    """{group: [(start, end, node, pid)]}"""
+    out: dict[str, list] = defaultdict(list)
+    for (node, pid), r in _runs(path).items():
+        end = r["stop"] if r["stop"] is not None else r["last"] + ALIVE_MARGIN
+        out[r["group"]].append((r["start"], end, node, pid))
+    return out
+
+
+def violations(path: str) -> list[str]:
+    found = []
+    for group, runs in intervals(path).items():
+        runs.sort()
+        for i, (s1, e1, n1, p1) in enumerate(runs):
+            for s2, e2, n2, p2 in runs[i + 1 :]:
+                if s2 >= e1:
+                    break
+                if n1 != n2:
+                    found.append(f"{group}: {n1} pid {p1} [{s1:.3f}, {e1:.3f}] overlaps {n2} pid {p2} [{s2:.3f}, {e2:.3f}]")
+    return found
+
+
+def running_now(path: str, now: float, fresh: float = 0.1) -> dict[str, set[str]]:
+    """{group: nodes whose guard reported alive within `fresh` seconds and did not stop}."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for (node, _pid), r in _runs(path).items():
+        if r["stop"] is None and r["last"] >= now - fresh:
+            out[r["group"]].add(node)
+    return out

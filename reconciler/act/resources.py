@@ -1,0 +1,82 @@
+"""The uniform facade the agent calls for resource entries (mounts and addresses).
+
+Guarantees:
+- `start` returns once the entry is present as specified (idempotent: present already is
+  success); `stop` returns once it is absent (absent already is success).
+- Both raise `ResourceError` otherwise. `permanent=True` means retrying the same spec on
+  this node cannot help (missing device or interface, unknown filesystem type, the IP on
+  another interface); `permanent=False` means a later attempt may succeed (busy target).
+- Blocking work (mount(8), umount(8), netlink, raw sockets) runs in a worker thread. The
+  worker gives up within about `deadline` seconds; a cancelled caller does not stop a
+  worker already running (a half-done mount(8) cannot be abandoned safely).
+- `observe` reads the kernel once per kind for all entries and never changes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from reconciler.spec import Entry
+
+
+class ResourceError(Exception):
+    """A resource action failed; str() is the kernel's or mount(8)'s message, one line."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+
+    def __repr__(self) -> str:
+        return f"ResourceError({self.message!r}, permanent={self.permanent})"
+
+
+# Imported after ResourceError on purpose: both modules import it from here.
+from reconciler.act import addresses as _addresses  # noqa: E402
+from reconciler.act import mounts as _mounts  # noqa: E402
+from reconciler.observe import addresses as _observe_addresses  # noqa: E402
+from reconciler.observe import mounts as _observe_mounts  # noqa: E402
+
+KINDS = ("mount", "address")
+
+
+def _kind(entry: Entry) -> str:
+    if entry.kind not in KINDS:
+        raise ValueError(f"{entry.tag}: a {entry.kind} entry is not a resource")
+    return entry.kind
+
+
+async def start(entry: Entry, *, deadline: float) -> None:
+    """Make the entry's mount or address present; see the module docstring."""
+    if _kind(entry) == "mount":
+        await asyncio.to_thread(_mounts.mount, entry, deadline=deadline)
+    else:
+        await asyncio.to_thread(_addresses.add, entry, deadline=deadline)
+
+
+async def stop(entry: Entry, *, deadline: float) -> None:
+    """Make the entry's mount or address absent; see the module docstring."""
+    if _kind(entry) == "mount":
+        await asyncio.to_thread(_mounts.unmount, entry, deadline=deadline)
+    else:
+        await asyncio.to_thread(_addresses.remove, entry, deadline=deadline)
+
+
+def observe(entries: Iterable[Entry]) -> dict[str, tuple[str, str]]:
+    """tag -> (state, message) for the mount and address entries; process entries are skipped.
+
+    States: "running", "stopped", "mismatch" (present but different) and, for addresses,
+    "error" (the interface is missing or the IP is on another interface).
+    """
+    entries = list(entries)
+    out: dict[str, tuple[str, str]] = {}
+    mounts = [e for e in entries if e.kind == "mount"]
+    addresses = [e for e in entries if e.kind == "address"]
+    if mounts:
+        for tag, st in _observe_mounts.observe(mounts).items():
+            out[tag] = (st.state, st.message)
+    if addresses:
+        for tag, st in _observe_addresses.observe(addresses).items():
+            out[tag] = (st.state, st.message)
+    return out

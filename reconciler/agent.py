@@ -66,7 +66,8 @@ class Agent:
             resources = None
         self.resources = resources
         self.executor = executormod.Executor(
-            node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, events=self.metrics.executor_events(self)
+            node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, events=self.metrics.executor_events(self),
+            resource_file=None if self.once else self.node_dir / "resources.json",
         )
         self.liveness = liveness.Liveness(self.node)
         self.observer = observation.Observer(self)
@@ -108,6 +109,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         self._build()
         self.node_dir.mkdir(parents=True, exist_ok=True)
+        (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
         self.supervisor.attach(loop)
         self._inherit_lease()
         adopted = self.supervisor.adopt()
@@ -203,6 +205,7 @@ class Agent:
                 gen = claim.generation if claim is not None and claim.node == self.node else None
                 self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
             self.supervisor.save()
+            self.executor.save_resources()  # observation may have adopted or dropped some
             self.status_doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error)
             self.metrics.tick(self, observed, view, time.monotonic() - started, ok=True)
         except Exception:
@@ -269,7 +272,7 @@ class Agent:
 
     def _ensure_keeper_cheap(self) -> None:
         self._keeper_check = getattr(self, "_keeper_check", 0) + 1
-        if self._keeper_check % 20 == 0:
+        if self._keeper_check % 5 == 0:
             self._ensure_keeper()
 
     async def _heartbeat_once(self) -> None:

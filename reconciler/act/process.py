@@ -205,8 +205,10 @@ class Supervisor:
         rec.exit_code = code
         stopping = rec.state == "stopping"
         if rec.pgid:
-            # Whatever the leader left behind in its group goes with it on a planned stop.
-            if stopping:
+            # Whatever the leader left behind in its group goes with it on a planned stop, and
+            # before a respawn: the new leader must not meet its predecessor's orphans, and
+            # neither stops nor the keeper would ever find them (only the new group is recorded).
+            if stopping or rec.mode == "respawn":
                 self.sys.killpg(rec.pgid, signal.SIGKILL)
         if stopping:
             rec.move("stopped", now)
@@ -271,6 +273,7 @@ class Supervisor:
         rec.exited = asyncio.get_running_loop().create_future()
         rec.move("running", now)
         self.dirty = True
+        self.save()  # before anything else: the keeper must know this pid if we freeze now
         if not entry.foreground:
             return popen.pid
         try:

@@ -20,9 +20,12 @@ import asyncio
 import errno
 import json
 import os
+import uuid
 from pathlib import Path
 
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError
+
+STUCK_AFTER = 10.0  # seconds a half-finished claim removal may stand before it is completed
 
 
 class DirectoryStore(Store):
@@ -50,7 +53,8 @@ class DirectoryStore(Store):
         self._ready = True
 
     def _replace(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Unique per call: several threads, processes and hosts (NFS) may write at once.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -135,22 +139,48 @@ class DirectoryStore(Store):
 
     def _end(self, claim: Claim) -> bool:
         self._setup()
+        if not self._is_current(claim):
+            return False  # already ended or replaced: never touch a successor
         marker = self.root / "ends" / f"{claim.group}.{claim.generation}"
         try:
             os.symlink(claim.node, marker)
         except FileExistsError:
-            # Someone else already won this instance; if they died before finishing, the
-            # instance is still decided ended: completing the removal is idempotent.
-            current = self._read_claim(claim.group)
-            if current is not None and current.generation == claim.generation and current.node == claim.node:
-                self._remove(claim)
+            self._complete_if_stuck(claim, marker)
             return False
-        current = self._read_claim(claim.group)
-        if current is None or current.generation != claim.generation or current.node != claim.node:
+        # Only the marker's winner may remove this instance, and a successor cannot exist
+        # while it is still in place, so check-then-unlink cannot hit another claim.
+        if not self._is_current(claim):
             return False
         self._remove(claim)
         self._prune(claim.group, claim.generation)
         return True
+
+    def _is_current(self, claim: Claim) -> bool:
+        current = self._read_claim(claim.group)
+        return current is not None and current.generation == claim.generation and current.node == claim.node
+
+    def _complete_if_stuck(self, claim: Claim, marker: Path) -> None:
+        """A winner that died between its marker and the unlink would leave the claim stuck.
+
+        After STUCK_AFTER seconds (measured by the filesystem's own clock, comparing the
+        marker with a file written now) one completer, chosen by a second exclusive marker,
+        finishes the removal.
+        """
+        try:
+            probe = self.root / "ends" / f".probe.{uuid.uuid4().hex}"
+            probe.touch()
+            age = probe.stat().st_mtime - os.lstat(marker).st_mtime
+            probe.unlink()
+        except OSError:
+            return
+        if age < STUCK_AFTER or not self._is_current(claim):
+            return
+        try:
+            os.symlink(claim.node, marker.with_name(marker.name + ".complete"))
+        except FileExistsError:
+            return
+        if self._is_current(claim):
+            self._remove(claim)
 
     def _remove(self, claim: Claim) -> None:
         gens = self.root / "generations" / claim.group
@@ -163,11 +193,11 @@ class DirectoryStore(Store):
 
     def _prune(self, group: str, generation: int) -> None:
         # End markers older than a few generations can never be contended again.
-        old = self.root / "ends" / f"{group}.{generation - 8}"
-        try:
-            os.unlink(old)
-        except OSError:
-            pass
+        for name in (f"{group}.{generation - 8}", f"{group}.{generation - 8}.complete"):
+            try:
+                os.unlink(self.root / "ends" / name)
+            except OSError:
+                pass
 
 
 def _listdir(path: Path) -> list[str]:

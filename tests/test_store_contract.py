@@ -1,0 +1,354 @@
+"""The Store contract, run against every backend (directory and a real etcd), plus the
+etcd-only behaviour: member loss, watch resumption and lease expiry.
+
+Tests drive the stores with asyncio.run (no pytest-asyncio); every store a test makes is
+closed in the same event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from etcd_cluster import free_port
+from reconciler.store import Claim, Heartbeat, StoreError, open_store
+
+
+class Backend:
+    def __init__(self, kind: str, url: str, **options):
+        self.kind, self.url, self.options = kind, url, options
+        self.stores = []
+
+    def new(self, url: str | None = None, **options):
+        url = url or self.url
+        store = open_store(url, **{**self.options, **options}) if self.kind == "etcd" else open_store(url)
+        self.stores.append(store)
+        return store
+
+    def run(self, body):
+        async def main():
+            try:
+                return await body()
+            finally:
+                for store in self.stores:
+                    await store.close()
+                self.stores.clear()
+
+        return asyncio.run(main())
+
+
+@pytest.fixture(params=["dir", "etcd"])
+def backend(request, tmp_path):
+    if request.param == "dir":
+        return Backend("dir", f"dir:{tmp_path / 'store'}")
+    cluster = request.getfixturevalue("etcd_single")
+    return Backend("etcd", cluster.url, prefix=f"/test-{uuid.uuid4().hex[:12]}")
+
+
+def etcd_backend(url: str, **options) -> Backend:
+    return Backend("etcd", url, prefix=f"/test-{uuid.uuid4().hex[:12]}", **options)
+
+
+# --- heartbeats ---------------------------------------------------------------------------
+
+
+def test_publish_read_round_trip(backend):
+    async def body():
+        s = backend.new()
+        hb = Heartbeat(node="n1", counter=7, digest="abc", status={"groups": {"web": "running"}, "n": 1})
+        await s.publish(hb)
+        snap = await s.read()
+        assert snap.members == {"n1": hb}
+        assert snap.claims == {}
+
+    backend.run(body)
+
+
+def test_counter_visible_to_second_instance(backend):
+    async def body():
+        a, b = backend.new(), backend.new()
+        for counter in range(1, 6):
+            await a.publish(Heartbeat(node="n1", counter=counter, digest="d"))
+            assert (await b.read()).members["n1"].counter == counter
+
+    backend.run(body)
+
+
+def test_status_rewritten_only_when_changed_is_invisible(backend):
+    async def body():
+        a, b = backend.new(), backend.new()
+        seen = []
+        for counter, status in enumerate([{"s": 1}, {"s": 1}, {"s": 2}, {"s": 2}, {"s": 1}, {}], 1):
+            await a.publish(Heartbeat(node="n1", counter=counter, digest="d", status=status))
+            hb = (await b.read()).members["n1"]
+            seen.append((hb.counter, hb.status))
+        assert seen == [(1, {"s": 1}), (2, {"s": 1}), (3, {"s": 2}), (4, {"s": 2}), (5, {"s": 1}), (6, {})]
+        # A restarted agent (new instance, empty cache) publishes its status again.
+        c = backend.new()
+        await c.publish(Heartbeat(node="n1", counter=7, digest="d", status={"s": 3}))
+        assert (await b.read()).members["n1"].status == {"s": 3}
+
+    backend.run(body)
+
+
+# --- claims -------------------------------------------------------------------------------
+
+
+def test_claim_exactly_one_winner_of_ten(backend):
+    async def body():
+        stores = [backend.new() for _ in range(10)]
+        results = await asyncio.gather(*(s.claim("web", f"n{i}") for i, s in enumerate(stores)))
+        winners = [c for c in results if c is not None]
+        assert len(winners) == 1
+        assert (await stores[0].read()).claims == {"web": winners[0]}
+        assert await stores[3].claim("web", "n3") is None
+
+    backend.run(body)
+
+
+def test_generation_strictly_grows(backend):
+    async def body():
+        a, b = backend.new(), backend.new()
+        gens = []
+        for i in range(4):
+            c = await (a if i % 2 else b).claim("db", f"n{i % 2}")
+            assert c is not None
+            gens.append(c.generation)
+            ended = await a.release(c) if i < 2 else await b.break_claim(c)
+            assert ended
+        assert gens == sorted(set(gens)) and gens[0] >= 1
+        # Another group has its own numbering, and does not disturb this one.
+        assert (await a.claim("other", "n0")) is not None
+        assert (await a.claim("db", "n0")).generation > gens[-1]
+
+    backend.run(body)
+
+
+def test_release_by_non_owner_instance_fails(backend):
+    async def body():
+        a, b = backend.new(), backend.new()
+        c = await a.claim("web", "n1")
+        other_node = Claim(group="web", node="n2", generation=c.generation, token=c.token)
+        later = Claim(group="web", node="n1", generation=c.generation + 1, token=str(int(c.token) + 1))
+        for other in (other_node, later):
+            assert await b.release(other) is False
+            assert await b.break_claim(other) is False
+        assert (await b.read()).claims == {"web": c}
+
+    backend.run(body)
+
+
+# A refused release/break of a claim that is not the current instance must leave no trace:
+# the real owner's later release still wins.
+@pytest.mark.parametrize("backend", ["dir", "etcd"], indirect=True)
+def test_owner_release_wins_after_refused_foreign_attempts(backend):
+    async def body():
+        a, b = backend.new(), backend.new()
+        c = await a.claim("web", "n1")
+        assert await b.release(Claim(group="web", node="n2", generation=c.generation, token=c.token)) is False
+        assert await a.release(c) is True
+        assert await a.release(c) is False
+        assert (await b.read()).claims == {}
+
+    backend.run(body)
+
+
+# Concurrent breakers of one instance: exactly one wins, none fails, none touches more.
+@pytest.mark.parametrize("backend", ["dir", "etcd"], indirect=True)
+def test_break_claim_five_concurrent_breakers_one_wins(backend):
+    async def body():
+        owner = backend.new()
+        c = await owner.claim("web", "dead")
+        breakers = [backend.new() for _ in range(5)]
+        results = await asyncio.gather(*(s.break_claim(c) for s in breakers))
+        assert sorted(results) == [False] * 4 + [True]
+        assert (await owner.read()).claims == {}
+
+    backend.run(body)
+
+
+def test_stale_instance_never_removes_successor(backend):
+    async def body():
+        a, b, c = backend.new(), backend.new(), backend.new()
+        ca = await a.claim("web", "na")
+        assert await c.break_claim(ca) is True
+        cb = await b.claim("web", "nb")
+        assert cb is not None and cb.generation > ca.generation
+        assert await a.release(ca) is False
+        assert await c.break_claim(ca) is False
+        assert (await c.read()).claims == {"web": cb}
+
+    backend.run(body)
+
+
+# --- waiting and errors -------------------------------------------------------------------
+
+
+def test_wait_returns_early_on_claim_change_or_by_timeout(backend):
+    async def body():
+        a, b = backend.new(), backend.new()
+        await b.publish(Heartbeat(node="nb", counter=1))
+        await a.read()
+        t0 = time.monotonic()
+        await a.wait(0.3)  # nothing changed
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+        if backend.kind == "dir":
+            return  # the directory store has no change notification: wait() is a sleep
+
+        async def claim_later():
+            await asyncio.sleep(0.3)
+            return await b.claim("web", "nb")
+
+        t0 = time.monotonic()
+        task = asyncio.create_task(claim_later())
+        await a.wait(10)
+        assert time.monotonic() - t0 < 2
+        assert (await task) is not None
+        snap = await a.read()
+        assert "web" in snap.claims
+        # A pure heartbeat counter change does not wake it; a claim deletion does.
+        await b.publish(Heartbeat(node="nb", counter=2))
+        await a.read()
+        await b.publish(Heartbeat(node="nb", counter=3))
+        t0 = time.monotonic()
+        await a.wait(0.3)
+        assert time.monotonic() - t0 >= 0.25
+        release = asyncio.create_task(b.release(snap.claims["web"]))
+        await a.wait(10)
+        assert time.monotonic() - t0 < 2 and await release
+
+    backend.run(body)
+
+
+def test_unreachable_store_raises_store_error(backend, tmp_path):
+    if backend.kind == "dir":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a directory")
+        backend = Backend("dir", f"dir:{blocker}")
+    else:
+        backend = etcd_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.3)
+
+    async def body():
+        s = backend.new()
+        fake = Claim(group="web", node="n1", generation=1, token="5")
+        calls = [
+            s.publish(Heartbeat(node="n1", counter=1)), s.read(), s.claim("web", "n1"),
+            s.release(fake), s.break_claim(fake),
+        ]
+        if backend.kind == "etcd":
+            calls.append(s.wait(0.5))
+        for call in calls:
+            t0 = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                await call
+            assert time.monotonic() - t0 < 2
+            message = str(info.value)
+            assert "\n" not in message and backend.url in message
+
+    backend.run(body)
+
+
+# --- etcd only ----------------------------------------------------------------------------
+
+
+def test_etcd_url_and_lease_ttl():
+    from reconciler.store.etcd import EtcdStore
+
+    s = EtcdStore("etcd://127.0.0.1:2379,localhost", lease_ttl=2.5)
+    assert s.endpoints == ["127.0.0.1:2379", "localhost:2379"] and s.ttl == 4
+    assert EtcdStore("etcds://h:1/ha1", lease_ttl=0).prefix == "/ha1"
+    assert EtcdStore("etcd://h:1").ttl == 2
+    with pytest.raises(StoreError):
+        EtcdStore("http://h:1")
+
+
+def test_etcd_lease_expiry_removes_node_and_claim(etcd_single):
+    backend = etcd_backend(etcd_single.url)
+
+    async def body():
+        a, b = backend.new(lease_ttl=0.5), backend.new()  # etcd TTL 2 s
+        counter = 0
+        claim = None
+        t_end = time.monotonic() + 2.5  # longer than the TTL: publish() must keep the lease alive
+        while time.monotonic() < t_end:
+            counter += 1
+            await a.publish(Heartbeat(node="na", counter=counter, status={"x": 1}))
+            claim = claim or await a.claim("web", "na")
+            await asyncio.sleep(0.1)
+        snap = await b.read()
+        assert snap.claims == {"web": claim} and "na" in snap.members
+        t0 = time.monotonic()
+        while True:  # a stops renewing: etcd expires the lease
+            await b.wait(5)
+            snap = await b.read()
+            if not snap.claims and not snap.members:
+                break
+            assert time.monotonic() - t0 < 5
+        assert 1.0 < time.monotonic() - t0 < 4.5
+        # The node comes back: a new lease, and its unchanged status is written again.
+        await a.publish(Heartbeat(node="na", counter=counter + 1, status={"x": 1}))
+        snap = await b.read()
+        assert snap.members["na"].status == {"x": 1}
+        assert snap.claims == {}
+        assert (await a.claim("web", "na")).generation == claim.generation + 1
+
+    backend.run(body)
+
+
+def test_etcd_survives_loss_of_connected_leader(etcd_cluster3):
+    cluster = etcd_cluster3
+    leader = cluster.leader()
+    order = [leader] + [i for i in range(3) if i != leader]  # connect to the leader first
+    backend = etcd_backend("etcd://" + ",".join(cluster.endpoint(i) for i in order))
+
+    async def body():
+        s = backend.new()
+        await s.publish(Heartbeat(node="n1", counter=1))
+        held = await s.claim("web", "n1")
+        cluster.kill(leader)
+        t0 = time.monotonic()
+        counter = 1
+        while True:
+            try:
+                counter += 1
+                await s.publish(Heartbeat(node="n1", counter=counter))
+                snap = await s.read()
+                break
+            except StoreError:
+                assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 3
+        assert snap.members["n1"].counter == counter and snap.claims == {"web": held}
+        assert (await s.claim("db", "n1")) is not None
+        assert await s.release(held) is True
+
+    backend.run(body)
+
+
+def test_etcd_watch_resumes_without_losing_a_claim_deletion(etcd_cluster3):
+    cluster = etcd_cluster3
+    leader = cluster.leader()
+    follower, other = [i for i in range(3) if i != leader]
+    # a watches through a follower; b writes through the leader, so b's deletion right after
+    # the follower dies is committed before a's watch (which retries after 50 ms) is back.
+    backend = etcd_backend("etcd://" + ",".join(cluster.endpoint(i) for i in (follower, other, leader)))
+
+    async def body():
+        a = backend.new()
+        b = backend.new("etcd://" + cluster.endpoint(leader))
+        held = await b.claim("web", "nb")
+        await a.read()
+        while not a._watching:
+            await a.wait(0.05)
+        assert a._idx == 0
+        cluster.kill(follower)  # a's watch stream breaks
+        assert await b.break_claim(held) is True
+        t0 = time.monotonic()
+        await a.wait(10)  # resumes on another member from the last revision: sees the delete
+        assert time.monotonic() - t0 < 3
+        assert a._idx != 0 and a._watching
+        assert (await a.read()).claims == {}
+
+    backend.run(body)

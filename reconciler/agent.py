@@ -36,6 +36,7 @@ class Agent:
         self.spec: specmod.Spec = specmod.load(spec_path)  # SpecError: the caller reports it
         self.spec_error = ""
         self.wake_event = asyncio.Event()
+        self.store_changed = asyncio.Event()
         self.reload = False
         self.stopping = False
         self.busy: dict[str, asyncio.Task] = {}
@@ -122,7 +123,10 @@ class Agent:
             self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
             self.view = self._with_lease(self.view)
         self._ensure_keeper()
-        tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._store_watch(), name="store-watch"),
+        ]
         if not self.once:
             tasks.append(asyncio.create_task(self._watch_spec(), name="spec-watch"))
         if self.notify:
@@ -264,11 +268,26 @@ class Agent:
         t = self.spec.cluster.timing
         while True:
             started = time.monotonic()
+            self.store_changed.clear()
             await self._heartbeat_once()
             if self.notify:
                 self.notify.watchdog()
             self._ensure_keeper_cheap()
-            await asyncio.sleep(max(0.0, t.heartbeat - (time.monotonic() - started)))
+            # A store watch (etcd) cuts the wait short, so a released claim or an expired
+            # lease is read at once rather than at the next heartbeat.
+            try:
+                await asyncio.wait_for(self.store_changed.wait(), max(0.0, t.heartbeat - (time.monotonic() - started)))
+            except TimeoutError:
+                pass
+
+    async def _store_watch(self) -> None:
+        t = self.spec.cluster.timing
+        while True:
+            try:
+                await self.store.wait(t.tick)
+                self.store_changed.set()
+            except StoreError:
+                await asyncio.sleep(t.heartbeat)
 
     def _ensure_keeper_cheap(self) -> None:
         self._keeper_check = getattr(self, "_keeper_check", 0) + 1

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,10 @@ log = logging.getLogger("reconciler.agent")
 
 
 class Agent:
-    def __init__(self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None):
+    def __init__(
+        self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None, early_signals=None
+    ):
+        self.early_signals = early_signals if early_signals is not None else []
         self.spec_path = spec_path
         self.node = node
         self.once = once
@@ -37,6 +41,8 @@ class Agent:
         self.spec_error = ""
         self.wake_event = asyncio.Event()
         self.store_changed = asyncio.Event()
+        self.watch_stop = threading.Event()
+        self.store_read = asyncio.Event()  # set after every heartbeat round (publish + read)
         self.reload = False
         self.stopping = False
         self.busy: dict[str, asyncio.Task] = {}
@@ -46,7 +52,9 @@ class Agent:
         self.last_plan = planmod.Plan()
         self.status_doc: dict = {}
         self.counter = time.time_ns() // 1_000_000
-        self.takeover_started: dict[str, float] = {}
+        # group -> (generation of the dead owner's claim, seconds its heartbeat had stood still
+        # when the takeover was first dispatched): the detect phase, observed on success
+        self.takeover_started: dict[str, tuple[int, float]] = {}
         self._fingerprint: object = None
         self.metrics.spec_loaded(self.spec, ok=True)
 
@@ -118,6 +126,8 @@ class Agent:
             log.info("adopted %s/%s pid %s", rec.group, rec.tag, rec.pid)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        if self.early_signals:
+            self.request_stop()  # a stop asked for while starting up
         await self._heartbeat_once()
         if self.lapsed_at_start:
             self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
@@ -128,18 +138,21 @@ class Agent:
             asyncio.create_task(self._store_watch(), name="store-watch"),
         ]
         if not self.once:
-            tasks.append(asyncio.create_task(self._watch_spec(), name="spec-watch"))
+            self._start_spec_watch()
         if self.notify:
             self.notify.ready()
         try:
             return await self._main()
         finally:
+            self.watch_stop.set()
             for t in tasks:
                 t.cancel()
+            log.debug("exit: waiting for %s", [t.get_name() for t in tasks])
             await asyncio.gather(*tasks, return_exceptions=True)
             self.supervisor.save()
             self.supervisor.detach()
             await self.store.close()
+            log.debug("exit: done")
 
     def request_stop(self) -> None:
         if not self.stopping:
@@ -155,6 +168,9 @@ class Agent:
             if self.reload:
                 self._reload()
             self.reconcile()
+            if self.stopping:
+                log.debug("shutdown waits for busy=%s active=%s", sorted(self.busy),
+                          sorted(f"{st.group}/{st.tag}:{st.state}" for st in self.observer.observe(time.monotonic()).entries.values() if st.active))
             if self.stopping and not self.busy and not self._anything_runs():
                 await self._release_all()
                 with_lease = self.node_dir / "lease"
@@ -202,6 +218,11 @@ class Agent:
             for a in p.actions:
                 by_group.setdefault(a.group, []).append(a)
             for group, actions in by_group.items():
+                for a in actions:
+                    if a.kind == "takeover" and a.claim is not None:
+                        stalled = view.stalled_for(a.claim.node, now)
+                        if self.takeover_started.get(group, (None,))[0] != a.claim.generation and stalled != float("inf"):
+                            self.takeover_started[group] = (a.claim.generation, stalled)
                 running = self.busy.get(group)
                 if running is not None:
                     running.cancel()  # only urgent actions reach a busy group: preempt it
@@ -241,21 +262,41 @@ class Agent:
         self.spec, self.spec_error = new, ""
         self.metrics.spec_loaded(new, ok=True)
 
-    async def _watch_spec(self) -> None:
+    def _start_spec_watch(self) -> None:
+        """Watch the spec directory in a daemon thread (watchfiles' own loop is blocking).
+
+        Watch the directory, not the file: editors save by writing a new file and renaming.
+        A thread we never join keeps shutdown instant; the loop only ever sees call_soon.
+        """
+        import threading
+
         import watchfiles
 
         path = Path(self.spec_path)
         root = path if path.is_dir() else path.parent
         wanted = None if path.is_dir() else path.name
+        loop = asyncio.get_running_loop()
+        stop = self.watch_stop
 
         def only_specs(_change, changed: str) -> bool:
             name = os.path.basename(changed)
             return name.endswith(".toml") and (wanted is None or name == wanted)
 
-        # Watch the directory, not the file: editors save by writing a new file and renaming.
-        async for _changes in watchfiles.awatch(root, watch_filter=only_specs, recursive=False, step=10, debounce=30):
+        def changed() -> None:
             self.reload = True
             self.wake()
+
+        def run() -> None:
+            try:
+                for _changes in watchfiles.watch(
+                    root, watch_filter=only_specs, recursive=False, step=10, debounce=30, stop_event=stop, rust_timeout=500,
+                    yield_on_timeout=False, raise_interrupt=False,
+                ):
+                    loop.call_soon_threadsafe(changed)
+            except Exception as exc:  # the tick still reloads nothing; say why edits are not seen
+                log.warning("spec directory watch failed: %s", exc)
+
+        threading.Thread(target=run, name="spec-watch", daemon=True).start()
 
     # --- heartbeat and the cluster view ---------------------------------------------------
 
@@ -270,6 +311,7 @@ class Agent:
             started = time.monotonic()
             self.store_changed.clear()
             await self._heartbeat_once()
+            self.store_read.set()
             if self.notify:
                 self.notify.watchdog()
             self._ensure_keeper_cheap()
@@ -285,9 +327,14 @@ class Agent:
         while True:
             try:
                 await self.store.wait(t.tick)
-                self.store_changed.set()
             except StoreError:
                 await asyncio.sleep(t.heartbeat)
+                continue
+            # wait() returns at once until the change has been read (etcd), so wait for the
+            # heartbeat loop's next read before waiting again: never spin the event loop.
+            self.store_read.clear()
+            self.store_changed.set()
+            await self.store_read.wait()
 
     def _ensure_keeper_cheap(self) -> None:
         self._keeper_check = getattr(self, "_keeper_check", 0) + 1

@@ -6,17 +6,25 @@ and field), 2 dry run with changes pending.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import os
-import shutil
-import socket
-import sys
+import signal
 
-import click
+# As PID 1 of a pid namespace (containers, our tests) a signal with no handler is ignored, so
+# a SIGTERM during start-up would be lost: remember it until the agent installs its own.
+EARLY_SIGNALS: list[int] = []
+for _sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_sig, lambda signum, _frame: EARLY_SIGNALS.append(signum))
 
-from reconciler import spec as specmod
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+
+import click  # noqa: E402
+
+from reconciler import spec as specmod  # noqa: E402
 
 SPEC_HELP = "spec file or directory [default: $RECONCILER_SPEC, then /etc/reconciler/]"
 
@@ -139,8 +147,9 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
             from reconciler import notify
         except ImportError:
             notify = None
-        a = agentmod.Agent(spec_path, node, once=once, metrics=metrics, notify=notify)
+        a = agentmod.Agent(spec_path, node, once=once, metrics=metrics, notify=notify, early_signals=EARLY_SIGNALS)
         code = asyncio.run(a.run())
+        logging.getLogger("reconciler").debug("event loop closed")
         if server is not None:
             server.shutdown()
         sys.exit(code)

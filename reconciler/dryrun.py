@@ -16,7 +16,7 @@ import attrs
 from reconciler import plan as planmod, spec as specmod
 from reconciler.act import process
 from reconciler.observe import EntryState, Observed
-from reconciler.store import ClusterView, Member, hpc as hpcmod, liveness, open_store
+from reconciler.store import Claim, ClusterView, Member, hpc as hpcmod, liveness, open_store
 
 
 def observe(spec: specmod.Spec, node: str) -> Observed:
@@ -72,13 +72,53 @@ async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> 
         view = attrs.evolve(view, lease_until=float("inf"))  # an agent runs here and renews
     members = dict(view.members)
     for n in down:
-        m = members.get(n) or Member(name=n, last_change=float("-inf"))
-        members[n] = attrs.evolve(m, last_change=float("-inf"), up=False)
-    # Assume unclaimed groups have waited long enough: show who would claim them.
-    return attrs.evolve(view, members=members, unclaimed_since={g: float("-inf") for g in view.unclaimed_since})
+        # "Just died": silent for exactly dead_after. (Longer would also let the fallback
+        # candidates act, which only happens when the best one does not.)
+        m = members.get(n) or Member(name=n, last_change=now)
+        members[n] = attrs.evolve(m, last_change=now - t.dead_after, up=False)
+    # Unclaimed groups: show what the best candidate would do (others wait for it).
+    return attrs.evolve(view, members=members, unclaimed_since={g: now for g in view.unclaimed_since})
 
 
 def simulate(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> planmod.Plan:
     observed = observe(spec, node)
     view = asyncio.run(cluster_view(spec, node, down))
-    return planmod.plan(spec, observed, view, time.monotonic())
+    observed = not_wanted_here(spec, observed, view)
+    now = time.monotonic()
+    return after_claims(spec, observed, view, now, planmod.plan(spec, observed, view, now))
+
+
+def not_wanted_here(spec: specmod.Spec, observed: Observed, view: ClusterView) -> Observed:
+    """Mounts and addresses of groups this node does not run are not its to remove: shown
+    as stopped (with the kernel's message), as the agent's observer does."""
+    entries = dict(observed.entries)
+    for (group, tag), st in observed.entries.items():
+        g, e = spec.groups.get(group), spec.entry(group, tag)
+        claim = view.claims.get(group)
+        mine = claim is not None and claim.node == view.node
+        if e is None or e.kind == "process" or st.state == "stopped" or (mine and e.active_at(g.runlevel)):
+            continue
+        message = "present, but not applied by this node: left alone" if st.state == "running" else st.message
+        entries[(group, tag)] = attrs.evolve(st, state="stopped", message=message)
+    return attrs.evolve(observed, entries=entries)
+
+
+def after_claims(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float, first: planmod.Plan) -> planmod.Plan:
+    """Append what this node would do once its claims and takeovers are won.
+
+    Winning a claim is one round and starting the entries the next, milliseconds later;
+    showing only the claim would hide every mount, address and process it leads to.
+    """
+    won = {a.group: a for a in first.actions if a.kind in ("claim", "takeover")}
+    if not won:
+        return first
+    claims = dict(view.claims)
+    for g, a in won.items():
+        claims[g] = Claim(group=g, node=view.node, generation=a.claim.generation + 1 if a.claim else 1)
+    second = planmod.plan(spec, observed, attrs.evolve(view, claims=claims, stale_claims=frozenset()), now)
+    then = tuple(
+        attrs.evolve(a, reason=f"once {a.group} is claimed: {a.reason}")
+        for a in second.actions
+        if a.group in won and a.kind not in ("claim", "takeover", "release")
+    )
+    return attrs.evolve(first, actions=first.actions + then)

@@ -97,6 +97,90 @@ def fire(node_dir: str) -> list[int]:
     return killed
 
 
+COMMAND_TIMEOUT = 2.0
+IP = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
+UMOUNT = ("/usr/bin/umount", "/bin/umount", "/usr/sbin/umount", "/sbin/umount")
+
+
+def _tool(candidates: tuple[str, ...]) -> str:
+    return next((c for c in candidates if os.access(c, os.X_OK)), os.path.basename(candidates[0]))
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _top_fstype(target: str) -> str | None:
+    """The filesystem type of the topmost mount at `target` in this mount namespace, or None."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5 and os.path.normpath(_unescape(fields[4])) == target and right:
+                    found = right.split()[0]  # later lines are mounted on top of earlier ones
+    except OSError:
+        return None
+    return found
+
+
+def read_resources(node_dir: str) -> str:
+    try:
+        with open(os.path.join(node_dir, "resources.json")) as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def release(listing: str) -> list[str]:
+    """Remove the addresses, then lazily unmount the mounts, of a resources.json text.
+
+    Addresses first: a peer may add the same address as soon as our lease has run out.
+    A mount is unmounted only while the filesystem at its target is still of its type (a
+    bind mount: any type); `umount -l` detaches it at once even if a process we could not
+    kill still holds it. Returns a line per command run, for the log.
+    """
+    try:
+        items = json.loads(listing).get("resources", []) if listing else []
+    except (ValueError, AttributeError):
+        return []
+    items = [it for it in items if isinstance(it, dict)]
+    done = []
+    env = {**os.environ, "LC_ALL": "C"}
+
+    def run(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, env=env, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(argv)}: {exc}"
+        err = (r.stderr.strip().splitlines() or [""])[0]
+        return " ".join(argv) + (f": {err}" if r.returncode else "")
+
+    for it in reversed(items):  # reverse start order, as a stop would
+        if it.get("kind") == "address" and it.get("ip") and it.get("interface"):
+            done.append(run([_tool(IP), "addr", "del", str(it["ip"]), "dev", str(it["interface"])]))
+    for it in reversed(items):
+        if it.get("kind") == "mount" and it.get("target"):
+            target = os.path.normpath(str(it["target"]))
+            have = _top_fstype(target)
+            bind = any(o in ("bind", "rbind") for o in str(it.get("options", "")).split(","))
+            fstype = it.get("fstype") if it.get("fstype") != "auto" else ""
+            if have is None or (fstype and not bind and have != fstype):
+                continue  # not mounted, or something else is mounted there now
+            done.append(run([_tool(UMOUNT), "-l", target]))
+    return done
+
+
 def main(argv: list[str]) -> int:
     node_dir = argv[1]
     lease = os.path.join(node_dir, "lease")
@@ -104,6 +188,7 @@ def main(argv: list[str]) -> int:
         fh.write(f"{os.getpid()} {start_ticks(os.getpid())}\n")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the lease file decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    released_listing: str | None = None  # resources.json as last released, during this expiry
     while True:
         deadline = read_deadline(lease)
         if deadline is None and not os.path.exists(lease):
@@ -112,11 +197,20 @@ def main(argv: list[str]) -> int:
             # Expired: kill, and keep killing whatever still or newly runs until the agent
             # renews (a paused agent may resume mid-spawn). Never exit while a lease exists.
             killed = fire(node_dir)
-            if killed:
+            # Mounts and addresses: once per expiry, and again whenever the agent lists
+            # something new (it writes the list before it applies anything).
+            listing = read_resources(node_dir)
+            released = release(listing) if listing != released_listing else []
+            released_listing = listing
+            if killed or released:
                 with open(os.path.join(node_dir, "keeper.log"), "a") as fh:
-                    fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: SIGKILL process groups {killed}\n")
+                    if killed:
+                        fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: SIGKILL process groups {killed}\n")
+                    for line in released:
+                        fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: released: {line}\n")
             time.sleep(POLL * 5)
             continue
+        released_listing = None
         time.sleep(POLL)
 
 

@@ -128,12 +128,16 @@ class Metrics:
         def taken_over(group, claim):
             self.failovers.labels(n, group).inc()
             self._pending_start[group] = time.monotonic()
-            self.claims.labels(n, "won").inc()
+            # detect: how long the dead owner's heartbeat had stood still when the agent
+            # dispatched this takeover (recorded by Agent.reconcile), once per failover
+            detect = agent.takeover_started.pop(group, None)
+            if detect is not None:
+                self.detected(detect[1])
 
-        def claim_result(group, claim):
-            claimed(group, claim)
-
-        events = Events(action=action, retry=lambda kind: self.retries.labels(n, kind).inc(), claimed=claimed, fenced=fenced, taken_over=taken_over)
+        events = Events(
+            action=action, retry=lambda kind: self.retries.labels(n, kind).inc(), claimed=claimed, fenced=fenced,
+            taken_over=taken_over, claim_attempt=lambda group, won: self.claim_attempt(won),
+        )
         return events
 
     def detected(self, seconds: float) -> None:

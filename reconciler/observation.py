@@ -3,6 +3,7 @@ what the executor remembers (failures, retry times, which resources are ours).""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 
 import attrs
@@ -10,6 +11,12 @@ import attrs
 from reconciler.observe import EntryState, Observed
 
 log = logging.getLogger("reconciler.observe")
+
+# pyroute2's synchronous IPRoute runs an event loop of its own and refuses to start inside a
+# running one ("This event loop is already running"), which is where `observe` is called
+# from: the kernel is read on this one worker thread instead (a netlink dump takes ~1 ms).
+_KERNEL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="observe-kernel")
+KERNEL_TIMEOUT = 2.0
 
 
 class Observer:
@@ -40,7 +47,7 @@ class Observer:
                 for g, e in wanted
             }
         try:
-            kernel = a.resources.observe([e for _, e in wanted])
+            kernel = _KERNEL.submit(a.resources.observe, [e for _, e in wanted]).result(KERNEL_TIMEOUT)
         except Exception as exc:  # observation must never stop the loop
             log.warning("cannot observe mounts/addresses: %s", exc)
             kernel = {}
@@ -53,10 +60,25 @@ class Observer:
                 rec = a.executor.book.setdefault((group, e.tag), a.executor.new_record(e))
             rec.entry = e
             g = a.spec.groups.get(group)
-            if state == "running" and group in my_claims and g is not None and e.active_at(g.runlevel):
+            wanted_here = group in my_claims and g is not None and e.active_at(g.runlevel)
+            if state == "running" and wanted_here:
                 rec.owned = True  # present while we own and want it: ours to remove on stop
+                if rec.since == 0.0 and e in g.entries:
+                    # Found present, never started by this agent (a restart, or there before
+                    # the claim): assume it came before anything this agent started, in file
+                    # order, so that the reverse-`since` stop order is still reverse file order.
+                    rec.since = (g.entries.index(e) + 1) * 1e-6
+            elif state == "stopped" and group not in my_claims and not rec.applying:
+                rec.owned = False  # gone (the keeper removed it) and the group is not ours: nothing to remove
             if rec.retry_at is not None and state != "running":
                 state, message = "error", rec.message or message
+            elif state != "stopped" and not wanted_here and not rec.owned:
+                # Not ours and not wanted here (a standby node; a missing interface, an IP on
+                # another interface, someone else's filesystem at the target): nothing to
+                # remove. Any other state makes the plan "reset" it on every pass, forever.
+                if state == "running":
+                    message = "present, but not applied by this node: left alone"
+                state = "stopped"
             out[(group, e.tag)] = EntryState(
                 group=group, tag=e.tag, kind=e.kind, state=state, since=rec.since, retry_at=rec.retry_at,
                 owned=rec.owned, message=message,

@@ -33,8 +33,10 @@ def leading_tests(g: specmod.Group, level: str) -> tuple[specmod.Entry, ...]:
 def local_eligibility(g: specmod.Group, observed: Observed) -> bool | None:
     """True when every leading test passed here, False when one failed, None if not yet run."""
     result: bool | None = True
+    entries = observed.entries
     for e in leading_tests(g, g.runlevel):
-        st = observed.get(g.name, e.tag).state
+        rec = entries.get((g.name, e.tag))  # as observed.get(), without building the default
+        st = rec.state if rec is not None else "stopped"
         if st == "failed":
             return False
         if st != "passed":

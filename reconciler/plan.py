@@ -58,15 +58,42 @@ class _Part:
 
 
 def _earliest(*times: float | None) -> float | None:
-    real = [t for t in times if t is not None]
-    return min(real) if real else None
+    """The smallest time that is not None (min()'s choice among equals), or None."""
+    best = None
+    for t in times:
+        if t is not None and (best is None or t < best):
+            best = t
+    return best
+
+
+@attrs.frozen
+class _Indexed(Observed):
+    """Observed with its entry states grouped by group, built once per plan() call: looking a
+    group's states up must not cost a scan of every entry of every group."""
+
+    by_group: dict[str, list[EntryState]] = attrs.field(factory=dict, eq=False, repr=False)
+
+
+def _index(observed: Observed) -> _Indexed:
+    if isinstance(observed, _Indexed):
+        return observed
+    by_group: dict[str, list[EntryState]] = {}
+    for (gname, _), st in observed.entries.items():
+        states = by_group.get(gname)
+        if states is None:
+            by_group[gname] = [st]
+        else:
+            states.append(st)
+    fields = {f.name: getattr(observed, f.name) for f in attrs.fields(type(observed)) if f.init}
+    return _Indexed(**fields, by_group=by_group)
 
 
 def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) -> Plan:
     actions: list[Action] = []
     notes: dict[str, str] = {}
     wake: float | None = None
-    names = list(spec.groups) + sorted(observed.groups() - set(spec.groups))
+    observed = _index(observed)
+    names = list(spec.groups) + sorted(set(observed.by_group) - set(spec.groups))
     for name in names:
         g = spec.groups.get(name)
         part = _removed(name, observed, view) if g is None else _group(g, spec.cluster.timing, observed, view, now)
@@ -150,7 +177,7 @@ def _owner(
             return _stop_all(g.name, obs, reason)
         return _Part((Action("release", g.name, reason=f"{reason}; nothing runs", claim=claim),))
     part = _entries(g, g.runlevel, obs, now, t)
-    return attrs.evolve(part, wake_at=_earliest(part.wake_at, view.lease_until - t.demote_margin))
+    return _Part(part.actions, _earliest(part.wake_at, view.lease_until - t.demote_margin), part.note)
 
 
 def _maybe_claim(
@@ -228,6 +255,9 @@ def _test_tags(g: specmod.Group) -> frozenset[str]:
 
 
 def _states(group: str, obs: Observed) -> list[EntryState]:
+    by_group = getattr(obs, "by_group", None)
+    if by_group is not None:
+        return list(by_group.get(group, ()))
     return [st for (gname, _), st in obs.entries.items() if gname == group]
 
 
@@ -243,6 +273,40 @@ def _stop_all(
     return _Part(tuple(Action("stop", group, st.tag, reason=reason, urgent=urgent, deadline=deadline) for st in states))
 
 
+@attrs.frozen
+class _Shape:
+    """What `_entries` needs from a group's spec for one level: it depends on the spec alone."""
+
+    known: frozenset[str]  # every tag of the group
+    # (entry, is a process, foreground, its state when absent), in file order
+    wanted: tuple[tuple[specmod.Entry, bool, bool, EntryState], ...]
+    unwanted: tuple[tuple[specmod.Entry, str], ...]  # (entry, why it must not run), reverse file order
+
+
+# (group name, level, only) -> (the Group it was computed from, its shape). Specs are frozen, so
+# a shape stays valid while the very same Group object is planned again; a reloaded spec brings
+# new Group objects and the shape is computed afresh. This memo changes no result of plan().
+_SHAPES: dict[tuple[str, str, frozenset[str] | None], tuple[specmod.Group, _Shape]] = {}
+
+
+def _shape(g: specmod.Group, level: str, only: frozenset[str] | None) -> _Shape:
+    key = (g.name, level, only)
+    hit = _SHAPES.get(key)
+    if hit is not None and hit[0] is g:
+        return hit[1]
+    wanted = [e for e in g.entries if e.active_at(level) and (only is None or e.tag in only)]
+    wanted_tags = {e.tag for e in wanted}
+    shape = _Shape(
+        known=frozenset(e.tag for e in g.entries),
+        wanted=tuple((e, e.kind == "process", e.foreground, EntryState(group=g.name, tag=e.tag, kind=e.kind)) for e in wanted),
+        unwanted=tuple((e, _why_not(e, level, only)) for e in reversed(g.entries) if e.tag not in wanted_tags),
+    )
+    if len(_SHAPES) > 65536:
+        _SHAPES.clear()
+    _SHAPES[key] = (g, shape)
+    return shape
+
+
 def _entries(
     g: specmod.Group,
     level: str,
@@ -254,25 +318,33 @@ def _entries(
     retest: bool = False,
 ) -> _Part:
     """Minimal transition of one group's entries to `level`, in inittab order."""
-    wanted = {e.tag for e in g.entries if e.active_at(level) and (only is None or e.tag in only)}
+    # This runs for every group on every round: it is written for speed (see
+    # tests/bench/plan_scale.py), with the meaning of obs.get() and _earliest() inlined.
+    name = g.name
+    entries = obs.entries
+    shape = _shape(g, level, only)
     acts: list[Action] = []
     wake: float | None = None
-    known = {e.tag for e in g.entries}
-    for st in sorted(_states(g.name, obs), key=lambda s: -s.since):
-        if st.tag not in known:
-            acts.append(_leave(g.name, st, "entry removed from the spec"))
-    for e in reversed(g.entries):
-        st = obs.get(g.name, e.tag, e.kind)
-        if e.tag not in wanted and st.state != "stopped":
-            acts.append(_leave(g.name, st, _why_not(e, level, only)))
-    for e in g.entries:
-        if e.tag not in wanted:
-            continue
-        st = obs.get(g.name, e.tag, e.kind)
-        act, due, halt = _advance(g.name, e, st, level, now, t, retest)
+    known = shape.known
+    gone = [st for st in _states(name, obs) if st.tag not in known]
+    if gone:
+        for st in sorted(gone, key=lambda s: -s.since):
+            acts.append(_leave(name, st, "entry removed from the spec"))
+    for e, why in shape.unwanted:
+        st = entries.get((name, e.tag))  # absent = stopped: nothing to leave
+        if st is not None and st.state != "stopped":
+            acts.append(_leave(name, st, why))
+    for e, process, foreground, absent in shape.wanted:
+        st = entries.get((name, e.tag))
+        if st is None:
+            st = absent
+        elif process and (st.state == "done" or (st.state == "running" and not foreground)):
+            continue  # converged, and later entries need not wait: what _advance says, sooner
+        act, due, halt = _advance(name, e, st, level, now, t, retest)
         if act is not None:
             acts.append(act)
-        wake = _earliest(wake, due)
+        if due is not None:
+            wake = due if wake is None else min(wake, due)
         if halt:
             break
     return _Part(tuple(acts), wake)
@@ -292,6 +364,10 @@ def _why_not(e: specmod.Entry, level: str, only: frozenset[str] | None) -> str:
     return "the group runs on another node"
 
 
+_IDLE: tuple[None, None, bool] = (None, None, False)  # nothing to do; later entries may go on
+_HALT: tuple[None, None, bool] = (None, None, True)  # nothing to do; later entries wait
+
+
 def _advance(
     group: str, e: specmod.Entry, st: EntryState, level: str, now: float, t: specmod.Timing, retest: bool
 ) -> tuple[Action | None, float | None, bool]:
@@ -300,22 +376,25 @@ def _advance(
     def start(why: str) -> Action:
         return Action("start", group, e.tag, reason=why)
 
+    s = st.state
     if e.kind != "process":
-        if st.state == "running":
-            return None, None, False
+        if s == "running":
+            return _IDLE
         if st.retry_at is not None and now < st.retry_at:
             return None, st.retry_at, True  # later entries depend on this resource
         why = {"mismatch": f"present but different ({st.message})", "error": f"retry after: {st.message}"}.get(
-            st.state, f"runlevel {level} includes it, not present"
+            s, f"runlevel {level} includes it, not present"
         )
         return start(why), None, False
-    s = st.state
-    if s in ("running", "stopping"):
-        return None, None, e.foreground or s == "stopping"
+    # The common, converged cases first: this runs for every wanted entry on every round.
+    if s == "running":
+        return _HALT if e.foreground else _IDLE
+    if s == "done":
+        return _IDLE
+    if s == "stopping":
+        return _HALT
     if s == "stopped":
         return start(f"runlevel {level} includes it, not running"), None, e.foreground
-    if s == "done":
-        return None, None, False
     if s in ("passed", "failed"):
         due = st.since + t.retest
         rerun = retest or s == "failed"

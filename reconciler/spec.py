@@ -28,6 +28,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_SPEC_PATH = "/etc/reconciler/"
 
 
+# Line breaks and other control characters (from quoted TOML keys or values echoed back)
+# are escaped, so an error message is always exactly one line.
+_ONE_LINE = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, 0x85)} | {
+    0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"
+}
+
+
 class SpecError(Exception):
     """A spec that cannot be used; str() is one line naming the file and field."""
 
@@ -36,7 +43,7 @@ class SpecError(Exception):
         self.field = field
         self.detail = message
         parts = [p for p in (file, field) if p]
-        super().__init__(": ".join([*parts, message]))
+        super().__init__(": ".join([*parts, message]).translate(_ONE_LINE))
 
 
 class _FieldError(ValueError):
@@ -362,7 +369,8 @@ def _first_error(exc: BaseException, path: str) -> tuple[str, str]:
                     seg = f"[{note.rsplit('@ index ', 1)[1].strip()}]"
             return _first_error(sub, path + seg)
     if isinstance(exc, KeyError):
-        return path + f".{exc.args[0]}", "is required"
+        key = f".{exc.args[0]}"  # cattrs' note usually named the attribute already
+        return (path if path.endswith(key) else path + key), "is required"
     if isinstance(exc, _FieldError):
         return path, str(exc)
     if isinstance(exc, TypeError) and "missing" in str(exc):
@@ -426,6 +434,8 @@ def load(path: str | os.PathLike) -> Spec:
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(f"not valid TOML: {exc}", file=fname) from None
+        except RecursionError:  # tomllib recurses once per nesting level of arrays/tables
+            raise SpecError("not valid TOML: nested too deeply", file=fname) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise SpecError(f"cannot read: {exc}", file=fname) from None
         extra = set(data) - {"cluster", "groups"}
@@ -504,7 +514,7 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
         fail("tag", str(exc))
     if e.tag in tags:
         fail("tag", f"{e.tag!r} is already used by {tags[e.tag]}")
-    tags[e.tag] = path
+    tags[e.tag] = f"{path} in {g.source}" if g.source else path
     if e.mode not in MODES:
         fail("mode", f"must be one of {', '.join(MODES)}")
     kinds = [k for k in ("command", "mount", "address") if getattr(e, k) is not None]

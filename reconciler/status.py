@@ -37,7 +37,13 @@ def node_status(spec: specmod.Spec, observed: Observed, view: ClusterView, plan:
             if st.retry_at is not None and st.retry_at > now:
                 doc["retry_in"] = round(st.retry_at - now, 3)
             entries[e.tag] = doc
-        if mine and g.name not in pending:
+        # A failed test halts its group here: nothing after it starts (plan._advance).
+        failed = any(
+            e.mode == "test" and e.active_at(g.runlevel) and entries[e.tag]["state"] == "failed" for e in g.entries
+        )
+        if failed and (mine or not running_any):
+            actual = "failed"
+        elif mine and g.name not in pending:
             actual = g.runlevel
         elif running_any:
             actual = f"->{g.runlevel}" if mine else "stopping"

@@ -13,19 +13,26 @@ from collections import defaultdict
 ALIVE_MARGIN = 0.02  # alive period (10 ms) + scheduling slack
 
 
-def _runs(path: str) -> dict[tuple[str, int], dict]:
-    runs: dict[tuple[str, int], dict] = {}
+def _runs(path: str) -> list[dict]:
+    """Every process run in the log. Pids repeat (each node is a fresh pid namespace, so a
+    restarted node reuses small pids): a `start` record always begins a new run, and the
+    records after it, for that node and pid, belong to that run (the log is appended in order
+    under a lock, and a pid is only reused after its previous process died)."""
+    runs: list[dict] = []
+    current: dict[tuple[str, int], dict] = {}
     with open(path) as fh:
         for line in fh:
             parts = line.split()
             if len(parts) < 6:
                 continue  # a torn last line of a process killed mid-write
             t, event, node, group, pid = float(parts[0]), parts[1], parts[2], parts[3], int(parts[4])
-            r = runs.setdefault((node, pid), {"group": group, "node": node, "start": t, "last": t, "stop": None})
+            r = current.get((node, pid))
+            if event == "start" or r is None or r["group"] != group:
+                r = {"group": group, "node": node, "pid": pid, "start": t, "last": t, "stop": None}
+                current[(node, pid)] = r
+                runs.append(r)
             r["last"] = max(r["last"], t)
-            if event == "start":
-                r["start"] = t
-            elif event == "stop":
+            if event == "stop":
                 r["stop"] = t
     return runs
 
@@ -33,9 +40,9 @@ def _runs(path: str) -> dict[tuple[str, int], dict]:
 def intervals(path: str) -> dict[str, list[tuple[float, float, str, int]]]:
     """{group: [(start, end, node, pid)]}"""
     out: dict[str, list] = defaultdict(list)
-    for (node, pid), r in _runs(path).items():
+    for r in _runs(path):
         end = r["stop"] if r["stop"] is not None else r["last"] + ALIVE_MARGIN
-        out[r["group"]].append((r["start"], end, node, pid))
+        out[r["group"]].append((r["start"], end, r["node"], r["pid"]))
     return out
 
 
@@ -55,7 +62,7 @@ def violations(path: str) -> list[str]:
 def running_now(path: str, now: float, fresh: float = 0.1) -> dict[str, set[str]]:
     """{group: nodes whose guard reported alive within `fresh` seconds and did not stop}."""
     out: dict[str, set[str]] = defaultdict(set)
-    for (node, _pid), r in _runs(path).items():
+    for r in _runs(path):
         if r["stop"] is None and r["last"] >= now - fresh:
-            out[r["group"]].add(node)
+            out[r["group"]].add(r["node"])
     return out

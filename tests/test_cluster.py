@@ -51,6 +51,20 @@ def test_each_group_runs_once_fails_over_and_stays(make_cluster, tmp_path):
         assert len(c.running(g)) == 1
     victim = c.runs_on_one("g1")
     moved = {g for g in ("g2", "g3") if c.runs_on_one(g) == victim}
+    # What would each survivor do if the owner died? Exactly one would take g1 over.
+    takers = []
+    for n in c.nodes:
+        if n == victim:
+            continue
+        out = c.nodes[n].run("--dry-run", "--spec", str(c.spec_dir), "--node", n, "--node-down", victim)
+        if any(line.startswith("takeover g1:") for line in out.stdout.splitlines()):
+            takers.append(n)
+            assert out.returncode == 2, out.stdout + out.stderr
+        else:
+            assert "g1: owner " + victim + " is dead; takeover pending" in out.stdout, out.stdout
+    assert len(takers) == 1, takers
+    converged = c.nodes[victim].run("--dry-run", "--spec", str(c.spec_dir), "--node", victim)
+    assert converged.returncode == 0, converged.stdout + converged.stderr
     t0 = time.monotonic()
     c.nodes[victim].crash()
     new = wait_until(lambda: (n := c.runs_on_one("g1")) and n != victim and n, FAILOVER, what="g1 to fail over")

@@ -7,8 +7,11 @@ instead of hammering; nothing here decides *what* to do, only how.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import attrs
@@ -31,8 +34,9 @@ class ResourceRecord:
     failures: int = 0
     retry_at: float | None = None
     message: str = ""
-    since: float = 0.0
+    since: float = 0.0  # when it became ours (kept across restores: the stop order uses it)
     entry: specmod.Entry | None = None  # last known definition: a removed entry is still removable
+    applying: bool = False  # a start is in flight: listed for the keeper before it takes effect
 
 
 @attrs.define
@@ -44,6 +48,7 @@ class Events:
     claimed: Callable[[str, Claim | None], None] = lambda group, claim: None
     fenced: Callable[[str, fencemod.Outcome], None] = lambda group, outcome: None
     taken_over: Callable[[str, Claim], None] = lambda group, claim: None
+    claim_attempt: Callable[[str, bool], None] = lambda group, won: None  # every store.claim answer
 
 
 class Executor:
@@ -56,6 +61,7 @@ class Executor:
         resources=None,
         events: Events | None = None,
         store_budget: float = 0.3,
+        resource_file: str | os.PathLike | None = None,
     ):
         self.node = node
         self.supervisor = supervisor
@@ -66,6 +72,10 @@ class Executor:
         self.book: dict[tuple[str, str], ResourceRecord] = {}
         self.blocked: dict[str, tuple[float, str]] = {}  # group -> (retry_at, message)
         self._block_count: dict[str, int] = {}
+        # STATE/NODE/resources.json: the mounts and addresses this node applied, for the
+        # keeper to remove when the lease lapses while the agent cannot (see keeper.py).
+        self.resource_file = Path(resource_file) if resource_file is not None else None
+        self._resource_doc: str | None = None
 
     async def run_group(self, spec: specmod.Spec, actions: tuple[Action, ...], generation: int | None) -> None:
         for a in actions:
@@ -123,6 +133,7 @@ class Executor:
             return True, ""
         if a.kind == "claim":
             claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
+            self.events.claim_attempt(a.group, claim is not None)
             self.events.claimed(a.group, claim)
             if claim is None:
                 return False, "another node claimed it first"
@@ -148,6 +159,7 @@ class Executor:
                 return False, outcome.message
         await self._store(lambda: self.store.break_claim(a.claim), "break")
         claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
+        self.events.claim_attempt(a.group, claim is not None)
         self.events.claimed(a.group, claim)
         if claim is None:
             return False, "another node took it over first"
@@ -176,9 +188,15 @@ class Executor:
             return False, f"{entry.kind} entries are not supported on this node"
         now = time.monotonic()
         budget = max(1.0, entry.stop_timeout)
+        was_owned = rec.owned
         try:
             if a.kind == "start":
-                await self.resources.start(entry, deadline=budget)
+                rec.entry, rec.applying = entry, True
+                self.save_resources()  # write-ahead: the keeper must know before the kernel does
+                try:
+                    await self.resources.start(entry, deadline=budget)
+                finally:
+                    rec.applying = False
                 rec.owned = True
             else:
                 await self.resources.stop(entry, deadline=budget)
@@ -188,10 +206,47 @@ class Executor:
             rec.failures += 1
             rec.retry_at = now + min(30.0, 0.5 * 2 ** min(rec.failures, 6)) * (4 if permanent else 1)
             rec.message = str(exc)
-            rec.since = now
+            if not was_owned:
+                rec.since = now
+            self.save_resources()
             return False, str(exc)
-        rec.failures, rec.retry_at, rec.message, rec.since = 0, None, "", now
+        rec.failures, rec.retry_at, rec.message = 0, None, ""
+        # A restore (an owned mount or address put back after it vanished) keeps its
+        # original time: the plan stops entries in reverse `since` order, and a restored
+        # mount must still be unmounted after the process that was started on it.
+        if not (a.kind == "start" and was_owned):
+            rec.since = now
+        self.save_resources()
         return True, ""
+
+    def save_resources(self) -> None:
+        """Write the resources this node owns (or is applying) for the keeper, if changed."""
+        if self.resource_file is None:
+            return
+        items = []
+        for (group, tag), rec in self.book.items():
+            e = rec.entry
+            if e is None or not (rec.owned or rec.applying):
+                continue
+            if e.mount is not None:
+                m = e.mount
+                items.append({"group": group, "tag": tag, "kind": "mount", "target": m.target, "source": m.source,
+                              "fstype": m.fstype, "options": m.options})
+            elif e.address is not None:
+                items.append({"group": group, "tag": tag, "kind": "address", "ip": e.address.ip,
+                              "interface": e.address.interface})
+            if rec.applying:
+                items[-1]["applying"] = True  # changes the file: a keeper that already released looks again
+        doc = json.dumps({"node": self.node, "resources": items}, sort_keys=True)
+        if doc == self._resource_doc:
+            return
+        try:
+            tmp = self.resource_file.with_name(f".{self.resource_file.name}.tmp")
+            tmp.write_text(doc + "\n")
+            os.replace(tmp, self.resource_file)
+            self._resource_doc = doc
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.resource_file, exc)
 
     def new_record(self, entry: specmod.Entry) -> ResourceRecord:
         return ResourceRecord(entry=entry)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import attrs
 
+from reconciler import notify
 from reconciler import spec as specmod
 from reconciler.observe import EntryState
 
@@ -37,6 +38,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 RAPID_FREE = 3  # this many rapid exits in a row restart at once; then the backoff starts
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 60.0
+ORPHAN_GRACE = 1.0  # an unknown child still a zombie this long after SIGCHLD has no waiter: reap it
 
 
 def backoff(rapid_exits: int) -> float:
@@ -69,17 +71,44 @@ class Sys:
         except (ProcessLookupError, PermissionError):
             return False
 
-    def reap(self) -> list[tuple[int, int]]:
-        """Collect every exited child: [(pid, status)]."""
+    def reap(self, pids=()) -> list[tuple[int, int]]:
+        """Collect the exits of `pids` (children we spawned): [(pid, status)].
+
+        Never waitpid(-1): other parts of the agent run children of their own and wait for
+        them (mount(8)/umount(8) through subprocess, fence hooks through asyncio); reaping
+        one of those here steals its exit status (subprocess then reports 0, asyncio 255).
+        """
         out = []
-        while True:
+        for pid in pids:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                got, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return out
-            if pid == 0:
-                return out
-            out.append((pid, os.waitstatus_to_exitcode(status)))
+                continue
+            if got == pid:
+                out.append((pid, os.waitstatus_to_exitcode(status)))
+        return out
+
+    def zombies(self) -> set[int]:
+        """Children of this process that have exited and are not reaped yet (from /proc)."""
+        me, out = os.getpid(), set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as fh:
+                    data = fh.read()
+            except OSError:
+                continue
+            fields = data[data.rindex(b")") + 2 :].split()
+            if fields[0] == b"Z" and int(fields[1]) == me:
+                out.add(int(name))
+        return out
+
+    def reap_any(self, pid: int) -> None:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
     def pidfd(self, pid: int) -> int | None:
         try:
@@ -161,6 +190,8 @@ class Supervisor:
         self.on_change = on_change
         self.dirty = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._sweep_at: asyncio.TimerHandle | None = None
+        self._zombies: set[int] = set()  # unknown zombie children seen by the last sweep
 
     # --- exits ----------------------------------------------------------------------------
 
@@ -171,13 +202,18 @@ class Supervisor:
     def detach(self) -> None:
         if self.loop is not None:
             self.loop.remove_signal_handler(signal.SIGCHLD)
+            if self._sweep_at is not None:
+                self._sweep_at.cancel()
+                self._sweep_at = None
             for rec in self.records.values():
                 self._close_pidfd(rec)
 
     def reap(self) -> None:
         by_pid = {r.pid: r for r in self.records.values() if r.pid and r.state in ("running", "stopping")}
         changed = False
-        for pid, code in self.sys.reap():
+        if self.loop is not None and self._sweep_at is None:
+            self._sweep_at = self.loop.call_later(ORPHAN_GRACE, self._sweep)
+        for pid, code in self.sys.reap(list(by_pid)):
             rec = by_pid.get(pid)
             if rec is not None:
                 if rec.popen is not None:
@@ -186,6 +222,18 @@ class Supervisor:
                 changed = True
         if changed:
             self.on_change()
+
+    def _sweep(self) -> None:
+        """Reap children nobody waits for (orphans re-parented to us when we are PID 1 of a
+        namespace, a helper whose waiter gave up): zombies still unreaped a sweep later."""
+        self._sweep_at = None
+        ours = {r.pid for r in self.records.values() if r.pid and r.state in ("running", "stopping")}
+        now = self.sys.zombies() - ours
+        for pid in now & self._zombies:
+            self.sys.reap_any(pid)
+        self._zombies = now - self._zombies
+        if self._zombies and self.loop is not None:
+            self._sweep_at = self.loop.call_later(ORPHAN_GRACE, self._sweep)
 
     def _pidfd_ready(self, rec: Record) -> None:
         self._close_pidfd(rec)
@@ -255,7 +303,8 @@ class Supervisor:
         rec = self.record(group, entry.tag)
         now = time.monotonic()
         rec.mode, rec.min_uptime, rec.level = entry.mode, entry.min_uptime, level
-        full_env = {**os.environ, **dict(entry.env), **env}
+        # without NOTIFY_SOCKET and WATCHDOG_*: those are systemd's words to the agent alone
+        full_env = {**notify.child_environ(), **dict(entry.env), **env}
         try:
             popen = self.sys.spawn(entry.command, env=full_env, cwd=entry.cwd, user=entry.user, log_path=self.log_path(group, entry.tag))
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:

@@ -25,6 +25,8 @@ from reconciler.store import Claim, Store, StoreError
 
 log = logging.getLogger("reconciler.act")
 
+LOST_HOLD = 0.25  # after losing a claim race: about two heartbeats for the winner to show
+
 
 @attrs.define
 class ResourceRecord:
@@ -134,9 +136,12 @@ class Executor:
         if a.kind == "claim":
             claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
             self.events.claim_attempt(a.group, claim is not None)
-            self.events.claimed(a.group, claim)
             if claim is None:
+                # Lost the race: wait for the next store read to show the winner rather than
+                # trying again at once against a view that still says "unclaimed".
+                self.hold(a.group, LOST_HOLD, "another node claimed it first")
                 return False, "another node claimed it first"
+            self.events.claimed(a.group, claim)
             self.unblock(a.group)
             return True, f"generation {claim.generation}"
         if a.kind == "release":
@@ -160,10 +165,11 @@ class Executor:
         await self._store(lambda: self.store.break_claim(a.claim), "break")
         claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
         self.events.claim_attempt(a.group, claim is not None)
-        self.events.claimed(a.group, claim)
         if claim is None:
+            self.hold(a.group, LOST_HOLD, "another node took it over first")
             return False, "another node took it over first"
         self.unblock(a.group)
+        self.events.claimed(a.group, claim)
         self.events.taken_over(a.group, claim)
         return True, f"took over from {a.claim.node}: generation {claim.generation}"
 
@@ -255,6 +261,10 @@ class Executor:
         n = self._block_count.get(group, 0) + 1
         self._block_count[group] = n
         self.blocked[group] = (time.monotonic() + min(30.0, 0.5 * 2 ** min(n, 6)), message)
+
+    def hold(self, group: str, seconds: float, message: str) -> None:
+        """Keep the plan off a group for a moment, without growing the backoff."""
+        self.blocked[group] = (time.monotonic() + seconds, message)
 
     def unblock(self, group: str) -> None:
         self.blocked.pop(group, None)

@@ -189,6 +189,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the lease file decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     released_listing: str | None = None  # resources.json as last released, during this expiry
+    logged_kills: set[int] = set()  # process groups already logged during this expiry
     while True:
         deadline = read_deadline(lease)
         if deadline is None and not os.path.exists(lease):
@@ -197,20 +198,24 @@ def main(argv: list[str]) -> int:
             # Expired: kill, and keep killing whatever still or newly runs until the agent
             # renews (a paused agent may resume mid-spawn). Never exit while a lease exists.
             killed = fire(node_dir)
+            # A killed but not yet reaped leader keeps its group "alive": log each group once.
+            fresh_kills = [g for g in killed if g not in logged_kills]
+            logged_kills.update(killed)
             # Mounts and addresses: once per expiry, and again whenever the agent lists
             # something new (it writes the list before it applies anything).
             listing = read_resources(node_dir)
             released = release(listing) if listing != released_listing else []
             released_listing = listing
-            if killed or released:
+            if fresh_kills or released:
                 with open(os.path.join(node_dir, "keeper.log"), "a") as fh:
-                    if killed:
-                        fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: SIGKILL process groups {killed}\n")
+                    if fresh_kills:
+                        fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: SIGKILL process groups {fresh_kills}\n")
                     for line in released:
                         fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: released: {line}\n")
             time.sleep(POLL * 5)
             continue
         released_listing = None
+        logged_kills.clear()
         time.sleep(POLL)
 
 

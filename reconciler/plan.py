@@ -124,8 +124,8 @@ def _group(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView
         # Another node's claim makes this urgent (it may be starting the group right now).
         if claim is not None:
             why = f"claimed by {claim.node} (generation {claim.generation}): must not run here"
-            return _stop_all(g.name, obs, why, urgent=True, deadline=now, keep=_test_tags(g))
-        return _stop_all(g.name, obs, "runs here without a claim", keep=_test_tags(g))
+            return _stop_all(g.name, obs, why, urgent=True, deadline=now, keep=_test_tags(g), order=_tags(g))
+        return _stop_all(g.name, obs, "runs here without a claim", keep=_test_tags(g), order=_tags(g))
     if g.runlevel == specmod.STOP:
         return _cleanup(g, obs, "desired runlevel is stop")
     standby = _standby(g, t, obs, view, now)
@@ -147,20 +147,19 @@ def _group(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView
 def _owner(
     g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, can_run: bool
 ) -> _Part:
-    gen = f"generation {claim.generation}"
     if not can_run:
         why = "no quorum" if not view.quorum else "lease not renewed in time"
         if _active(g.name, obs):
-            return _stop_all(g.name, obs, f"self-demotion: {why}", urgent=True, deadline=view.lease_until)
+            return _stop_all(g.name, obs, f"self-demotion: {why}", urgent=True, deadline=view.lease_until, order=_tags(g))
         if view.store_ok:
             # Give the group back so that a node that can run it need not wait for our
             # heartbeat to stall (with hpc membership it never would).
             return _Part((Action("release", g.name, reason=f"demoted ({why}); nothing runs", claim=claim),))
-        return _Part(note=f"demoted ({why}); claim {gen} kept until the store answers")
+        return _Part(note=f"demoted ({why}); claim generation {claim.generation} kept until the store answers")
     if g.name in view.stale_claims:
         if _active(g.name, obs):
-            return _stop_all(g.name, obs, "claim outlived a lapse of this node's lease", urgent=True, deadline=now)
-        return _Part((Action("release", g.name, reason=f"lease lapsed since {gen} was won: re-arbitrate", claim=claim),))
+            return _stop_all(g.name, obs, "claim outlived a lapse of this node's lease", urgent=True, deadline=now, order=_tags(g))
+        return _Part((Action("release", g.name, reason=f"lease lapsed since generation {claim.generation} was won: re-arbitrate", claim=claim),))
     reason = ""
     if g.runlevel == specmod.STOP:
         reason = "desired runlevel is stop"
@@ -174,7 +173,7 @@ def _owner(
             reason = f"failback to preferred node {best[0]}"
     if reason:
         if _active(g.name, obs):
-            return _stop_all(g.name, obs, reason)
+            return _stop_all(g.name, obs, reason, order=_tags(g))
         return _Part((Action("release", g.name, reason=f"{reason}; nothing runs", claim=claim),))
     part = _entries(g, g.runlevel, obs, now, t)
     return _Part(part.actions, _earliest(part.wake_at, view.lease_until - t.demote_margin), part.note)
@@ -266,11 +265,28 @@ def _active(group: str, obs: Observed, keep: frozenset[str] = frozenset()) -> bo
 
 
 def _stop_all(
-    group: str, obs: Observed, reason: str, *, urgent: bool = False, deadline: float | None = None, keep: frozenset[str] = frozenset()
+    group: str,
+    obs: Observed,
+    reason: str,
+    *,
+    urgent: bool = False,
+    deadline: float | None = None,
+    keep: frozenset[str] = frozenset(),
+    order: tuple[str, ...] = (),
 ) -> _Part:
-    # Stop in reverse start order: what started last depends on what started first.
-    states = sorted((st for st in _states(group, obs) if st.active and st.tag not in keep), key=lambda s: -s.since)
+    """Stop every active entry: in reverse file order (`order`: the group's tags), what
+    depends on an entry going first; entries the spec no longer knows go before all, latest
+    started first."""
+    rank = {tag: i for i, tag in enumerate(order)}
+    states = sorted(
+        (st for st in _states(group, obs) if st.active and st.tag not in keep),
+        key=lambda s: (s.tag in rank, -rank.get(s.tag, 0), -s.since),
+    )
     return _Part(tuple(Action("stop", group, st.tag, reason=reason, urgent=urgent, deadline=deadline) for st in states))
+
+
+def _tags(g: specmod.Group) -> tuple[str, ...]:
+    return tuple(e.tag for e in g.entries)
 
 
 @attrs.frozen
@@ -278,9 +294,10 @@ class _Shape:
     """What `_entries` needs from a group's spec for one level: it depends on the spec alone."""
 
     known: frozenset[str]  # every tag of the group
-    # (entry, is a process, foreground, its state when absent), in file order
-    wanted: tuple[tuple[specmod.Entry, bool, bool, EntryState], ...]
-    unwanted: tuple[tuple[specmod.Entry, str], ...]  # (entry, why it must not run), reverse file order
+    # (entry, its key in Observed.entries, is a process, foreground, its state when absent), in file order
+    wanted: tuple[tuple[specmod.Entry, tuple[str, str], bool, bool, EntryState], ...]
+    # (entry, its key, why it must not run), in reverse file order
+    unwanted: tuple[tuple[specmod.Entry, tuple[str, str], str], ...]
 
 
 # (group name, level, only) -> (the Group it was computed from, its shape). Specs are frozen, so
@@ -298,8 +315,11 @@ def _shape(g: specmod.Group, level: str, only: frozenset[str] | None) -> _Shape:
     wanted_tags = {e.tag for e in wanted}
     shape = _Shape(
         known=frozenset(e.tag for e in g.entries),
-        wanted=tuple((e, e.kind == "process", e.foreground, EntryState(group=g.name, tag=e.tag, kind=e.kind)) for e in wanted),
-        unwanted=tuple((e, _why_not(e, level, only)) for e in reversed(g.entries) if e.tag not in wanted_tags),
+        wanted=tuple(
+            (e, (g.name, e.tag), e.kind == "process", e.foreground, EntryState(group=g.name, tag=e.tag, kind=e.kind))
+            for e in wanted
+        ),
+        unwanted=tuple((e, (g.name, e.tag), _why_not(e, level, only)) for e in reversed(g.entries) if e.tag not in wanted_tags),
     )
     if len(_SHAPES) > 65536:
         _SHAPES.clear()
@@ -330,12 +350,12 @@ def _entries(
     if gone:
         for st in sorted(gone, key=lambda s: -s.since):
             acts.append(_leave(name, st, "entry removed from the spec"))
-    for e, why in shape.unwanted:
-        st = entries.get((name, e.tag))  # absent = stopped: nothing to leave
+    for e, key, why in shape.unwanted:
+        st = entries.get(key)  # absent = stopped: nothing to leave
         if st is not None and st.state != "stopped":
             acts.append(_leave(name, st, why))
-    for e, process, foreground, absent in shape.wanted:
-        st = entries.get((name, e.tag))
+    for e, key, process, foreground, absent in shape.wanted:
+        st = entries.get(key)
         if st is None:
             st = absent
         elif process and (st.state == "done" or (st.state == "running" and not foreground)):

@@ -79,8 +79,10 @@ class DirectoryStore(Store):
         return await self._io(self._read)
 
     def _read(self) -> Snapshot:
+        if not self.root.exists():
+            return Snapshot()  # nothing published yet: the first agent creates it
         if not self.root.is_dir():
-            raise StoreError(f"{self.url}: no such directory")
+            raise StoreError(f"{self.url}: not a directory")
         members: dict[str, Heartbeat] = {}
         nodes_dir = self.root / "nodes"
         for name in _listdir(nodes_dir):

@@ -145,10 +145,15 @@ class Agent:
             return await self._main()
         finally:
             self.watch_stop.set()
-            for t in tasks:
-                t.cancel()
             log.debug("exit: waiting for %s", [t.get_name() for t in tasks])
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Cancel until they are done: Python 3.11's asyncio.wait_for swallows a cancel
+            # that arrives as its inner wait completes (the heartbeat loop then runs on).
+            pending = set(tasks)
+            while pending:
+                for t in pending:
+                    t.cancel()
+                _done, pending = await asyncio.wait(pending, timeout=0.1)
+            await asyncio.gather(*tasks, return_exceptions=True)  # all done: collects their outcome
             self.supervisor.save()
             self.supervisor.detach()
             await self.store.close()

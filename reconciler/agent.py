@@ -45,6 +45,7 @@ class Agent:
         self.store_read = asyncio.Event()  # set after every heartbeat round (publish + read)
         self.reload = False
         self.stopping = False
+        self.finished = False
         self.busy: dict[str, asyncio.Task] = {}
         self.view = ClusterView(node=node, lease_until=float("-inf"), store_ok=False, store_error="not read yet")
         self.lease_until = float("-inf")
@@ -178,8 +179,8 @@ class Agent:
                           sorted(f"{st.group}/{st.tag}:{st.state}" for st in self.observer.observe(time.monotonic()).entries.values() if st.active))
             if self.stopping and not self.busy and not self._anything_runs():
                 await self._release_all()
-                with_lease = self.node_dir / "lease"
-                with_lease.unlink(missing_ok=True)  # tells the keeper: clean exit, nothing to guard
+                self.finished = True  # no heartbeat may write the lease file again
+                (self.node_dir / "lease").unlink(missing_ok=True)  # tells the keeper: clean exit
                 return 0
             if self.once and not self.busy and self.last_plan.empty:
                 return 0
@@ -363,7 +364,7 @@ class Agent:
                     log.warning("lease lapsed for %.2fs: re-arbitrating %s", started - self.lease_until, ", ".join(sorted(mine)))
                 self.stale |= mine
             self.lease_until = max(self.lease_until, started + t.lease)
-            if not self.once:
+            if not self.once and not self.finished:
                 self._write_lease()
         except (StoreError, TimeoutError) as exc:
             error = str(exc) or f"{self.store.url}: no answer within {t.lease / 2:g}s"

@@ -107,3 +107,19 @@ def my_turn(rank: int, waited: float, dead_after: float) -> bool:
     not acting, without letting candidates race in the normal case.
     """
     return rank == 0 or waited >= rank * dead_after
+
+
+def running_elsewhere(g: specmod.Group, view: ClusterView, now: float, dead_after: float) -> list[str]:
+    """Live peers that report the group's entries running there (claim or not).
+
+    Nobody claims such a group: whatever made its claim disappear, the node running it
+    either claims it back or stops it first.
+    """
+    out = []
+    for n, m in view.members.items():
+        if n == view.node or m.heartbeat is None or not view.alive(n, now, dead_after):
+            continue
+        info = m.heartbeat.status.get("groups", {}).get(g.name)
+        if isinstance(info, dict) and info.get("active"):
+            out.append(n)
+    return sorted(out)

@@ -125,6 +125,19 @@ def _group(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView
         if claim is not None:
             why = f"claimed by {claim.node} (generation {claim.generation}): must not run here"
             return _stop_all(g.name, obs, why, urgent=True, deadline=now, keep=_test_tags(g), order=_tags(g))
+        # No claim at all (an etcd lease that did not survive an agent restart, a store that
+        # was reset): peers do not claim a group a live node reports running, so claim it
+        # back rather than bounce the service; if another node wins, the branch above stops it.
+        blocked = obs.blocked.get(g.name)
+        if (
+            g.runlevel != specmod.STOP
+            and placement.allowed(g, me)
+            and placement.local_eligibility(g, obs) is not False
+            and can_run
+            and view.store_ok
+            and not (blocked and now < blocked[0])
+        ):
+            return _Part((Action("claim", g.name, reason="runs here without a claim: claim it back"),))
         return _stop_all(g.name, obs, "runs here without a claim", keep=_test_tags(g), order=_tags(g))
     if g.runlevel == specmod.STOP:
         return _cleanup(g, obs, "desired runlevel is stop")
@@ -182,6 +195,9 @@ def _owner(
 def _maybe_claim(
     g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, standby: _Part
 ) -> _Part:
+    busy = placement.running_elsewhere(g, view, now, t.dead_after)
+    if busy:
+        return attrs.evolve(standby, note=f"unclaimed, but still running on {', '.join(busy)}: waiting for it to stop or claim")
     ranked = placement.candidates(g, obs, view, now, t.dead_after, unseen_rank=True)
     fit = placement.local_eligibility(g, obs)
     if view.node not in ranked or not fit:

@@ -24,9 +24,10 @@ def node_status(spec: specmod.Spec, observed: Observed, view: ClusterView, plan:
             eligible.append(g.name)
         entries = {}
         running_any = False
+        fitness = {e.tag for e in placement.leading_tests(g, g.runlevel)}
         for e in g.entries:
             st = observed.get(g.name, e.tag, e.kind)
-            running_any = running_any or st.active
+            running_any = running_any or (st.active and e.tag not in fitness)
             doc = {"state": st.state}
             if st.pid:
                 doc["pid"] = st.pid
@@ -56,6 +57,7 @@ def node_status(spec: specmod.Spec, observed: Observed, view: ClusterView, plan:
             "mine": mine,
             "actual": actual,
             "eligible": ok,
+            "active": running_any,  # entries of it run here (peers never claim it meanwhile)
             "note": plan.notes.get(g.name, ""),
             "entries": entries,
         }

@@ -85,7 +85,7 @@ def test_each_group_runs_once_fails_over_and_stays(make_cluster, tmp_path):
 
 def test_preferences_failback_and_failing_test(make_cluster, tmp_path):
     log = str(tmp_path / "guard.log")
-    not_on_n1 = f"""
+    not_on_n1 = """
 [[groups.picky.entries]]
 tag = "fit"
 mode = "test"

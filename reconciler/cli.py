@@ -231,7 +231,19 @@ def status(ctx, spec_path, node, as_json) -> None:
     from reconciler import status as statusmod
     from reconciler.store import StoreError, open_store
 
-    spec = load_or_fail(spec_path or ctx.obj["spec"])
+    from reconciler import loader
+
+    path = spec_path or ctx.obj["spec"]
+    spec_error = None
+    try:
+        spec = specmod.load(path)
+    except specmod.SpecError as exc:
+        # The agents keep running their last good spec: still show what they publish.
+        spec_error = str(exc)
+        try:
+            spec = loader.peek(path)
+        except specmod.SpecError:
+            fail(spec_error)
     c = spec.cluster
 
     async def read():
@@ -248,8 +260,14 @@ def status(ctx, spec_path, node, as_json) -> None:
         snap = asyncio.run(read())
     except StoreError as exc:
         fail(str(exc))
-    doc = statusmod.cluster_status(spec, snap, node=node or ctx.obj["node"], dead_after=c.timing.dead_after)
+    doc = statusmod.cluster_status(
+        spec, snap, node=node or ctx.obj["node"], dead_after=c.timing.dead_after, published_groups=spec_error is not None
+    )
+    if spec_error is not None:
+        doc["spec_error"] = spec_error
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else statusmod.render(doc))
+    if spec_error is not None:
+        fail(f"{spec_error} (shown: what the nodes publish; they keep their last good spec)")
 
 
 @main.command(name="import")

@@ -329,3 +329,27 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
             fail("address.ip", f"{e.address.ip!r} needs a prefix length, like 192.0.2.10/24")
         if not re.match(r"^[A-Za-z0-9_.:@-]{1,15}$", e.address.interface):
             fail("address.interface", f"{e.address.interface!r} is not an interface name")
+
+
+def peek(path: str | os.PathLike) -> Spec:
+    """Only the [cluster] table of a spec that does not load as a whole, with no groups.
+
+    For read-only commands (`reconcile status`) after a bad edit: the agents still run the
+    last good spec, and showing what they publish needs only the store's address. Raises
+    SpecError if even the [cluster] table cannot be read.
+    """
+    root = Path(path)
+    files = spec_files(root)
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+            continue
+        if isinstance(data.get("cluster"), dict):
+            cluster = _structure(data["cluster"], Cluster, "cluster", str(f))
+            return Spec(cluster=cluster, groups={}, base=str(root if root.is_dir() else root.parent), files=(str(f),))
+    if files and all(f.exists() for f in files):
+        base = str(root if root.is_dir() else root.parent)
+        return Spec(cluster=Cluster(), groups={}, base=base, files=tuple(str(f) for f in files))
+    raise SpecError("no readable [cluster] table", file=str(root))

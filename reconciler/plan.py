@@ -96,7 +96,8 @@ def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) 
     names = list(spec.groups) + sorted(set(observed.by_group) - set(spec.groups))
     for name in names:
         g = spec.groups.get(name)
-        part = _removed(name, observed, view) if g is None else _group(g, spec.cluster.timing, observed, view, now)
+        t = spec.cluster.timing
+        part = _removed(name, observed, view, now, t) if g is None else _group(g, t, observed, view, now)
         if name in observed.busy and not any(a.urgent for a in part.actions):
             continue  # its previous actions are still running; it is planned again after
         actions.extend(part.actions)
@@ -239,9 +240,11 @@ def _maybe_takeover(
     return _Part(standby.actions, _earliest(standby.wake_at, due), f"owner {owner} is dead; takeover pending")
 
 
-def _removed(name: str, obs: Observed, view: ClusterView) -> _Part:
+def _removed(name: str, obs: Observed, view: ClusterView, now: float, t: specmod.Timing) -> _Part:
     reason = "group removed from the spec"
     if _active(name, obs):
+        if not (view.quorum and now < view.lease_until - t.demote_margin):
+            return _stop_all(name, obs, f"{reason}; self-demotion", urgent=True, deadline=view.lease_until)
         return _stop_all(name, obs, reason)
     acts = [Action("reset", name, st.tag, reason=reason) for st in _states(name, obs) if st.state != "stopped"]
     claim = view.claims.get(name)

@@ -11,8 +11,11 @@ from reconciler.plan import Plan
 from reconciler.store import ClusterView
 
 
-def node_status(spec: specmod.Spec, observed: Observed, view: ClusterView, plan: Plan, now: float, *, spec_error: str = "") -> dict:
-    """The JSON-able status this node publishes with its heartbeat."""
+def node_status(
+    spec: specmod.Spec, observed: Observed, view: ClusterView, plan: Plan, now: float, *, spec_error: str = "",
+    digest: str | None = None,
+) -> dict:
+    """The JSON-able status this node publishes with its heartbeat (`digest`: spec.digest(), if known)."""
     pending = {a.group for a in plan.actions} | set(observed.busy)
     groups = {}
     eligible = []
@@ -62,7 +65,7 @@ def node_status(spec: specmod.Spec, observed: Observed, view: ClusterView, plan:
             "entries": entries,
         }
     return {
-        "digest": spec.digest(),
+        "digest": spec.digest() if digest is None else digest,
         "spec_error": spec_error,
         "wall_time": round(time.time(), 3),
         "lease_left": round(view.lease_until - now, 3) if view.lease_until != float("inf") else None,

@@ -405,7 +405,10 @@ class EtcdStore(Store):
         heartbeat and claims are left to expire with it."""
         self._closed = True
         if self._watch_task is not None:
-            self._watch_task.cancel()
+            # Cancel until done: Python 3.11's asyncio.wait_for can swallow a cancel.
+            while not self._watch_task.done():
+                self._watch_task.cancel()
+                await asyncio.wait({self._watch_task}, timeout=0.1)
             await asyncio.gather(self._watch_task, return_exceptions=True)
         for stubs in self._stubs_by_idx.values():
             await stubs.channel.close()

@@ -217,7 +217,10 @@ def _maybe_takeover(
 ) -> _Part:
     owner = claim.node
     if view.alive(owner, now, t.dead_after):
-        return attrs.evolve(standby, note=f"runs on {owner} (generation {claim.generation})")
+        # Wake exactly when the owner would count as dead, not at the next store read.
+        m = view.members.get(owner)
+        due = m.last_change + t.dead_after if m is not None and m.up else None
+        return _Part(standby.actions, _earliest(standby.wake_at, due), f"runs on {owner} (generation {claim.generation})")
     stalled = view.stalled_for(owner, now)
     ranked = placement.candidates(g, obs, view, now, t.dead_after, exclude=owner)
     if view.node not in ranked or not placement.local_eligibility(g, obs):

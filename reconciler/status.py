@@ -81,8 +81,12 @@ def node_status(
     }
 
 
-def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float) -> dict:
-    """Merge every node's published status into one document (for `reconcile status`)."""
+def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, published_groups: bool = False) -> dict:
+    """Merge every node's published status into one document (for `reconcile status`).
+
+    `published_groups`: the spec on disk does not load (a bad edit; `spec` holds only its
+    [cluster] table): list the groups the nodes publish, with the desired runlevel they run.
+    """
     now_wall = time.time()
     nodes = {}
     reporter = snap.members.get(node) or next(iter(snap.members.values()), None)
@@ -99,14 +103,21 @@ def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float) ->
             "spec_error": hb.status.get("spec_error", ""),
         }
     groups = {}
-    for g in spec.groups.values():
-        claim = snap.claims.get(g.name)
+    names = list(spec.groups)
+    if published_groups:
+        for _n, hb in sorted(snap.members.items()):
+            names.extend(g for g in hb.status.get("groups", {}) if g not in names)
+    for name in names:
+        g = spec.groups.get(name)
+        claim = snap.claims.get(name)
         owner_doc = {}
         if claim is not None and claim.node in snap.members:
-            owner_doc = snap.members[claim.node].status.get("groups", {}).get(g.name, {})
-        notes = {n: hb.status.get("groups", {}).get(g.name, {}).get("note", "") for n, hb in snap.members.items()}
-        groups[g.name] = {
-            "desired": g.runlevel,
+            owner_doc = snap.members[claim.node].status.get("groups", {}).get(name, {})
+        notes = {n: hb.status.get("groups", {}).get(name, {}).get("note", "") for n, hb in snap.members.items()}
+        desired = g.runlevel if g is not None else owner_doc.get("desired") or next(
+            (d for hb in snap.members.values() if (d := hb.status.get("groups", {}).get(name, {}).get("desired"))), "unknown")
+        groups[name] = {
+            "desired": desired,
             "owner": claim.node if claim else None,
             "generation": claim.generation if claim else None,
             "actual": owner_doc.get("actual", specmod.STOP if claim is None else "unknown"),

@@ -49,6 +49,7 @@ class Metrics:
         self.spec_info = prom.Info("reconciler_spec", "Digest of the spec this node runs.", L, registry=r)
         self.respawns = prom.Counter("reconciler_respawns", "Respawns of exited processes.", L + ["group", "tag"], registry=r)
         self._known_groups: set[str] = set()
+        self._group_values: dict[str, tuple] = {}  # group -> what its gauges were last set to
         self._pending_start: dict[str, float] = {}
         for k in KINDS:
             for res in ("ok", "error"):
@@ -83,6 +84,7 @@ class Metrics:
         self.groups_owned.labels(n).set(len(mine))
         groups = set(agent.spec.groups)
         for gone in self._known_groups - groups:
+            self._group_values.pop(gone, None)
             for s in STATES:
                 self.entries.remove(n, gone, s) if (n, gone, s) in self.entries._metrics else None
             for gauge in (self.group_running, self.group_desired):
@@ -95,10 +97,18 @@ class Metrics:
             counts[(st.group, st.state)] = counts.get((st.group, st.state), 0) + 1
             running[st.group] = running.get(st.group, False) or st.state == "running"
         for g in groups:
-            for s in STATES:
-                self.entries.labels(n, g, s).set(counts.get((g, s), 0))
-            self.group_running.labels(n, g).set(1 if g in mine and running.get(g) else 0)
-            self.group_desired.labels(n, g).set(0 if agent.spec.groups[g].runlevel == "stop" else 1)
+            values = (
+                tuple(counts.get((g, s), 0) for s in STATES),
+                1 if g in mine and running.get(g) else 0,
+                0 if agent.spec.groups[g].runlevel == "stop" else 1,
+            )
+            if self._group_values.get(g) == values:
+                continue  # its gauges say so already (a label lookup per gauge is the cost here)
+            self._group_values[g] = values
+            for s, v in zip(STATES, values[0]):
+                self.entries.labels(n, g, s).set(v)
+            self.group_running.labels(n, g).set(values[1])
+            self.group_desired.labels(n, g).set(values[2])
         for g, since in list(self._pending_start.items()):
             if g not in mine:
                 del self._pending_start[g]

@@ -7,6 +7,7 @@ instead of hammering; nothing here decides *what* to do, only how.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from reconciler.store import Claim, Store, StoreError
 
 log = logging.getLogger("reconciler.act")
 
+STORE_CONCURRENCY = 16  # store calls in flight at once (see Executor._store_turns)
 LOST_HOLD = 0.25  # after losing a claim race: about two heartbeats for the winner to show
 
 
@@ -78,6 +80,10 @@ class Executor:
         # keeper to remove when the lease lapses while the agent cannot (see keeper.py).
         self.resource_file = Path(resource_file) if resource_file is not None else None
         self._resource_doc: str | None = None
+        # At most this many store calls (claim, release, break) in flight: a node claiming
+        # 1,000 groups at once would otherwise get 1,000 replies in one turn of the event
+        # loop, and its heartbeat could not renew the lease in between.
+        self._store_turns = asyncio.Semaphore(STORE_CONCURRENCY)
 
     async def run_group(self, spec: specmod.Spec, actions: tuple[Action, ...], generation: int | None) -> None:
         for a in actions:
@@ -184,7 +190,8 @@ class Executor:
                 reraise=True,
             ):
                 with attempt:
-                    return await call()
+                    async with self._store_turns:
+                        return await call()
         except StoreError as exc:
             raise _Failed(str(exc)) from None
 

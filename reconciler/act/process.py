@@ -192,6 +192,10 @@ class Supervisor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sweep_at: asyncio.TimerHandle | None = None
         self._zombies: set[int] = set()  # unknown zombie children seen by the last sweep
+        # One spawn per turn of the event loop: a burst of starts (a node taking over 100
+        # groups) must not hold the loop for the whole burst, or the heartbeat cannot renew
+        # the lease in time and the node demotes itself.
+        self._spawn_turn = asyncio.Lock()
 
     # --- exits ----------------------------------------------------------------------------
 
@@ -300,6 +304,21 @@ class Supervisor:
         Returns the pid (background) or the exit code (foreground). A command that cannot be
         started moves the entry to `error` with the OS's message and a retry time.
         """
+        async with self._spawn_turn:
+            await asyncio.sleep(0)
+            popen = self._spawn(group, entry, level=level, env=env)
+        rec = self.records[(group, entry.tag)]
+        if not entry.foreground:
+            return popen.pid
+        try:
+            return await asyncio.wait_for(asyncio.shield(rec.exited), entry.timeout)
+        except TimeoutError:
+            await self.stop(group, entry.tag, sig=entry.stop_signal, timeout=entry.stop_timeout)
+            rec.message = f"timed out after {entry.timeout:g}s"
+            return None
+
+    def _spawn(self, group: str, entry: specmod.Entry, *, level: str, env: dict[str, str]) -> subprocess.Popen:
+        """Spawn and record the process (synchronous: nothing runs between the two)."""
         rec = self.record(group, entry.tag)
         now = time.monotonic()
         rec.mode, rec.min_uptime, rec.level = entry.mode, entry.min_uptime, level
@@ -323,14 +342,7 @@ class Supervisor:
         rec.move("running", now)
         self.dirty = True
         self.save()  # before anything else: the keeper must know this pid if we freeze now
-        if not entry.foreground:
-            return popen.pid
-        try:
-            return await asyncio.wait_for(asyncio.shield(rec.exited), entry.timeout)
-        except TimeoutError:
-            await self.stop(group, entry.tag, sig=entry.stop_signal, timeout=entry.stop_timeout)
-            rec.message = f"timed out after {entry.timeout:g}s"
-            return None
+        return popen
 
     async def stop(self, group: str, tag: str, *, sig: int, timeout: float, deadline: float | None = None) -> None:
         """Signal the process group; SIGKILL it after `timeout` (or at `deadline`, if sooner)."""

@@ -17,6 +17,7 @@ claim (the successor is a different instance with a larger generation).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import json
 import os
@@ -33,12 +34,21 @@ class DirectoryStore(Store):
         self.root = Path(root)
         self.url = f"dir:{self.root}"
         self._last_status: dict[str, str] = {}
+        self._last_status_obj: dict[str, dict] = {}  # node -> the status dict last written
+        self._parsed: dict[str, tuple[bytes, object]] = {}  # status file -> (its bytes, parsed) at the last read
         self._ready = False
+        # The heartbeat (publish, read) has a thread of its own: a burst of claims or releases
+        # (a node starting or taking over many groups) must not delay the lease renewal.
+        self._heartbeat_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # Every public method runs its blocking file I/O in a thread: a hung NFS server must not
     # stall the event loop (the lease deadline, not the call, decides what happens then).
-    async def _io(self, fn, *args):
+    async def _io(self, fn, *args, heartbeat: bool = False):
         try:
+            if heartbeat:
+                if self._heartbeat_pool is None:
+                    self._heartbeat_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-heartbeat")
+                return await asyncio.get_running_loop().run_in_executor(self._heartbeat_pool, fn, *args)
             return await asyncio.to_thread(fn, *args)
         except StoreError:
             raise
@@ -62,21 +72,25 @@ class DirectoryStore(Store):
     # --- heartbeat ------------------------------------------------------------------------
 
     async def publish(self, heartbeat: Heartbeat) -> None:
-        await self._io(self._publish, heartbeat)
+        await self._io(self._publish, heartbeat, heartbeat=True)
 
     def _publish(self, hb: Heartbeat) -> None:
         self._setup()
-        status = json.dumps(hb.status, sort_keys=True, separators=(",", ":"))
-        if self._last_status.get(hb.node) != status:
-            self._replace(self.root / "status" / f"{hb.node}.json", status)
-            self._last_status[hb.node] = status
+        # The very dict written last time is not serialized again (the agent builds a new
+        # one whenever its status changes; a status is not modified once published).
+        if self._last_status_obj.get(hb.node) is not hb.status:
+            status = json.dumps(hb.status, sort_keys=True, separators=(",", ":"))
+            if self._last_status.get(hb.node) != status:
+                self._replace(self.root / "status" / f"{hb.node}.json", status)
+                self._last_status[hb.node] = status
+            self._last_status_obj[hb.node] = hb.status
         beat = json.dumps({"node": hb.node, "counter": hb.counter, "digest": hb.digest})
         self._replace(self.root / "nodes" / f"{hb.node}.json", beat)
 
     # --- reading --------------------------------------------------------------------------
 
     async def read(self) -> Snapshot:
-        return await self._io(self._read)
+        return await self._io(self._read, heartbeat=True)
 
     def _read(self) -> Snapshot:
         if not self.root.exists():
@@ -84,15 +98,17 @@ class DirectoryStore(Store):
         if not self.root.is_dir():
             raise StoreError(f"{self.url}: not a directory")
         members: dict[str, Heartbeat] = {}
-        nodes_dir = self.root / "nodes"
+        root = str(self.root)  # os.path, not pathlib: this runs for every member every heartbeat
+        nodes_dir, status_dir = os.path.join(root, "nodes"), os.path.join(root, "status")
+        parsed, self._parsed = self._parsed, {}
         for name in _listdir(nodes_dir):
             if name.startswith(".") or not name.endswith(".json"):
                 continue
             node = name[:-5]
-            beat = _read_json(nodes_dir / name)
+            beat = _read_json(os.path.join(nodes_dir, name))
             if not isinstance(beat, dict) or "counter" not in beat:
                 continue
-            status = _read_json(self.root / "status" / name)
+            status = self._read_status(os.path.join(status_dir, name), parsed)
             members[node] = Heartbeat(
                 node=node,
                 counter=int(beat["counter"]),
@@ -100,22 +116,49 @@ class DirectoryStore(Store):
                 status=status if isinstance(status, dict) else {},
             )
         claims: dict[str, Claim] = {}
-        claims_dir = self.root / "claims"
+        claims_dir = os.path.join(root, "claims")
         for group in _listdir(claims_dir):
-            c = self._read_claim(group)
+            c = self._read_claim(group, claims_dir)
             if c is not None:
                 claims[group] = c
         return Snapshot(members=members, claims=claims)
 
-    def _read_claim(self, group: str) -> Claim | None:
+    def _read_status(self, path: str, parsed: dict[str, tuple[bytes, object]]):
+        """The status file's JSON, read every time; parsed again only if its bytes changed.
+
+        Unchanged documents come back as the same dict as at the last read: treat them as
+        read-only, like the rest of a Snapshot.
+        """
         try:
-            target = os.readlink(self.root / "claims" / group)
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            return None
+        last = parsed.get(path)
+        if last is not None and last[0] == raw:
+            doc = last[1]
+        else:
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                doc = None
+        self._parsed[path] = (raw, doc)
+        return doc
+
+    def _read_claim(self, group: str, claims_dir: str | None = None) -> Claim | None:
+        try:
+            target = os.readlink(os.path.join(claims_dir or os.path.join(str(self.root), "claims"), group))
         except FileNotFoundError:
             return None
         node, _, gen = target.rpartition(":")
         if not node or not gen.isdigit():
             return None
         return Claim(group=group, node=node, generation=int(gen), token=gen)
+
+    async def close(self) -> None:
+        if self._heartbeat_pool is not None:
+            self._heartbeat_pool.shutdown(wait=False)
+            self._heartbeat_pool = None
 
     # --- claims ---------------------------------------------------------------------------
 

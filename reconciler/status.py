@@ -99,7 +99,7 @@ def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, pu
             "live": age is not None and age < dead_after,
             "heartbeat_age": round(age, 3) if age is not None else None,
             "digest": hb.digest,
-            "spec_differs": hb.digest != spec.digest(),
+            "spec_differs": not published_groups and hb.digest != spec.digest(),
             "spec_error": hb.status.get("spec_error", ""),
         }
     groups = {}

@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from reconciler import spec as specmod
-from reconciler.observe import Observed
-from reconciler.store import ClusterView
+from reconciler.model import ClusterView, Observed
 
 
 def leading_tests(g: specmod.Group, level: str) -> tuple[specmod.Entry, ...]:

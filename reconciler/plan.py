@@ -12,8 +12,7 @@ import attrs
 
 from reconciler import placement
 from reconciler import spec as specmod
-from reconciler.observe import EntryState, Observed
-from reconciler.store import Claim, ClusterView
+from reconciler.model import Claim, ClusterView, EntryState, Observed
 
 KINDS = ("start", "stop", "reset", "claim", "release", "takeover")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-import attrs
 
 
 class StoreError(Exception):
@@ -27,67 +26,7 @@ class StoreError(Exception):
     """
 
 
-@attrs.frozen
-class Heartbeat:
-    """What one node publishes about itself on every renewal."""
-
-    node: str
-    counter: int  # grows with every renewal; observers time how long it stands still
-    digest: str = ""  # digest of the spec the node runs
-    status: dict[str, Any] = attrs.field(factory=dict)  # JSON-able: see agent.status_doc
-
-
-@attrs.frozen
-class Claim:
-    """One instance of one node's claim on one group."""
-
-    group: str
-    node: str
-    generation: int  # fencing token: grows with every new claim instance of the group
-    token: str = ""  # backend identity of this instance (directory: generation; etcd: revision)
-
-
-@attrs.frozen
-class Snapshot:
-    """One read of the whole store."""
-
-    members: dict[str, Heartbeat] = attrs.field(factory=dict)
-    claims: dict[str, Claim] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class Member:
-    name: str
-    last_change: float  # monotonic time (observer's clock) its heartbeat last advanced
-    heartbeat: Heartbeat | None = None  # None when the store no longer lists it
-    up: bool = True  # what the membership source says (hpc); the store source: always True
-
-
-@attrs.frozen
-class ClusterView:
-    """Everything `plan` needs to know about the cluster, as seen from `node`."""
-
-    node: str
-    members: dict[str, Member] = attrs.field(factory=dict)
-    claims: dict[str, Claim] = attrs.field(factory=dict)
-    lease_until: float = float("inf")  # this node may run claimed groups until then (its clock)
-    quorum: bool = True
-    store_ok: bool = True
-    store_error: str = ""
-    # monotonic time this node first saw each group without a claim (for fallback claiming)
-    unclaimed_since: dict[str, float] = attrs.field(factory=dict)
-    # this node's claims that outlived a lapse of its lease: they must be re-arbitrated
-    stale_claims: frozenset[str] = frozenset()
-
-    def alive(self, name: str, now: float, dead_after: float) -> bool:
-        if name == self.node:
-            return now < self.lease_until and self.quorum
-        m = self.members.get(name)
-        return m is not None and m.up and now - m.last_change < dead_after
-
-    def stalled_for(self, name: str, now: float) -> float:
-        m = self.members.get(name)
-        return float("inf") if m is None else now - m.last_change
+from reconciler.model import Claim, ClusterView, Heartbeat, Member, Snapshot  # noqa: E402,F401
 
 
 class Store(abc.ABC):

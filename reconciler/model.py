@@ -1,0 +1,121 @@
+"""The values that flow between the stages: what a node observed and what the cluster looks
+like. Plain frozen attrs classes with no I/O, so the pure planner can depend on them;
+`reconciler.observe` and `reconciler.store` re-export them next to the code that fills them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+# Entry states. Processes: stopped, running, stopping, done (once/wait exited), passed and
+# failed (test), exited (respawn waiting for its next attempt). Resources (mount, address):
+# stopped (absent), running (present as specified), mismatch (present but different),
+# error (the last attempt failed; retry_at says when the next one is).
+STATES = ("stopped", "running", "stopping", "done", "passed", "failed", "exited", "mismatch", "error")
+
+
+@attrs.frozen
+class EntryState:
+    group: str
+    tag: str
+    kind: str = "process"  # process | mount | address
+    state: str = "stopped"
+    pid: int | None = None
+    since: float = 0.0  # monotonic time the entry entered this state
+    exit_code: int | None = None  # last exit status (negative = killed by that signal)
+    rapid_exits: int = 0  # consecutive exits sooner than min_uptime (respawn backoff)
+    retry_at: float | None = None  # the next attempt is not before this monotonic time
+    level: str = ""  # the runlevel it was started for
+    owned: bool = True  # resources: we applied it (only what we applied is removed)
+    message: str = ""  # why, for status: "exit 1", "busy: pids 12 13", kernel errors
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.group, self.tag)
+
+    @property
+    def active(self) -> bool:
+        """Something exists that a stop would have to remove."""
+        if self.kind == "process":
+            return self.state in ("running", "stopping")
+        return self.state in ("running", "mismatch", "stopping") and self.owned
+
+
+@attrs.frozen
+class Observed:
+    node: str
+    entries: dict[tuple[str, str], EntryState] = attrs.field(factory=dict)
+    busy: frozenset[str] = frozenset()  # groups whose previous actions are still in flight
+    # group-level attempts that failed (fence hook, claim): {group: (retry_at, message)}
+    blocked: dict[str, tuple[float, str]] = attrs.field(factory=dict)
+
+    def get(self, group: str, tag: str, kind: str = "process") -> EntryState:
+        return self.entries.get((group, tag)) or EntryState(group=group, tag=tag, kind=kind)
+
+    def groups(self) -> set[str]:
+        return {g for g, _ in self.entries}
+
+
+@attrs.frozen
+class Heartbeat:
+    """What one node publishes about itself on every renewal."""
+
+    node: str
+    counter: int  # grows with every renewal; observers time how long it stands still
+    digest: str = ""  # digest of the spec the node runs
+    status: dict[str, Any] = attrs.field(factory=dict)  # JSON-able: see agent.status_doc
+
+
+@attrs.frozen
+class Claim:
+    """One instance of one node's claim on one group."""
+
+    group: str
+    node: str
+    generation: int  # fencing token: grows with every new claim instance of the group
+    token: str = ""  # backend identity of this instance (directory: generation; etcd: revision)
+
+
+@attrs.frozen
+class Snapshot:
+    """One read of the whole store."""
+
+    members: dict[str, Heartbeat] = attrs.field(factory=dict)
+    claims: dict[str, Claim] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Member:
+    name: str
+    last_change: float  # monotonic time (observer's clock) its heartbeat last advanced
+    heartbeat: Heartbeat | None = None  # None when the store no longer lists it
+    up: bool = True  # what the membership source says (hpc); the store source: always True
+
+
+@attrs.frozen
+class ClusterView:
+    """Everything `plan` needs to know about the cluster, as seen from `node`."""
+
+    node: str
+    members: dict[str, Member] = attrs.field(factory=dict)
+    claims: dict[str, Claim] = attrs.field(factory=dict)
+    lease_until: float = float("inf")  # this node may run claimed groups until then (its clock)
+    quorum: bool = True
+    store_ok: bool = True
+    store_error: str = ""
+    # monotonic time this node first saw each group without a claim (for fallback claiming)
+    unclaimed_since: dict[str, float] = attrs.field(factory=dict)
+    # this node's claims that outlived a lapse of its lease: they must be re-arbitrated
+    stale_claims: frozenset[str] = frozenset()
+
+    def alive(self, name: str, now: float, dead_after: float) -> bool:
+        if name == self.node:
+            return now < self.lease_until and self.quorum
+        m = self.members.get(name)
+        return m is not None and m.up and now - m.last_change < dead_after
+
+    def stalled_for(self, name: str, now: float) -> float:
+        m = self.members.get(name)
+        return float("inf") if m is None else now - m.last_change

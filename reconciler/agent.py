@@ -2,8 +2,9 @@
 
 Child exits, store changes, spec edits and a periodic tick all set one wake event; every
 wake runs the same level-triggered reconcile (observe -> plan -> execute -> publish), so
-nothing depends on having seen a particular event. The heartbeat task renews this node's
-lease and the keeper's deadline; `plan` alone decides what that means for the groups.
+nothing depends on having seen a particular event. The heartbeat (reconciler/heartbeat.py,
+from a thread of its own: reconciler/renewal.py) renews this node's lease and the keeper's
+deadline and reads the cluster view; `plan` alone decides what that means for the groups.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ import threading
 import time
 from pathlib import Path
 
-from reconciler import observation, plan as planmod, spec as specmod, status as statusmod
+from reconciler import heartbeat, observation, plan as planmod, renewal, spec as specmod, status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process
 from reconciler.metrics import Metrics
-from reconciler.store import ClusterView, StoreError, hpc as hpcmod, liveness, open_store
+from reconciler.store import ClusterView, Store, StoreError, liveness, open_store
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
 
 
-class Agent:
+class Agent(heartbeat.Heartbeating):
     def __init__(
         self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None, early_signals=None
     ):
@@ -50,6 +51,14 @@ class Agent:
         self.busy: dict[str, asyncio.Task] = {}
         self.view = ClusterView(node=node, lease_until=float("-inf"), store_ok=False, store_error="not read yet")
         self.lease_until = float("-inf")
+        self.lease_lock = threading.Lock()  # lease_until and the lease file: the renewer thread writes them too
+        self.loop_alive_at = time.monotonic()  # the loop stamps it every heartbeat (see renewal)
+        self.publish_error = ""  # the renewer's last publish error ("": it succeeded)
+        self.renewer: renewal.Renewer | None = None
+        self.notified_ready = False  # READY=1 sent to systemd
+        self._lease_fd: int | None = None  # the lease file, once this process has written it
+        self._read_at = 0.0  # monotonic time of the last successful store read (renewer mode)
+        self._loop_thread = threading.current_thread()  # the event loop's (set again by run)
         self.stale: set[str] = set()
         self.last_plan = planmod.Plan()
         self.status_doc: dict = {}
@@ -89,15 +98,6 @@ class Agent:
     def wake(self) -> None:
         self.wake_event.set()
 
-    def _inherit_lease(self) -> None:
-        """A restarted agent continues its predecessor's lease, or knows that it lapsed."""
-        try:
-            previous = float((self.node_dir / "lease").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            previous = float("-inf")
-        self.lease_until = previous
-        self.lapsed_at_start = previous <= time.monotonic()
-
     def _ensure_keeper(self) -> None:
         if self.once:
             return
@@ -112,15 +112,11 @@ class Agent:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
 
-    def _write_lease(self) -> None:
-        tmp = self.node_dir / ".lease.tmp"
-        tmp.write_text(f"{self.lease_until:.6f}\n")
-        os.replace(tmp, self.node_dir / "lease")
-
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._loop_thread = threading.current_thread()
         self._build()
         self.node_dir.mkdir(parents=True, exist_ok=True)
         (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
@@ -133,23 +129,34 @@ class Agent:
             loop.add_signal_handler(sig, self.request_stop)
         if self.early_signals:
             self.request_stop()  # a stop asked for while starting up
-        await self._heartbeat_once()
+        if self.store.blocking_publish:
+            # The renewer publishes and reads, on its thread (its first beat: here, at once).
+            self.renewer = renewal.Renewer(self, loop)
+            await asyncio.to_thread(self.renewer.beat)
+        else:
+            await self._heartbeat_once()
         if self.lapsed_at_start:
             self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
             self.view = self._with_lease(self.view)
         self._ensure_keeper()
-        tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._store_watch(), name="store-watch"),
-        ]
+        tasks = []
+        if self.renewer is not None:
+            self.renewer.start()
+        else:
+            tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        if type(self.store).wait is not Store.wait:  # the backend can tell of changes (etcd)
+            tasks.append(asyncio.create_task(self._store_watch(), name="store-watch"))
         if not self.once:
             self._start_spec_watch()
         if self.notify:
             self.notify.ready()
+            self.notified_ready = True
         try:
             return await self._main()
         finally:
             self.watch_stop.set()
+            if self.renewer is not None:
+                await asyncio.to_thread(self.renewer.stop)
             log.debug("exit: waiting for %s", [t.get_name() for t in tasks])
             # Cancel until they are done: Python 3.11's asyncio.wait_for swallows a cancel
             # that arrives as its inner wait completes (the heartbeat loop then runs on).
@@ -183,8 +190,12 @@ class Agent:
                           sorted(f"{st.group}/{st.tag}:{st.state}" for st in self.observer.observe(time.monotonic()).entries.values() if st.active))
             if self.stopping and not self.busy and not self._anything_runs():
                 await self._release_all()
-                self.finished = True  # no heartbeat may write the lease file again
-                (self.node_dir / "lease").unlink(missing_ok=True)  # tells the keeper: clean exit
+                with self.lease_lock:
+                    self.finished = True  # no heartbeat may write the lease file again
+                    (self.node_dir / "lease").unlink(missing_ok=True)  # tells the keeper: clean exit
+                    if self._lease_fd is not None:
+                        os.close(self._lease_fd)
+                        self._lease_fd = None
                 return 0
             if self.once and not self.busy and self.last_plan.empty:
                 return 0
@@ -219,7 +230,9 @@ class Agent:
             if remaining <= 0:
                 return
             try:
-                await asyncio.wait_for(self.wake_event.wait(), remaining + 0.001)
+                # asyncio.timeout, not wait_for: no task per wait (this runs many times a second)
+                async with asyncio.timeout(remaining + 0.001):
+                    await self.wake_event.wait()
                 return
             except TimeoutError:
                 continue  # the deadline may have moved on meanwhile: look again
@@ -269,7 +282,9 @@ class Agent:
                 self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
             self.supervisor.save()
             self.executor.save_resources()  # observation may have adopted or dropped some
-            self.status_doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec))
+            doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec))
+            if doc != self.status_doc:  # the same object while unchanged: the store skips it
+                self.status_doc = doc
             self.metrics.tick(self, observed, view, time.monotonic() - started, ok=True)
             self._last_pass = time.monotonic() - started
         except Exception:
@@ -330,7 +345,7 @@ class Agent:
         def run() -> None:
             try:
                 for _changes in watchfiles.watch(
-                    root, watch_filter=only_specs, recursive=False, step=10, debounce=30, stop_event=stop, rust_timeout=500,
+                    root, watch_filter=only_specs, recursive=False, step=50, debounce=50, stop_event=stop, rust_timeout=500,
                     yield_on_timeout=False, raise_interrupt=False,
                 ):
                     loop.call_soon_threadsafe(changed)
@@ -339,97 +354,6 @@ class Agent:
 
         threading.Thread(target=run, name="spec-watch", daemon=True).start()
 
-    # --- heartbeat and the cluster view ---------------------------------------------------
-
-    def _with_lease(self, view: ClusterView) -> ClusterView:
-        import attrs
-
-        return attrs.evolve(view, lease_until=self.lease_until, stale_claims=frozenset(self.stale))
-
-    async def _heartbeat_loop(self) -> None:
-        t = self.spec.cluster.timing
-        while True:
-            started = time.monotonic()
-            self.store_changed.clear()
-            await self._heartbeat_once()
-            self.store_read.set()
-            if self.notify:
-                self.notify.watchdog()
-            self._ensure_keeper_cheap()
-            # A store watch (etcd) cuts the wait short, so a released claim or an expired
-            # lease is read at once rather than at the next heartbeat.
-            try:
-                await asyncio.wait_for(self.store_changed.wait(), max(0.0, t.heartbeat - (time.monotonic() - started)))
-            except TimeoutError:
-                pass
-
-    async def _store_watch(self) -> None:
-        t = self.spec.cluster.timing
-        while True:
-            try:
-                await self.store.wait(t.tick)
-            except StoreError:
-                await asyncio.sleep(t.heartbeat)
-                continue
-            # wait() returns at once until the change has been read (etcd), so wait for the
-            # heartbeat loop's next read before waiting again: never spin the event loop.
-            self.store_read.clear()
-            self.store_changed.set()
-            await self.store_read.wait()
-
-    def _ensure_keeper_cheap(self) -> None:
-        self._keeper_check = getattr(self, "_keeper_check", 0) + 1
-        if self._keeper_check % 5 == 0:
-            self._ensure_keeper()
-
-    async def _heartbeat_once(self) -> None:
-        from reconciler.store import Heartbeat
-
-        t = self.spec.cluster.timing
-        self.counter += 1
-        started = time.monotonic()
-        hb = Heartbeat(node=self.node, counter=self.counter, digest=self._digest(self.spec), status=self.status_doc)
-        error = ""
-        try:
-            await asyncio.wait_for(self.store.publish(hb), t.lease / 2)
-            if self.lease_until < started and self.lease_until != float("-inf"):
-                # The lease ran out before this renewal: peers may have taken our groups.
-                mine = {g for g, c in self.view.claims.items() if c.node == self.node}
-                if mine:
-                    log.warning("lease lapsed for %.2fs: re-arbitrating %s", started - self.lease_until, ", ".join(sorted(mine)))
-                self.stale |= mine
-            self.lease_until = max(self.lease_until, started + t.lease)
-            if not self.once and not self.finished:
-                self._write_lease()
-        except (StoreError, TimeoutError) as exc:
-            error = str(exc) or f"{self.store.url}: no answer within {t.lease / 2:g}s"
-        hpc = None
-        if self.spec.cluster.membership.startswith("hpc:"):
-            try:
-                hpc = hpcmod.read(self.spec.path(self.spec.cluster.membership[4:]))
-            except hpcmod.MembershipError as exc:
-                error = error or str(exc)
-        try:
-            snap = await asyncio.wait_for(self.store.read(), t.lease / 2)
-        except (StoreError, TimeoutError) as exc:
-            error = error or str(exc) or f"{self.store.url}: no answer"
-            self.view = self._with_lease(_evolve(self.view, store_ok=False, store_error=error))
-            self.wake()
-            return
-        now = time.monotonic()
-        self.stale &= {g for g, c in snap.claims.items() if c.node == self.node}
-        view = self.liveness.update(
-            snap, now, groups=list(self.spec.groups), lease_until=self.lease_until, hpc=hpc,
-            stale_claims=frozenset(self.stale), store_ok=not error, store_error=error,
-        )
-        if hpc is not None and hpc.me != self.node:
-            view = _evolve(view, quorum=False, store_error=f"node name {self.node} is not this node's hpc id {hpc.me}")
-        self.view = view
-        fp = _fingerprint(view, now, t.dead_after)
-        if fp != self._fingerprint:
-            self._fingerprint = fp
-            self.wake()
-
     def _digest(self, spec: specmod.Spec) -> str:
         """spec.digest(), computed once per spec object: it hashes the whole spec, and the
         heartbeat (every 100 ms) and every reconcile need it."""
@@ -437,33 +361,8 @@ class Agent:
             self._digest_of = (spec, spec.digest())
         return self._digest_of[1]
 
-    def set_claim(self, group: str, claim) -> None:
-        """The executor won (or lost) a claim: show it in the view before the next read."""
-        claims = dict(self.view.claims)
-        if claim is None:
-            claims.pop(group, None)
-        else:
-            claims[group] = claim
-        self.view = _evolve(self.view, claims=claims)
-        self.stale.discard(group)
-
-
-def _evolve(view: ClusterView, **changes) -> ClusterView:
-    import attrs
-
-    return attrs.evolve(view, **changes)
-
 
 def _stopped(g: specmod.Group) -> specmod.Group:
     import attrs
 
     return attrs.evolve(g, runlevel=specmod.STOP)
-
-
-def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:
-    alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
-    eligible = tuple(
-        sorted((n, str(m.heartbeat.status.get("eligible_groups"))) for n, m in view.members.items() if m.heartbeat is not None)
-    )
-    claims = tuple(sorted((g, c.node, c.generation) for g, c in view.claims.items()))
-    return (alive, eligible, claims, view.store_ok, view.quorum)

@@ -64,7 +64,7 @@ async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> 
         if m.last_change < now and m.heartbeat is not None:
             # Silent during this look: how long it has really been silent can only be
             # estimated, from the wall time it last published (informational, dry run only).
-            wall = m.heartbeat.status.get("wall_time")
+            wall = m.heartbeat.wall
             age = max(now - start, time.time() - wall) if isinstance(wall, (int, float)) else now - start
             members[n] = attrs.evolve(m, last_change=now - age)
     mine = members.get(node)

@@ -22,14 +22,27 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
-POLL = 0.01
+POLL = 0.01  # while the lease file is unreadable, and between kills after expiry
+IDLE_MAX = 0.5  # longest sleep before the deadline: how soon a clean exit (no lease file) is seen
+
+
+def lease_record(deadline: float) -> bytes:
+    """The lease file's content: "DEADLINE CRC32\n", always 30 bytes (the agent rewrites it
+    in place, so a reader may catch it half-written: the checksum tells)."""
+    text = f"{deadline:020.6f}"
+    return f"{text} {zlib.crc32(text.encode()):08x}\n".encode()
 
 
 def read_deadline(path: str) -> float | None:
+    """The deadline in the lease file; None if it is missing or caught mid-write."""
     try:
-        with open(path) as fh:
-            return float(fh.read().split()[0])
+        with open(path, "rb") as fh:
+            fields = fh.read().split()
+        if len(fields) == 2 and int(fields[1], 16) != zlib.crc32(fields[0]):
+            return None  # torn: read again in a moment
+        return float(fields[0])  # (one field: written whole by rename, by an older agent)
     except (OSError, ValueError, IndexError):
         return None
 
@@ -216,7 +229,11 @@ def main(argv: list[str]) -> int:
             continue
         released_listing = None
         logged_kills.clear()
-        time.sleep(POLL)
+        # Sleep until the deadline itself rather than polling: the agent only ever moves it
+        # later (lease_until never decreases, also across a restart), so waking at the
+        # deadline last read and reading it again is exact, and costs a wake-up per renewal
+        # instead of a hundred a second.
+        time.sleep(POLL if deadline is None else min(max(deadline - time.monotonic(), 0.0), IDLE_MAX))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ class Heartbeat:
     counter: int  # grows with every renewal; observers time how long it stands still
     digest: str = ""  # digest of the spec the node runs
     status: dict[str, Any] = attrs.field(factory=dict)  # JSON-able: see agent.status_doc
+    # The publisher's wall clock at this renewal: for showing heartbeat ages to people only
+    # (liveness never compares clocks of two machines: see liveness.Liveness).
+    wall: float | None = None
 
 
 @attrs.frozen

@@ -3,10 +3,14 @@
 Pure: no I/O, no clock (`now` is an argument, monotonic seconds), no logging. The same
 inputs always give the same Plan, which is what makes `--dry-run` honest and lets the
 property tests explore it. Each group's actions are executed in order by one task; groups
-are independent of each other.
+are independent of each other. The memos kept between calls (_SHAPES here, placement's
+rankings and peer summaries) hold only values that are functions of their keys: they
+make calls cheaper and change no Plan (tests/test_placement_memo.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import attrs
 
@@ -47,13 +51,19 @@ class Plan:
         return tuple(a for a in self.actions if a.group == group)
 
 
-@attrs.frozen
+@attrs.define
 class _Part:
-    """One group's contribution to the plan."""
+    """One group's contribution to the plan. Never changed once made: not frozen only
+    because a frozen class's __init__ costs twice as much, once per group per call."""
 
     actions: tuple[Action, ...] = ()
     wake_at: float | None = None
     note: str = ""
+
+
+def _noted(part: _Part, note: str) -> _Part:
+    """`part` with `note` (attrs.evolve, without its cost)."""
+    return _Part(part.actions, part.wake_at, note)
 
 
 def _earliest(*times: float | None) -> float | None:
@@ -93,10 +103,11 @@ def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) 
     wake: float | None = None
     observed = _index(observed)
     names = list(spec.groups) + sorted(set(observed.by_group) - set(spec.groups))
+    t = spec.cluster.timing
+    roster = placement.Roster(view, now, t.dead_after)  # placement's per-view work, done once
     for name in names:
         g = spec.groups.get(name)
-        t = spec.cluster.timing
-        part = _removed(name, observed, view, now, t) if g is None else _group(g, t, observed, view, now)
+        part = _removed(name, observed, view, now, t) if g is None else _group(g, t, observed, view, now, roster)
         if name in observed.busy and not any(a.urgent for a in part.actions):
             continue  # its previous actions are still running; it is planned again after
         actions.extend(part.actions)
@@ -109,12 +120,14 @@ def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) 
 # --- placement: which role this node has for a group ---------------------------------
 
 
-def _group(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float) -> _Part:
+def _group(
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, roster: placement.Roster
+) -> _Part:
     me = view.node
     claim = view.claims.get(g.name)
     can_run = view.quorum and now < view.lease_until - t.demote_margin
     if claim is not None and claim.node == me:
-        return _owner(g, t, obs, view, now, claim, can_run)
+        return _owner(g, t, obs, view, now, claim, can_run, roster)
     if claim is None and g.name in view.stale_claims:
         view = attrs.evolve(view, stale_claims=view.stale_claims - {g.name})
     mine_active = _active(g.name, obs, keep=_test_tags(g))
@@ -143,22 +156,23 @@ def _group(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView
         return _cleanup(g, obs, "desired runlevel is stop")
     standby = _standby(g, t, obs, view, now)
     if not placement.allowed(g, me):
-        return attrs.evolve(standby, note=f"not allowed here (nodes = {', '.join(g.nodes)})")
+        return _noted(standby, f"not allowed here (nodes = {', '.join(g.nodes)})")
     blocked = obs.blocked.get(g.name)
     if blocked and now < blocked[0]:
         return _Part(standby.actions, _earliest(standby.wake_at, blocked[0]), f"retry at +{blocked[0] - now:.1f}s: {blocked[1]}")
     if not view.store_ok:
-        return attrs.evolve(standby, note=f"store unreachable: {view.store_error}")
+        return _noted(standby, f"store unreachable: {view.store_error}")
     if not can_run:
         why = "no quorum" if not view.quorum else "this node's lease is not valid"
-        return attrs.evolve(standby, note=why)
+        return _noted(standby, why)
     if claim is None:
-        return _maybe_claim(g, t, obs, view, now, standby)
-    return _maybe_takeover(g, t, obs, view, now, claim, standby)
+        return _maybe_claim(g, t, obs, view, now, standby, roster)
+    return _maybe_takeover(g, t, obs, view, now, claim, standby, roster)
 
 
 def _owner(
-    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, can_run: bool
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, can_run: bool,
+    roster: placement.Roster,
 ) -> _Part:
     if not can_run:
         why = "no quorum" if not view.quorum else "lease not renewed in time"
@@ -181,7 +195,7 @@ def _owner(
     elif placement.local_eligibility(g, obs) is False:
         reason = "a test failed here"
     elif g.failback:
-        best = placement.candidates(g, obs, view, now, t.dead_after)
+        best = roster.candidates(g, obs)
         if best and best[0] != view.node and placement.rank_key(g, best[0]) < placement.rank_key(g, view.node):
             reason = f"failback to preferred node {best[0]}"
     if reason:
@@ -193,17 +207,16 @@ def _owner(
 
 
 def _maybe_claim(
-    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, standby: _Part
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, standby: _Part, roster: placement.Roster
 ) -> _Part:
-    busy = placement.running_elsewhere(g, view, now, t.dead_after)
+    busy = roster.running_elsewhere(g)
     if busy:
-        return attrs.evolve(standby, note=f"unclaimed, but still running on {', '.join(busy)}: waiting for it to stop or claim")
-    ranked = placement.candidates(g, obs, view, now, t.dead_after, unseen_rank=True)
+        return _noted(standby, f"unclaimed, but still running on {', '.join(busy)}: waiting for it to stop or claim")
+    ranked, rank = roster.ranked(g, obs, unseen_rank=True)
     fit = placement.local_eligibility(g, obs)
-    if view.node not in ranked or not fit:
+    if rank < 0 or not fit:
         why = "tests have not passed here yet" if fit is None else "a test failed here"
-        return attrs.evolve(standby, note=f"unclaimed; {why}")
-    rank = ranked.index(view.node)
+        return _noted(standby, f"unclaimed; {why}")
     waited = now - view.unclaimed_since.get(g.name, now)
     if placement.my_turn(rank, waited, t.dead_after):
         return _Part((Action("claim", g.name, reason=f"unclaimed and this node is candidate {rank + 1} of {len(ranked)}"),))
@@ -212,7 +225,8 @@ def _maybe_claim(
 
 
 def _maybe_takeover(
-    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, standby: _Part
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, standby: _Part,
+    roster: placement.Roster,
 ) -> _Part:
     owner = claim.node
     if view.alive(owner, now, t.dead_after):
@@ -221,10 +235,9 @@ def _maybe_takeover(
         due = m.last_change + t.dead_after if m is not None and m.up else None
         return _Part(standby.actions, _earliest(standby.wake_at, due), f"runs on {owner} (generation {claim.generation})")
     stalled = view.stalled_for(owner, now)
-    ranked = placement.candidates(g, obs, view, now, t.dead_after, exclude=owner)
-    if view.node not in ranked or not placement.local_eligibility(g, obs):
-        return attrs.evolve(standby, note=f"owner {owner} is dead; this node is not eligible")
-    rank = ranked.index(view.node)
+    ranked, rank = roster.ranked(g, obs, exclude=owner)
+    if rank < 0 or not placement.local_eligibility(g, obs):
+        return _noted(standby, f"owner {owner} is dead; this node is not eligible")
     member = view.members.get(owner)
     down = member is not None and not member.up
     if g.fence:
@@ -270,19 +283,22 @@ def _standby(g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterVi
 # --- entries: the inittab part -----------------------------------------------------------
 
 
-def _test_tags(g: specmod.Group) -> frozenset[str]:
-    return frozenset(e.tag for e in placement.leading_tests(g, g.runlevel))
+_test_tags = placement.leading_tags  # the tags of the group's leading tests (memoised)
 
 
-def _states(group: str, obs: Observed) -> list[EntryState]:
+def _states(group: str, obs: Observed) -> Sequence[EntryState]:
+    """The group's entry states (read-only: the index's own list)."""
     by_group = getattr(obs, "by_group", None)
     if by_group is not None:
-        return list(by_group.get(group, ()))
+        return by_group.get(group, ())
     return [st for (gname, _), st in obs.entries.items() if gname == group]
 
 
 def _active(group: str, obs: Observed, keep: frozenset[str] = frozenset()) -> bool:
-    return any(st.active and st.tag not in keep for st in _states(group, obs))
+    for st in _states(group, obs):
+        if st.active and st.tag not in keep:
+            return True
+    return False
 
 
 def _stop_all(
@@ -319,6 +335,7 @@ class _Shape:
     wanted: tuple[tuple[specmod.Entry, tuple[str, str], bool, bool, EntryState], ...]
     # (entry, its key, why it must not run), in reverse file order
     unwanted: tuple[tuple[specmod.Entry, tuple[str, str], str], ...]
+    wanted_keys: tuple[tuple[str, str], ...]  # the keys of `wanted`, each once
 
 
 # (group name, level, only) -> (the Group it was computed from, its shape). Specs are frozen, so
@@ -341,6 +358,7 @@ def _shape(g: specmod.Group, level: str, only: frozenset[str] | None) -> _Shape:
             for e in wanted
         ),
         unwanted=tuple((e, (g.name, e.tag), _why_not(e, level, only)) for e in reversed(g.entries) if e.tag not in wanted_tags),
+        wanted_keys=tuple(dict.fromkeys((g.name, e.tag) for e in wanted)),
     )
     if len(_SHAPES) > 65536:
         _SHAPES.clear()
@@ -367,14 +385,19 @@ def _entries(
     acts: list[Action] = []
     wake: float | None = None
     known = shape.known
-    gone = [st for st in _states(name, obs) if st.tag not in known]
+    states = _states(name, obs)
+    gone: list[EntryState] = []
+    for st in states:
+        if st.tag not in known:
+            gone.append(st)
     if gone:
         for st in sorted(gone, key=lambda s: -s.since):
             acts.append(_leave(name, st, "entry removed from the spec"))
-    for e, key, why in shape.unwanted:
-        st = entries.get(key)  # absent = stopped: nothing to leave
-        if st is not None and st.state != "stopped":
-            acts.append(_leave(name, st, why))
+    if shape.unwanted and _may_leave(shape, states, entries):
+        for e, key, why in shape.unwanted:
+            st = entries.get(key)  # absent = stopped: nothing to leave
+            if st is not None and st.state != "stopped":
+                acts.append(_leave(name, st, why))
     for e, key, process, foreground, absent in shape.wanted:
         st = entries.get(key)
         if st is None:
@@ -389,6 +412,20 @@ def _entries(
         if halt:
             break
     return _Part(tuple(acts), wake)
+
+
+def _may_leave(shape: _Shape, states: Sequence[EntryState], entries: dict[tuple[str, str], EntryState]) -> bool:
+    """False if no record of the group (`states`) is under an unwanted entry's key: when
+    every one is under a wanted entry's key. Counting those costs one look-up per wanted
+    entry instead of one per unwanted entry (a standby wants only its tests)."""
+    keys = shape.wanted_keys
+    if len(keys) >= len(shape.unwanted):
+        return True  # looking at every unwanted entry is no dearer
+    present = 0
+    for key in keys:
+        if key in entries:
+            present += 1
+    return present != len(states)
 
 
 def _leave(group: str, st: EntryState, reason: str) -> Action:
@@ -413,10 +450,6 @@ def _advance(
     group: str, e: specmod.Entry, st: EntryState, level: str, now: float, t: specmod.Timing, retest: bool
 ) -> tuple[Action | None, float | None, bool]:
     """(action, wake time, halt): what one wanted entry needs; halt = later entries wait."""
-
-    def start(why: str) -> Action:
-        return Action("start", group, e.tag, reason=why)
-
     s = st.state
     if e.kind != "process":
         if s == "running":
@@ -426,7 +459,7 @@ def _advance(
         why = {"mismatch": f"present but different ({st.message})", "error": f"retry after: {st.message}"}.get(
             s, f"runlevel {level} includes it, not present"
         )
-        return start(why), None, False
+        return Action("start", group, e.tag, reason=why), None, False
     # The common, converged cases first: this runs for every wanted entry on every round.
     if s == "running":
         return _HALT if e.foreground else _IDLE
@@ -435,17 +468,17 @@ def _advance(
     if s == "stopping":
         return _HALT
     if s == "stopped":
-        return start(f"runlevel {level} includes it, not running"), None, e.foreground
+        return Action("start", group, e.tag, reason=f"runlevel {level} includes it, not running"), None, e.foreground
     if s in ("passed", "failed"):
         due = st.since + t.retest
         rerun = retest or s == "failed"
         if rerun and now >= due:
-            return start(f"re-run test: {s} {now - st.since:.0f}s ago"), None, True
+            return Action("start", group, e.tag, reason=f"re-run test: {s} {now - st.since:.0f}s ago"), None, True
         return None, due if rerun else None, s == "failed"
     # exited (respawn) or error (could not start): retry when the backoff allows
     if st.retry_at is not None and now < st.retry_at:
         return None, st.retry_at, False
     if e.mode == "respawn" or s == "error":
         last = f"exit {st.exit_code}" if st.exit_code is not None else (st.message or "exited")
-        return start(f"respawn: {last}"), None, e.foreground
+        return Action("start", group, e.tag, reason=f"respawn: {last}"), None, e.foreground
     return None, None, False

@@ -67,13 +67,14 @@ def node_status(
     return {
         "digest": spec.digest() if digest is None else digest,
         "spec_error": spec_error,
-        "wall_time": round(time.time(), 3),
-        "lease_left": round(view.lease_until - now, 3) if view.lease_until != float("inf") else None,
+        # Nothing here changes from one heartbeat to the next while the node is idle (no
+        # clocks, no ages), so an idle node rewrites its status document only when something
+        # happens; the heartbeat record carries the wall time (Heartbeat.wall).
         "store_ok": view.store_ok,
         "store_error": view.store_error,
         "quorum": view.quorum,
         "members": {
-            n: {"age": round(now - m.last_change, 3) if m.last_change != float("-inf") else None, "up": m.up}
+            n: {"alive": view.alive(n, now, spec.cluster.timing.dead_after), "up": m.up}
             for n, m in view.members.items()
         },
         "eligible_groups": sorted(eligible),
@@ -90,13 +91,14 @@ def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, pu
     now_wall = time.time()
     nodes = {}
     reporter = snap.members.get(node) or next(iter(snap.members.values()), None)
-    ages = (reporter.status.get("members", {}) if reporter else {}) or {}
+    seen = (reporter.status.get("members", {}) if reporter else {}) or {}
     for name, hb in sorted(snap.members.items()):
-        age = (ages.get(name) or {}).get("age")
-        if age is None and hb.status.get("wall_time"):
-            age = max(0.0, now_wall - hb.status["wall_time"])
+        # The age is the publisher's wall clock against ours (for people: clocks may differ);
+        # "live" is what a running agent concluded from the heartbeat counter, if one reports.
+        age = max(0.0, now_wall - hb.wall) if hb.wall is not None else None
+        alive = (seen.get(name) or {}).get("alive")
         nodes[name] = {
-            "live": age is not None and age < dead_after,
+            "live": alive if isinstance(alive, bool) else age is not None and age < dead_after,
             "heartbeat_age": round(age, 3) if age is not None else None,
             "digest": hb.digest,
             "spec_differs": not published_groups and hb.digest != spec.digest(),

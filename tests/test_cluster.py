@@ -102,7 +102,7 @@ command = 'test "$RECONCILER_NODE" != n1'
     # n1 first: on a loaded machine a preferred node that is slow to start is (rightly)
     # passed over after dead_after, which is not what this test is about.
     c.start("n1")
-    wait_until(lambda: (c.store / "nodes" / "n1.json").exists(), 10, what="n1 heartbeating")
+    wait_until(lambda: (c.store / "nodes" / "n1").is_symlink(), 10, what="n1 heartbeating")
     c.start("n2", "n3")
     wait_until(lambda: c.runs_on_one("stay") == "n1", 10, what="stay on n1")
     wait_until(lambda: c.runs_on_one("back") == "n1", 10, what="back on n1")

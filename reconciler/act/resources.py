@@ -32,13 +32,29 @@ class ResourceError(Exception):
         return f"ResourceError({self.message!r}, permanent={self.permanent})"
 
 
-# Imported after ResourceError on purpose: both modules import it from here.
-from reconciler.act import addresses as _addresses  # noqa: E402
-from reconciler.act import mounts as _mounts  # noqa: E402
-from reconciler.observe import addresses as _observe_addresses  # noqa: E402
-from reconciler.observe import mounts as _observe_mounts  # noqa: E402
-
 KINDS = ("mount", "address")
+
+
+# The kind modules are imported on first use, not here: the address ones bring pyroute2,
+# ~20 MiB of a node's memory that a node without virtual IPs never needs. (They also
+# import ResourceError from this module.)
+def _act(kind: str):
+    if kind == "mount":
+        from reconciler.act import mounts
+        return mounts
+    try:
+        from reconciler.act import addresses
+    except ImportError as exc:
+        raise ResourceError(f"address support unavailable: {exc}", permanent=True) from None
+    return addresses
+
+
+def _observer(kind: str):
+    if kind == "mount":
+        from reconciler.observe import mounts
+        return mounts
+    from reconciler.observe import addresses
+    return addresses
 
 
 def _kind(entry: Entry) -> str:
@@ -50,17 +66,17 @@ def _kind(entry: Entry) -> str:
 async def start(entry: Entry, *, deadline: float) -> None:
     """Make the entry's mount or address present; see the module docstring."""
     if _kind(entry) == "mount":
-        await asyncio.to_thread(_mounts.mount, entry, deadline=deadline)
+        await asyncio.to_thread(_act("mount").mount, entry, deadline=deadline)
     else:
-        await asyncio.to_thread(_addresses.add, entry, deadline=deadline)
+        await asyncio.to_thread(_act("address").add, entry, deadline=deadline)
 
 
 async def stop(entry: Entry, *, deadline: float) -> None:
     """Make the entry's mount or address absent; see the module docstring."""
     if _kind(entry) == "mount":
-        await asyncio.to_thread(_mounts.unmount, entry, deadline=deadline)
+        await asyncio.to_thread(_act("mount").unmount, entry, deadline=deadline)
     else:
-        await asyncio.to_thread(_addresses.remove, entry, deadline=deadline)
+        await asyncio.to_thread(_act("address").remove, entry, deadline=deadline)
 
 
 def observe(entries: Iterable[Entry]) -> dict[str, tuple[str, str]]:
@@ -74,9 +90,9 @@ def observe(entries: Iterable[Entry]) -> dict[str, tuple[str, str]]:
     mounts = [e for e in entries if e.kind == "mount"]
     addresses = [e for e in entries if e.kind == "address"]
     if mounts:
-        for tag, st in _observe_mounts.observe(mounts).items():
+        for tag, st in _observer("mount").observe(mounts).items():
             out[tag] = (st.state, st.message)
     if addresses:
-        for tag, st in _observe_addresses.observe(addresses).items():
+        for tag, st in _observer("address").observe(addresses).items():
             out[tag] = (st.state, st.message)
     return out

@@ -33,6 +33,25 @@ class Store(abc.ABC):
     """A backend. Every method is a coroutine; every I/O failure raises StoreError."""
 
     url: str = ""
+    # True if publish_blocking() works from any thread (the agent then renews from a thread
+    # of its own: reconciler/renewal.py); False if the backend's I/O belongs to the event loop.
+    blocking_publish: bool = False
+
+    def publish_blocking(self, heartbeat: Heartbeat) -> None:
+        """publish(), called from a thread other than the event loop's; blocks until done.
+
+        The same guarantees as publish(). There is no timeout: a call that hangs simply
+        renews nothing, and the lease runs out. Only where `blocking_publish` is True.
+        """
+        raise NotImplementedError
+
+    def read_blocking(self) -> Snapshot:
+        """read(), called from a thread other than the event loop's; blocks until done.
+
+        Only where `blocking_publish` is True. No timeout: the agent notices a read that
+        does not come back on its own.
+        """
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def publish(self, heartbeat: Heartbeat) -> None:
@@ -75,7 +94,10 @@ class Store(abc.ABC):
         """
 
     async def wait(self, timeout: float) -> None:
-        """Return when the store may have changed, or after `timeout` seconds."""
+        """Return when the store may have changed, or after `timeout` seconds.
+
+        This default only sleeps; a backend that can tell of changes overrides it.
+        """
         import asyncio
 
         await asyncio.sleep(timeout)

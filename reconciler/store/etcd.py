@@ -1,19 +1,31 @@
 """The etcd store: nodes coordinate through an etcd v3 cluster (3.4 or later).
 
 Layout under the prefix (default /reconciler; a URL path, etcd://HOST:PORT/ha1, replaces it):
-    nodes/NODE           heartbeat {node, counter, digest}; bound to the node's lease
-    status/NODE          published status; rewritten only when it changes; bound to the lease
+    nodes/NODE           heartbeat {node, counter, digest, wall}; bound to the node's lease
+    status/NODE          published status; rewritten only when it (or the digest) changes, and
+                         with the first heartbeat under each lease; bound to the lease
     claims/GROUP         "NODE:GENERATION"; created only if absent, bound to the claimer's lease
     generations/GROUP    the last generation handed out for GROUP (no lease: it only grows)
 
-Each store instance holds one etcd lease, kept alive by `publish`. When a node stops renewing,
-etcd deletes its heartbeat, status and claims once the lease TTL has run out by the etcd
-leader's clock. The TTL is ceil(lease_ttl) + 1 whole seconds, so a claim outlives its owner's
-own self-demotion deadline.
+Each store instance holds one etcd lease, kept alive by `publish` (every `_renew_every`
+seconds, not every heartbeat). When a node stops renewing, etcd deletes its heartbeat, status
+and claims once the lease TTL has run out by the etcd leader's clock. The TTL is
+ceil(lease_ttl) + 1 whole seconds, and a heartbeat is never written to a lease renewed longer
+than TTL - lease_ttl - 0.5 s before, so a claim outlives its owner's own self-demotion
+deadline (the start of its last successful publish + lease_ttl) by at least half a second.
 
 A claim instance is identified by the create revision of its key (Claim.token). Release and
 break delete the key in a transaction comparing that revision, so exactly one caller ends an
 instance and nobody ever removes a successor (a re-created key has a new create revision).
+
+Reading rides along with publishing. The store keeps a *mirror* of every key under the prefix
+at one revision; each publish transaction, after its puts, also ranges over the keys modified
+since the mirror's revision and counts the keys under the prefix, so its one round trip brings
+the mirror to the publish's own revision (see `read` for why that is exact). The read() right
+after a publish returns that state without another round trip; heartbeats, statuses and
+claims are parsed only when their key changed, and an idle cluster's delta is one heartbeat
+per live node. A background watch (claims/ and status/, and deletions under nodes/) wakes
+`wait`; peers' heartbeat counters never reach it, so it costs nothing while the cluster idles.
 
 Talks gRPC through aetcd's generated stubs (aetcd.Client lacks TLS, per-call deadlines,
 failover and resumable watches). Every call has a deadline (`timeout`, default 1 s); within it
@@ -29,6 +41,7 @@ import math
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+import attrs
 import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
@@ -41,6 +54,10 @@ _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                     ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.keepalive_time_ms", 10000),
                     ("grpc.keepalive_timeout_ms", 3000)]
+# The watches wait() relies on, one stream: (kind, filters). Heartbeat puts are left out (every
+# live node writes one every heartbeat); a new node writes its status with its first heartbeat
+# and a changed digest rewrites it, so those still wake wait().
+_WATCHES = (("claims", ()), ("status", ()), ("nodes", (rpc.WatchCreateRequest.NOPUT,)))
 
 
 class _LeaseGone(StoreError):
@@ -51,13 +68,21 @@ class EtcdStore(Store):
     """`url`: etcd://HOST[:PORT],HOST[:PORT]... or etcds://... (TLS with `ca`, `cert`, `key`).
 
     `lease_ttl` (alias `lease`): the agent's lease in seconds; `timeout`: the per-call deadline;
-    `user`/`password`: etcd authentication.
+    `user`/`password`: etcd authentication. `mirror_reads` and `full_reads` count how read()
+    calls were answered (from the last publish, or by a read of their own).
     """
 
     def __init__(self, url: str, *, prefix: str = "/reconciler", lease_ttl: float | None = None,
                  lease: float | None = None, timeout: float = 1.0, ca: str | None = None,
                  cert: str | None = None, key: str | None = None, user: str | None = None,
                  password: str | None = None):
+        self._args = (url, dict(prefix=prefix, lease_ttl=lease_ttl, lease=lease, timeout=timeout, ca=ca, cert=cert,
+                                key=key, user=user, password=password))
+        # The renewal twin (see publish_blocking): this instance's heartbeat, lease and reads
+        # on a thread and event loop of their own; `_main` is set on the twin.
+        self._twin: EtcdStore | None = None
+        self._main: EtcdStore | None = None
+        self._tloop: asyncio.AbstractEventLoop | None = None
         parts = urlsplit(url)
         hosts = [h.strip() for h in parts.netloc.rpartition("@")[2].split(",") if h.strip()]
         if parts.scheme not in ("etcd", "etcds") or not hosts:
@@ -67,8 +92,13 @@ class EtcdStore(Store):
         self.url = url
         self.endpoints = [h if h.rpartition(":")[2].isdigit() else f"{h}:2379" for h in hosts]
         self.prefix = (parts.path if parts.path.strip("/") else prefix).rstrip("/")
-        seconds = lease_ttl if lease_ttl is not None else lease if lease is not None else 1.0
+        seconds = max(0.0, lease_ttl if lease_ttl is not None else lease if lease is not None else 1.0)
         self.ttl = max(1, math.ceil(seconds) + 1)
+        # Renew the etcd lease only this often (at most every TTL/4). A heartbeat written at t
+        # finds the lease renewed after t - _renew_every, so etcd keeps the node's keys and
+        # claims until after t + TTL - _renew_every >= t + lease_ttl + 0.5 s: past the owner's
+        # lease deadline and its keeper's kill slack. (TTL >= lease_ttl + 1, so >= 0.25 s.)
+        self._renew_every = min(self.ttl / 4, self.ttl - seconds - 0.5)
         self.timeout = timeout
         self._tls = (ca, cert, key) if parts.scheme == "etcds" else None
         self._auth = (user, password) if user is not None else None
@@ -76,15 +106,38 @@ class EtcdStore(Store):
         self._tokens: dict[int, str] = {}  # endpoint -> auth token
         self._idx = 0  # the endpoint in use; moves on when it fails
         self._lease, self._lease_lock = 0, asyncio.Lock()
-        self._last_status: dict[str, str] = {}  # node -> status written under the current lease
+        self._renewed_at = float("-inf")  # loop time the last keepalive or grant of _lease was sent
+        self._ka: tuple[SimpleNamespace, object] | None = None  # (stubs, open LeaseKeepAlive stream)
+        self._last_status: dict[str, tuple[str, str]] = {}  # node -> (status, digest) written under the current lease
+        self._status_json: dict[str, tuple[dict, str]] = {}  # node -> (status dict, its JSON) last published
         self._gens: dict[str, tuple[int, int]] = {}  # group -> (generation, its key's mod revision)
         self._read_rev = 0  # revision of the last read()
         self._event_rev = 0  # revision of the last change that should wake wait()
-        self._watch_from = 0  # next revision the watch must deliver (0: from now)
+        self._watch_from = [0] * len(_WATCHES)  # per watch: next revision it must deliver (0: from now)
         self._watch_task: asyncio.Task | None = None
         self._watching, self._watch_down_since, self._watch_error = False, 0.0, "no watch yet"
-        self._digests: dict[str, str] = {}  # node -> digest last seen by the watch
+        self._created: set[int] = set()  # the watches created on the current stream
         self._changed, self._closed = asyncio.Event(), False
+        # The mirror: every key under the prefix as of revision _m_rev (0: none), and what
+        # read() returns parsed from it. A dict a Snapshot holds is never changed again: the
+        # mirror copies it first (the *_shared flags).
+        self._m_rev = 0
+        self._m_raw: dict[bytes, bytes] = {}  # key -> value
+        self._m_members: dict[str, Heartbeat] = {}
+        self._m_claims: dict[str, Claim] = {}
+        self._m_status: dict[str, tuple[bytes, dict]] = {}  # node -> (status value, parsed)
+        self._m_snap: Snapshot | None = None  # the Snapshot of the mirror as it is now, once built
+        self._m_members_shared = self._m_claims_shared = False
+        # The revision of the last publish if read() may still answer with the mirror at it
+        # (0: read etcd), and the latest revision this store wrote (publish, claim, release,
+        # break) or saw a claim at: a read must show it.
+        self._fresh = 0
+        self._floor = 0
+        self.mirror_reads = self.full_reads = 0
+        self._base = f"{self.prefix}/".encode()
+        self._kinds = [(k, self._key(k)) for k in ("nodes", "status", "claims")]
+        self._count_op = rpc.RequestOp(request_range=rpc.RangeRequest(
+            key=self._base, range_end=prefix_range_end(self._base), count_only=True))
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -163,94 +216,307 @@ class EtcdStore(Store):
     # --- lease ----------------------------------------------------------------------------
 
     async def _ensure_lease(self, deadline: float) -> int:
+        if self._twin is not None:
+            # The twin holds the node's one lease and keeps it alive; claims bind to it.
+            if not self._twin._lease:
+                raise self._error("claim", "no etcd lease yet (the heartbeat has not been published)")
+            return self._twin._lease
         async with self._lease_lock:
             if not self._lease:
                 grant = rpc.LeaseGrantRequest(TTL=self.ttl)
                 fn = lambda s, t, md: s.lease.LeaseGrant(grant, timeout=t, metadata=md)  # noqa: E731
+                sent = asyncio.get_running_loop().time()
                 self._lease = (await self._call("lease grant", fn, deadline)).ID
+                self._renewed_at = sent
                 self._last_status.clear()
             return self._lease
 
     def _drop_lease(self, lease: int) -> None:
+        if self._twin is not None:
+            return  # the twin's next heartbeat finds out itself ("lease not found") and grants anew
         if self._lease == lease:
             self._lease = 0  # its keys are gone with it
+            self._renewed_at = float("-inf")
             self._last_status.clear()
 
     async def _keepalive(self, lease: int, deadline: float) -> bool:
-        """Renew `lease`; False only if etcd answers that it has expired."""
+        """Renew `lease`; False only if etcd answers that it has expired.
+
+        One LeaseKeepAlive stream stays open to the endpoint in use (a new stream per renewal
+        costs twice the CPU): one request, one reply. Any error, timeout or cancellation
+        discards the stream, so a late reply can never be taken for the next request's.
+        """
+        request = rpc.LeaseKeepAliveRequest(ID=lease)
 
         async def once(stubs, timeout, md):
-            call = stubs.lease.LeaseKeepAlive(
-                iter([rpc.LeaseKeepAliveRequest(ID=lease)]), timeout=timeout, metadata=md)
+            if self._ka is None or self._ka[0] is not stubs:
+                self._drop_keepalive()
+                self._ka = (stubs, stubs.lease.LeaseKeepAlive(metadata=md))
+            call = self._ka[1]
             try:
-                async for reply in call:
-                    return reply.TTL > 0
-                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
-                                           grpc.aio.Metadata(), "keepalive stream ended")
-            finally:
-                call.cancel()
+                async with asyncio.timeout(timeout):
+                    await call.write(request)
+                    reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                               grpc.aio.Metadata(), "keepalive stream ended")
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                self._drop_keepalive()
+                raise
+            except Exception as exc:  # timed out, or the stream had already finished
+                self._drop_keepalive()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else grpc.StatusCode.UNAVAILABLE
+                raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                           f"keepalive stream: {exc or 'timed out'}") from None
+            return reply.TTL > 0
 
         return await self._call("lease keepalive", once, deadline)
+
+    def _drop_keepalive(self) -> None:
+        if self._ka is not None:
+            self._ka[1].cancel()
+            self._ka = None
 
     # --- heartbeat ------------------------------------------------------------------------
 
     async def publish(self, heartbeat: Heartbeat) -> None:
-        """Renew this node's lease and heartbeat; write its status if it changed.
+        """Write this node's heartbeat (and its status if that or the digest changed), keep
+        the lease alive, and bring the mirror up to this write.
 
-        Keeps the lease alive (granting a new one if etcd says it expired; the status is then
-        written again), then puts the heartbeat and any changed status in one transaction bound
-        to the lease: readers see the old or the new record, never a torn one. Returns once the
-        etcd quorum has committed it. Raises StoreError if no endpoint answers within `timeout`;
-        then nothing is assumed renewed.
+        Renews the etcd lease if `_renew_every` seconds have passed since it was last renewed
+        or granted (see __init__ for why that keeps the TTL guarantee), then puts the
+        heartbeat and any changed status in one transaction bound to the lease: readers see
+        the old or the new record, never a torn one. If etcd says the lease has expired (on
+        the keepalive, or "lease not found" on the put), grants a new one and writes both keys
+        again. The same transaction reads what changed since the mirror's revision (see
+        read). Returns once the etcd quorum has committed it. Raises StoreError if no endpoint
+        answers within `timeout`; then nothing is assumed renewed.
+
+        The status is serialized again only if it is not the very dict published last: treat
+        a published status as read-only (the agent builds a new one when it changes).
         """
-        deadline, node = self._deadline(), heartbeat.node
-        status = json.dumps(heartbeat.status, sort_keys=True, separators=(",", ":"))
-        beat = json.dumps({"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest})
+        self._fresh = 0  # until this publish has succeeded (also if it is cancelled)
+        loop = asyncio.get_running_loop()
+        deadline, node = loop.time() + self.timeout, heartbeat.node
+        cached = self._status_json.get(node)
+        if cached is not None and cached[0] is heartbeat.status:
+            status = cached[1]
+        else:
+            status = json.dumps(heartbeat.status, sort_keys=True, separators=(",", ":"))
+            self._status_json[node] = (heartbeat.status, status)
+        beat = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest}
+        if heartbeat.wall is not None:
+            beat["wall"] = round(heartbeat.wall, 3)
+        beat = json.dumps(beat, separators=(",", ":"))
+        written = (status, heartbeat.digest)
         for _ in range(3):
             lease = self._lease
-            if lease and not await self._keepalive(lease, deadline):
-                self._drop_lease(lease)
+            if lease and (sent := loop.time()) - self._renewed_at >= self._renew_every:
+                if await self._keepalive(lease, deadline):
+                    if self._lease == lease:
+                        self._renewed_at = max(self._renewed_at, sent)
+                else:
+                    self._drop_lease(lease)
             lease = await self._ensure_lease(deadline)
             ops = [_put(self._key("nodes", node), beat, lease)]
-            if self._last_status.get(node) != status:
+            # A new digest rewrites the status too: its watch is what wakes the peers.
+            if self._last_status.get(node) != written:
                 ops.append(_put(self._key("status", node), status, lease))
+            base = self._m_rev  # the ranges see the puts above: the mirror moves to this revision
+            ops += [rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=self._base, range_end=prefix_range_end(self._base), min_mod_revision=base + 1 if base else 0)),
+                self._count_op]
             try:
-                await self._txn("publish", [], ops, [], deadline)
+                resp = await self._txn("publish", [], ops, [], deadline)
             except _LeaseGone:
                 self._drop_lease(lease)
                 continue
             if self._lease == lease:
-                self._last_status[node] = status
+                self._last_status[node] = written
+            rev = resp.header.revision
+            self._floor = max(self._floor, rev)
+            changed, count = resp.responses[-2].response_range.kvs, resp.responses[-1].response_range.count
+            if self._advance(base, rev, changed, count):
+                self._fresh = rev
+            self._ensure_watch()
             return
         raise self._error("publish", "the lease keeps expiring")
 
     # --- reading --------------------------------------------------------------------------
 
     async def read(self) -> Snapshot:
-        """Read every heartbeat, status and claim at one revision (one linearizable txn).
+        """Every heartbeat, status and claim, at one revision. Raises StoreError if no
+        endpoint answers within `timeout`.
 
-        Raises StoreError if no endpoint answers within `timeout`.
+        The first read() after a successful publish() returns the mirror as that publish's
+        transaction left it, without another round trip, unless this store has since written
+        (claim, release, break) or seen a claim at a later revision. That state is exactly
+        what a linearizable read at the publish's revision P returns: the transaction ranged
+        over every key modified after the mirror's revision M and counted the keys under the
+        prefix, at P; a key not in that delta was not modified after M, so it has the value
+        the mirror holds; and if the mirror's keys not in the delta outnumber the counted keys
+        not in the delta, keys were deleted and the publish leaves the mirror to the next
+        full read instead. So it is as fresh as the read the agent used to issue right after
+        its publish; only a write that another client commits in between those two calls is
+        left to the next heartbeat. Any other read() -- a second one after the same publish,
+        after a failed or unfinished publish, with no publish at all, or after deletions --
+        reads every key under the prefix in one linearizable range, which also replaces the
+        mirror as a whole (at that revision, never mixed with another).
+
+        The Snapshot is never changed afterwards (the mirror copies a dict a snapshot holds
+        before it changes it); heartbeats, statuses and claims that did not change are the
+        same objects as in earlier snapshots: treat them as read-only.
         """
-        kinds = ("nodes", "status", "claims")
-        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(
-            key=self._key(k), range_end=prefix_range_end(self._key(k)))) for k in kinds]
-        resp = await self._txn("read", [], ops, [], self._deadline())
-        self._read_rev = max(self._read_rev, resp.header.revision)
-        nodes, status, claimed = (
-            {kv.key[len(self._key(k)):].decode(): kv for kv in r.response_range.kvs}
-            for k, r in zip(kinds, resp.responses))
+        if self._closed:
+            raise self._error("read", "store closed")
+        fresh, self._fresh = self._fresh, 0
+        floor = max(self._floor, self._main._floor if self._main is not None else 0)  # the main's claims too
+        if fresh and fresh == self._m_rev and floor <= fresh:
+            self.mirror_reads += 1
+            self._read_rev = max(self._read_rev, fresh)
+            return self._snapshot()
+        try:
+            return await self._read_full(self._deadline())
+        finally:
+            self._ensure_watch()
+
+    async def _read_full(self, deadline: float) -> Snapshot:
+        """The linearizable read: one range over the prefix; it replaces the mirror if newer."""
+        request = rpc.RangeRequest(key=self._base, range_end=prefix_range_end(self._base))
+        resp = await self._call("read", lambda s, t, md: s.kv.Range(request, timeout=t, metadata=md), deadline)
+        self.full_reads += 1
+        rev = resp.header.revision
+        self._read_rev = max(self._read_rev, rev)
+        parsed = self._parse_all(resp.kvs)
+        if rev < self._m_rev:  # a publish answered meanwhile moved the mirror past this read
+            return Snapshot(members=parsed[1], claims=parsed[2])
+        self._install(rev, parsed)
+        return self._snapshot()
+
+    # --- the mirror -----------------------------------------------------------------------
+
+    def _snapshot(self) -> Snapshot:
+        if self._m_snap is None:
+            self._m_snap = Snapshot(members=self._m_members, claims=self._m_claims)
+            self._m_members_shared = self._m_claims_shared = True
+        return self._m_snap
+
+    def _split(self, key: bytes) -> tuple[str, str]:
+        """prefix/KIND/NAME -> (KIND, NAME) for nodes, status and claims; ("", "") otherwise."""
+        for kind, p in self._kinds:
+            if key.startswith(p):
+                return kind, key[len(p):].decode(errors="replace")
+        return "", ""
+
+    def _parse_all(self, kvs) -> tuple[dict, dict, dict, dict]:
+        """(raw, members, claims, status) for every key under the prefix, reusing the
+        mirror's parsed objects for values that did not change."""
+        raw: dict[bytes, bytes] = {}
         members: dict[str, Heartbeat] = {}
-        for node, kv in nodes.items():
-            beat, doc = _json(kv.value), _json(getattr(status.get(node), "value", b""))
-            if isinstance(beat, dict) and isinstance(beat.get("counter"), int):
-                members[node] = Heartbeat(node=node, counter=beat["counter"], digest=str(beat.get("digest", "")),
-                                          status=doc if isinstance(doc, dict) else {})
         claims: dict[str, Claim] = {}
-        for group, kv in claimed.items():
-            owner, gen = _parse_claim(kv.value)
-            if owner:
-                claims[group] = Claim(group=group, node=owner, generation=gen, token=str(kv.create_revision))
-        return Snapshot(members=members, claims=claims)
+        status: dict[str, tuple[bytes, dict]] = {}
+        nodes = []
+        for kv in kvs:
+            raw[kv.key] = kv.value
+            kind, name = self._split(kv.key)
+            if kind == "status":
+                known = self._m_status.get(name)
+                status[name] = known if known is not None and known[0] == kv.value else (kv.value, _doc(kv.value))
+            elif kind == "claims":
+                c = self._m_claims.get(name)
+                if c is None or c.token != str(kv.create_revision) or self._m_raw.get(kv.key) != kv.value:
+                    c = _claim(name, kv)
+                if c is not None:
+                    claims[name] = c
+            elif kind == "nodes":
+                nodes.append((name, kv))
+        for name, kv in nodes:
+            known, doc = self._m_members.get(name), status[name][1] if name in status else {}
+            if known is not None and known.status is doc and self._m_raw.get(kv.key) == kv.value:
+                members[name] = known
+            elif (hb := _heartbeat(name, kv.value, doc)) is not None:
+                members[name] = hb
+        return raw, members, claims, status
+
+    def _install(self, rev: int, parsed: tuple[dict, dict, dict, dict]) -> None:
+        """Replace the mirror with `parsed` (_parse_all), the whole prefix at `rev`. Claims
+        equal to the mirror's stay the very same dict (the agent skips work on that)."""
+        raw, members, claims, status = parsed
+        if claims != self._m_claims:
+            self._m_claims, self._m_claims_shared = claims, False
+        self._m_raw, self._m_members, self._m_status = raw, members, status
+        self._m_rev, self._m_snap, self._m_members_shared = rev, None, False
+
+    def _advance(self, base: int, rev: int, changed, count: int) -> bool:
+        """Bring the mirror from revision `base` to `rev` (> base), given every key modified
+        after `base` (`changed`, as of `rev`) and the number of keys under the prefix at
+        `rev`. True if the mirror is now exactly the prefix at `rev`.
+
+        base 0 means `changed` is every key. A key not in `changed` is unmodified since
+        `base`, so it still has the mirror's value -- unless it was deleted, which the count
+        reveals (not which one): then the mirror is dropped, and the next read() or publish()
+        reads everything.
+        """
+        if not base:
+            if rev > self._m_rev:
+                self._install(rev, self._parse_all(changed))
+            return rev == self._m_rev
+        if rev <= self._m_rev or not self._m_rev or base > self._m_rev:
+            return rev == self._m_rev  # answered out of order, or the mirror was replaced meanwhile
+        raw = self._m_raw
+        known = sum(1 for kv in changed if kv.key in raw)
+        if len(raw) - known != count - len(changed):
+            self._m_rev = 0  # keys were deleted
+            return False
+        sp = self._kinds[1][1]
+        for kv in changed:  # statuses first, so a heartbeat is built once with its new status
+            if kv.key.startswith(sp):
+                self._apply(kv)
+        for kv in changed:
+            if not kv.key.startswith(sp):
+                self._apply(kv)
+        self._m_rev = rev
+        return True
+
+    def _apply(self, kv) -> None:
+        """Put one key's new value into the mirror."""
+        old = self._m_raw.get(kv.key)
+        self._m_raw[kv.key] = kv.value
+        kind, name = self._split(kv.key)
+        if kind == "nodes":
+            known = self._m_status.get(name)
+            hb = _heartbeat(name, kv.value, known[1] if known is not None else {})
+            if hb is not None:
+                self._members_w()[name] = hb
+            elif name in self._m_members:
+                del self._members_w()[name]
+        elif kind == "status":
+            if old == kv.value and name in self._m_status:
+                return  # rewritten unchanged (a new lease)
+            doc = _doc(kv.value)
+            self._m_status[name] = (kv.value, doc)
+            if (hb := self._m_members.get(name)) is not None:
+                self._members_w()[name] = attrs.evolve(hb, status=doc)
+        elif kind == "claims":
+            c = _claim(name, kv)
+            if c is not None:
+                self._claims_w()[name] = c
+            elif name in self._m_claims:
+                del self._claims_w()[name]
+
+    def _members_w(self) -> dict[str, Heartbeat]:
+        """The mirror's members, for changing: copied first if a snapshot holds them."""
+        self._m_snap = None
+        if self._m_members_shared:
+            self._m_members, self._m_members_shared = dict(self._m_members), False
+        return self._m_members
+
+    def _claims_w(self) -> dict[str, Claim]:
+        """The mirror's claims, for changing: copied first if a snapshot holds them."""
+        self._m_snap = None
+        if self._m_claims_shared:
+            self._m_claims, self._m_claims_shared = dict(self._m_claims), False
+        return self._m_claims
 
     # --- claims ---------------------------------------------------------------------------
 
@@ -262,7 +528,7 @@ class EtcdStore(Store):
         concurrent claimers exactly one succeeds, and generations only grow. Returns None if a
         claim exists. If an attempt of this call timed out but was applied (the claim carries
         this store's lease and `node`), returns that claim. Raises StoreError if no endpoint
-        answers within `timeout`.
+        answers within `timeout`. The next read() shows the claim made or found.
         """
         deadline = self._deadline()
         ckey, gkey = self._key("claims", group), self._key("generations", group)
@@ -280,12 +546,14 @@ class EtcdStore(Store):
                 continue
             if resp.succeeded:
                 rev = resp.header.revision  # both keys were written at this revision
+                self._floor = max(self._floor, rev)
                 self._gens[group] = (gen + 1, rev)
                 return Claim(group=group, node=node, generation=gen + 1, token=str(rev))
             current, gens = (r.response_range.kvs for r in resp.responses)
             last = gens[0].value if gens else b"0"
             self._gens[group] = (int(last) if last.isdigit() else 0, gens[0].mod_revision if gens else 0)
             if current:
+                self._floor = max(self._floor, current[0].mod_revision)
                 owner, cgen = _parse_claim(current[0].value)
                 if attempts and owner == node and current[0].lease == lease:
                     return Claim(group=group, node=node, generation=cgen, token=str(current[0].create_revision))
@@ -318,6 +586,8 @@ class EtcdStore(Store):
                    _cmp(ckey, "VALUE", value=f"{claim.node}:{claim.generation}".encode())]
         delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=ckey))
         resp = await self._txn(f"{what} {claim.group}", compare, [delete], [], self._deadline())
+        if resp.succeeded:  # the next read() must not show the claim any more
+            self._floor = max(self._floor, resp.header.revision)
         return bool(resp.succeeded)
 
     # --- waiting --------------------------------------------------------------------------
@@ -325,18 +595,17 @@ class EtcdStore(Store):
     async def wait(self, timeout: float) -> None:
         """Return when the store changed after the last read(), or after `timeout` seconds.
 
-        A background prefix watch (started by the first call) reports changes. Claims, status,
-        deletions (lease expiry), new nodes and changed digests wake it; a heartbeat counter
-        alone does not. When its member fails, the watch resumes on another endpoint from the
-        revision after the last event it delivered, so no change is lost. Raises StoreError
-        (at the end of `timeout`) if the watch has been down for longer than `self.timeout`.
+        A background watch (started by the first publish, read or wait) reports changes:
+        claims, statuses and deletions (lease expiry) wake it, and so do a new node and a
+        changed digest (both rewrite the node's status); a heartbeat counter alone does not.
+        When its member fails, the watch resumes on another endpoint from the revision after
+        the last event it delivered, so no change is lost. Raises StoreError (at the end of
+        `timeout`) if the watch has been down for longer than `self.timeout`.
         """
         loop = asyncio.get_running_loop()
         if self._closed:
             raise self._error("wait", "store closed")
-        if self._watch_task is None or self._watch_task.done():
-            self._watch_down_since = loop.time()
-            self._watch_task = asyncio.create_task(self._watch_loop())
+        self._ensure_watch()
         end = loop.time() + timeout
         while self._event_rev <= self._read_rev and (remaining := end - loop.time()) > 0:
             self._changed.clear()
@@ -347,18 +616,31 @@ class EtcdStore(Store):
         if not self._watching and loop.time() - self._watch_down_since >= self.timeout:
             raise self._error("watch", self._watch_error)
 
+    def _ensure_watch(self) -> None:
+        if self._main is not None:
+            return  # the twin only renews and reads: the main instance's watch serves wait()
+        if self._closed or (self._watch_task is not None and not self._watch_task.done()):
+            return
+        self._watch_down_since = asyncio.get_running_loop().time()
+        self._watch_task = asyncio.create_task(self._watch_loop())
+
     async def _watch_loop(self) -> None:
-        loop, base = asyncio.get_running_loop(), f"{self.prefix}/".encode()
+        """Keep the _WATCHES open on one stream (watch i has id i + 1), each resuming from
+        its own next revision."""
+        loop = asyncio.get_running_loop()
         while not self._closed:
-            if not self._watch_from and self._read_rev:
-                self._watch_from = self._read_rev + 1
-            idx, call = self._idx, None
+            idx, call, self._created = self._idx, None, set()
             try:
                 stubs = await self._stubs(idx, self.timeout)
                 # "hasleader": the member cancels the watch when it loses its leader.
                 call = stubs.watch.Watch(metadata=self._metadata(idx, ("hasleader", "true")))
-                await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                    key=base, range_end=prefix_range_end(base), start_revision=self._watch_from)))
+                for i, (kind, filters) in enumerate(_WATCHES):
+                    if not self._watch_from[i] and self._read_rev:
+                        self._watch_from[i] = self._read_rev + 1
+                    key = self._key(kind)
+                    await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                        key=key, range_end=prefix_range_end(key), start_revision=self._watch_from[i],
+                        filters=filters, watch_id=i + 1)))
                 resp = await asyncio.wait_for(call.read(), self.timeout)
                 while resp is not grpc.aio.EOF and not self._on_watch(resp):
                     resp = await call.read()
@@ -368,41 +650,73 @@ class EtcdStore(Store):
             finally:
                 if call is not None:
                     call.cancel()
-            if self._watching:
-                self._watching, self._watch_down_since = False, loop.time()
+                if self._watching:
+                    self._watching, self._watch_down_since = False, loop.time()
             self._rotate(idx)
             await asyncio.sleep(0.05)
 
     def _on_watch(self, resp) -> bool:
-        """Take in one watch response; True if the server canceled the watch."""
+        """Take in one watch response; True if the server canceled a watch (the loop then
+        opens them all again)."""
+        i = resp.watch_id - 1
+        if not 0 <= i < len(_WATCHES):
+            return False
         if resp.created and not resp.canceled:
-            self._watching = True
-            self._watch_from = self._watch_from or resp.header.revision + 1
+            self._created.add(i)
+            self._watching = len(self._created) == len(_WATCHES)
+            self._watch_from[i] = self._watch_from[i] or resp.header.revision + 1
         if resp.compact_revision:  # events before it are gone: assume everything changed
-            self._watch_from = resp.compact_revision
+            self._watch_from[i] = resp.compact_revision
             self._wake(resp.compact_revision)
-        nodes = self._key("nodes")
         for ev in resp.events:
-            kv = ev.kv
-            self._watch_from = max(self._watch_from, kv.mod_revision + 1)
-            if kv.key.startswith(nodes):
-                name = kv.key[len(nodes):].decode()
-                old = self._digests.pop(name, None)
-                if ev.type == rpc.Event.PUT:
-                    beat = _json(kv.value)
-                    self._digests[name] = str(beat.get("digest", "")) if isinstance(beat, dict) else ""
-                    if kv.version > 1 and old == self._digests[name]:
-                        continue  # only the heartbeat counter moved
-            self._wake(kv.mod_revision)
+            self._watch_from[i] = max(self._watch_from[i], ev.kv.mod_revision + 1)
+            self._wake(ev.kv.mod_revision)
         return resp.canceled
 
     def _wake(self, revision: int) -> None:
         self._event_rev = max(self._event_rev, revision)
         self._changed.set()
 
+    # --- renewal off the event loop ---------------------------------------------------------
+
+    blocking_publish = True
+
+    def publish_blocking(self, heartbeat: Heartbeat) -> None:
+        """publish() from the agent's renewal thread (reconciler/renewal.py).
+
+        A gRPC channel belongs to the event loop it was made on, so the calling thread gets
+        a twin of this store on an event loop of its own; the twin holds the node's etcd
+        lease and keeps it alive, and this instance's claims bind to that lease (a claim
+        before the first heartbeat fails with StoreError). Call it, and read_blocking, from
+        one thread at a time.
+        """
+        self._in_twin(lambda twin: twin.publish(heartbeat))
+
+    def read_blocking(self) -> Snapshot:
+        """read() from the renewal thread, by the twin (see publish_blocking)."""
+        return self._in_twin(lambda twin: twin.read())
+
+    def _in_twin(self, call):
+        if self._closed:
+            raise self._error("publish", "store closed")
+        if self._tloop is None:
+            self._tloop = asyncio.new_event_loop()
+        if self._twin is None:
+            url, options = self._args
+            twin = EtcdStore(url, **options)
+            twin._main = self
+            self._twin = twin
+        return self._tloop.run_until_complete(call(self._twin))
+
     async def close(self) -> None:
         """Stop the watch and close the connections. The lease is not revoked: the node's
         heartbeat and claims are left to expire with it."""
+        if self._twin is not None and self._tloop is not None:
+            # The twin's loop is idle by now (the renewal thread has stopped): run its close
+            # on a worker thread, as this thread already runs a loop.
+            twin, tloop = self._twin, self._tloop
+            await asyncio.to_thread(lambda: (tloop.run_until_complete(twin.close()), tloop.close()))
+            self._twin = self._tloop = None
         self._closed = True
         if self._watch_task is not None:
             # Cancel until done: Python 3.11's asyncio.wait_for can swallow a cancel.
@@ -410,6 +724,7 @@ class EtcdStore(Store):
                 self._watch_task.cancel()
                 await asyncio.wait({self._watch_task}, timeout=0.1)
             await asyncio.gather(self._watch_task, return_exceptions=True)
+        self._drop_keepalive()
         for stubs in self._stubs_by_idx.values():
             await stubs.channel.close()
         self._stubs_by_idx.clear()
@@ -428,6 +743,27 @@ def _json(raw: bytes):
         return json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def _doc(raw: bytes) -> dict:
+    """A status value parsed; {} if it is not a JSON object."""
+    doc = _json(raw)
+    return doc if isinstance(doc, dict) else {}
+
+
+def _heartbeat(node: str, raw: bytes, status: dict) -> Heartbeat | None:
+    """A nodes/NODE value as a Heartbeat carrying `status`; None if malformed."""
+    beat = _json(raw)
+    if not isinstance(beat, dict) or not isinstance(beat.get("counter"), int):
+        return None
+    wall = beat.get("wall")
+    return Heartbeat(node=node, counter=beat["counter"], digest=str(beat.get("digest", "")), status=status,
+                     wall=float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None)
+
+
+def _claim(group: str, kv) -> Claim | None:
+    owner, gen = _parse_claim(kv.value)
+    return Claim(group=group, node=owner, generation=gen, token=str(kv.create_revision)) if owner else None
 
 
 def _describe(exc: Exception) -> str:

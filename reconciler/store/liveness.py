@@ -15,6 +15,7 @@ class Liveness:
         self.node = node
         self._seen: dict[str, tuple[int, float]] = {}  # node -> (counter, when it last changed)
         self._unclaimed: dict[str, float] = {}
+        self._last: tuple[object, object] = (None, None)  # (claims, groups) of the last update
 
     def update(
         self,
@@ -40,11 +41,14 @@ class Liveness:
             hb = snap.members.get(name)
             up = True if hpc is None else name in hpc.up
             members[name] = Member(name=name, last_change=changed, heartbeat=hb, up=up)
-        for g in groups:
-            if g in snap.claims:
-                self._unclaimed.pop(g, None)
-            else:
-                self._unclaimed.setdefault(g, now)
+        # Unchanged claims (the store hands back the same dict) and groups: nothing to do.
+        if snap.claims is not self._last[0] or groups != self._last[1]:
+            self._last = (snap.claims, groups)
+            for g in groups:
+                if g in snap.claims:
+                    self._unclaimed.pop(g, None)
+                else:
+                    self._unclaimed.setdefault(g, now)
         return ClusterView(
             node=self.node,
             members=members,

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """How long `reconciler.plan.plan` takes for 1,000 groups x 10 entries (goal: <= 20 ms).
 
-    python3 tests/bench/plan_scale.py [--groups 1000] [--entries 10] [--runs 20]
+    python3 tests/bench/plan_scale.py [--groups 1000] [--entries 10] [--members 100] [--runs 20]
 
-Two inputs, both on one node that owns every group with a valid lease:
+Three inputs. The first two on one node that owns every group with a valid lease:
   converged    every entry already in its desired state: the plan is empty
   unconverged  nothing runs yet, half the groups change runlevel: stops, starts and resets
+and a cluster's cold start, --members live members and nothing claimed yet:
+  cold start   each group's leading test passed here; this node claims the groups it ranks
+               first for (rendezvous hashing over every member) and waits for the rest
 The median (and min/max) of --runs calls of each is printed, wall clock and CPU time.
 """
 
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from reconciler.observe import EntryState, Observed  # noqa: E402
 from reconciler.plan import plan  # noqa: E402
 from reconciler.spec import Cluster, Entry, Group, Spec  # noqa: E402
-from reconciler.store import Claim, ClusterView  # noqa: E402
+from reconciler.store import Claim, ClusterView, Heartbeat, Member  # noqa: E402
 
 NODE = "n1"
 NOW = 10_000.0
@@ -57,6 +60,23 @@ def build(n_groups: int, n_entries: int) -> tuple[Spec, Observed, Observed, Obse
     return spec, Observed(node=NODE, entries=converged), Observed(node=NODE, entries=moving), Spec(cluster=Cluster(), groups=half), view
 
 
+def cold_start(spec: Spec, n_members: int) -> tuple[Observed, ClusterView]:
+    """Every member alive and reporting every group eligible, no claims; here only the
+    leading tests have run (and passed a second ago)."""
+    status = {"groups": {g: {"eligible": True} for g in spec.groups}}
+    members = {
+        f"n{i}": Member(name=f"n{i}", last_change=NOW - 0.05, heartbeat=Heartbeat(node=f"n{i}", counter=1, status=status))
+        for i in range(2, n_members + 1)
+    }
+    entries = {}
+    for g in spec.groups.values():
+        for e in g.entries:
+            if e.mode == "test":
+                entries[(g.name, e.tag)] = EntryState(group=g.name, tag=e.tag, state="passed", since=NOW - 1)
+    view = ClusterView(node=NODE, members=members, lease_until=NOW + 0.3, unclaimed_since={g: NOW - 0.01 for g in spec.groups})
+    return Observed(node=NODE, entries=entries), view
+
+
 def bench(fn, runs: int) -> tuple[list[float], list[float]]:
     """Wall-clock and CPU (this thread) milliseconds of each run. On a busy machine the CPU
     time shows what plan() costs when the wall time also counts waiting for a CPU."""
@@ -73,6 +93,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", type=int, default=1000)
     ap.add_argument("--entries", type=int, default=10)
+    ap.add_argument("--members", type=int, default=100, help="live members in the cold-start input (this node included)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--goal-ms", type=float, default=20.0)
     args = ap.parse_args()
@@ -83,11 +104,14 @@ def main() -> int:
     kinds: dict[str, int] = {}
     for a in q.actions:
         kinds[a.kind] = kinds.get(a.kind, 0) + 1
+    cold_obs, cold_view = cold_start(spec, args.members)
+    claims = sum(1 for a in plan(spec, cold_obs, cold_view, NOW).actions if a.kind == "claim")
     print(f"plan() for {args.groups} groups x {args.entries} entries, median of {args.runs} runs (python {sys.version.split()[0]})")
     ok = True
     for label, fn, note in (
         ("converged", lambda: plan(spec, converged, view, NOW), "0 actions"),
         ("unconverged", lambda: plan(spec_moving, moving, view, NOW), ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))),
+        ("cold start", lambda: plan(spec, cold_obs, cold_view, NOW), f"{args.members} members: {claims} claim"),
     ):
         fn()  # warm up
         times, cpu = bench(fn, args.runs)

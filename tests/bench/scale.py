@@ -686,7 +686,8 @@ def idle_one(args, work: Path, store: str) -> dict:
           f"load {load()}", flush=True)
     etcd = shared_etcd(args, work) if store == "etcd" else None
     prefix = "/scale-idle"
-    c = cluster(work / f"idle-{store}", groups_toml(100, nodes=("n1",)), nodes=("n1",), metrics=False,
+    # Metrics on, as a node runs by default (/metrics is not scraped during the window).
+    c = cluster(work / f"idle-{store}", groups_toml(100, nodes=("n1",)), nodes=("n1",), metrics=True,
                 store=etcd.url if etcd else None, extra=f'etcd_prefix = "{prefix}"' if etcd else "")
     ino = None
     try:

@@ -1,0 +1,233 @@
+"""This node's heartbeat, its lease, and the cluster view it reads: the part of the agent
+that talks to the store every heartbeat (a mixin of agent.Agent).
+
+Two ways to run it: with a backend that can publish from any thread (`blocking_publish`:
+both stores), a renewer thread publishes, moves the lease on and reads
+(reconciler/renewal.py); otherwise the event loop does (`_heartbeat_loop`). Either way the
+view the planner uses is replaced whole, never modified in place, and the lease file the
+keeper watches is written under `lease_lock`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+
+import attrs
+
+from reconciler import keeper
+from reconciler.store import ClusterView, StoreError, hpc as hpcmod
+
+log = logging.getLogger("reconciler.agent")
+
+
+class Heartbeating:
+    """Lease, heartbeat and view methods of Agent (its attributes are set in Agent.__init__)."""
+
+    def _inherit_lease(self) -> None:
+        """A restarted agent continues its predecessor's lease, or knows that it lapsed."""
+        previous = keeper.read_deadline(str(self.node_dir / "lease"))
+        if previous is None:
+            previous = float("-inf")
+        self.lease_until = previous
+        self.lapsed_at_start = previous <= time.monotonic()
+
+    def write_lease_locked(self) -> None:
+        """Write lease_until for the keeper; the caller holds lease_lock.
+
+        The first write of this process replaces the file (rename: atomic); later ones
+        overwrite it in place through an open descriptor, one pwrite(2) per renewal instead
+        of a create + rename (~10x cheaper), with a record of fixed length and a checksum,
+        so a keeper reading in the middle of a write rejects the torn record and reads again.
+        """
+        record = keeper.lease_record(self.lease_until)
+        if self._lease_fd is None:
+            path = os.path.join(self.node_dir, "lease")
+            tmp = os.path.join(self.node_dir, ".lease.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(record)
+            os.replace(tmp, path)
+            self._lease_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        else:
+            os.pwrite(self._lease_fd, record, 0)
+
+    def after_lapse(self, started: float) -> None:
+        """A renewal that began at `started` succeeded after the lease had run out (the
+        renewer thread hands it here): mark this node's claims stale, then extend."""
+        mine = {g for g, c in self.view.claims.items() if c.node == self.node}
+        with self.lease_lock:
+            if self.finished or self.lease_until >= started:
+                return
+            if mine:
+                log.warning("lease lapsed for %.2fs: re-arbitrating %s", started - self.lease_until, ", ".join(sorted(mine)))
+            self.stale |= mine
+            self.lease_until = max(self.lease_until, started + self.spec.cluster.timing.lease)
+            if not self.once:
+                self.write_lease_locked()
+
+    def _with_lease(self, view: ClusterView) -> ClusterView:
+        """The view to plan with: this node's current lease and stale claims, and (renewer
+        mode) the store marked unreachable if no read has come back for too long."""
+        import attrs
+
+        if self.stale:
+            self.stale &= {g for g, c in view.claims.items() if c.node == self.node}
+        changes = {}
+        if self.renewer is not None:
+            t = self.spec.cluster.timing
+            overdue = time.monotonic() - self._read_at
+            if overdue > t.lease / 2 + t.heartbeat and view.store_ok:
+                # The renewer is stuck in a read (a hung store): never plan with a view this old.
+                changes = {"store_ok": False, "store_error": f"{self.store.url}: no answer for {overdue:.1f}s"}
+        return attrs.evolve(view, lease_until=self.lease_until, stale_claims=frozenset(self.stale), **changes)
+
+    async def _heartbeat_loop(self) -> None:
+        """Publish and read from the event loop (backends without blocking_publish: etcd)."""
+        t = self.spec.cluster.timing
+        while True:
+            started = time.monotonic()
+            self.store_changed.clear()
+            await self._heartbeat_once()
+            self.store_read.set()
+            self._loop_beat()
+            # A store watch (etcd) cuts the wait short, so a released claim or an expired
+            # lease is read at once rather than at the next heartbeat.
+            try:
+                async with asyncio.timeout(max(0.0, t.heartbeat - (time.monotonic() - started))):
+                    await self.store_changed.wait()
+            except TimeoutError:
+                pass
+
+    def _loop_beat(self) -> None:
+        """On the loop, at least every half second: proof that the loop runs (for the
+        renewer and systemd's watchdog), and a look at the keeper now and then."""
+        self.loop_alive_at = time.monotonic()
+        if self.notify and self.notified_ready:  # (systemd wants READY=1 first)
+            self.notify.watchdog()
+        self._ensure_keeper_cheap()
+
+    def read_posted(self, changed: bool) -> None:
+        """From the renewer thread: the view changed (plan again), or just the half-second
+        beat that proves the loop alive."""
+        self._loop_beat()
+        if changed:
+            self.wake()
+
+    async def _store_watch(self) -> None:
+        t = self.spec.cluster.timing
+        while True:
+            try:
+                await self.store.wait(t.tick)
+            except StoreError:
+                await asyncio.sleep(t.heartbeat)
+                continue
+            # wait() returns at once until the change has been read (etcd), so wait for the
+            # heartbeat loop's next read before waiting again: never spin the event loop.
+            self.store_read.clear()
+            self.store_changed.set()
+            await self.store_read.wait()
+
+    def _ensure_keeper_cheap(self) -> None:
+        self._keeper_check = getattr(self, "_keeper_check", 0) + 1
+        if self._keeper_check % 5 == 0:
+            self._ensure_keeper()
+
+    async def _heartbeat_once(self) -> None:
+        """Publish, then read the store into the view, from the loop (at start-up, and
+        always for backends without blocking_publish)."""
+        from reconciler.store import Heartbeat
+
+        t = self.spec.cluster.timing
+        self.counter += 1
+        started = time.monotonic()
+        hb = Heartbeat(node=self.node, counter=self.counter, digest=self._digest(self.spec), status=self.status_doc,
+                       wall=time.time())
+        try:
+            await asyncio.wait_for(self.store.publish(hb), t.lease / 2)
+            if self.lease_until < started and self.lease_until != float("-inf"):
+                self.after_lapse(started)
+            else:
+                with self.lease_lock:
+                    self.lease_until = max(self.lease_until, started + t.lease)
+                    if not self.once and not self.finished:
+                        self.write_lease_locked()
+            error = ""
+        except (StoreError, TimeoutError) as exc:
+            error = str(exc) or f"{self.store.url}: no answer within {t.lease / 2:g}s"
+        hpc, hpc_error = self.read_membership()
+        error = error or hpc_error
+        try:
+            async with asyncio.timeout(t.lease / 2):
+                snap = await self.store.read()
+        except (StoreError, TimeoutError) as exc:
+            error = error or str(exc) or f"{self.store.url}: no answer"
+            snap = None
+        self._apply_read(snap, error, hpc)
+
+    def read_membership(self):
+        """(the /proc/hpc view, "") or (None, why not); (None, "") without hpc membership."""
+        if not self.spec.cluster.membership.startswith("hpc:"):
+            return None, ""
+        try:
+            return hpcmod.read(self.spec.path(self.spec.cluster.membership[4:])), ""
+        except hpcmod.MembershipError as exc:
+            return None, str(exc)
+
+    def _apply_read(self, snap, error: str, hpc) -> bool:
+        """Take a read into the view; True if the planner should look at it (then also
+        woken, when called on the loop). The renewer thread calls it too: it only ever
+        replaces self.view, and wakes the loop through call_soon_threadsafe."""
+        t = self.spec.cluster.timing
+        if snap is None:
+            self.view = _evolve(self.view, store_ok=False, store_error=error)
+            self._fingerprint = None
+            return self._woken()
+        now = time.monotonic()
+        view = self.liveness.update(
+            snap, now, groups=list(self.spec.groups), lease_until=self.lease_until, hpc=hpc,
+            stale_claims=frozenset(self.stale), store_ok=not error, store_error=error,
+        )
+        if hpc is not None and hpc.me != self.node:
+            view = _evolve(view, quorum=False, store_error=f"node name {self.node} is not this node's hpc id {hpc.me}")
+        self.view = view
+        if not error:
+            self._read_at = now
+        fp = _fingerprint(view, now, t.dead_after)
+        if fp != self._fingerprint:
+            self._fingerprint = fp
+            return self._woken()
+        return False
+
+    def _woken(self) -> bool:
+        if threading.current_thread() is self._loop_thread:  # (the renewer wakes it by posting)
+            self.wake()
+        return True
+
+    def set_claim(self, group: str, claim) -> None:
+        """The executor won (or lost) a claim: show it in the view before the next read."""
+        claims = dict(self.view.claims)
+        if claim is None:
+            claims.pop(group, None)
+        else:
+            claims[group] = claim
+        self.view = _evolve(self.view, claims=claims)
+        self.stale.discard(group)
+
+
+def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:
+    """What, in a fresh view, should wake a reconcile when it differs from the last one.
+
+    Compared with ==, which is cheap when nothing changed: a store hands back the very same
+    claim and status objects while they are unchanged, and == on equal-by-identity values
+    stops at the identity check (this runs on every heartbeat).
+    """
+    alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
+    eligible = {n: m.heartbeat.status.get("eligible_groups") for n, m in view.members.items() if m.heartbeat is not None}
+    return (alive, eligible, view.claims, view.store_ok, view.quorum)
+
+
+def _evolve(view: ClusterView, **changes) -> ClusterView:
+    return attrs.evolve(view, **changes)

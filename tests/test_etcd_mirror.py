@@ -1,0 +1,499 @@
+"""The etcd store's mirror and lease renewal, on real etcd.
+
+read() right after publish() answers from a mirror that the publish transaction itself brought
+up to the publish's revision (reconciler/store/etcd.py, EtcdStore.read). These tests check it
+against linearizable reads by a store that never publishes (its every read() ranges over etcd):
+other clients' heartbeats, statuses, claims and deletions, lease expiry, compaction, a killed
+member, a dead watch, a failed publish; that a Snapshot never changes once returned; and that
+the lease is renewed every TTL/4 instead of every heartbeat without ever expiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+import time
+import uuid
+
+import grpc
+import pytest
+from aetcd import rpc
+
+from reconciler.store import Claim, Heartbeat, StoreError
+from reconciler.store.etcd import EtcdStore
+
+
+class Stores:
+    """Stores under one fresh prefix, all closed at the end of `run`."""
+
+    def __init__(self, url: str):
+        self.url, self.prefix, self.made = url, f"/mirror-{uuid.uuid4().hex[:12]}", []
+
+    def new(self, url: str | None = None, **options) -> EtcdStore:
+        store = EtcdStore(url or self.url, prefix=self.prefix, **options)
+        self.made.append(store)
+        return store
+
+    def run(self, body):
+        async def main():
+            try:
+                return await body()
+            finally:
+                for store in self.made:
+                    await store.close()
+
+        return asyncio.run(main())
+
+
+async def fresh_read(store: EtcdStore):
+    """A linearizable read, whatever the store's state."""
+    store._fresh = 0
+    return await store.read()
+
+
+async def publish_read(store: EtcdStore, node: str, counter: int, **beat):
+    await store.publish(Heartbeat(node=node, counter=counter, **beat))
+    return await store.read()
+
+
+async def kv_stub(url_endpoint: str):
+    channel = grpc.aio.insecure_channel(url_endpoint)
+    return channel, rpc.KVStub(channel), rpc.LeaseStub(channel)
+
+
+async def compact_now(endpoint: str) -> int:
+    channel, kv, _ = await kv_stub(endpoint)
+    try:
+        rev = (await kv.Range(rpc.RangeRequest(key=b"\0"), timeout=2)).header.revision
+        await kv.Compact(rpc.CompactionRequest(revision=rev, physical=True), timeout=2)
+        return rev
+    finally:
+        await channel.close()
+
+
+# --- other clients' changes ---------------------------------------------------------------
+
+
+def test_next_read_after_publish_shows_every_change_of_others(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b, c = stores.new(), stores.new(), stores.new()
+        counter = 0
+
+        async def check():
+            nonlocal counter
+            counter += 1
+            snap = await publish_read(a, "na", counter, digest="da", status={"me": 1})
+            assert snap == await c.read()  # c never publishes: every read of it ranges over etcd
+            return snap
+
+        await b.publish(Heartbeat(node="nb", counter=1, digest="d1", status={"s": 1}, wall=1000.5))
+        snap = await check()
+        assert snap.members["nb"] == Heartbeat(node="nb", counter=1, digest="d1", status={"s": 1}, wall=1000.5)
+        assert snap.members["na"].status == {"me": 1}
+        await b.publish(Heartbeat(node="nb", counter=2, digest="d1", status={"s": 1}))
+        assert (await check()).members["nb"].counter == 2
+        await b.publish(Heartbeat(node="nb", counter=3, digest="d1", status={"s": 2}))
+        assert (await check()).members["nb"].status == {"s": 2}
+        await b.publish(Heartbeat(node="nb", counter=4, digest="d2", status={"s": 2}))
+        assert (await check()).members["nb"].digest == "d2"
+        held = await b.claim("web", "nb")
+        assert (await check()).claims == {"web": held}
+        for g in ("g1", "g2", "g3"):
+            await b.claim(g, "nb")
+        assert set((await check()).claims) == {"web", "g1", "g2", "g3"}
+        assert await b.release(held)
+        assert "web" not in (await check()).claims  # a deletion: that read goes to etcd
+        again = await c.claim("web", "nc")
+        assert (await check()).claims["web"] == again
+        assert await b.break_claim(again)
+        assert "web" not in (await check()).claims
+        assert a.mirror_reads >= 7 and a.full_reads <= 4, (a.mirror_reads, a.full_reads)
+
+    stores.run(body)
+
+
+def test_randomized_operations_mirror_equals_linearizable_read(etcd_single):
+    stores = Stores(etcd_single.url)
+    rng = random.Random(1234)
+
+    async def body():
+        a, observer = stores.new(), stores.new()
+        others = {f"n{i}": stores.new() for i in range(3)}
+        counters = dict.fromkeys(others, 0)
+        counter = 0
+        for step in range(150):
+            name = rng.choice(list(others))
+            store = others[name]
+            op = rng.random()
+            if op < 0.4:
+                counters[name] += 1
+                await store.publish(Heartbeat(node=name, counter=counters[name], digest=rng.choice("xy"),
+                                              status={"v": rng.randrange(3)}))
+            elif op < 0.6:
+                await store.claim(f"g{rng.randrange(12)}", name)
+            elif op < 0.75:
+                snap = await observer.read()
+                if snap.claims:
+                    await store.break_claim(rng.choice(list(snap.claims.values())))
+            elif op < 0.8:
+                await a.claim(f"g{rng.randrange(12)}", "na")
+            else:
+                for _ in range(rng.randrange(1, 4)):  # several changes between two of a's heartbeats
+                    n = rng.choice(list(others))
+                    counters[n] += 1
+                    await others[n].publish(Heartbeat(node=n, counter=counters[n], digest="x"))
+            counter += 1
+            snap = await publish_read(a, "na", counter, status={"step": step})
+            assert snap == await observer.read(), step
+        assert a.mirror_reads > 100, (a.mirror_reads, a.full_reads)
+
+    stores.run(body)
+
+
+def test_lease_expiry_of_another_store_removes_its_node_and_claims(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b = stores.new(), stores.new(lease_ttl=0.5)  # b: etcd TTL 2 s
+        await b.publish(Heartbeat(node="nb", counter=1, status={"x": 1}))
+        claims = {g: await b.claim(g, "nb") for g in ("g1", "g2")}
+        mine = await a.claim("ga", "na")
+        counter = 0
+        snap = await publish_read(a, "na", counter)
+        assert "nb" in snap.members and {g: snap.claims[g] for g in claims} == claims
+        t0 = time.monotonic()  # b stops renewing
+        while "nb" in snap.members or "g1" in snap.claims or "g2" in snap.claims:
+            assert time.monotonic() - t0 < 6
+            await asyncio.sleep(0.1)
+            counter += 1
+            snap = await publish_read(a, "na", counter)
+        assert 1.0 < time.monotonic() - t0
+        assert snap.claims == {"ga": mine} and set(snap.members) == {"na"}
+        assert snap == await fresh_read(stores.new())
+        before = a.mirror_reads
+        for _ in range(3):  # the mirror is whole again after the read that saw the deletions
+            counter += 1
+            assert await publish_read(a, "na", counter) == await fresh_read(b)
+        assert a.mirror_reads == before + 3
+
+    stores.run(body)
+
+
+def test_own_lease_revoked_behind_its_back_is_granted_again(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, c = stores.new(), stores.new()
+        await a.publish(Heartbeat(node="na", counter=1, status={"x": 1}))
+        await a.claim("web", "na")
+        channel, _, lease_stub = await kv_stub(etcd_single.endpoint(0))
+        try:
+            await lease_stub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=a._lease), timeout=2)
+        finally:
+            await channel.close()
+        old = a._lease
+        snap = await publish_read(a, "na", 2, status={"x": 1})  # "lease not found" on the put: a new lease
+        assert a._lease != old
+        assert snap.claims == {} and snap.members["na"].status == {"x": 1}
+        assert snap == await c.read()
+
+    stores.run(body)
+
+
+# --- compaction, member loss, no watch, failed publish ------------------------------------
+
+
+def test_compaction_keeps_reads_exact_and_a_compacted_watch_wakes_wait(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b, c = stores.new(), stores.new(), stores.new()
+        counter = 0
+        for _ in range(5):
+            counter += 1
+            await b.publish(Heartbeat(node="nb", counter=counter))
+            assert await publish_read(a, "na", counter) == await c.read()
+        while not a._watching:
+            await a.wait(0.05)
+        await compact_now(etcd_single.endpoint(0))  # the live watch does not mind
+        held = await b.claim("web", "nb")
+        for _ in range(3):
+            counter += 1
+            await b.publish(Heartbeat(node="nb", counter=counter))
+            snap = await publish_read(a, "na", counter)
+            assert snap == await c.read() and snap.claims == {"web": held}
+        # The watch goes away; meanwhile a claim goes and the revisions it would resume from
+        # are compacted. wait() opens it again, learns of the compaction, and returns at once.
+        a._watch_task.cancel()
+        await asyncio.wait({a._watch_task})
+        assert await b.release(held)
+        compacted = await compact_now(etcd_single.endpoint(0))
+        t0 = time.monotonic()
+        await a.wait(5)
+        assert time.monotonic() - t0 < 2
+        counter += 1
+        snap = await publish_read(a, "na", counter)
+        assert snap == await c.read() and snap.claims == {}
+        t0 = time.monotonic()
+        while not a._watching:  # open again after the compaction, from the compaction on
+            await a.wait(0.1)
+            assert time.monotonic() - t0 < 3
+        assert min(a._watch_from) >= compacted
+        task = asyncio.create_task(b.claim("web", "nb"))
+        t0 = time.monotonic()
+        await a.wait(5)
+        assert time.monotonic() - t0 < 2 and await task is not None
+        counter += 1
+        assert "web" in (await publish_read(a, "na", counter)).claims
+
+    stores.run(body)
+
+
+def test_watch_member_killed_then_compaction_reads_stay_exact(etcd_cluster3):
+    cluster = etcd_cluster3
+    leader = cluster.leader()
+    follower, other = [i for i in range(3) if i != leader]
+    stores = Stores("etcd://" + ",".join(cluster.endpoint(i) for i in (follower, other, leader)))
+
+    async def body():
+        a = stores.new()
+        b = stores.new("etcd://" + cluster.endpoint(leader))
+        c = stores.new("etcd://" + cluster.endpoint(leader))
+        counter = 1
+        assert await publish_read(a, "na", counter) == await c.read()
+        while not a._watching:
+            await a.wait(0.05)
+        assert a._idx == 0
+        cluster.kill(follower)  # a's watch (and its connection) breaks
+        held = await b.claim("web", "nb")
+        await b.publish(Heartbeat(node="nb", counter=1, status={"s": 1}))
+        await compact_now(cluster.endpoint(leader))
+        t0 = time.monotonic()
+        await a.wait(10)  # the claim, or the compaction if it came first: either wakes
+        assert time.monotonic() - t0 < 4
+        deadline = time.monotonic() + 5
+        while True:
+            counter += 1
+            try:
+                snap = await publish_read(a, "na", counter)
+                break
+            except StoreError:
+                assert time.monotonic() < deadline
+        assert snap == await c.read() and snap.claims == {"web": held}
+        for _ in range(5):
+            counter += 1
+            assert await publish_read(a, "na", counter) == await c.read()
+        assert a._idx != 0
+        t0 = time.monotonic()
+        while not a._watching:
+            await a.wait(0.1)
+            assert time.monotonic() - t0 < 5
+        task = asyncio.create_task(b.release(held))
+        await a.wait(5)
+        assert await task and time.monotonic() - t0 < 5
+
+    stores.run(body)
+
+
+def test_killing_the_connected_member_keeps_reads_exact_and_the_lease_alive(etcd_cluster3):
+    cluster = etcd_cluster3
+    leader = cluster.leader()
+    follower = next(i for i in range(3) if i != leader)
+    order = [follower] + [i for i in range(3) if i != follower]
+    stores = Stores("etcd://" + ",".join(cluster.endpoint(i) for i in order))
+
+    async def body():
+        a = stores.new(lease_ttl=0.4)  # etcd TTL 2 s: renewed every 0.5 s
+        b = stores.new("etcd://" + cluster.endpoint(leader))
+        c = stores.new("etcd://" + cluster.endpoint(leader))
+        await a.publish(Heartbeat(node="na", counter=0))
+        mine = await a.claim("mine", "na")
+        lease = a._lease
+        errors, counter = 0, 0
+        t_end = time.monotonic() + 4
+        killed = False
+        while time.monotonic() < t_end:
+            counter += 1
+            if counter == 10:
+                cluster.kill(follower)  # a's keepalive stream, watch and KV calls break
+                killed = True
+            await b.publish(Heartbeat(node="nb", counter=counter))
+            if counter % 7 == 0:
+                await b.claim(f"g{counter}", "nb")
+            try:
+                snap = await publish_read(a, "na", counter)
+            except StoreError:
+                errors += 1
+                continue
+            assert snap == await c.read(), counter
+            await asyncio.sleep(0.1)
+        assert killed and errors <= 3
+        assert a._lease == lease  # renewed across the failover: its claim is still there
+        assert (await c.read()).claims["mine"] == mine
+        assert a.mirror_reads > 20
+
+    stores.run(body)
+
+
+def test_reads_are_exact_without_a_watch(etcd_single, monkeypatch):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b, c = stores.new(timeout=0.3), stores.new(), stores.new()
+
+        async def no_watch():
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(a, "_watch_loop", no_watch)
+        for counter in range(1, 6):
+            await b.publish(Heartbeat(node="nb", counter=counter))
+            if counter == 3:
+                await b.claim("web", "nb")
+            assert await publish_read(a, "na", counter) == await c.read()
+        assert a.mirror_reads == 5 and not a._watching
+        with pytest.raises(StoreError):
+            await a.wait(0.4)  # but wait() says that the watch is down
+
+    stores.run(body)
+
+
+def test_failed_publish_or_second_read_reads_etcd(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b, c = stores.new(), stores.new(), stores.new()
+        await publish_read(a, "na", 1)
+        await b.publish(Heartbeat(node="nb", counter=1))
+        # A second read after the same publish re-reads: it shows b's newer heartbeat.
+        full = a.full_reads
+        assert (await a.read()).members["nb"].counter == 1 and a.full_reads == full + 1
+        # A publish that did not complete (cancelled by its caller's timeout) leaves nothing
+        # for read() to reuse.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(a.publish(Heartbeat(node="na", counter=2)), 0.0001)
+        await b.publish(Heartbeat(node="nb", counter=2))
+        snap = await a.read()
+        assert a.full_reads == full + 2 and snap == await c.read() and snap.members["nb"].counter == 2
+        # A claim made after the publish is in the next read.
+        await a.publish(Heartbeat(node="na", counter=3))
+        held = await a.claim("web", "na")
+        assert (await a.read()).claims == {"web": held} and a.full_reads == full + 3
+        assert (await publish_read(a, "na", 4)).claims == {"web": held}
+        assert a.full_reads == full + 3
+
+    stores.run(body)
+
+
+# --- snapshots ----------------------------------------------------------------------------
+
+
+def test_a_snapshot_never_changes_and_unchanged_values_are_shared(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b = stores.new(), stores.new()
+        await b.publish(Heartbeat(node="nb", counter=1, status={"s": 1}))
+        for g in ("g1", "g2"):
+            await b.claim(g, "nb")
+        await publish_read(a, "na", 1)
+        snap = await publish_read(a, "na", 2)
+        members, claims = snap.members, snap.claims
+        saved = copy.deepcopy((snap.members, snap.claims))
+        await b.publish(Heartbeat(node="nb", counter=2, status={"s": 2}))
+        g3 = await b.claim("g3", "nb")
+        later = await publish_read(a, "na", 3)
+        assert later.members["nb"].status == {"s": 2} and later.claims["g3"] == g3
+        assert snap.members is members and snap.claims is claims
+        assert (snap.members, snap.claims) == saved
+        assert later.claims["g1"] is snap.claims["g1"]  # not parsed again
+        assert later.members["na"].status is snap.members["na"].status
+        quiet = await publish_read(a, "na", 4)
+        assert quiet.claims is later.claims  # no claim changed: the very same dict
+        assert (await a.read()).claims is later.claims  # also after a full read
+        assert await b.release(g3)
+        gone = await publish_read(a, "na", 5)
+        assert "g3" not in gone.claims and later.claims["g3"] == g3
+
+    stores.run(body)
+
+
+# --- waking and lease renewal -------------------------------------------------------------
+
+
+def test_new_node_and_digest_change_wake_wait_a_counter_does_not(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b = stores.new(), stores.new()
+        await publish_read(a, "na", 1)
+        while not a._watching:
+            await a.wait(0.05)
+        await publish_read(a, "na", 2)
+
+        async def timed_wait(change) -> float:
+            task = asyncio.create_task(change)
+            t0 = time.monotonic()
+            await a.wait(0.5)
+            await task
+            elapsed = time.monotonic() - t0
+            await publish_read(a, "na", int(time.monotonic() * 1000))
+            return elapsed
+
+        assert await timed_wait(b.publish(Heartbeat(node="nb", counter=1, digest="d1"))) < 0.4
+        assert await timed_wait(b.publish(Heartbeat(node="nb", counter=2, digest="d1"))) >= 0.45
+        assert await timed_wait(b.publish(Heartbeat(node="nb", counter=3, digest="d2"))) < 0.4
+        assert (await a.read()).members["nb"].digest == "d2"
+
+    stores.run(body)
+
+
+@pytest.mark.parametrize("lease_ttl", [0.4, 2.0])
+def test_lease_renewed_every_quarter_ttl_not_every_heartbeat(etcd_single, lease_ttl):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, c = stores.new(lease_ttl=lease_ttl), stores.new()
+        renewals = []
+        keepalive = a._keepalive
+
+        async def counted(lease, deadline):
+            renewals.append(time.monotonic())
+            return await keepalive(lease, deadline)
+
+        a._keepalive = counted
+        await a.publish(Heartbeat(node="na", counter=0))
+        held = await a.claim("web", "na")
+        lease = a._lease
+        assert a._renew_every <= min(a.ttl / 4, a.ttl - lease_ttl - 0.5)
+        t0 = time.monotonic()
+        counter = 0
+        while time.monotonic() - t0 < 2 * a.ttl:  # well past the TTL
+            counter += 1
+            await a.publish(Heartbeat(node="na", counter=counter))
+            await asyncio.sleep(0.1)
+        elapsed = time.monotonic() - t0
+        assert a._lease == lease and (await c.read()).claims == {"web": held}
+        # Due every _renew_every, done at the next heartbeat (100 ms apart) after that.
+        assert elapsed / (a._renew_every + 0.25) - 1 <= len(renewals) <= elapsed / a._renew_every + 1, len(renewals)
+        gaps = [b - x for x, b in zip(renewals, renewals[1:])]
+        assert max(gaps) < a._renew_every + 0.35
+
+    stores.run(body)
+
+
+def test_claim_found_by_a_lost_claim_is_in_the_next_read(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b = stores.new(), stores.new()
+        await publish_read(a, "na", 1)
+        await a.publish(Heartbeat(node="na", counter=2))
+        won = await b.claim("web", "nb")  # after a's publish
+        assert await a.claim("web", "na") is None
+        assert (await a.read()).claims == {"web": won}
+        assert Claim(group="web", node="nb", generation=won.generation, token=won.token) == won
+
+    stores.run(body)

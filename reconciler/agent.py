@@ -185,6 +185,7 @@ class Agent(heartbeat.Heartbeating):
             if self.reload:
                 self._reload()
             self.reconcile()
+            self._loop_beat()  # at least once a tick, even while the store (and the renewer) hang
             if self.stopping:
                 log.debug("shutdown waits for busy=%s active=%s", sorted(self.busy),
                           sorted(f"{st.group}/{st.tag}:{st.state}" for st in self.observer.observe(time.monotonic()).entries.values() if st.active))

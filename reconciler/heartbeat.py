@@ -102,8 +102,9 @@ class Heartbeating:
                 pass
 
     def _loop_beat(self) -> None:
-        """On the loop, at least every half second: proof that the loop runs (for the
-        renewer and systemd's watchdog), and a look at the keeper now and then."""
+        """On the loop, after every pass and whenever the renewer posts (at least every half
+        second): proof that the loop runs (for the renewer and systemd's watchdog), and a
+        look at the keeper now and then."""
         self.loop_alive_at = time.monotonic()
         if self.notify and self.notified_ready:  # (systemd wants READY=1 first)
             self.notify.watchdog()
@@ -123,6 +124,12 @@ class Heartbeating:
                 await self.store.wait(t.tick)
             except StoreError:
                 await asyncio.sleep(t.heartbeat)
+                continue
+            if self.renewer is not None:
+                # The renewer reads at once; wait() returns at once until it has (a pause,
+                # so that this never spins the loop while the read is on its way).
+                self.renewer.nudge.set()
+                await asyncio.sleep(0.01)
                 continue
             # wait() returns at once until the change has been read (etcd), so wait for the
             # heartbeat loop's next read before waiting again: never spin the event loop.

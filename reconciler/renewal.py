@@ -39,17 +39,20 @@ class Renewer:
         self.agent = agent
         self.loop = loop
         self.stop_event = threading.Event()
+        self.nudge = threading.Event()  # read now (set from the loop when the store changed)
         self.thread = threading.Thread(target=self._run, name="lease-renewal", daemon=True)
         t = agent.spec.cluster.timing
         self.loop_stall = max(2.0, 2 * t.lease)
         self._stalled_logged = False
         self._posted_at = 0.0
+        self._read_started = 0.0  # monotonic time the last read began
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.nudge.set()
         self.thread.join(timeout=2.0)
 
     def _run(self) -> None:
@@ -58,18 +61,30 @@ class Renewer:
             self.beat(read_until=next_at + self.agent.spec.cluster.timing.heartbeat)
             # A fixed cadence: a slow renewal does not push every later one back.
             next_at = max(next_at + self.agent.spec.cluster.timing.heartbeat, time.monotonic())
-            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+            # Until then, a store watch (etcd) may ask for a read at once (Agent._store_watch):
+            # a released claim is then seen now rather than at the next heartbeat.
+            while not self.stop_event.is_set() and self.nudge.wait(max(0.0, next_at - time.monotonic())):
+                self.nudge.clear()
+                if self.stop_event.is_set():
+                    break
+                try:
+                    self.read_once()
+                except Exception:
+                    log.exception("store read failed")
 
     def beat(self, read_until: float = float("inf")) -> None:
         """One heartbeat: renew, then read, unless the renewal took so long that the next
-        one is due already (an overloaded machine or store): the lease comes first, and
-        the loop marks the view unreachable if reads stay away too long."""
+        one is due already (an overloaded machine or store): the lease comes first. A read
+        is never skipped twice within lease / 2, so the view stays fresh enough to plan
+        with (the loop marks it unreachable after lease / 2 + heartbeat without a read)."""
         try:
             self.renew_once()
         except Exception:  # never let the thread die silently: the lease would lapse
             log.exception("lease renewal failed")
-        if time.monotonic() >= read_until:
+        now = time.monotonic()
+        if now >= read_until and now - self._read_started < self.agent.spec.cluster.timing.lease / 2:
             return
+        self._read_started = now
         try:
             self.read_once()
         except Exception:

@@ -497,3 +497,54 @@ def test_claim_found_by_a_lost_claim_is_in_the_next_read(etcd_single):
         assert Claim(group="web", node="nb", generation=won.generation, token=won.token) == won
 
     stores.run(body)
+
+
+# --- renewal through a twin (publish_blocking / read_blocking) ----------------------------------
+
+
+def test_blocking_publish_runs_a_twin_that_holds_the_lease_for_claims(etcd_single):
+    """The agent's renewal thread publishes and reads through a twin on an event loop of its
+    own; the main instance's claims bind to the twin's lease, its watch wakes wait() for
+    another client's claim, and a twin's read counts as read for wait()."""
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        main, other = stores.new(lease=0.4), stores.new(lease=0.4)
+        with pytest.raises(StoreError, match="no etcd lease yet"):
+            main._twin = EtcdStore(etcd_single.url, prefix=stores.prefix)  # a twin that has not published
+            await main.claim("early", "na")
+        main._twin = None
+        await asyncio.to_thread(main.publish_blocking, Heartbeat(node="na", counter=1))
+        twin = main._twin
+        assert twin is not None and twin._lease and twin._main is main
+        mine = await main.claim("web", "na")
+        assert mine is not None
+        snap = await asyncio.to_thread(main.read_blocking)
+        assert snap.claims["web"] == mine and snap.members["na"].counter == 1
+        await main.wait(0.05)  # starts the watch
+        await asyncio.sleep(0.3)
+        await other.publish(Heartbeat(node="nb", counter=1))  # a new node: its status wakes wait()
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        await main.wait(1)
+        assert time.monotonic() - t0 < 0.2  # a change not read yet
+        await asyncio.to_thread(main.read_blocking)  # the twin's read counts: wait() blocks again
+        t0 = time.monotonic()
+        await main.wait(0.3)
+        assert time.monotonic() - t0 >= 0.25
+        theirs = await other.claim("db", "nb")
+        t0 = time.monotonic()
+        await main.wait(2)
+        assert time.monotonic() - t0 < 1.5  # woken by the watch
+        await asyncio.to_thread(main.publish_blocking, Heartbeat(node="na", counter=2))
+        snap = await asyncio.to_thread(main.read_blocking)
+        assert snap.claims["db"] == theirs
+        # The claim is bound to the twin's lease: revoking that lease removes it.
+        channel, _kv, lease = await kv_stub(etcd_single.endpoint(0))
+        try:
+            await lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=twin._lease), timeout=2)
+        finally:
+            await channel.close()
+        assert "web" not in (await fresh_read(other)).claims
+
+    stores.run(body)

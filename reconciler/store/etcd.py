@@ -41,12 +41,11 @@ import math
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-import attrs
 import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError
+from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, etcdmirror
 
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Find a restarted member within a second (gRPC's default backoff grows to 2 min), and notice
@@ -118,16 +117,6 @@ class EtcdStore(Store):
         self._watching, self._watch_down_since, self._watch_error = False, 0.0, "no watch yet"
         self._created: set[int] = set()  # the watches created on the current stream
         self._changed, self._closed = asyncio.Event(), False
-        # The mirror: every key under the prefix as of revision _m_rev (0: none), and what
-        # read() returns parsed from it. A dict a Snapshot holds is never changed again: the
-        # mirror copies it first (the *_shared flags).
-        self._m_rev = 0
-        self._m_raw: dict[bytes, bytes] = {}  # key -> value
-        self._m_members: dict[str, Heartbeat] = {}
-        self._m_claims: dict[str, Claim] = {}
-        self._m_status: dict[str, tuple[bytes, dict]] = {}  # node -> (status value, parsed)
-        self._m_snap: Snapshot | None = None  # the Snapshot of the mirror as it is now, once built
-        self._m_members_shared = self._m_claims_shared = False
         # The revision of the last publish if read() may still answer with the mirror at it
         # (0: read etcd), and the latest revision this store wrote (publish, claim, release,
         # break) or saw a claim at: a read must show it.
@@ -135,7 +124,7 @@ class EtcdStore(Store):
         self._floor = 0
         self.mirror_reads = self.full_reads = 0
         self._base = f"{self.prefix}/".encode()
-        self._kinds = [(k, self._key(k)) for k in ("nodes", "status", "claims")]
+        self._mirror = etcdmirror.Mirror([(k, self._key(k)) for k in ("nodes", "status", "claims")])
         self._count_op = rpc.RequestOp(request_range=rpc.RangeRequest(
             key=self._base, range_end=prefix_range_end(self._base), count_only=True))
 
@@ -322,7 +311,7 @@ class EtcdStore(Store):
             # A new digest rewrites the status too: its watch is what wakes the peers.
             if self._last_status.get(node) != written:
                 ops.append(_put(self._key("status", node), status, lease))
-            base = self._m_rev  # the ranges see the puts above: the mirror moves to this revision
+            base = self._mirror.rev  # the ranges see the puts above: the mirror moves to this revision
             ops += [rpc.RequestOp(request_range=rpc.RangeRequest(
                 key=self._base, range_end=prefix_range_end(self._base), min_mod_revision=base + 1 if base else 0)),
                 self._count_op]
@@ -336,7 +325,7 @@ class EtcdStore(Store):
             rev = resp.header.revision
             self._floor = max(self._floor, rev)
             changed, count = resp.responses[-2].response_range.kvs, resp.responses[-1].response_range.count
-            if self._advance(base, rev, changed, count):
+            if self._mirror.advance(base, rev, changed, count):
                 self._fresh = rev
             self._ensure_watch()
             return
@@ -371,10 +360,10 @@ class EtcdStore(Store):
             raise self._error("read", "store closed")
         fresh, self._fresh = self._fresh, 0
         floor = max(self._floor, self._main._floor if self._main is not None else 0)  # the main's claims too
-        if fresh and fresh == self._m_rev and floor <= fresh:
+        if fresh and fresh == self._mirror.rev and floor <= fresh:
             self.mirror_reads += 1
-            self._read_rev = max(self._read_rev, fresh)
-            return self._snapshot()
+            self._note_read(fresh)
+            return self._mirror.snapshot()
         try:
             return await self._read_full(self._deadline())
         finally:
@@ -386,137 +375,12 @@ class EtcdStore(Store):
         resp = await self._call("read", lambda s, t, md: s.kv.Range(request, timeout=t, metadata=md), deadline)
         self.full_reads += 1
         rev = resp.header.revision
-        self._read_rev = max(self._read_rev, rev)
-        parsed = self._parse_all(resp.kvs)
-        if rev < self._m_rev:  # a publish answered meanwhile moved the mirror past this read
+        self._note_read(rev)
+        parsed = self._mirror.parse_all(resp.kvs)
+        if rev < self._mirror.rev:  # a publish answered meanwhile moved the mirror past this read
             return Snapshot(members=parsed[1], claims=parsed[2])
-        self._install(rev, parsed)
-        return self._snapshot()
-
-    # --- the mirror -----------------------------------------------------------------------
-
-    def _snapshot(self) -> Snapshot:
-        if self._m_snap is None:
-            self._m_snap = Snapshot(members=self._m_members, claims=self._m_claims)
-            self._m_members_shared = self._m_claims_shared = True
-        return self._m_snap
-
-    def _split(self, key: bytes) -> tuple[str, str]:
-        """prefix/KIND/NAME -> (KIND, NAME) for nodes, status and claims; ("", "") otherwise."""
-        for kind, p in self._kinds:
-            if key.startswith(p):
-                return kind, key[len(p):].decode(errors="replace")
-        return "", ""
-
-    def _parse_all(self, kvs) -> tuple[dict, dict, dict, dict]:
-        """(raw, members, claims, status) for every key under the prefix, reusing the
-        mirror's parsed objects for values that did not change."""
-        raw: dict[bytes, bytes] = {}
-        members: dict[str, Heartbeat] = {}
-        claims: dict[str, Claim] = {}
-        status: dict[str, tuple[bytes, dict]] = {}
-        nodes = []
-        for kv in kvs:
-            raw[kv.key] = kv.value
-            kind, name = self._split(kv.key)
-            if kind == "status":
-                known = self._m_status.get(name)
-                status[name] = known if known is not None and known[0] == kv.value else (kv.value, _doc(kv.value))
-            elif kind == "claims":
-                c = self._m_claims.get(name)
-                if c is None or c.token != str(kv.create_revision) or self._m_raw.get(kv.key) != kv.value:
-                    c = _claim(name, kv)
-                if c is not None:
-                    claims[name] = c
-            elif kind == "nodes":
-                nodes.append((name, kv))
-        for name, kv in nodes:
-            known, doc = self._m_members.get(name), status[name][1] if name in status else {}
-            if known is not None and known.status is doc and self._m_raw.get(kv.key) == kv.value:
-                members[name] = known
-            elif (hb := _heartbeat(name, kv.value, doc)) is not None:
-                members[name] = hb
-        return raw, members, claims, status
-
-    def _install(self, rev: int, parsed: tuple[dict, dict, dict, dict]) -> None:
-        """Replace the mirror with `parsed` (_parse_all), the whole prefix at `rev`. Claims
-        equal to the mirror's stay the very same dict (the agent skips work on that)."""
-        raw, members, claims, status = parsed
-        if claims != self._m_claims:
-            self._m_claims, self._m_claims_shared = claims, False
-        self._m_raw, self._m_members, self._m_status = raw, members, status
-        self._m_rev, self._m_snap, self._m_members_shared = rev, None, False
-
-    def _advance(self, base: int, rev: int, changed, count: int) -> bool:
-        """Bring the mirror from revision `base` to `rev` (> base), given every key modified
-        after `base` (`changed`, as of `rev`) and the number of keys under the prefix at
-        `rev`. True if the mirror is now exactly the prefix at `rev`.
-
-        base 0 means `changed` is every key. A key not in `changed` is unmodified since
-        `base`, so it still has the mirror's value -- unless it was deleted, which the count
-        reveals (not which one): then the mirror is dropped, and the next read() or publish()
-        reads everything.
-        """
-        if not base:
-            if rev > self._m_rev:
-                self._install(rev, self._parse_all(changed))
-            return rev == self._m_rev
-        if rev <= self._m_rev or not self._m_rev or base > self._m_rev:
-            return rev == self._m_rev  # answered out of order, or the mirror was replaced meanwhile
-        raw = self._m_raw
-        known = sum(1 for kv in changed if kv.key in raw)
-        if len(raw) - known != count - len(changed):
-            self._m_rev = 0  # keys were deleted
-            return False
-        sp = self._kinds[1][1]
-        for kv in changed:  # statuses first, so a heartbeat is built once with its new status
-            if kv.key.startswith(sp):
-                self._apply(kv)
-        for kv in changed:
-            if not kv.key.startswith(sp):
-                self._apply(kv)
-        self._m_rev = rev
-        return True
-
-    def _apply(self, kv) -> None:
-        """Put one key's new value into the mirror."""
-        old = self._m_raw.get(kv.key)
-        self._m_raw[kv.key] = kv.value
-        kind, name = self._split(kv.key)
-        if kind == "nodes":
-            known = self._m_status.get(name)
-            hb = _heartbeat(name, kv.value, known[1] if known is not None else {})
-            if hb is not None:
-                self._members_w()[name] = hb
-            elif name in self._m_members:
-                del self._members_w()[name]
-        elif kind == "status":
-            if old == kv.value and name in self._m_status:
-                return  # rewritten unchanged (a new lease)
-            doc = _doc(kv.value)
-            self._m_status[name] = (kv.value, doc)
-            if (hb := self._m_members.get(name)) is not None:
-                self._members_w()[name] = attrs.evolve(hb, status=doc)
-        elif kind == "claims":
-            c = _claim(name, kv)
-            if c is not None:
-                self._claims_w()[name] = c
-            elif name in self._m_claims:
-                del self._claims_w()[name]
-
-    def _members_w(self) -> dict[str, Heartbeat]:
-        """The mirror's members, for changing: copied first if a snapshot holds them."""
-        self._m_snap = None
-        if self._m_members_shared:
-            self._m_members, self._m_members_shared = dict(self._m_members), False
-        return self._m_members
-
-    def _claims_w(self) -> dict[str, Claim]:
-        """The mirror's claims, for changing: copied first if a snapshot holds them."""
-        self._m_snap = None
-        if self._m_claims_shared:
-            self._m_claims, self._m_claims_shared = dict(self._m_claims), False
-        return self._m_claims
+        self._mirror.install(rev, parsed)
+        return self._mirror.snapshot()
 
     # --- claims ---------------------------------------------------------------------------
 
@@ -554,7 +418,7 @@ class EtcdStore(Store):
             self._gens[group] = (int(last) if last.isdigit() else 0, gens[0].mod_revision if gens else 0)
             if current:
                 self._floor = max(self._floor, current[0].mod_revision)
-                owner, cgen = _parse_claim(current[0].value)
+                owner, cgen = etcdmirror.parse_claim(current[0].value)
                 if attempts and owner == node and current[0].lease == lease:
                     return Claim(group=group, node=node, generation=cgen, token=str(current[0].create_revision))
                 return None
@@ -677,6 +541,13 @@ class EtcdStore(Store):
         self._event_rev = max(self._event_rev, revision)
         self._changed.set()
 
+    def _note_read(self, revision: int) -> None:
+        """A read at `revision` happened: wait() need not report changes up to it. (A twin's
+        reads count for its main instance, whose watch serves wait().)"""
+        self._read_rev = max(self._read_rev, revision)
+        if self._main is not None:
+            self._main._read_rev = max(self._main._read_rev, revision)
+
     # --- renewal off the event loop ---------------------------------------------------------
 
     blocking_publish = True
@@ -738,41 +609,7 @@ def _cmp(key: bytes, target: str, **value):
     return rpc.Compare(key=key, target=getattr(rpc.Compare, target), result=rpc.Compare.EQUAL, **value)
 
 
-def _json(raw: bytes):
-    try:
-        return json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _doc(raw: bytes) -> dict:
-    """A status value parsed; {} if it is not a JSON object."""
-    doc = _json(raw)
-    return doc if isinstance(doc, dict) else {}
-
-
-def _heartbeat(node: str, raw: bytes, status: dict) -> Heartbeat | None:
-    """A nodes/NODE value as a Heartbeat carrying `status`; None if malformed."""
-    beat = _json(raw)
-    if not isinstance(beat, dict) or not isinstance(beat.get("counter"), int):
-        return None
-    wall = beat.get("wall")
-    return Heartbeat(node=node, counter=beat["counter"], digest=str(beat.get("digest", "")), status=status,
-                     wall=float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None)
-
-
-def _claim(group: str, kv) -> Claim | None:
-    owner, gen = _parse_claim(kv.value)
-    return Claim(group=group, node=owner, generation=gen, token=str(kv.create_revision)) if owner else None
-
-
 def _describe(exc: Exception) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
     return f"{exc.strerror or exc} ({exc.filename})" if isinstance(exc, OSError) else str(exc)
-
-
-def _parse_claim(raw: bytes) -> tuple[str, int]:
-    """"NODE:GENERATION" -> (NODE, GENERATION); ("", 0) if malformed."""
-    owner, _, gen = raw.decode(errors="replace").rpartition(":")
-    return (owner, int(gen)) if owner and gen.isdigit() else ("", 0)

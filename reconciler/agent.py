@@ -136,7 +136,8 @@ class Agent(heartbeat.Heartbeating):
         else:
             await self._heartbeat_once()
         if self.lapsed_at_start:
-            self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
+            with self.lease_lock:
+                self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
             self.view = self._with_lease(self.view)
         self._ensure_keeper()
         tasks = []

@@ -55,8 +55,9 @@ class Heartbeating:
             os.pwrite(self._lease_fd, record, 0)
 
     def after_lapse(self, started: float) -> None:
-        """A renewal that began at `started` succeeded after the lease had run out (the
-        renewer thread hands it here): mark this node's claims stale, then extend."""
+        """A renewal that began at `started` succeeded after the lease had run out: mark this
+        node's claims stale and extend the lease, in one step under lease_lock (called from
+        the renewer thread, or from the loop without one)."""
         mine = {g for g, c in self.view.claims.items() if c.node == self.node}
         with self.lease_lock:
             if self.finished or self.lease_until >= started:
@@ -73,8 +74,10 @@ class Heartbeating:
         mode) the store marked unreachable if no read has come back for too long."""
         import attrs
 
-        if self.stale:
-            self.stale &= {g for g, c in view.claims.items() if c.node == self.node}
+        with self.lease_lock:  # the lease and the stale claims as one (see after_lapse)
+            if self.stale:
+                self.stale &= {g for g, c in view.claims.items() if c.node == self.node}
+            lease_until, stale = self.lease_until, frozenset(self.stale)
         changes = {}
         if self.renewer is not None:
             t = self.spec.cluster.timing
@@ -82,7 +85,7 @@ class Heartbeating:
             if overdue > t.lease / 2 + t.heartbeat and view.store_ok:
                 # The renewer is stuck in a read (a hung store): never plan with a view this old.
                 changes = {"store_ok": False, "store_error": f"{self.store.url}: no answer for {overdue:.1f}s"}
-        return attrs.evolve(view, lease_until=self.lease_until, stale_claims=frozenset(self.stale), **changes)
+        return attrs.evolve(view, lease_until=lease_until, stale_claims=stale, **changes)
 
     async def _heartbeat_loop(self) -> None:
         """Publish and read from the event loop (backends without blocking_publish: etcd)."""
@@ -221,7 +224,8 @@ class Heartbeating:
         else:
             claims[group] = claim
         self.view = _evolve(self.view, claims=claims)
-        self.stale.discard(group)
+        with self.lease_lock:
+            self.stale.discard(group)
 
 
 def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:

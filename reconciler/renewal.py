@@ -13,9 +13,12 @@ It renews only while the loop itself is alive: the loop stamps `Agent.loop_alive
 heartbeat, and after `loop_stall` seconds without a stamp the renewer stops renewing, so a
 wedged agent loses its lease (and the keeper stops its processes) as a dead one would.
 
-A lease that has already lapsed is not extended here: the loop first marks the node's claims
-stale (peers may have taken them over meanwhile) and then extends it (Agent.after_lapse),
-so no plan ever sees a renewed lease together with claims that outlived a lapse.
+A lease that has already lapsed is extended together with marking the node's claims stale
+(peers may have taken them over meanwhile), both under `lease_lock` (Agent.after_lapse); the
+loop reads the lease and the stale claims under the same lock (Agent._with_lease), so no plan
+ever sees a renewed lease together with claims that outlived a lapse. (Handing the lapse to
+the loop instead would make recovery wait for a busy loop, and with 1,000 groups the lease
+could lapse again before the loop got to it, over and over.)
 
 The same thread then reads the store into the agent's view (read_once); the loop is woken
 only when something it plans on changed. If a read hangs, the loop notices on its own
@@ -45,7 +48,6 @@ class Renewer:
         self.loop_stall = max(2.0, 2 * t.lease)
         self._stalled_logged = False
         self._posted_at = 0.0
-        self._read_started = 0.0  # monotonic time the last read began
 
     def start(self) -> None:
         self.thread.start()
@@ -62,29 +64,30 @@ class Renewer:
             # A fixed cadence: a slow renewal does not push every later one back.
             next_at = max(next_at + self.agent.spec.cluster.timing.heartbeat, time.monotonic())
             # Until then, a store watch (etcd) may ask for a read at once (Agent._store_watch):
-            # a released claim is then seen now rather than at the next heartbeat.
-            while not self.stop_event.is_set() and self.nudge.wait(max(0.0, next_at - time.monotonic())):
+            # a released claim is then seen now rather than at the next heartbeat. One such
+            # read per beat at most, and only with half a heartbeat to spare: never at the
+            # cost of the next renewal (a busy store's reads are slow).
+            half = self.agent.spec.cluster.timing.heartbeat / 2
+            if self.nudge.wait(max(0.0, next_at - half - time.monotonic())) and not self.stop_event.is_set():
                 self.nudge.clear()
-                if self.stop_event.is_set():
-                    break
-                try:
-                    self.read_once()
-                except Exception:
-                    log.exception("store read failed")
+                if next_at - time.monotonic() >= half:
+                    try:
+                        self.read_once()
+                    except Exception:
+                        log.exception("store read failed")
+            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
 
     def beat(self, read_until: float = float("inf")) -> None:
         """One heartbeat: renew, then read, unless the renewal took so long that the next
-        one is due already (an overloaded machine or store): the lease comes first. A read
-        is never skipped twice within lease / 2, so the view stays fresh enough to plan
-        with (the loop marks it unreachable after lease / 2 + heartbeat without a read)."""
+        one is due already (an overloaded machine or store): the lease comes first, and
+        the loop marks the view unreachable (no takeovers) while reads stay away longer
+        than lease / 2 + heartbeat."""
         try:
             self.renew_once()
         except Exception:  # never let the thread die silently: the lease would lapse
             log.exception("lease renewal failed")
-        now = time.monotonic()
-        if now >= read_until and now - self._read_started < self.agent.spec.cluster.timing.lease / 2:
+        if time.monotonic() >= read_until:
             return
-        self._read_started = now
         try:
             self.read_once()
         except Exception:
@@ -131,11 +134,11 @@ class Renewer:
             a.publish_error = str(exc)
             return
         a.publish_error = ""
+        if a.lease_until < started and a.lease_until != float("-inf"):
+            a.after_lapse(started)  # claims marked stale and the lease extended, under lease_lock
+            return
         with a.lease_lock:
             if a.finished:
-                return
-            if a.lease_until < started and a.lease_until != float("-inf"):
-                self.loop.call_soon_threadsafe(a.after_lapse, started)
                 return
             a.lease_until = max(a.lease_until, started + t.lease)
             if not a.once:

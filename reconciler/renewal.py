@@ -9,9 +9,10 @@ can run off the loop: `Store.blocking_publish`; the etcd store does it through a
 event loop of the thread's own); the GIL hands it the interpreter within a
 switch interval (5 ms) however busy the loop is.
 
-It renews only while the loop itself is alive: the loop stamps `Agent.loop_alive_at` every
-heartbeat, and after `loop_stall` seconds without a stamp the renewer stops renewing, so a
-wedged agent loses its lease (and the keeper stops its processes) as a dead one would.
+It renews only while the loop itself is alive: the loop stamps `Agent.loop_alive_at` after
+every reconcile pass and whenever this thread posts to it (at least every POST_EVERY), and
+after `loop_stall` seconds without a stamp the renewer stops renewing, so a wedged agent
+loses its lease (and the keeper stops its processes) as a dead one would.
 
 A lease that has already lapsed is extended together with marking the node's claims stale
 (peers may have taken them over meanwhile), both under `lease_lock` (Agent.after_lapse); the

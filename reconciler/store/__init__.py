@@ -64,9 +64,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def read(self) -> Snapshot:
-        """Read every member's latest heartbeat and every claim.
+        """Read every member's latest heartbeat and every claim, as current as a fresh read.
 
-        Re-reads contents every call (no caching: NFS close-to-open consistency).
+        A backend may hand back what provably did not change since its last read (the same
+        objects: treat a Snapshot as read-only); each backend's docstring says how it knows.
         """
 
     @abc.abstractmethod

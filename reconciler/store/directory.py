@@ -65,12 +65,16 @@ class DirectoryStore(Store):
     # Every public method runs its blocking file I/O in a thread: a hung NFS server must not
     # stall the event loop (the lease deadline, not the call, decides what happens then).
     async def _io(self, fn, *args, heartbeat: bool = False):
+        if heartbeat:
+            if self._heartbeat_pool is None:
+                self._heartbeat_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-heartbeat")
+            return await asyncio.get_running_loop().run_in_executor(self._heartbeat_pool, self._blocking, fn, *args)
+        return await asyncio.to_thread(self._blocking, fn, *args)
+
+    def _blocking(self, fn, *args):
+        """fn(*args), with an OSError reported as the StoreError every method raises."""
         try:
-            if heartbeat:
-                if self._heartbeat_pool is None:
-                    self._heartbeat_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-heartbeat")
-                return await asyncio.get_running_loop().run_in_executor(self._heartbeat_pool, fn, *args)
-            return await asyncio.to_thread(fn, *args)
+            return fn(*args)
         except StoreError:
             raise
         except OSError as exc:
@@ -98,12 +102,7 @@ class DirectoryStore(Store):
         await self._io(self._publish, heartbeat, heartbeat=True)
 
     def publish_blocking(self, heartbeat: Heartbeat) -> None:
-        try:
-            self._publish(heartbeat)
-        except StoreError:
-            raise
-        except OSError as exc:
-            raise StoreError(f"{self.url}: {exc.strerror or exc} ({exc.filename or self.root})") from None
+        self._blocking(self._publish, heartbeat)
 
     def _publish(self, hb: Heartbeat) -> None:
         self._setup()
@@ -128,12 +127,7 @@ class DirectoryStore(Store):
 
     def read_blocking(self) -> Snapshot:
         """read(), from a thread other than the event loop's (with publish_blocking)."""
-        try:
-            return self._read()
-        except StoreError:
-            raise
-        except OSError as exc:
-            raise StoreError(f"{self.url}: {exc.strerror or exc} ({exc.filename or self.root})") from None
+        return self._blocking(self._read)
 
     def _read(self) -> Snapshot:
         try:

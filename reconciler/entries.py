@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import attrs
 
 from reconciler import placement, spec as specmod
-from reconciler.action import Action, Part
+from reconciler.intent import Action, Part
 from reconciler.model import EntryState, Observed
 
 _test_tags = placement.leading_tags  # the tags of the group's leading tests (memoised)

@@ -6,7 +6,7 @@ property tests explore it. Each group's actions are executed in order by one tas
 are independent of each other. The memos kept between calls (entries._SHAPES, placement's
 rankings and peer summaries) hold only values that are functions of their keys: they
 make calls cheaper and change no Plan (tests/test_placement_memo.py). How a group's
-entries reach a runlevel is reconciler/entries.py; the values it returns, reconciler/action.py.
+entries reach a runlevel is reconciler/entries.py; the values it returns, reconciler/intent.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import attrs
 
 from reconciler import entries, placement
 from reconciler import spec as specmod
-from reconciler.action import KINDS, Action, Plan  # noqa: F401 (plan.Action, plan.Plan: the planner's interface)
-from reconciler.action import Part as _Part, earliest as _earliest, noted as _noted
+from reconciler.intent import KINDS, Action, Plan  # noqa: F401 (plan.Action, plan.Plan: the planner's interface)
+from reconciler.intent import Part as _Part, earliest as _earliest, noted as _noted
 from reconciler.model import Claim, ClusterView, EntryState, Observed
 
 _test_tags = placement.leading_tags  # the tags of the group's leading tests (memoised)

@@ -36,7 +36,9 @@ LAYOUT = [("test", ("run", "maint")), ("wait", ("run", "maint"))] + [
 ]
 
 
-def build(n_groups: int, n_entries: int) -> tuple[Spec, Observed, Observed, Observed, ClusterView]:
+def make_groups(n_groups: int, n_entries: int) -> dict[str, Group]:
+    """n_groups groups g0000... of n_entries entries each, laid out as LAYOUT (also used by
+    tests/bench/scale.py)."""
     groups = {}
     for gi in range(n_groups):
         name = f"g{gi:04d}"
@@ -45,6 +47,11 @@ def build(n_groups: int, n_entries: int) -> tuple[Spec, Observed, Observed, Obse
             for i in range(n_entries)
         )
         groups[name] = Group(name=name, runlevel="run", entries=entries)
+    return groups
+
+
+def build(n_groups: int, n_entries: int) -> tuple[Spec, Observed, Observed, Observed, ClusterView]:
+    groups = make_groups(n_groups, n_entries)
     spec = Spec(cluster=Cluster(), groups=groups)
     done = {"test": "passed", "wait": "done", "once": "done", "respawn": "running"}
     converged = {}

@@ -727,28 +727,19 @@ def idle_one(args, work: Path, store: str) -> dict:
 
 # --- plan -------------------------------------------------------------------------------------------
 
-LAYOUT = [("test", ("run", "maint")), ("wait", ("run", "maint"))] + [
-    ("respawn" if i % 3 else "once", ("run",) if i % 2 else ("run", "maint")) for i in range(8)
-]
-
 
 def plan_inputs(n_groups: int, n_entries: int, n_nodes: int, view_kind: str):
+    import plan_scale  # tests/bench/, beside this script
+
     from reconciler import placement
     from reconciler.observe import EntryState, Observed
-    from reconciler.spec import Cluster, Entry, Group, Spec
+    from reconciler.spec import Cluster, Spec
     from reconciler.store import Claim, ClusterView, Heartbeat, Member
 
     now = 10_000.0
     me = "node000"
     nodes = [f"node{i:03d}" for i in range(n_nodes)]
-    groups = {}
-    for gi in range(n_groups):
-        name = f"g{gi:04d}"
-        entries = tuple(
-            Entry(tag=f"{name}-e{i}", runlevels=LAYOUT[i % len(LAYOUT)][1], mode=LAYOUT[i % len(LAYOUT)][0], command=("true",))
-            for i in range(n_entries)
-        )
-        groups[name] = Group(name=name, runlevel="run", entries=entries)
+    groups = plan_scale.make_groups(n_groups, n_entries)  # the same spec as tests/bench/plan_scale.py
     spec = Spec(cluster=Cluster(), groups=groups)
     status = {"eligible_groups": sorted(groups), "groups": {g: {"eligible": True} for g in groups}}
     members = {n: Member(name=n, last_change=now - 0.05, heartbeat=Heartbeat(node=n, counter=1, status=status))

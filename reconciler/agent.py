@@ -208,9 +208,10 @@ class Agent(heartbeat.Heartbeating):
 
         An owner's plan wakes it at its self-demotion deadline (lease_until - demote_margin
         of the lease it was planned with). A renewal moves that deadline on and changes
-        nothing else, so while it is the plan's earliest deadline the loop follows the
-        renewed lease instead: an idle owner reconciles once per tick, not every 200-300 ms.
-        If the lease is not renewed, the deadline stays where the plan put it.
+        nothing else, so while it is the plan's earliest deadline a bare timer callback
+        follows the renewed lease instead (_follow_lease), and the loop itself wakes only
+        once the lease has not been renewed in time: an idle owner reconciles once per
+        tick, not every 200-300 ms, and its loop sleeps through the renewals.
         """
         t = self.spec.cluster.timing
         tick_due = time.monotonic() + t.tick
@@ -221,23 +222,29 @@ class Agent(heartbeat.Heartbeating):
         # instead of starving the heartbeat. Negligible for small specs (D ~ 1 ms).
         if self._last_pass > 0.002:
             await asyncio.sleep(min(self._last_pass, PACE_MAX))
-        while True:
-            due = tick_due
-            wake = self.last_plan.wake_at
-            if wake is not None:
-                if planned != float("-inf") and wake >= planned - t.demote_margin and self.lease_until > planned:
-                    wake = self.lease_until - t.demote_margin
+        due, wake, follow = tick_due, self.last_plan.wake_at, None
+        if wake is not None:
+            demote_at = planned - t.demote_margin
+            if planned != float("-inf") and wake >= demote_at:
+                follow = self._follow_lease(t.demote_margin)
+                if wake > demote_at:
+                    due = min(due, wake)  # a later deadline of the plan's own
+            else:
                 due = min(due, wake)
-            remaining = due - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                # asyncio.timeout, not wait_for: no task per wait (this runs many times a second)
-                async with asyncio.timeout(remaining + 0.001):
-                    await self.wake_event.wait()
-                return
-            except TimeoutError:
-                continue  # the deadline may have moved on meanwhile: look again
+        try:
+            while not self.wake_event.is_set():
+                remaining = due - time.monotonic()
+                if remaining <= 0:
+                    return
+                try:
+                    # asyncio.timeout, not wait_for: no task per wait
+                    async with asyncio.timeout(remaining + 0.001):
+                        await self.wake_event.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            if follow is not None:
+                follow.cancel()
 
     def _anything_runs(self) -> bool:
         return any(st.active for st in self.observer.observe(time.monotonic()).entries.values())
@@ -346,9 +353,12 @@ class Agent(heartbeat.Heartbeating):
 
         def run() -> None:
             try:
+                # watchfiles wakes every `step` to look for changes (and a stop): 10 wake-ups a
+                # second, and an edit is seen 100-200 ms after it is written (once a step
+                # passes without further changes).
                 for _changes in watchfiles.watch(
-                    root, watch_filter=only_specs, recursive=False, step=50, debounce=50, stop_event=stop, rust_timeout=500,
-                    yield_on_timeout=False, raise_interrupt=False,
+                    root, watch_filter=only_specs, recursive=False, step=100, debounce=100, stop_event=stop,
+                    rust_timeout=5000, yield_on_timeout=False, raise_interrupt=False,
                 ):
                     loop.call_soon_threadsafe(changed)
             except Exception as exc:  # the tick still reloads nothing; say why edits are not seen

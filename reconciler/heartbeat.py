@@ -22,6 +22,7 @@ from reconciler import keeper
 from reconciler.store import ClusterView, StoreError, hpc as hpcmod
 
 log = logging.getLogger("reconciler.agent")
+KEEPER_CHECK_EVERY = 1.0  # seconds: how often the loop makes sure the keeper runs
 
 
 class Heartbeating:
@@ -87,6 +88,22 @@ class Heartbeating:
                 changes = {"store_ok": False, "store_error": f"{self.store.url}: no answer for {overdue:.1f}s"}
         return attrs.evolve(view, lease_until=lease_until, stale_claims=stale, **changes)
 
+    def _follow_lease(self, margin: float) -> "LeaseTimer":
+        """A timer on the loop that wakes it once lease_until - margin has passed without a
+        renewal moving it on; each renewal in the meantime only re-arms the timer."""
+        loop = asyncio.get_running_loop()
+        timer = LeaseTimer()
+
+        def check() -> None:
+            deadline = self.lease_until - margin  # (loop.time() is time.monotonic(), the lease's clock)
+            if loop.time() >= deadline:
+                self.wake()
+            else:
+                timer.handle = loop.call_at(deadline, check)
+
+        timer.handle = loop.call_at(self.lease_until - margin, check)
+        return timer
+
     async def _heartbeat_loop(self) -> None:
         """Publish and read from the event loop (backends without blocking_publish: etcd)."""
         t = self.spec.cluster.timing
@@ -105,17 +122,17 @@ class Heartbeating:
                 pass
 
     def _loop_beat(self) -> None:
-        """On the loop, after every pass and whenever the renewer posts (at least every half
-        second): proof that the loop runs (for the renewer and systemd's watchdog), and a
-        look at the keeper now and then."""
+        """On the loop, after every pass and whenever the renewer posts (at least every
+        Renewer.post_after): proof that the loop runs (for the renewer and systemd's
+        watchdog), and a look at the keeper now and then."""
         self.loop_alive_at = time.monotonic()
         if self.notify and self.notified_ready:  # (systemd wants READY=1 first)
             self.notify.watchdog()
         self._ensure_keeper_cheap()
 
     def read_posted(self, changed: bool) -> None:
-        """From the renewer thread: the view changed (plan again), or just the half-second
-        beat that proves the loop alive."""
+        """From the renewer thread: the view changed (plan again), or just a beat that
+        proves the loop alive (when no pass has for a while)."""
         self._loop_beat()
         if changed:
             self.wake()
@@ -141,8 +158,10 @@ class Heartbeating:
             await self.store_read.wait()
 
     def _ensure_keeper_cheap(self) -> None:
-        self._keeper_check = getattr(self, "_keeper_check", 0) + 1
-        if self._keeper_check % 5 == 0:
+        """_ensure_keeper about once a second: it reads a file and /proc."""
+        now = time.monotonic()
+        if now - getattr(self, "_keeper_checked_at", float("-inf")) >= KEEPER_CHECK_EVERY:
+            self._keeper_checked_at = now
             self._ensure_keeper()
 
     async def _heartbeat_once(self) -> None:
@@ -206,8 +225,10 @@ class Heartbeating:
         if not error:
             self._read_at = now
         fp = _fingerprint(view, now, t.dead_after)
-        if fp != self._fingerprint:
-            self._fingerprint = fp
+        # Kept even when equal: the next comparison then meets the objects this read
+        # handed out (the same ones while nothing changes) and stops at identity checks.
+        last, self._fingerprint = self._fingerprint, fp
+        if fp != last:
             return self._woken()
         return False
 
@@ -226,6 +247,16 @@ class Heartbeating:
         self.view = _evolve(self.view, claims=claims)
         with self.lease_lock:
             self.stale.discard(group)
+
+
+class LeaseTimer:
+    """The loop's current timer of Heartbeating._follow_lease."""
+
+    handle: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:

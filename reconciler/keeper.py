@@ -47,18 +47,23 @@ def read_deadline(path: str) -> float | None:
         return None
 
 
-def start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int, *, live: bool = False) -> int | None:
+    """The process's start time in clock ticks since boot: with the pid, its identity.
+    None if there is no such process (or, with `live`, if it is a zombie: it has exited)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
     except OSError:
         return None
-    return int(data[data.rindex(b")") + 2 :].split()[19])
+    fields = data[data.rindex(b")") + 2 :].split()
+    if live and fields[0] == b"Z":
+        return None
+    return int(fields[19])
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct children of `pid` (from /proc: the keeper has no dependencies)."""
-    out = []
+def proc_stats():
+    """(pid, the fields of /proc/PID/stat after the command name) for every process (from
+    /proc: the keeper has no dependencies)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -67,9 +72,12 @@ def children_of(pid: int) -> list[int]:
                 data = fh.read()
         except OSError:
             continue
-        if int(data[data.rindex(b")") + 2 :].split()[1]) == pid:
-            out.append(int(name))
-    return out
+        yield int(name), data[data.rindex(b")") + 2 :].split()
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`."""
+    return [child for child, fields in proc_stats() if int(fields[1]) == pid]
 
 
 def agent_pid(node_dir: str) -> int | None:

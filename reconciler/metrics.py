@@ -91,28 +91,31 @@ class Metrics:
                 if (n, gone) in gauge._metrics:
                     gauge.remove(n, gone)
         self._known_groups = groups
-        counts: dict[tuple[str, str], int] = {}
-        running: dict[str, bool] = {}
+        states: dict[str, list[str]] = {}
         for st in observed.entries.values():
-            counts[(st.group, st.state)] = counts.get((st.group, st.state), 0) + 1
-            running[st.group] = running.get(st.group, False) or st.state == "running"
+            states.setdefault(st.group, []).append(st.state)
         for g in groups:
-            values = (
-                tuple(counts.get((g, s), 0) for s in STATES),
-                1 if g in mine and running.get(g) else 0,
+            here = states.get(g, ())
+            # What the gauges show, compared first in this cheap form (sorted states):
+            # an idle node's groups all match, and the counts per state are built only for
+            # a group that changed.
+            key = (
+                tuple(sorted(here)),
+                1 if g in mine and "running" in here else 0,
                 0 if agent.spec.groups[g].runlevel == "stop" else 1,
             )
-            if self._group_values.get(g) == values:
+            if self._group_values.get(g) == key:
                 continue  # its gauges say so already (a label lookup per gauge is the cost here)
-            self._group_values[g] = values
-            for s, v in zip(STATES, values[0]):
-                self.entries.labels(n, g, s).set(v)
-            self.group_running.labels(n, g).set(values[1])
-            self.group_desired.labels(n, g).set(values[2])
+            self._group_values[g] = key
+            for s in STATES:
+                self.entries.labels(n, g, s).set(key[0].count(s))
+            self.group_running.labels(n, g).set(key[1])
+            self.group_desired.labels(n, g).set(key[2])
+        running = {g for g, here in states.items() if "running" in here}
         for g, since in list(self._pending_start.items()):
             if g not in mine:
                 del self._pending_start[g]
-            elif running.get(g) and not agent.last_plan.for_group(g) and g not in agent.busy:
+            elif g in running and not agent.last_plan.for_group(g) and g not in agent.busy:
                 self.phase.labels(n, "start").observe(now - since)
                 del self._pending_start[g]
 

@@ -117,10 +117,10 @@ def test_a_busy_loop_keeps_the_lease(tmp_path, caplog):
 def test_a_wedged_loop_loses_the_lease(tmp_path, caplog):
     """A loop that does not run for longer than the renewer's bound loses the lease (the
     keeper then stops its processes), and the agent re-arbitrates when it comes back."""
-    from reconciler import renewal
 
     async def scenario(a):
-        a.renewer.loop_stall = 1.0  # the default is max(2 s, 2 x lease); the loop beats every 0.5 s
+        a.renewer.loop_stall = 1.0  # the default is max(2 s, 2 x lease)
+        assert a.renewer.post_after < a.renewer.loop_stall  # an idle loop is posted to in time
         pid = next(st.pid for st in a.supervisor.snapshot().values() if st.state == "running")
         time.sleep(1.5)  # wedged, on the loop
         assert a.lease_until < time.monotonic()
@@ -132,7 +132,6 @@ def test_a_wedged_loop_loses_the_lease(tmp_path, caplog):
         # Back: the loop marks the claim stale, renews, and the group runs again.
         await _until(lambda: a.lease_until > time.monotonic() and _running(a), 10, "the group back after the lapse")
 
-    assert renewal.POST_EVERY < 1.0
     with caplog.at_level(logging.INFO):
         _run(tmp_path, scenario)
     assert "not renewing the lease" in caplog.text
@@ -161,6 +160,60 @@ def test_a_failing_publish_marks_the_store_unreachable_and_lapses(tmp_path, capl
     with caplog.at_level(logging.INFO):
         _run(tmp_path, scenario)
     assert "lease lapsed" in caplog.text
+
+
+def test_an_idle_loop_sleeps_through_the_renewals(tmp_path):
+    """Idle, the loop plans once a tick: renewals (ten a second) neither post to it nor
+    wake it, although its plan's earliest deadline is the self-demotion one of a lease
+    that each renewal moves on."""
+    async def scenario(a):
+        await asyncio.sleep(1.5)  # settled: nothing left to do
+        passes, posts, wakes = [], [], []
+        reconcile, read_posted, wake = a.reconcile, a.read_posted, a.wake
+        a.reconcile = lambda: (passes.append(time.monotonic()), reconcile())[1]
+        a.read_posted = lambda changed: (posts.append(changed), read_posted(changed))[1]
+        a.wake = lambda: (wakes.append(time.monotonic()), wake())[1]
+        await asyncio.sleep(3.0)
+        assert a.last_plan.wake_at is not None  # the demotion deadline: the loop follows the lease
+        assert len(passes) <= 4, f"{len(passes)} passes in 3 s (tick 1 s)"
+        assert len(posts) <= 1 and not wakes, (posts, len(wakes))
+        assert a.lease_until > time.monotonic() and _running(a)
+
+    _run(tmp_path, scenario)
+
+
+def test_a_hung_renewal_demotes_at_the_deadline(tmp_path, caplog):
+    """The renewer stuck in the store (a hung publish): the loop, which otherwise sleeps
+    through renewals, wakes at lease_until - demote_margin on its own and stops the group
+    itself, before the lease (and so the keeper's SIGKILL) runs out."""
+    async def scenario(a):
+        await asyncio.sleep(1.0)
+        hang, demoted = threading.Event(), []
+        real_publish, reconcile = a.store.publish_blocking, a.reconcile
+
+        def publish(hb):
+            hang.wait(10)
+            return real_publish(hb)
+
+        def watched():
+            reconcile()
+            if not demoted and any("self-demotion" in x.reason for x in a.last_plan.actions):
+                demoted.append((time.monotonic(), a.lease_until))
+
+        a.reconcile = watched
+        a.store.publish_blocking = publish
+        try:
+            await _until(lambda: demoted, 3, "a self-demotion")
+            at, lease_until = demoted[0]
+            t = a.spec.cluster.timing
+            assert at < lease_until, "demoted only after the lease had run out"
+            assert at >= lease_until - t.demote_margin - 0.01
+        finally:
+            hang.set()
+        await _until(lambda: a.lease_until > time.monotonic() and _running(a), 10, "the group back")
+
+    with caplog.at_level(logging.INFO):
+        _run(tmp_path, scenario)
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,7 @@ import attrs
 
 from reconciler import notify
 from reconciler import spec as specmod
+from reconciler.act.syscalls import Sys, start_ticks  # process.Sys: the seam tests subclass
 from reconciler.observe import EntryState
 
 # state -> states it may move to. "stopped" is also the state of an entry never started.
@@ -45,89 +46,6 @@ def backoff(rapid_exits: int) -> float:
     if rapid_exits <= RAPID_FREE:
         return 0.0
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (rapid_exits - RAPID_FREE - 1))
-
-
-class Sys:
-    """Every system call the supervisor makes. Subclass to observe or fault-inject in tests."""
-
-    def spawn(self, argv, *, env, cwd, user, log_path) -> subprocess.Popen:
-        with open(log_path, "ab", buffering=0) as log:
-            return subprocess.Popen(
-                list(argv),
-                env=env,
-                cwd=cwd,
-                user=user,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: stop signals reach the whole tree
-                close_fds=True,
-            )
-
-    def killpg(self, pgid: int, sig: int) -> bool:
-        try:
-            os.killpg(pgid, sig)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-
-    def reap(self, pids=()) -> list[tuple[int, int]]:
-        """Collect the exits of `pids` (children we spawned): [(pid, status)].
-
-        Never waitpid(-1): other parts of the agent run children of their own and wait for
-        them (mount(8)/umount(8) through subprocess, fence hooks through asyncio); reaping
-        one of those here steals its exit status (subprocess then reports 0, asyncio 255).
-        """
-        out = []
-        for pid in pids:
-            try:
-                got, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                continue
-            if got == pid:
-                out.append((pid, os.waitstatus_to_exitcode(status)))
-        return out
-
-    def zombies(self) -> set[int]:
-        """Children of this process that have exited and are not reaped yet (from /proc)."""
-        me, out = os.getpid(), set()
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as fh:
-                    data = fh.read()
-            except OSError:
-                continue
-            fields = data[data.rindex(b")") + 2 :].split()
-            if fields[0] == b"Z" and int(fields[1]) == me:
-                out.add(int(name))
-        return out
-
-    def reap_any(self, pid: int) -> None:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
-    def pidfd(self, pid: int) -> int | None:
-        try:
-            return os.pidfd_open(pid)
-        except OSError:
-            return None
-
-
-def start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot: with the pid, its identity."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":
-        return None
-    return int(fields[19])
 
 
 @attrs.define

@@ -48,6 +48,8 @@ class DirectoryStore(Store):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self._root = str(self.root)
+        # os.path strings, not pathlib: the heartbeat uses them ten times a second
+        self._nodes, self._status, self._claims_dir = (os.path.join(self._root, d) for d in ("nodes", "status", "claims"))
         self.url = f"dir:{self.root}"
         self._last_status: dict[str, str] = {}
         self._last_status_obj: dict[str, dict] = {}  # node -> the status dict last written
@@ -115,10 +117,9 @@ class DirectoryStore(Store):
                 self._last_status[hb.node] = status
             self._last_status_obj[hb.node] = hb.status
         wall = "" if hb.wall is None else f"{hb.wall:.3f}"
-        nodes = os.path.join(str(self.root), "nodes")
-        tmp = os.path.join(nodes, f".{hb.node}.{self._tmp_tag}.{next(self._tmp_seq)}.tmp")
+        tmp = f"{self._nodes}/.{hb.node}.{self._tmp_tag}.{next(self._tmp_seq)}.tmp"
         os.symlink(f"{int(hb.counter)}:{wall}:{hb.digest}", tmp)
-        os.replace(tmp, os.path.join(nodes, hb.node))
+        os.replace(tmp, f"{self._nodes}/{hb.node}")
 
     # --- reading --------------------------------------------------------------------------
 
@@ -131,10 +132,17 @@ class DirectoryStore(Store):
 
     def _read(self) -> Snapshot:
         try:
-            if not stat.S_ISDIR(os.stat(self._root).st_mode):
-                raise StoreError(f"{self.url}: not a directory")
-        except FileNotFoundError:
-            return Snapshot()  # nothing published yet: the first agent creates it
+            names = _scan(self._nodes)  # name -> is a symlink (node names may contain dots)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            try:
+                st = os.stat(self._root)
+            except FileNotFoundError:
+                return Snapshot()  # nothing published yet: the first agent creates it
+            if not stat.S_ISDIR(st.st_mode):
+                raise StoreError(f"{self.url}: not a directory") from None
+            if isinstance(exc, NotADirectoryError):
+                raise
+            names = {}
         if self._local is None:
             self._local = _fstype(str(self.root)) in LOCAL_FS
         # What did not change since the last read is reused (local filesystems only, and
@@ -145,23 +153,21 @@ class DirectoryStore(Store):
         if not reuse:
             self._full_read_at = mono
         members: dict[str, Heartbeat] = {}
-        root = str(self.root)  # os.path, not pathlib: this runs for every member every heartbeat
-        nodes_dir, status_dir = os.path.join(root, "nodes"), os.path.join(root, "status")
+        nodes_dir, status_dir = self._nodes, self._status
         parsed, self._parsed = self._parsed, {}
-        names = _scan(nodes_dir)  # name -> is a symlink (node names may contain dots)
         beats = {n for n, link in names.items() if link}
         for name, link in names.items():
             if name.startswith("."):
                 continue
             if link:
-                node, beat = name, _read_beat(os.path.join(nodes_dir, name))
+                node, beat = name, _read_beat(f"{nodes_dir}/{name}")
             elif name.endswith(".json") and name[:-5] not in beats:
-                node, beat = name[:-5], _read_json(os.path.join(nodes_dir, name))  # the older format
+                node, beat = name[:-5], _read_json(f"{nodes_dir}/{name}")  # the older format
             else:
                 continue
             if not isinstance(beat, dict) or "counter" not in beat:
                 continue
-            status = self._read_status(os.path.join(status_dir, f"{node}.json"), parsed, reuse)
+            status = self._read_status(f"{status_dir}/{node}.json", parsed, reuse)
             wall = beat.get("wall")
             members[node] = Heartbeat(
                 node=node,
@@ -170,7 +176,7 @@ class DirectoryStore(Store):
                 status=status if isinstance(status, dict) else {},
                 wall=float(wall) if isinstance(wall, (int, float)) else None,
             )
-        return Snapshot(members=members, claims=self._read_claims(os.path.join(root, "claims"), reuse))
+        return Snapshot(members=members, claims=self._read_claims(self._claims_dir, reuse))
 
     def _read_claims(self, claims_dir: str, reuse: bool) -> dict[str, Claim]:
         """Every claim; the last read's dict again if claims/ has not changed since.
@@ -357,12 +363,9 @@ def _fstype(path: str) -> str:
 
 
 def _scan(path: str) -> dict[str, bool]:
-    """name -> whether it is a symlink, for every entry of a directory ({} if it is missing)."""
-    try:
-        with os.scandir(path) as it:
-            return {e.name: e.is_symlink() for e in it}
-    except FileNotFoundError:
-        return {}
+    """name -> whether it is a symlink, for every entry of a directory (raises OSError)."""
+    with os.scandir(path) as it:
+        return {e.name: e.is_symlink() for e in it}
 
 
 def _listdir(path: Path) -> list[str]:

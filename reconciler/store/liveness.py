@@ -16,6 +16,7 @@ class Liveness:
         self._seen: dict[str, tuple[int, float]] = {}  # node -> (counter, when it last changed)
         self._unclaimed: dict[str, float] = {}
         self._last: tuple[object, object] = (None, None)  # (claims, groups) of the last update
+        self._unclaimed_view: dict[str, float] = {}  # a copy of _unclaimed that views hold
 
     def update(
         self,
@@ -49,14 +50,19 @@ class Liveness:
                     self._unclaimed.pop(g, None)
                 else:
                     self._unclaimed.setdefault(g, now)
+            if self._unclaimed != self._unclaimed_view:
+                self._unclaimed_view = dict(self._unclaimed)
+        # Views and snapshots are never modified in place (whoever changes one copies it
+        # first), so the view holds the snapshot's claims and the same unclaimed_since while
+        # they stand still: no copies every heartbeat.
         return ClusterView(
             node=self.node,
             members=members,
-            claims=dict(snap.claims),
+            claims=snap.claims,
             lease_until=lease_until,
             quorum=True if hpc is None else (hpc.quorum and self.node in hpc.up),
             store_ok=store_ok,
             store_error=store_error,
-            unclaimed_since=dict(self._unclaimed),
+            unclaimed_since=self._unclaimed_view,
             stale_claims=stale_claims,
         )

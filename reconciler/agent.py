@@ -140,6 +140,7 @@ class Agent(heartbeat.Heartbeating):
                 self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
             self.view = self._with_lease(self.view)
         self._ensure_keeper()
+        self._keeper_checked_at = time.monotonic()  # (it writes keeper.pid once it runs)
         tasks = []
         if self.renewer is not None:
             self.renewer.start()

@@ -11,11 +11,15 @@ standard library, no store, no spec.
 
     python3 -m reconciler.keeper STATE/NODE
 
-It exits only when the lease file is removed (the agent shut down cleanly).
+It exits only when the lease file is removed (the agent shut down cleanly), or at once if
+another keeper already watches the same directory (it holds STATE/NODE/keeper.lock): two
+keepers would each count the other among the agent's children and SIGKILL it at expiry,
+leaving none.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -205,6 +209,13 @@ def release(listing: str) -> list[str]:
 def main(argv: list[str]) -> int:
     node_dir = argv[1]
     lease = os.path.join(node_dir, "lease")
+    # One keeper per node directory: the agent may start a second one while the first is
+    # still starting up (keeper.pid not written yet). Held until this process exits.
+    lock = os.open(os.path.join(node_dir, "keeper.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0
     with open(os.path.join(node_dir, "keeper.pid"), "w") as fh:
         fh.write(f"{os.getpid()} {start_ticks(os.getpid())}\n")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the lease file decides

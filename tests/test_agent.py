@@ -457,6 +457,35 @@ def test_adoption_after_agent_sigkill(env, agents):
     assert len(env.marked("sleep 101")) == 1 and new != pid
 
 
+def test_a_second_keeper_steps_aside(tmp_path):
+    """Two keepers for one node (the agent started one while the first was starting up):
+    the second exits at once, so that at expiry the first does not find it among the
+    agent's children and kill it (nor it the first: then nothing would stop the node)."""
+    from reconciler import keeper
+
+    node = tmp_path / "n1"
+    node.mkdir()
+    (node / "lease").write_bytes(keeper.lease_record(time.monotonic() + 1.0))
+    victim = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    ticks = keeper.start_ticks(victim.pid)
+    (node / "processes.json").write_text(json.dumps(
+        {"records": [{"pid": victim.pid, "pgid": victim.pid, "state": "running", "ticks": ticks}]}))
+    first = subprocess.Popen([sys.executable, "-m", "reconciler.keeper", str(node)])
+    try:
+        wait_for(lambda: (node / "keeper.pid").exists(), 10, "the first keeper")
+        second = subprocess.Popen([sys.executable, "-m", "reconciler.keeper", str(node)])
+        assert second.wait(10) == 0  # stepped aside
+        assert first.poll() is None
+        assert victim.wait(5) == -signal.SIGKILL  # the lease ran out: the first keeper acted
+        assert first.poll() is None and "SIGKILL" in (node / "keeper.log").read_text()
+        (node / "lease").unlink()  # a clean exit
+        assert first.wait(5) == 0
+    finally:
+        for p in (first, victim):
+            if p.poll() is None:
+                p.kill()
+
+
 def test_keeper_kills_processes_when_agent_dies(env, agents):
     env.write(group("g") + entry("srv", "respawn", ["sleep", "102"]), timing="")  # the default lease: 400ms
     a = agents()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import random
 import time
 import uuid
@@ -21,6 +22,7 @@ import pytest
 from aetcd import rpc
 
 from reconciler.store import Claim, Heartbeat, StoreError
+from reconciler.store import etcdmirror
 from reconciler.store.etcd import EtcdStore
 
 
@@ -546,5 +548,219 @@ def test_blocking_publish_runs_a_twin_that_holds_the_lease_for_claims(etcd_singl
         finally:
             await channel.close()
         assert "web" not in (await fresh_read(other)).claims
+
+    stores.run(body)
+
+
+# --- statuses: announced by a hash in the heartbeat, never ranged over by the heartbeat ---------
+
+
+async def put_raw(endpoint: str, prefix: str, puts: dict[str, bytes | str], deletes: tuple[str, ...] = ()) -> int:
+    """Write keys under `prefix` in one transaction, as another client (or an older version)
+    would; returns its revision."""
+    channel, kv, _ = await kv_stub(endpoint)
+    try:
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=f"{prefix}/{k}".encode(),
+                                                        value=v.encode() if isinstance(v, str) else v))
+               for k, v in puts.items()]
+        ops += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=f"{prefix}/{k}".encode())) for k in deletes]
+        return (await kv.Txn(rpc.TxnRequest(success=ops), timeout=2)).header.revision
+    finally:
+        await channel.close()
+
+
+def status_value(status: dict) -> bytes:
+    return json.dumps(status, sort_keys=True, separators=(",", ":")).encode()
+
+
+def record_txns(store: EtcdStore) -> list:
+    """Every publish transaction of `store` from now on: (its operations, its answer)."""
+    seen = []
+    txn = store._txn
+
+    async def recorded(what, compare, success, failure, deadline, attempts=None):
+        resp = await txn(what, compare, success, failure, deadline, attempts)
+        if what == "publish":
+            seen.append((list(success), resp))
+        return resp
+
+    store._txn = recorded
+    return seen
+
+
+def test_a_status_change_announced_by_a_heartbeat_is_in_the_next_snapshot(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b, c = stores.new(), stores.new(), stores.new()
+        await b.publish(Heartbeat(node="nb", counter=1, digest="d", status={"s": 1}))
+        snap = await publish_read(a, "na", 1)
+        assert snap.members["nb"].status == {"s": 1} and snap == await c.read()
+        fetches, reads = a.fetches, a.mirror_reads
+        # A heartbeat alone: nothing to fetch, the mirror answers.
+        await b.publish(Heartbeat(node="nb", counter=2, digest="d", status={"s": 1}))
+        snap = await publish_read(a, "na", 2)
+        assert snap.members["nb"].counter == 2 and a.fetches == fetches
+        # A new status (same digest): its heartbeat names another hash, and the read after
+        # a's publish fetches that one key at the publish's revision.
+        await b.publish(Heartbeat(node="nb", counter=3, digest="d", status={"s": 2, "big": "x" * 5000}))
+        snap = await publish_read(a, "na", 3)
+        assert snap.members["nb"].status == {"s": 2, "big": "x" * 5000} and snap.members["nb"].counter == 3
+        assert snap == await c.read()
+        assert a.fetches == fetches + 1 and a.mirror_reads == reads + 2
+        # Changes left unfetched by a publish without a read are fetched by the next read.
+        await b.publish(Heartbeat(node="nb", counter=4, digest="d", status={"s": 3}))
+        await a.publish(Heartbeat(node="na", counter=4))
+        await b.publish(Heartbeat(node="nb", counter=5, digest="d", status={"s": 4}))
+        await a.publish(Heartbeat(node="na", counter=5, status={"mine": 1}))
+        snap = await a.read()
+        assert snap.members["nb"].status == {"s": 4} and snap.members["na"].status == {"mine": 1}
+        assert snap == await c.read() and a.mirror_reads == reads + 3
+        # a's own new status is known from its own put: nothing to fetch for it.
+        fetches = a.fetches
+        snap = await publish_read(a, "na", 6, status={"mine": 2})
+        assert snap.members["na"].status == {"mine": 2} and a.fetches == fetches
+
+    stores.run(body)
+
+
+def test_the_heartbeat_transaction_never_ranges_over_status(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b, c = stores.new(), stores.new(), stores.new()
+        big = {"groups": {f"g{i}": {"state": "running", "pad": "y" * 100} for i in range(300)}}
+        await b.publish(Heartbeat(node="nb", counter=1, status=big))
+        for g in ("g1", "g2"):
+            await b.claim(g, "nb")
+        txns = record_txns(a)
+        status_prefix = f"{stores.prefix}/status/".encode()
+        for counter in range(1, 6):
+            await b.publish(Heartbeat(node="nb", counter=counter + 1, status=dict(big, n=counter)))
+            snap = await publish_read(a, "na", counter, status={"n": counter})
+            assert snap == await c.read() and snap.members["nb"].status["n"] == counter
+        assert len(txns) == 5
+        for ops, resp in txns:
+            ranges = [op.request_range for op in ops if op.WhichOneof("request") == "request_range"]
+            assert ranges
+            for r in ranges:
+                if r.count_only:
+                    continue
+                end = r.range_end or r.key + b"\0"
+                # [key, end) must not reach into status/.
+                assert end <= status_prefix or r.key >= status_prefix + b"\xff", (r.key, r.range_end)
+            for answer in resp.responses:
+                if answer.WhichOneof("response") == "response_range":
+                    assert not any(kv.key.startswith(status_prefix) for kv in answer.response_range.kvs)
+        assert a.fetches == 5  # nb's status, once after each change
+
+    stores.run(body)
+
+
+def test_an_old_format_heartbeat_without_a_hash_still_gets_its_status(etcd_single):
+    stores = Stores(etcd_single.url)
+    endpoint = etcd_single.endpoint(0)
+
+    async def body():
+        a, c = stores.new(), stores.new()
+
+        async def old(counter, status=None):
+            puts = {"nodes/nold": json.dumps({"node": "nold", "counter": counter, "digest": "d"})}
+            if status is not None:
+                puts["status/nold"] = status_value(status)
+            await put_raw(endpoint, stores.prefix, puts)
+
+        await old(1, {"v": 1})
+        snap = await publish_read(a, "na", 1)
+        assert snap.members["nold"].status == {"v": 1} and snap == await c.read()
+        for counter in range(2, 8):
+            fetches = a.fetches
+            await old(counter, {"v": counter} if counter % 2 else None)
+            snap = await publish_read(a, "na", counter)
+            assert snap == await c.read(), counter
+            assert snap.members["nold"].status == {"v": counter if counter % 2 else counter - 1}
+            assert a.fetches == fetches  # the delta itself ranged over the old node's status
+        # The node is upgraded: its heartbeat names the hash from now on.
+        value = status_value({"v": "new"})
+        await put_raw(endpoint, stores.prefix, {"status/nold": value, "nodes/nold": json.dumps(
+            {"node": "nold", "counter": 9, "digest": "d", "status_hash": etcdmirror.status_hash(value)})})
+        snap = await publish_read(a, "na", 9)
+        assert snap.members["nold"].status == {"v": "new"} and snap == await c.read()
+        assert a.mirror_reads == 8
+
+    stores.run(body)
+
+
+def test_many_changed_statuses_and_deletions_behind_the_heartbeats_back(etcd_single):
+    """More stale statuses than are fetched key by key (one range over status/ instead), the
+    same for nodes without a hash, and keys deleted: claims, a status without its heartbeat,
+    a node with its status. Each read after a publish still equals a linearizable read."""
+    stores = Stores(etcd_single.url)
+    endpoint = etcd_single.endpoint(0)
+
+    async def body():
+        a, b, c = stores.new(), stores.new(), stores.new()
+        names = [f"m{i:02d}" for i in range(etcdmirror.EACH + 8)]
+
+        async def many(counter, hashed=True):
+            puts = {}
+            for n in names:
+                value = status_value({"n": n, "c": counter})
+                beat = {"node": n, "counter": counter, "digest": "d"}
+                if hashed:
+                    beat["status_hash"] = etcdmirror.status_hash(value)
+                puts[f"nodes/{n}"], puts[f"status/{n}"] = json.dumps(beat), value
+            await put_raw(endpoint, stores.prefix, puts)
+
+        counter = 0
+
+        async def check():
+            nonlocal counter
+            counter += 1
+            snap = await publish_read(a, "na", counter)
+            assert snap == await c.read(), counter
+            return snap
+
+        await check()
+        await many(1)
+        assert (await check()).members["m03"].status == {"n": "m03", "c": 1}
+        await many(2, hashed=False)
+        assert (await check()).members["m03"].status == {"n": "m03", "c": 2}
+        await many(3, hashed=False)
+        assert (await check()).members["m07"].status == {"n": "m07", "c": 3}
+        await many(4)
+        await check()
+        held = [await b.claim(g, "nb") for g in ("g1", "g2", "g3")]
+        await check()
+        full, fetches = a.full_reads, a.fetches
+        assert await b.release(held[1])
+        assert set((await check()).claims) == {"g1", "g3"}
+        assert a.full_reads == full and a.fetches == fetches + 1  # only the claim names, at the publish's revision
+        await put_raw(endpoint, stores.prefix, {}, deletes=("status/m05",))
+        assert (await check()).members["m05"].status == {}  # the status count told: all of status/ read
+        assert a.fetches == fetches + 2
+        await put_raw(endpoint, stores.prefix, {}, deletes=("nodes/m06", "status/m06"))
+        snap = await check()
+        assert "m06" not in snap.members and a.fetches == fetches + 3
+        await check()
+        assert a.fetches == fetches + 3 and a.full_reads == full
+
+    stores.run(body)
+
+
+def test_a_compacted_publish_revision_falls_back_to_a_read_of_its_own(etcd_single):
+    stores = Stores(etcd_single.url)
+
+    async def body():
+        a, b, c = stores.new(), stores.new(), stores.new()
+        await publish_read(a, "na", 1)
+        await b.publish(Heartbeat(node="nb", counter=1, status={"s": 1}))
+        await a.publish(Heartbeat(node="na", counter=2))  # nb's status is to be fetched at this revision
+        await b.publish(Heartbeat(node="nb", counter=2, status={"s": 2}))
+        await compact_now(etcd_single.endpoint(0))
+        full = a.full_reads
+        snap = await a.read()
+        assert snap == await c.read() and snap.members["nb"].status == {"s": 2}
+        assert a.full_reads == full + 1
 
     stores.run(body)

@@ -1,9 +1,11 @@
 """The etcd store: nodes coordinate through an etcd v3 cluster (3.4 or later).
 
 Layout under the prefix (default /reconciler; a URL path, etcd://HOST:PORT/ha1, replaces it):
-    nodes/NODE           heartbeat {node, counter, digest, wall}; bound to the node's lease
-    status/NODE          published status; rewritten only when it (or the digest) changes, and
-                         with the first heartbeat under each lease; bound to the lease
+    nodes/NODE           heartbeat {node, counter, digest, status_hash, wall}; bound to the
+                         node's lease; status_hash: etcdmirror.status_hash of status/NODE's value
+    status/NODE          published status; written only together with nodes/NODE, when it (or
+                         the digest) changed and with the first heartbeat under each lease;
+                         bound to the lease
     claims/GROUP         "NODE:GENERATION"; created only if absent, bound to the claimer's lease
     generations/GROUP    the last generation handed out for GROUP (no lease: it only grows)
 
@@ -18,14 +20,19 @@ A claim instance is identified by the create revision of its key (Claim.token). 
 break delete the key in a transaction comparing that revision, so exactly one caller ends an
 instance and nobody ever removes a successor (a re-created key has a new create revision).
 
-Reading rides along with publishing. The store keeps a *mirror* of every key under the prefix
-at one revision; each publish transaction, after its puts, also ranges over the keys modified
-since the mirror's revision and counts the keys under the prefix, so its one round trip brings
-the mirror to the publish's own revision (see `read` for why that is exact). The read() right
-after a publish returns that state without another round trip; heartbeats, statuses and
-claims are parsed only when their key changed, and an idle cluster's delta is one heartbeat
-per live node. A background watch (claims/ and status/, and deletions under nodes/) wakes
-`wait`; peers' heartbeat counters never reach it, so it costs nothing while the cluster idles.
+Reading rides along with publishing. The store keeps a *mirror* (etcdmirror.Mirror) of the
+heartbeats, statuses and claims at one revision; each publish transaction, after its puts,
+also ranges over the nodes/ and claims/ keys modified since the mirror's revision and counts
+the keys of nodes/, status/ and claims/, so its one round trip brings the mirror to the
+publish's own revision (see `read` for why that is exact). It never ranges over status/: etcd
+reads every key of such a range before it filters, and status documents are large. A status
+changes only with its heartbeat, which names its hash: the read() right after a publish
+fetches the statuses whose hash changed (and, after deletions, the key names of the kind that
+lost keys), and otherwise returns the mirror without another round trip. Heartbeats, statuses
+and claims are parsed only when their key changed, and an idle cluster's delta is one
+heartbeat per live node. A background watch (etcdwatch: claims/ and status/, and deletions
+under nodes/) wakes `wait`; peers' heartbeat counters never reach it, so it costs nothing
+while the cluster idles.
 
 Talks gRPC through aetcd's generated stubs (aetcd.Client lacks TLS, per-call deadlines,
 failover and resumable watches). Every call has a deadline (`timeout`, default 1 s); within it
@@ -46,6 +53,8 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, etcdmirror
+from reconciler.store.etcdwatch import WatchMixin
+from reconciler.store.etcdwatch import describe as _describe
 
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Find a restarted member within a second (gRPC's default backoff grows to 2 min), and notice
@@ -53,22 +62,19 @@ _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                     ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.keepalive_time_ms", 10000),
                     ("grpc.keepalive_timeout_ms", 3000)]
-# The watches wait() relies on, one stream: (kind, filters). Heartbeat puts are left out (every
-# live node writes one every heartbeat); a new node writes its status with its first heartbeat
-# and a changed digest rewrites it, so those still wake wait().
-_WATCHES = (("claims", ()), ("status", ()), ("nodes", (rpc.WatchCreateRequest.NOPUT,)))
 
 
 class _LeaseGone(StoreError):
     """etcd no longer knows the lease a write referred to: it expired."""
 
 
-class EtcdStore(Store):
+class EtcdStore(WatchMixin, Store):
     """`url`: etcd://HOST[:PORT],HOST[:PORT]... or etcds://... (TLS with `ca`, `cert`, `key`).
 
     `lease_ttl` (alias `lease`): the agent's lease in seconds; `timeout`: the per-call deadline;
     `user`/`password`: etcd authentication. `mirror_reads` and `full_reads` count how read()
-    calls were answered (from the last publish, or by a read of their own).
+    calls were answered (from the last publish, or by a read of their own); `fetches` the
+    round trips that fetched what a delta left out (see read).
     """
 
     def __init__(self, url: str, *, prefix: str = "/reconciler", lease_ttl: float | None = None,
@@ -107,26 +113,19 @@ class EtcdStore(Store):
         self._lease, self._lease_lock = 0, asyncio.Lock()
         self._renewed_at = float("-inf")  # loop time the last keepalive or grant of _lease was sent
         self._ka: tuple[SimpleNamespace, object] | None = None  # (stubs, open LeaseKeepAlive stream)
-        self._last_status: dict[str, tuple[str, str]] = {}  # node -> (status, digest) written under the current lease
-        self._status_json: dict[str, tuple[dict, str]] = {}  # node -> (status dict, its JSON) last published
+        self._last_status: dict[str, tuple[str, str]] = {}  # node -> (status hash, digest) written under the current lease
+        self._status_json: dict[str, tuple[dict, bytes, str]] = {}  # node -> (status dict, its JSON, hash) last published
         self._gens: dict[str, tuple[int, int]] = {}  # group -> (generation, its key's mod revision)
-        self._read_rev = 0  # revision of the last read()
-        self._event_rev = 0  # revision of the last change that should wake wait()
-        self._watch_from = [0] * len(_WATCHES)  # per watch: next revision it must deliver (0: from now)
-        self._watch_task: asyncio.Task | None = None
-        self._watching, self._watch_down_since, self._watch_error = False, 0.0, "no watch yet"
-        self._created: set[int] = set()  # the watches created on the current stream
-        self._changed, self._closed = asyncio.Event(), False
+        self._closed = False
+        self._init_watch()
         # The revision of the last publish if read() may still answer with the mirror at it
         # (0: read etcd), and the latest revision this store wrote (publish, claim, release,
         # break) or saw a claim at: a read must show it.
         self._fresh = 0
         self._floor = 0
-        self.mirror_reads = self.full_reads = 0
+        self.mirror_reads = self.full_reads = self.fetches = 0
         self._base = f"{self.prefix}/".encode()
-        self._mirror = etcdmirror.Mirror([(k, self._key(k)) for k in ("nodes", "status", "claims")])
-        self._count_op = rpc.RequestOp(request_range=rpc.RangeRequest(
-            key=self._base, range_end=prefix_range_end(self._base), count_only=True))
+        self._mirror = etcdmirror.Mirror(self._base)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -275,11 +274,13 @@ class EtcdStore(Store):
         Renews the etcd lease if `_renew_every` seconds have passed since it was last renewed
         or granted (see __init__ for why that keeps the TTL guarantee), then puts the
         heartbeat and any changed status in one transaction bound to the lease: readers see
-        the old or the new record, never a torn one. If etcd says the lease has expired (on
-        the keepalive, or "lease not found" on the put), grants a new one and writes both keys
-        again. The same transaction reads what changed since the mirror's revision (see
-        read). Returns once the etcd quorum has committed it. Raises StoreError if no endpoint
-        answers within `timeout`; then nothing is assumed renewed.
+        the old or the new record, never a torn one. The heartbeat names the hash of the
+        status (etcdmirror.status_hash), which is only ever written together with it. If etcd
+        says the lease has expired (on the keepalive, or "lease not found" on the put), grants
+        a new one and writes both keys again. The same transaction reads what changed since
+        the mirror's revision (see read). Returns once the etcd quorum has committed it.
+        Raises StoreError if no endpoint answers within `timeout`; then nothing is assumed
+        renewed.
 
         The status is serialized again only if it is not the very dict published last: treat
         a published status as read-only (the agent builds a new one when it changes).
@@ -288,16 +289,15 @@ class EtcdStore(Store):
         loop = asyncio.get_running_loop()
         deadline, node = loop.time() + self.timeout, heartbeat.node
         cached = self._status_json.get(node)
-        if cached is not None and cached[0] is heartbeat.status:
-            status = cached[1]
-        else:
-            status = json.dumps(heartbeat.status, sort_keys=True, separators=(",", ":"))
-            self._status_json[node] = (heartbeat.status, status)
-        beat = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest}
+        if cached is None or cached[0] is not heartbeat.status:
+            value = json.dumps(heartbeat.status, sort_keys=True, separators=(",", ":")).encode()
+            cached = self._status_json[node] = (heartbeat.status, value, etcdmirror.status_hash(value))
+        _, status, shash = cached
+        beat = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest, "status_hash": shash}
         if heartbeat.wall is not None:
             beat["wall"] = round(heartbeat.wall, 3)
         beat = json.dumps(beat, separators=(",", ":"))
-        written = (status, heartbeat.digest)
+        written = (shash, heartbeat.digest)
         for _ in range(3):
             lease = self._lease
             if lease and (sent := loop.time()) - self._renewed_at >= self._renew_every:
@@ -309,14 +309,12 @@ class EtcdStore(Store):
             lease = await self._ensure_lease(deadline)
             ops = [_put(self._key("nodes", node), beat, lease)]
             # A new digest rewrites the status too: its watch is what wakes the peers.
-            if self._last_status.get(node) != written:
+            put_status = self._last_status.get(node) != written
+            if put_status:
                 ops.append(_put(self._key("status", node), status, lease))
-            base = self._mirror.rev  # the ranges see the puts above: the mirror moves to this revision
-            ops += [rpc.RequestOp(request_range=rpc.RangeRequest(
-                key=self._base, range_end=prefix_range_end(self._base), min_mod_revision=base + 1 if base else 0)),
-                self._count_op]
+            delta = self._mirror.delta_ops()  # its ranges see the puts above
             try:
-                resp = await self._txn("publish", [], ops, [], deadline)
+                resp = await self._txn("publish", [], ops + delta.ops, [], deadline)
             except _LeaseGone:
                 self._drop_lease(lease)
                 continue
@@ -324,8 +322,7 @@ class EtcdStore(Store):
                 self._last_status[node] = written
             rev = resp.header.revision
             self._floor = max(self._floor, rev)
-            changed, count = resp.responses[-2].response_range.kvs, resp.responses[-1].response_range.count
-            if self._mirror.advance(base, rev, changed, count):
+            if self._mirror.advance(delta, rev, resp.responses[len(ops):], {node: status} if put_status else None):
                 self._fresh = rev
             self._ensure_watch()
             return
@@ -338,19 +335,31 @@ class EtcdStore(Store):
         endpoint answers within `timeout`.
 
         The first read() after a successful publish() returns the mirror as that publish's
-        transaction left it, without another round trip, unless this store has since written
-        (claim, release, break) or seen a claim at a later revision. That state is exactly
-        what a linearizable read at the publish's revision P returns: the transaction ranged
-        over every key modified after the mirror's revision M and counted the keys under the
-        prefix, at P; a key not in that delta was not modified after M, so it has the value
-        the mirror holds; and if the mirror's keys not in the delta outnumber the counted keys
-        not in the delta, keys were deleted and the publish leaves the mirror to the next
-        full read instead. So it is as fresh as the read the agent used to issue right after
-        its publish; only a write that another client commits in between those two calls is
-        left to the next heartbeat. Any other read() -- a second one after the same publish,
-        after a failed or unfinished publish, with no publish at all, or after deletions --
-        reads every key under the prefix in one linearizable range, which also replaces the
-        mirror as a whole (at that revision, never mixed with another).
+        transaction left it, unless this store has since written (claim, release, break) or
+        seen a claim at a later revision. That state is exactly what a linearizable read at
+        the publish's revision P returns. The transaction ranged over the nodes/ and claims/
+        keys modified after the mirror's revision M and counted the keys of nodes/, status/
+        and claims/, at P. A key not in that delta was not modified after M, so it has the
+        value the mirror holds -- unless it was deleted: if the mirror's keys of a kind not
+        in the delta outnumber the counted ones, this read first reads that kind's key names
+        at P. A status is written only in the transaction that also writes its node's
+        heartbeat, which names the status's hash: so a status not modified after M belongs
+        to a heartbeat not in the delta, or to one naming the hash of the status the mirror
+        holds. The statuses of the other heartbeats in the delta (a new hash, or a heartbeat
+        of an older version that names none; the delta ranged over the latter's statuses
+        itself) this read fetches at P, one key each, before it returns; and if the statuses
+        it then holds do not number the counted ones, all of status/ at P. Only in those
+        cases does it cost a round trip. So it is as fresh as the read the agent used to
+        issue right after its publish; only a write that another client commits in between
+        those two calls is left to the next heartbeat.
+
+        Any other read() -- a second one after the same publish, after a failed or unfinished
+        publish, or with no publish at all -- brings the mirror to the current revision the
+        same way, with the delta in a read-only (linearizable) transaction of its own; with
+        no mirror yet (or if that fails, e.g. P was compacted meanwhile), it reads every key
+        under the prefix in one linearizable range, which replaces the mirror as a whole (at
+        that revision, never mixed with another). `mirror_reads` counts the former reads,
+        `full_reads` the latter, `fetches` the round trips for what a delta left out.
 
         The Snapshot is never changed afterwards (the mirror copies a dict a snapshot holds
         before it changes it); heartbeats, statuses and claims that did not change are the
@@ -360,25 +369,59 @@ class EtcdStore(Store):
             raise self._error("read", "store closed")
         fresh, self._fresh = self._fresh, 0
         floor = max(self._floor, self._main._floor if self._main is not None else 0)  # the main's claims too
-        if fresh and fresh == self._mirror.rev and floor <= fresh:
-            self.mirror_reads += 1
-            self._note_read(fresh)
-            return self._mirror.snapshot()
+        deadline = self._deadline()
         try:
-            return await self._read_full(self._deadline())
+            if fresh and fresh == self._mirror.rev and floor <= fresh and await self._settle(deadline):
+                self.mirror_reads += 1
+                self._note_read(fresh)
+                return self._mirror.snapshot()
+            self.full_reads += 1
+            if self._mirror.rev:
+                delta = self._mirror.delta_ops()
+                request = rpc.TxnRequest(success=delta.ops)
+                resp = await self._call("read", lambda s, t, md: s.kv.Txn(request, timeout=t, metadata=md), deadline)
+                rev = resp.header.revision
+                if self._mirror.advance(delta, rev, resp.responses) and await self._settle(deadline) \
+                        and self._mirror.rev == rev:
+                    self._note_read(rev)
+                    return self._mirror.snapshot()
+            return await self._read_full(deadline)
         finally:
             self._ensure_watch()
+
+    async def _settle(self, deadline: float) -> bool:
+        """Read what the mirror lacks at its revision (Mirror.fetch_ops), if anything. False
+        if it could not: the mirror changed meanwhile, or its revision was compacted (or not
+        yet applied by the member now in use)."""
+        for _ in range(2):  # the second: all of status/, if the statuses did not add up
+            if not self._mirror.pending:
+                return True
+            fetch = self._mirror.fetch_ops()
+            request = rpc.TxnRequest(success=fetch.ops)
+
+            async def call(stubs, timeout, md):
+                try:
+                    return await stubs.kv.Txn(request, timeout=timeout, metadata=md)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.OUT_OF_RANGE:  # compacted, or not applied there yet
+                        return None
+                    raise
+
+            resp = await self._call("read", call, deadline)
+            self.fetches += 1
+            if resp is None or not self._mirror.apply_fetch(fetch, resp.responses):
+                return False
+        return not self._mirror.pending
 
     async def _read_full(self, deadline: float) -> Snapshot:
         """The linearizable read: one range over the prefix; it replaces the mirror if newer."""
         request = rpc.RangeRequest(key=self._base, range_end=prefix_range_end(self._base))
         resp = await self._call("read", lambda s, t, md: s.kv.Range(request, timeout=t, metadata=md), deadline)
-        self.full_reads += 1
         rev = resp.header.revision
         self._note_read(rev)
         parsed = self._mirror.parse_all(resp.kvs)
         if rev < self._mirror.rev:  # a publish answered meanwhile moved the mirror past this read
-            return Snapshot(members=parsed[1], claims=parsed[2])
+            return Snapshot(members=parsed[2], claims=parsed[3])
         self._mirror.install(rev, parsed)
         return self._mirror.snapshot()
 
@@ -454,100 +497,6 @@ class EtcdStore(Store):
             self._floor = max(self._floor, resp.header.revision)
         return bool(resp.succeeded)
 
-    # --- waiting --------------------------------------------------------------------------
-
-    async def wait(self, timeout: float) -> None:
-        """Return when the store changed after the last read(), or after `timeout` seconds.
-
-        A background watch (started by the first publish, read or wait) reports changes:
-        claims, statuses and deletions (lease expiry) wake it, and so do a new node and a
-        changed digest (both rewrite the node's status); a heartbeat counter alone does not.
-        When its member fails, the watch resumes on another endpoint from the revision after
-        the last event it delivered, so no change is lost. Raises StoreError (at the end of
-        `timeout`) if the watch has been down for longer than `self.timeout`.
-        """
-        loop = asyncio.get_running_loop()
-        if self._closed:
-            raise self._error("wait", "store closed")
-        self._ensure_watch()
-        end = loop.time() + timeout
-        while self._event_rev <= self._read_rev and (remaining := end - loop.time()) > 0:
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
-        if not self._watching and loop.time() - self._watch_down_since >= self.timeout:
-            raise self._error("watch", self._watch_error)
-
-    def _ensure_watch(self) -> None:
-        if self._main is not None:
-            return  # the twin only renews and reads: the main instance's watch serves wait()
-        if self._closed or (self._watch_task is not None and not self._watch_task.done()):
-            return
-        self._watch_down_since = asyncio.get_running_loop().time()
-        self._watch_task = asyncio.create_task(self._watch_loop())
-
-    async def _watch_loop(self) -> None:
-        """Keep the _WATCHES open on one stream (watch i has id i + 1), each resuming from
-        its own next revision."""
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            idx, call, self._created = self._idx, None, set()
-            try:
-                stubs = await self._stubs(idx, self.timeout)
-                # "hasleader": the member cancels the watch when it loses its leader.
-                call = stubs.watch.Watch(metadata=self._metadata(idx, ("hasleader", "true")))
-                for i, (kind, filters) in enumerate(_WATCHES):
-                    if not self._watch_from[i] and self._read_rev:
-                        self._watch_from[i] = self._read_rev + 1
-                    key = self._key(kind)
-                    await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                        key=key, range_end=prefix_range_end(key), start_revision=self._watch_from[i],
-                        filters=filters, watch_id=i + 1)))
-                resp = await asyncio.wait_for(call.read(), self.timeout)
-                while resp is not grpc.aio.EOF and not self._on_watch(resp):
-                    resp = await call.read()
-                self._watch_error = f"{self.endpoints[idx]}: watch ended"
-            except (grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
-                self._watch_error = f"{self.endpoints[idx]}: {_describe(exc) or 'watch not created in time'}"
-            finally:
-                if call is not None:
-                    call.cancel()
-                if self._watching:
-                    self._watching, self._watch_down_since = False, loop.time()
-            self._rotate(idx)
-            await asyncio.sleep(0.05)
-
-    def _on_watch(self, resp) -> bool:
-        """Take in one watch response; True if the server canceled a watch (the loop then
-        opens them all again)."""
-        i = resp.watch_id - 1
-        if not 0 <= i < len(_WATCHES):
-            return False
-        if resp.created and not resp.canceled:
-            self._created.add(i)
-            self._watching = len(self._created) == len(_WATCHES)
-            self._watch_from[i] = self._watch_from[i] or resp.header.revision + 1
-        if resp.compact_revision:  # events before it are gone: assume everything changed
-            self._watch_from[i] = resp.compact_revision
-            self._wake(resp.compact_revision)
-        for ev in resp.events:
-            self._watch_from[i] = max(self._watch_from[i], ev.kv.mod_revision + 1)
-            self._wake(ev.kv.mod_revision)
-        return resp.canceled
-
-    def _wake(self, revision: int) -> None:
-        self._event_rev = max(self._event_rev, revision)
-        self._changed.set()
-
-    def _note_read(self, revision: int) -> None:
-        """A read at `revision` happened: wait() need not report changes up to it. (A twin's
-        reads count for its main instance, whose watch serves wait().)"""
-        self._read_rev = max(self._read_rev, revision)
-        if self._main is not None:
-            self._main._read_rev = max(self._main._read_rev, revision)
-
     # --- renewal off the event loop ---------------------------------------------------------
 
     blocking_publish = True
@@ -589,27 +538,18 @@ class EtcdStore(Store):
             await asyncio.to_thread(lambda: (tloop.run_until_complete(twin.close()), tloop.close()))
             self._twin = self._tloop = None
         self._closed = True
-        if self._watch_task is not None:
-            # Cancel until done: Python 3.11's asyncio.wait_for can swallow a cancel.
-            while not self._watch_task.done():
-                self._watch_task.cancel()
-                await asyncio.wait({self._watch_task}, timeout=0.1)
-            await asyncio.gather(self._watch_task, return_exceptions=True)
+        await self._stop_watch()
         self._drop_keepalive()
         for stubs in self._stubs_by_idx.values():
             await stubs.channel.close()
         self._stubs_by_idx.clear()
 
 
-def _put(key: bytes, value: str, lease: int = 0):
-    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value.encode(), lease=lease))
+def _put(key: bytes, value: str | bytes, lease: int = 0):
+    value = value.encode() if isinstance(value, str) else value
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
 
 
 def _cmp(key: bytes, target: str, **value):
     return rpc.Compare(key=key, target=getattr(rpc.Compare, target), result=rpc.Compare.EQUAL, **value)
 
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{exc.strerror or exc} ({exc.filename})" if isinstance(exc, OSError) else str(exc)

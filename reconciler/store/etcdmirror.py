@@ -1,31 +1,91 @@
-"""The etcd store's mirror: every key under the prefix at one revision, parsed.
+"""The etcd store's mirror: the heartbeats, statuses and claims under the prefix at one revision.
 
-EtcdStore keeps one and moves it forward from what its heartbeat transaction returns (the
-keys modified since the mirror's revision, and the number of keys under the prefix): see
-EtcdStore.read for why that is exactly a read at the heartbeat's revision. A dict that a
-Snapshot holds is never changed again: the mirror copies it first (the *_shared flags).
-Heartbeats, statuses and claims are parsed only when their key's value changed.
+EtcdStore keeps one and moves it forward with a *delta* (delta_ops): the keys under nodes/
+and claims/ modified since the mirror's revision, and how many keys nodes/, status/ and
+claims/ hold. Its heartbeat transaction carries these ranges (so does the read-only
+transaction of a read of its own). They leave status/ out: etcd reads every key of a range
+from its backend before it filters by min_mod_revision, and a status document is large
+(~190 KiB a node with 1,000 groups). Instead a heartbeat names a hash of its node's status
+value ("status_hash"), and a node writes its status only in the transaction that also puts
+its heartbeat, so a status changed only where a heartbeat changed. The mirror compares each
+changed heartbeat's hash with that of the status it holds; a status that differs is *stale*,
+and so is the key set of a kind whose count shows deletions. fetch_ops reads exactly what is
+stale, at the mirror's revision, in one more round trip (read() does it before it answers; see
+EtcdStore.read for why the result is exactly a read at that revision).
+
+A heartbeat without a status_hash (written by an older version) cannot tell: the statuses of
+such nodes are ranged over in the delta itself (modified since the mirror's revision only), as
+every status used to be.
+
+A dict that a Snapshot holds is never changed again: the mirror copies it first (the *_shared
+flags). Heartbeats, statuses and claims are parsed only when their key's value changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import attrs
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
 
 from reconciler.store import Claim, Heartbeat, Snapshot
 
+KINDS = ("nodes", "status", "claims")
+# At most this many statuses are ranged over one key each (etcd allows 128 operations in a
+# transaction); more: one range over status/.
+EACH = 32
+
+
+def status_hash(value: bytes) -> str:
+    """The hash a heartbeat names of its node's status value."""
+    return hashlib.blake2b(value, digest_size=12).hexdigest()
+
+
+@attrs.frozen
+class Delta:
+    """What delta_ops asked for: the revision it reads from (0: everything) and the nodes
+    whose statuses it ranges over (None: all of status/)."""
+
+    base: int
+    covered: tuple[str, ...] | None
+    ops: list
+
+
+@attrs.frozen
+class Fetch:
+    """What fetch_ops asked for, and of which state of the mirror."""
+
+    version: int
+    rev: int
+    kinds: tuple[str, ...]  # key sets read again (keys only)
+    stale: dict | None  # node -> min_mod_revision of its status range; None: all of status/
+    ops: list
+
 
 class Mirror:
-    def __init__(self, kinds: list[tuple[str, bytes]]):
-        self.kinds = kinds  # (kind, key prefix) for nodes, status, claims, in that order
+    def __init__(self, base: bytes):
+        self.prefix = {kind: base + kind.encode() + b"/" for kind in KINDS}  # base: PREFIX/
         self.rev = 0  # the revision it holds (0: none)
-        self.raw: dict[bytes, bytes] = {}  # key -> value
+        self.raw: dict[str, dict[str, bytes]] = {"nodes": {}, "claims": {}}  # kind -> name -> value
         self.members: dict[str, Heartbeat] = {}
+        self.announced: dict[str, str | None] = {}  # node -> the status_hash its heartbeat names
         self.claims: dict[str, Claim] = {}
-        self.status: dict[str, tuple[bytes, dict]] = {}  # node -> (status value, parsed)
+        self.status: dict[str, tuple[bytes, dict, str]] = {}  # node -> (value, parsed, status_hash)
+        # What the mirror lacks at `rev` (fetch_ops): kinds whose key sets must be read again,
+        # and stale statuses (node -> the min_mod_revision that may leave an unchanged one out).
+        self.resync: set[str] = set()
+        self.stale: dict[str, int] = {}
+        self.status_count = 0  # keys under status/ at `rev`
+        self.version = 0  # counts changes: a fetch answered after another change is not applied
         self.snap: Snapshot | None = None  # the Snapshot of the mirror as it is now, once built
         self.members_shared = self.claims_shared = False
+
+    @property
+    def pending(self) -> bool:
+        """True if the mirror is the prefix at `rev` only once fetch_ops has been answered."""
+        return bool(self.resync or self.stale)
 
     def snapshot(self) -> Snapshot:
         if self.snap is None:
@@ -33,108 +93,252 @@ class Mirror:
             self.members_shared = self.claims_shared = True
         return self.snap
 
-    def split(self, key: bytes) -> tuple[str, str]:
-        """prefix/KIND/NAME -> (KIND, NAME) for nodes, status and claims; ("", "") otherwise."""
-        for kind, p in self.kinds:
-            if key.startswith(p):
-                return kind, key[len(p):].decode(errors="replace")
-        return "", ""
+    def _name(self, kind: str, key: bytes) -> str:
+        return key[len(self.prefix[kind]):].decode(errors="replace")
 
-    def parse_all(self, kvs) -> tuple[dict, dict, dict, dict]:
-        """(raw, members, claims, status) for every key under the prefix, reusing the
-        mirror's parsed objects for values that did not change."""
-        raw: dict[bytes, bytes] = {}
+    # --- the delta ----------------------------------------------------------------------------
+
+    def delta_ops(self) -> Delta:
+        """The ranges, for a transaction, that bring the mirror from its revision to the
+        transaction's (with puts before them, to a revision that includes those)."""
+        base = self.rev
+        mod = base + 1 if base else 0
+        ops = [_range(self.prefix["nodes"], min_mod_revision=mod), _range(self.prefix["claims"], min_mod_revision=mod)]
+        ops += [_range(self.prefix[kind], count_only=True) for kind in KINDS]
+        covered: tuple[str, ...] | None = ()
+        if base:  # nodes whose heartbeat names no status hash: their statuses, if changed
+            covered = tuple(name for name, h in self.announced.items() if h is None)
+            if len(covered) > EACH:
+                covered = None
+                ops.append(_range(self.prefix["status"], min_mod_revision=mod))
+            else:
+                ops += [_range(self.prefix["status"] + n.encode(), single=True, min_mod_revision=mod) for n in covered]
+        return Delta(base=base, covered=covered, ops=ops)
+
+    def advance(self, delta: Delta, rev: int, responses, written: dict[str, bytes] | None = None) -> bool:
+        """Bring the mirror from `delta.base` to `rev`, given the answers to `delta.ops` at
+        `rev` (> base) and the status values the same transaction put (node -> value). True
+        if the mirror now stands for the prefix at `rev`: at once, or once fetch_ops has been
+        answered (`pending`).
+
+        base 0 means the ranges returned every key. A nodes/ or claims/ key not returned is
+        unmodified since `base`, so it still has the mirror's value -- unless it was deleted,
+        which the count reveals (not which one): then that kind's key set is read again. A
+        status is stale where a returned heartbeat names another hash than the mirror's.
+        """
+        base = delta.base
+        if rev <= self.rev:
+            return rev == self.rev  # answered out of order
+        if base and (not self.rev or base > self.rev):
+            return False  # the mirror was dropped or replaced meanwhile
+        ranges = [r.response_range for r in responses]
+        nodes, claims = ranges[0].kvs, ranges[1].kvs
+        counts = dict(zip(KINDS, (r.count for r in ranges[2:5])))
+        self.version += 1
+        for kind, kvs in (("claims", claims), ("nodes", nodes)):
+            names = [self._name(kind, kv.key) for kv in kvs]
+            have = self.raw[kind]
+            if not base:
+                returned = set(names)
+                for name in [n for n in have if n not in returned]:
+                    self._remove(kind, name)
+                self.resync.discard(kind)
+            elif len(have) - sum(1 for n in names if n in have) != counts[kind] - len(kvs):
+                self.resync.add(kind)  # keys were deleted
+            put = self._put_claim if kind == "claims" else self._put_node
+            for name, kv in zip(names, kvs):
+                put(name, kv)
+        fetched = set()
+        for r in ranges[5:]:  # statuses of nodes without a hash, as of rev
+            for kv in r.kvs:
+                name = self._name("status", kv.key)
+                self._set_status(name, kv.value)
+                fetched.add(name)
+        for name, value in (written or {}).items():
+            self._set_status(name, value)
+            fetched.add(name)
+        for name in fetched:
+            self.stale.pop(name, None)
+        covered = set(self.raw["nodes"]) if delta.covered is None else set(delta.covered)
+        for name in self.raw["nodes"] if not base else self._names(nodes):
+            if name not in fetched and not (name in covered and self.announced.get(name) is None):
+                self._check_status(name, base)
+        self.status_count = counts["status"]
+        self.rev = rev
+        if not self.pending and len(self.status) != self.status_count:
+            self.resync.add("status")  # a status went (or came) without its heartbeat
+        return True
+
+    def _names(self, kvs):
+        return [self._name("nodes", kv.key) for kv in kvs]
+
+    def _check_status(self, name: str, base: int) -> None:
+        """After `name`'s heartbeat changed: mark its status stale unless the mirror holds
+        the one the heartbeat names."""
+        announced, known = self.announced.get(name), self.status.get(name)
+        if announced is not None and known is not None and known[2] == announced:
+            return
+        # Without a hash, a status the mirror holds as of base may come back only if modified.
+        mod = base + 1 if announced is None and base and known is not None else 0
+        self.stale[name] = min(self.stale.get(name, mod), mod)
+
+    # --- what the delta left out ----------------------------------------------------------------
+
+    def fetch_ops(self) -> Fetch:
+        """Ranges for a read-only transaction that read what the mirror lacks, at its revision."""
+        # Serializable: the keys at a given revision are the same on every member that has
+        # applied it (the one that answered the delta has; another answers "future revision").
+        at = dict(revision=self.rev, serializable=True)
+        kinds = tuple(k for k in ("nodes", "claims") if k in self.resync)
+        ops = [_range(self.prefix[k], keys_only=True, **at) for k in kinds]
+        stale: dict | None = dict(self.stale)
+        if "status" in self.resync or len(self.stale) > EACH:
+            stale = None
+            ops.append(_range(self.prefix["status"], **at))
+        else:
+            ops += [_range(self.prefix["status"] + n.encode(), single=True, min_mod_revision=mod, **at)
+                    for n, mod in stale.items()]
+        return Fetch(version=self.version, rev=self.rev, kinds=kinds, stale=stale, ops=ops)
+
+    def apply_fetch(self, fetch: Fetch, responses) -> bool:
+        """Take in the answers to `fetch.ops`. False if the mirror changed since fetch_ops
+        (then they are dropped); still `pending` if the statuses then do not add up."""
+        if fetch.version != self.version or fetch.rev != self.rev:
+            return False
+        self.version += 1
+        ranges = [r.response_range for r in responses]
+        for kind, r in zip(fetch.kinds, ranges):
+            present = {self._name(kind, kv.key) for kv in r.kvs}
+            for name in [n for n in self.raw[kind] if n not in present]:
+                self._remove(kind, name)
+            self.resync.discard(kind)
+        ranges = ranges[len(fetch.kinds):]
+        if fetch.stale is None:
+            values = {self._name("status", kv.key): kv.value for kv in ranges[0].kvs}
+            for name in [n for n in self.status if n not in values]:
+                self._drop_status(name)
+            for name, value in values.items():
+                self._set_status(name, value)
+            self.resync.discard("status")
+            self.stale.clear()
+        else:
+            for (name, mod), r in zip(fetch.stale.items(), ranges):
+                if r.kvs:
+                    self._set_status(name, r.kvs[0].value)
+                elif not mod:
+                    self._drop_status(name)
+                # (with mod: unchanged since, or gone, which the count below tells)
+                self.stale.pop(name, None)
+        if len(self.status) != self.status_count:
+            self.resync.add("status")
+        return True
+
+    # --- a read of the whole prefix ---------------------------------------------------------
+
+    def parse_all(self, kvs) -> tuple:
+        """Every key under the prefix (one range's kvs) parsed, reusing the mirror's parsed
+        objects for values that did not change."""
+        raw: dict[str, dict[str, bytes]] = {"nodes": {}, "claims": {}}
         members: dict[str, Heartbeat] = {}
+        announced: dict[str, str | None] = {}
         claims: dict[str, Claim] = {}
-        status: dict[str, tuple[bytes, dict]] = {}
+        status: dict[str, tuple[bytes, dict, str]] = {}
         nodes = []
+        sp, cp, np = self.prefix["status"], self.prefix["claims"], self.prefix["nodes"]
         for kv in kvs:
-            raw[kv.key] = kv.value
-            kind, name = self.split(kv.key)
-            if kind == "status":
+            if kv.key.startswith(sp):
+                name = self._name("status", kv.key)
                 known = self.status.get(name)
-                status[name] = known if known is not None and known[0] == kv.value else (kv.value, _doc(kv.value))
-            elif kind == "claims":
+                status[name] = known if known is not None and known[0] == kv.value else _status(kv.value)
+            elif kv.key.startswith(cp):
+                name = self._name("claims", kv.key)
+                raw["claims"][name] = kv.value
                 c = self.claims.get(name)
-                if c is None or c.token != str(kv.create_revision) or self.raw.get(kv.key) != kv.value:
+                if c is None or c.token != str(kv.create_revision) or self.raw["claims"].get(name) != kv.value:
                     c = _claim(name, kv)
                 if c is not None:
                     claims[name] = c
-            elif kind == "nodes":
-                nodes.append((name, kv))
-        for name, kv in nodes:
+            elif kv.key.startswith(np):
+                name = self._name("nodes", kv.key)
+                raw["nodes"][name] = kv.value
+                nodes.append((name, kv.value))
+        for name, value in nodes:
             known, doc = self.members.get(name), status[name][1] if name in status else {}
-            if known is not None and known.status is doc and self.raw.get(kv.key) == kv.value:
-                members[name] = known
-            elif (hb := _heartbeat(name, kv.value, doc)) is not None:
+            if self.raw["nodes"].get(name) == value and name in self.announced:
+                announced[name] = self.announced[name]
+                if known is not None and known.status is doc:
+                    members[name] = known
+                    continue
+                beat = _json(value)
+            else:
+                beat = _json(value)
+                announced[name] = _announced(beat)
+            if (hb := _heartbeat(name, beat, doc)) is not None:
                 members[name] = hb
-        return raw, members, claims, status
+        return raw, announced, members, claims, status
 
-    def install(self, rev: int, parsed: tuple[dict, dict, dict, dict]) -> None:
+    def install(self, rev: int, parsed: tuple) -> None:
         """Replace the mirror with `parsed` (parse_all), the whole prefix at `rev`. Claims
         equal to the mirror's stay the very same dict (the agent skips work on that)."""
-        raw, members, claims, status = parsed
+        raw, announced, members, claims, status = parsed
         if claims != self.claims:
             self.claims, self.claims_shared = claims, False
-        self.raw, self.members, self.status = raw, members, status
+        self.raw, self.announced, self.members, self.status = raw, announced, members, status
         self.rev, self.snap, self.members_shared = rev, None, False
+        self.resync, self.stale, self.status_count = set(), {}, len(status)
+        self.version += 1
 
-    def advance(self, base: int, rev: int, changed, count: int) -> bool:
-        """Bring the mirror from revision `base` to `rev` (> base), given every key modified
-        after `base` (`changed`, as of `rev`) and the number of keys under the prefix at
-        `rev`. True if the mirror is now exactly the prefix at `rev`.
+    # --- changing one key -----------------------------------------------------------------------
 
-        base 0 means `changed` is every key. A key not in `changed` is unmodified since
-        `base`, so it still has the mirror's value -- unless it was deleted, which the count
-        reveals (not which one): then the mirror is dropped, and the next read() or publish()
-        reads everything.
-        """
-        if not base:
-            if rev > self.rev:
-                self.install(rev, self.parse_all(changed))
-            return rev == self.rev
-        if rev <= self.rev or not self.rev or base > self.rev:
-            return rev == self.rev  # answered out of order, or the mirror was replaced meanwhile
-        raw = self.raw
-        known = sum(1 for kv in changed if kv.key in raw)
-        if len(raw) - known != count - len(changed):
-            self.rev = 0  # keys were deleted
-            return False
-        sp = self.kinds[1][1]
-        for kv in changed:  # statuses first, so a heartbeat is built once with its new status
-            if kv.key.startswith(sp):
-                self.apply(kv)
-        for kv in changed:
-            if not kv.key.startswith(sp):
-                self.apply(kv)
-        self.rev = rev
-        return True
+    def _put_node(self, name: str, kv) -> None:
+        have = self.raw["nodes"]
+        if have.get(name) == kv.value and name in self.announced:
+            return
+        have[name] = kv.value
+        beat = _json(kv.value)
+        self.announced[name] = _announced(beat)
+        known = self.status.get(name)
+        hb = _heartbeat(name, beat, known[1] if known is not None else {})
+        if hb is not None:
+            self.members_w()[name] = hb
+        elif name in self.members:
+            del self.members_w()[name]
 
-    def apply(self, kv) -> None:
-        """Put one key's new value into the mirror."""
-        old = self.raw.get(kv.key)
-        self.raw[kv.key] = kv.value
-        kind, name = self.split(kv.key)
-        if kind == "nodes":
-            known = self.status.get(name)
-            hb = _heartbeat(name, kv.value, known[1] if known is not None else {})
-            if hb is not None:
-                self.members_w()[name] = hb
-            elif name in self.members:
-                del self.members_w()[name]
-        elif kind == "status":
-            if old == kv.value and name in self.status:
-                return  # rewritten unchanged (a new lease)
-            doc = _doc(kv.value)
-            self.status[name] = (kv.value, doc)
-            if (hb := self.members.get(name)) is not None:
-                self.members_w()[name] = attrs.evolve(hb, status=doc)
-        elif kind == "claims":
-            c = _claim(name, kv)
-            if c is not None:
-                self.claims_w()[name] = c
-            elif name in self.claims:
+    def _put_claim(self, name: str, kv) -> None:
+        c = self.claims.get(name)
+        if c is not None and c.token == str(kv.create_revision) and self.raw["claims"].get(name) == kv.value:
+            return
+        self.raw["claims"][name] = kv.value
+        c = _claim(name, kv)
+        if c is not None:
+            self.claims_w()[name] = c
+        elif name in self.claims:
+            del self.claims_w()[name]
+
+    def _remove(self, kind: str, name: str) -> None:
+        del self.raw[kind][name]
+        if kind == "claims":
+            if name in self.claims:
                 del self.claims_w()[name]
+            return
+        # Its status went with it (the same lease); the status count checks that.
+        self.announced.pop(name, None)
+        self.stale.pop(name, None)
+        self.status.pop(name, None)
+        if name in self.members:
+            del self.members_w()[name]
+
+    def _set_status(self, name: str, value: bytes) -> None:
+        known = self.status.get(name)
+        if known is not None and known[0] == value:
+            return
+        self.status[name] = st = _status(value)
+        if (hb := self.members.get(name)) is not None:
+            self.members_w()[name] = attrs.evolve(hb, status=st[1])
+
+    def _drop_status(self, name: str) -> None:
+        if self.status.pop(name, None) is not None and (hb := self.members.get(name)) is not None:
+            self.members_w()[name] = attrs.evolve(hb, status={})
 
     def members_w(self) -> dict[str, Heartbeat]:
         """The mirror's members, for changing: copied first if a snapshot holds them."""
@@ -151,15 +355,25 @@ class Mirror:
         return self.claims
 
 
-def _doc(raw: bytes) -> dict:
-    """A status value parsed; {} if it is not a JSON object."""
-    doc = _json(raw)
-    return doc if isinstance(doc, dict) else {}
+def _range(key: bytes, single: bool = False, **options):
+    """A range over the keys under `key` (or that one key) as a transaction operation."""
+    end = b"" if single else prefix_range_end(key)
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end, **options))
 
 
-def _heartbeat(node: str, raw: bytes, status: dict) -> Heartbeat | None:
-    """A nodes/NODE value as a Heartbeat carrying `status`; None if malformed."""
-    beat = _json(raw)
+def _status(value: bytes) -> tuple[bytes, dict, str]:
+    """A status value, parsed ({} if it is not a JSON object), with its hash."""
+    doc = _json(value)
+    return value, doc if isinstance(doc, dict) else {}, status_hash(value)
+
+
+def _announced(beat) -> str | None:
+    h = beat.get("status_hash") if isinstance(beat, dict) else None
+    return h if isinstance(h, str) else None
+
+
+def _heartbeat(node: str, beat, status: dict) -> Heartbeat | None:
+    """A parsed nodes/NODE value as a Heartbeat carrying `status`; None if malformed."""
     if not isinstance(beat, dict) or not isinstance(beat.get("counter"), int):
         return None
     wall = beat.get("wall")

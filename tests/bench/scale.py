@@ -177,8 +177,11 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
     else:
         from reconciler.store import etcd as etcdmod
 
+        from reconciler.store import etcdmirror
+
         written: set[str] = set()  # nodes whose status is written under the current lease
         status_json = json.dumps(status, sort_keys=True, separators=(",", ":"))
+        status_hash = etcdmirror.status_hash(status_json.encode())  # as EtcdStore.publish names it
 
         async def one_round(c: int) -> None:
             deadline = store._deadline()
@@ -190,7 +193,7 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
             for k in range(0, len(names), 50):  # <= 100 operations per transaction (etcd allows 128)
                 ops = []
                 for n in names[k:k + 50]:
-                    ops.append(etcdmod._put(store._key("nodes", n), json.dumps({"node": n, "counter": c, "digest": digest}), lease_id))
+                    ops.append(etcdmod._put(store._key("nodes", n), json.dumps({"node": n, "counter": c, "digest": digest, "status_hash": status_hash}), lease_id))
                     if n not in written:
                         ops.append(etcdmod._put(store._key("status", n), status_json, lease_id))
                         written.add(n)

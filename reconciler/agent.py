@@ -53,6 +53,7 @@ class Agent(heartbeat.Heartbeating):
         self.lease_until = float("-inf")
         self.lease_lock = threading.Lock()  # lease_until and the lease file: the renewer thread writes them too
         self.loop_alive_at = time.monotonic()  # the loop stamps it every heartbeat (see renewal)
+        self._keeper_checked_at = float("-inf")  # the last look at the keeper (_ensure_keeper_cheap)
         self.publish_error = ""  # the renewer's last publish error ("": it succeeded)
         self.renewer: renewal.Renewer | None = None
         self.notified_ready = False  # READY=1 sent to systemd

@@ -160,7 +160,7 @@ class Heartbeating:
     def _ensure_keeper_cheap(self) -> None:
         """_ensure_keeper about once a second: it reads a file and /proc."""
         now = time.monotonic()
-        if now - getattr(self, "_keeper_checked_at", float("-inf")) >= KEEPER_CHECK_EVERY:
+        if now - self._keeper_checked_at >= KEEPER_CHECK_EVERY:
             self._keeper_checked_at = now
             self._ensure_keeper()
 

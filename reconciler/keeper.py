@@ -144,18 +144,29 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def mounts() -> list[tuple[str, str]]:
+    """(target, filesystem type) of every mount in this mount namespace, in the order of
+    /proc/self/mountinfo (later lines are mounted on top of earlier ones); [] if unreadable."""
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) >= 5 and right:
+            out.append((_unescape(fields[4]), right.split()[0]))
+    return out
+
+
 def _top_fstype(target: str) -> str | None:
     """The filesystem type of the topmost mount at `target` in this mount namespace, or None."""
     found = None
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) >= 5 and os.path.normpath(_unescape(fields[4])) == target and right:
-                    found = right.split()[0]  # later lines are mounted on top of earlier ones
-    except OSError:
-        return None
+    for at, fstype in mounts():
+        if os.path.normpath(at) == target:
+            found = fstype
     return found
 
 

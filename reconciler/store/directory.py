@@ -32,6 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
+from reconciler import keeper
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError
 
 STUCK_AFTER = 10.0  # seconds a half-finished claim removal may stand before it is completed
@@ -345,21 +346,12 @@ class DirectoryStore(Store):
 def _fstype(path: str) -> str:
     """The filesystem type of the mount `path` is on (this mount namespace), or "" if unknown."""
     path = os.path.realpath(path)
-    best, fstype = -1, ""
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) < 5 or not right:
-                    continue
-                target = fields[4].replace("\\040", " ")
-                inside = path == target or path.startswith(target.rstrip("/") + "/")
-                if inside and len(target) >= best:  # later lines are mounted on top of earlier ones
-                    best, fstype = len(target), right.split()[0]
-    except OSError:
-        return ""
-    return fstype
+    best, found = -1, ""
+    for target, fstype in keeper.mounts():
+        inside = path == target or path.startswith(target.rstrip("/") + "/")
+        if inside and len(target) >= best:  # later lines are mounted on top of earlier ones
+            best, found = len(target), fstype
+    return found
 
 
 def _scan(path: str) -> dict[str, bool]:

@@ -228,8 +228,7 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
             self.full_reads += 1
             if self._mirror.rev:
                 delta = self._mirror.delta_ops()
-                request = rpc.TxnRequest(success=delta.ops)
-                resp = await self._call("read", lambda s, t, md: s.kv.Txn(request, timeout=t, metadata=md), deadline)
+                resp = await self._txn("read", [], delta.ops, [], deadline)
                 rev = resp.header.revision
                 if self._mirror.advance(delta, rev, resp.responses) and await self._settle(deadline) \
                         and self._mirror.rev == rev:

@@ -30,3 +30,25 @@ def etcd_cluster3(tmp_path):
         yield cluster
     finally:
         cluster.stop()
+
+
+# --- the multi-node harness (tests/cluster.py) ----------------------------------------------
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    """make_cluster(**Cluster options) -> a Cluster under tmp_path; every cluster made is
+    stopped at the end of the test, and its double-run checker must have found nothing."""
+    from cluster import Cluster
+
+    made = []
+
+    def make(**kw):
+        c = Cluster(tmp_path, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+        assert c.violations() == [], "\n".join(c.violations())

@@ -21,21 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FAILOVER = 3.0  # generous bound for one failover on a loaded 2-core CI machine
 
 
-@pytest.fixture
-def make_cluster(tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Cluster(tmp_path, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-        assert c.violations() == [], "\n".join(c.violations())
-
-
 def groups(c_log: str, names, **extra) -> str:
     return "".join(Cluster.guard_group(n, c_log, extra=extra.get(n, "")) for n in names)
 

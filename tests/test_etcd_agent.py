@@ -40,21 +40,8 @@ SURVIVED = 2.0 - 0.3 - 0.1  # lease - demote_margin - heartbeat
 ROBUST_DEAD_AFTER = 2.6
 
 
-# Tests list etcd_cluster3 before make_cluster: fixtures are torn down in reverse order, so the
-# agents stop (and release their claims) while etcd still answers.
-@pytest.fixture
-def make_cluster(tmp_path):
-    made = []
-
-    def make(**kw):
-        c = Cluster(tmp_path, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
-        assert c.violations() == [], "\n".join(c.violations())
+# Tests list etcd_cluster3 before make_cluster (tests/conftest.py): fixtures are torn down in
+# reverse order, so the agents stop (and release their claims) while etcd still answers.
 
 
 def guard_groups(log: str, names=GROUPS) -> str:

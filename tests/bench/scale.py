@@ -43,7 +43,8 @@ matrix  3 real agents (tests/cluster.py: each in its own `unshare --pid --fork -
         release, reclaim, and so on). A configuration that does not converge within
         --converge-max seconds is reported as such.
 idle    one agent owning 100 groups, nothing changing, --idle-window seconds: CPU share and
-        RSS of the agent (goal <= 1 % of a core, <= 60 MiB), and of its keeper.
+        RSS of the agent (goal <= 1 % of a core, <= 60 MiB), and of its keeper. Default timing
+        unless --idle-timing overrides [cluster.timing] (as failover.py's --timing).
 plan    `reconciler.plan.plan` in-process for G groups x 10 entries with 100 live members
         (goal <= 20 ms at 1,000 groups), three views: this node owns every group (all
         entries running: the most entry work), claims spread over the 100 nodes by rank
@@ -90,6 +91,10 @@ TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(TESTS / "bench"))  # its siblings, also when not run as a script
+
+from failover import timing_toml  # noqa: E402  (tests/bench/, beside this script)
+from respawn import children, cmdline  # noqa: E402
 
 MiB = 1024 * 1024
 # --relaxed-from: the matrix runs configurations with this many groups or more at this timing
@@ -324,22 +329,6 @@ def rss(pid: int) -> float:
         return psutil.Process(pid).memory_info().rss
     except psutil.Error:
         return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
 
 
 def keeper_of(agent_pid: int) -> int | None:
@@ -685,13 +674,15 @@ def idle(args, work: Path, results: dict) -> None:
 
 
 def idle_one(args, work: Path, store: str) -> dict:
-    print(f"\n== idle: one agent owning 100 groups, default timing, {store} store; window {args.idle_window:g}s; "
+    timing = args.idle_timing or "default timing"
+    print(f"\n== idle: one agent owning 100 groups, {timing}, {store} store; window {args.idle_window:g}s; "
           f"load {load()}", flush=True)
     etcd = shared_etcd(args, work) if store == "etcd" else None
     prefix = "/scale-idle"
     # Metrics on, as a node runs by default (/metrics is not scraped during the window).
     c = cluster(work / f"idle-{store}", groups_toml(100, nodes=("n1",)), nodes=("n1",), metrics=True,
-                store=etcd.url if etcd else None, extra=f'etcd_prefix = "{prefix}"' if etcd else "")
+                store=etcd.url if etcd else None,
+                extra=(f'etcd_prefix = "{prefix}"\n' if etcd else "") + timing_toml(args.idle_timing))
     ino = None
     try:
         c.start()
@@ -712,7 +703,7 @@ def idle_one(args, work: Path, store: str) -> dict:
         else:
             writes = {"agents/puts": (etcd_agent_puts(etcd.endpoint(0), prefix, ("n1",)) - w0) / el}
         row = {
-            "store": store, "agent_cpu": (a1 - a0) / el, "keeper_cpu": (k1 - k0) / el, "agent_rss": rss(agent),
+            "store": store, "timing": timing, "agent_cpu": (a1 - a0) / el, "keeper_cpu": (k1 - k0) / el, "agent_rss": rss(agent),
             "keeper_rss": rss(keeper) if keeper else 0, "writes_per_s": writes, "load_before": l0, "load_after": load(), "window": el,
         }
     finally:
@@ -914,6 +905,7 @@ def main() -> int:
                     help="synthetic members: rounds of writes (default) or one publish() call per member and heartbeat")
     ap.add_argument("--idle-window", type=float, default=30.0)
     ap.add_argument("--idle-stores", default="dir,etcd")
+    ap.add_argument("--idle-timing", default="", help='idle: override [cluster.timing], e.g. "heartbeat=250ms"')
     ap.add_argument("--plan-sizes", default="250,500,1000,2000")
     ap.add_argument("--plan-runs", type=int, default=15)
     ap.add_argument("--edits", type=int, default=50)

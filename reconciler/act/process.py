@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -92,6 +93,7 @@ class Record:
 
 
 _SAVED = ("group", "tag", "state", "pid", "pgid", "ticks", "since", "started", "exit_code", "rapid_exits", "level", "mode", "min_uptime", "respawns")
+_saved_fields = operator.attrgetter(*_SAVED)  # a record's saved fields as a tuple
 
 
 class Supervisor:
@@ -107,6 +109,7 @@ class Supervisor:
         self.sys = sys or Sys()
         self.on_change = on_change
         self.dirty = False
+        self._saved_texts: dict[tuple[str, str], tuple[tuple, str]] = {}  # key -> (saved fields, their JSON)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sweep_at: asyncio.TimerHandle | None = None
         self._zombies: set[int] = set()  # unknown zombie children seen by the last sweep
@@ -309,9 +312,18 @@ class Supervisor:
     def save(self) -> None:
         if not self.dirty:
             return
-        data = [{k: getattr(r, k) for k in _SAVED} for r in self.records.values()]
+        # Every spawn saves the whole table (the keeper must know the pid at once), so a
+        # cold start of N processes saves N records N times: each record's JSON is kept and
+        # encoded again only when one of its saved fields (all immutable scalars) changed.
+        texts = {}
+        for key, r in self.records.items():
+            values = _saved_fields(r)
+            known = self._saved_texts.get(key)
+            texts[key] = known if known is not None and known[0] == values else (values, json.dumps(dict(zip(_SAVED, values))))
+        self._saved_texts = texts
+        records = ", ".join(text for _values, text in texts.values())
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"node": self.node, "records": data}))
+        tmp.write_text(f'{{"node": {json.dumps(self.node)}, "records": [{records}]}}')
         os.replace(tmp, self.state_file)
         self.dirty = False
 

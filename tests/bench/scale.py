@@ -2,7 +2,7 @@
 """Cost as the work grows: agents under more members and more groups, an idle agent, `plan`,
 and spec edit -> converged.
 
-    python3 tests/bench/scale.py [--quick] [--only matrix,idle,plan,edit] [--stores dir,etcd]
+    python3 tests/bench/scale.py [--quick] [--only matrix,idle,plan,edit,cold] [--stores dir,etcd]
                                  [--profile] [--json FILE]
 
 matrix  3 real agents (tests/cluster.py: each in its own `unshare --pid --fork --mount-proc`,
@@ -57,6 +57,10 @@ edit    3 agents, directory store, 100 background groups and one group whose run
         Converged = the owner's process tree has the new command and not the old one (polled
         every 2 ms from /proc). p50/p90/max from the start of the tell() call (goal p50 <=
         300 ms).
+cold    one agent, directory store, default timing, --cold-groups groups of one `sleep` each
+        (not in the default --only): seconds from the agent's start until every process
+        runs, and the agent's CPU time by then; --cold-runs runs, each printed, and the
+        median. The cost of a node that takes on many groups at once.
 --profile records the worst matrix configuration's agent n1 with py-spy for the window and
 prints the functions with the most samples (inclusive and own).
 Every section prints the load average before and after; on a busy machine the numbers are
@@ -817,6 +821,24 @@ stop_timeout = "2s"
 """
 
 
+def cold_bench(args, work: Path, results: dict) -> None:
+    n = args.cold_groups
+    print(f"\n== cold start: one agent, {n} groups, dir store, default timing, {args.cold_runs} runs; load {load()}", flush=True)
+    runs = []
+    for i in range(args.cold_runs):
+        c = cluster(work / f"cold-{i}", groups_toml(n, nodes=("n1",)), nodes=("n1",), metrics=False)
+        try:
+            c.start()
+            took = wait_running(c, n, args.converge_max)
+            runs.append({"seconds": took, "agent_cpu_s": cpu_seconds(c.nodes["n1"].agent_pid)})
+        finally:
+            crash_all(c)
+        print(f"  run {i + 1}: every process running after {took:.1f} s, agent CPU {runs[-1]['agent_cpu_s']:.1f} s", flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "agent_cpu_s")}
+    print(f"  median: {med['seconds']:.1f} s, agent CPU {med['agent_cpu_s']:.1f} s; load {load()}", flush=True)
+    results["cold"] = {"groups": n, "runs": runs, "median": med}
+
+
 def edit_bench(args, work: Path, results: dict) -> None:
     from reconciler import edit
 
@@ -908,6 +930,8 @@ def main() -> int:
     ap.add_argument("--idle-timing", default="", help='idle: override [cluster.timing], e.g. "heartbeat=250ms"')
     ap.add_argument("--plan-sizes", default="250,500,1000,2000")
     ap.add_argument("--plan-runs", type=int, default=15)
+    ap.add_argument("--cold-groups", type=int, default=1000)
+    ap.add_argument("--cold-runs", type=int, default=5)
     ap.add_argument("--edits", type=int, default=50)
     ap.add_argument("--edit-background", type=int, default=100)
     ap.add_argument("--edit-pause", type=float, default=0.2, help="seconds between edits")
@@ -925,7 +949,7 @@ def main() -> int:
     args.members = [int(x) for x in args.members.split(",")]
     args.plan_sizes = [int(x) for x in args.plan_sizes.split(",")]
     sections = [s for s in args.only.split(",") if s]
-    needs_root = any(s in sections for s in ("matrix", "idle", "edit"))
+    needs_root = any(s in sections for s in ("matrix", "idle", "edit", "cold"))
     if needs_root and os.geteuid() != 0:
         print("scale.py: needs root (unshare)", file=sys.stderr)
         return 2
@@ -950,7 +974,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         for s in sections:
-            {"matrix": matrix, "idle": idle, "plan": plan_bench, "edit": edit_bench}[s](args, work, results)
+            {"matrix": matrix, "idle": idle, "plan": plan_bench, "edit": edit_bench, "cold": cold_bench}[s](args, work, results)
     finally:
         if "cluster" in _ETCD:
             _ETCD.pop("cluster").stop()

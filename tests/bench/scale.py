@@ -61,7 +61,7 @@ cold    one agent, directory store, default timing, --cold-groups groups of one 
         (not in the default --only): seconds from the agent's start until every process
         runs, and the agent's CPU time by then; --cold-runs runs, each printed, and the
         median. The cost of a node that takes on many groups at once.
---profile records the worst matrix configuration's agent n1 with py-spy for the window and
+--profile records the worst matrix configuration's agent n1 with py-spy (`pip install -e '.[bench]'`) for the window and
 prints the functions with the most samples (inclusive and own).
 Every section prints the load average before and after; on a busy machine the numbers are
 noisy (tick times are wall-clock). Needs root (unshare), etcd for the etcd store.
@@ -496,7 +496,7 @@ def wait_running(c, expected: int, timeout: float) -> float:
 def py_spy_top(pid: int, seconds: float, out: Path, top: int = 24) -> list[str]:
     exe = shutil.which("py-spy")
     if exe is None:
-        return ["py-spy not installed (pip install py-spy)"]
+        return ["py-spy not installed (pip install -e '.[bench]')"]
     raw = out.with_suffix(".txt")
     r = subprocess.run([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200", "--gil", "--format", "raw",
                         "--output", str(raw), "--nonblocking"], capture_output=True, text=True, timeout=seconds + 60)

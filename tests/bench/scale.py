@@ -61,8 +61,9 @@ cold    one agent, directory store, default timing, --cold-groups groups of one 
         (not in the default --only): seconds from the agent's start until every process
         runs, and the agent's CPU time by then; --cold-runs runs, each printed, and the
         median. The cost of a node that takes on many groups at once.
---profile records the worst matrix configuration's agent n1 with py-spy (`pip install -e '.[bench]'`) for the window and
-prints the functions with the most samples (inclusive and own).
+--profile records the worst matrix configuration's agent n1 with py-spy (`pip install -e
+'.[bench]'`) for the window and prints the functions with the most samples (inclusive and
+own).
 Every section prints the load average before and after; on a busy machine the numbers are
 noisy (tick times are wall-clock). Needs root (unshare), etcd for the etcd store.
 """

@@ -24,6 +24,7 @@ import sys  # noqa: E402
 
 import click  # noqa: E402
 
+import reconciler  # noqa: E402
 from reconciler import spec as specmod  # noqa: E402
 
 SPEC_HELP = "spec file or directory [default: $RECONCILER_SPEC, then /etc/reconciler/]"
@@ -99,6 +100,7 @@ def dry_run(spec_path: str, node: str, down: tuple[str, ...]) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(reconciler.__version__, "-V", "--version", prog_name="reconcile", message="%(prog)s %(version)s")
 @click.option("--dry-run", is_flag=True, help="print what `run` would do now, with a reason per action")
 @click.option("--spec", "spec_path", default=default_spec, help=SPEC_HELP)
 @click.option("--node", default=default_node, help="this node's name [default: $RECONCILER_NODE, then the hostname]")

@@ -114,7 +114,10 @@ def open_store(url: str, **options: Any) -> Store:
 
         return directory.DirectoryStore(url[4:])
     if url.startswith(("etcd://", "etcds://")):
-        from reconciler.store import etcd
+        try:
+            from reconciler.store import etcd
+        except ImportError as exc:  # the etcd client is an optional extra (it brings grpcio)
+            raise StoreError(f"{url}: etcd support is not installed ({exc.name}): pip install 'reconciler[etcd]'") from None
 
         return etcd.EtcdStore(url, **options)
     raise StoreError(f"{url}: unknown store (use dir:PATH or etcd://HOST:PORT)")

@@ -20,6 +20,7 @@ import time
 import attrs
 
 from reconciler import keeper
+from reconciler.act import logs
 from reconciler.store import ClusterView, StoreError, hpc as hpcmod
 
 log = logging.getLogger("reconciler.agent")
@@ -30,6 +31,8 @@ class Heartbeating:
     """Lease, heartbeat and view methods of Agent (its attributes are set in Agent.__init__)."""
 
     _lease_error = ""  # the last lease file write error, logged once ("": the last write worked)
+    _logs_rotated_at = float("-inf")  # the last look at the entry logs' sizes
+    log_policy: "logs.Policy | None" = None  # entry log rotation (from the environment at first use)
 
     def _inherit_lease(self) -> None:
         """A restarted agent continues its predecessor's lease, or knows that it lapsed."""
@@ -170,6 +173,7 @@ class Heartbeating:
         if self.notify and self.notified_ready:  # (systemd wants READY=1 first)
             self.notify.watchdog()
         self._ensure_keeper_cheap()
+        self._rotate_logs_cheap()
 
     def read_posted(self, changed: bool) -> None:
         """From the renewer thread: the view changed (plan again), or just a beat that
@@ -204,6 +208,17 @@ class Heartbeating:
         if now - self._keeper_checked_at >= KEEPER_CHECK_EVERY:
             self._keeper_checked_at = now
             self._ensure_keeper()
+
+    def _rotate_logs_cheap(self) -> None:
+        """Rotate the entry logs that are due, at most once a tick (reconciler/act/logs.py):
+        a chatty entry must not fill the state directory, which holds the lease file."""
+        now = time.monotonic()
+        if self.once or now - self._logs_rotated_at < self.spec.cluster.timing.tick:
+            return
+        self._logs_rotated_at = now
+        if self.log_policy is None:
+            self.log_policy = logs.Policy.from_env()
+        logs.rotate_all(self.supervisor.logs, self.log_policy)
 
     async def _heartbeat_once(self) -> None:
         """Publish, then read the store into the view, from the loop (at start-up, and

@@ -81,8 +81,9 @@ class Heartbeating:
             error = f"cannot write the lease file {path}: {exc.strerror or exc}"
             if error != self._lease_error:
                 self._lease_error = error
-                log.error("%s: the lease is not renewed past what the keeper was last told (it lapses at "
-                          "%.3f at the latest); this node stops its groups by then", error, self.lease_until)
+                log.error("%s: the lease is not renewed past what the keeper was last told (it lapses in "
+                          "%.2fs at the latest); this node stops its groups by then",
+                          error, max(0.0, self.lease_until - time.monotonic()))
             return False
         if self._lease_error:
             log.warning("lease file %s written again", path)

@@ -109,7 +109,11 @@ def test_a_chatty_entry_cannot_fill_the_state_directory(make_cluster, tmp_path):
     d = tmp_path / "state" / "n1" / "logs"
     live = d / "chat.talk.log"
     def pid():
-        return next(r["pid"] for r in json.loads((d.parent / "processes.json").read_text())["records"] if r["tag"] == "talk")
+        try:
+            records = json.loads((d.parent / "processes.json").read_text())["records"]
+        except (OSError, ValueError):
+            return None
+        return next((r["pid"] for r in records if r["tag"] == "talk" and r["state"] == "running"), None)
 
     first = wait_until(pid, 10, what="talk running")
     wait_until(lambda: (d / "chat.talk.log.2").exists(), 15, what="two rotations")

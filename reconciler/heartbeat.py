@@ -25,12 +25,14 @@ from reconciler.store import ClusterView, StoreError, hpc as hpcmod
 
 log = logging.getLogger("reconciler.agent")
 KEEPER_CHECK_EVERY = 1.0  # seconds: how often the loop makes sure the keeper runs
+LEASE_REPLACED_LOG_EVERY = 60.0  # seconds: at most one "lease file was replaced" line this often
 
 
 class Heartbeating:
     """Lease, heartbeat and view methods of Agent (its attributes are set in Agent.__init__)."""
 
     _lease_error = ""  # the last lease file write error, logged once ("": the last write worked)
+    _lease_replaced_logged_at = float("-inf")
     _logs_rotated_at = float("-inf")  # the last look at the entry logs' sizes
     log_policy: "logs.Policy | None" = None  # entry log rotation (from the environment at first use)
 
@@ -70,7 +72,10 @@ class Heartbeating:
         path = os.path.join(self.node_dir, "lease")
         try:
             if self._lease_fd is not None and not _same_file(self._lease_fd, path, len(record)):
-                log.warning("lease file %s was deleted, replaced or altered: writing a new one", path)
+                now = time.monotonic()
+                if now - self._lease_replaced_logged_at >= LEASE_REPLACED_LOG_EVERY:  # (a fight: not every 100 ms)
+                    self._lease_replaced_logged_at = now
+                    log.warning("lease file %s was deleted, replaced or altered: writing a new one", path)
                 os.close(self._lease_fd)
                 self._lease_fd = None
             if self._lease_fd is None:
@@ -342,7 +347,11 @@ def _create(path: str, record: bytes) -> int:
     """A new lease file holding `record`, renamed into place; its descriptor, open for
     writing (the renamed file: no race with a second rename)."""
     tmp = os.path.join(os.path.dirname(path), ".lease.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.unlink(tmp)  # (a leftover, or something planted there: never written through)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         if os.write(fd, record) != len(record):
             raise OSError(errno.ENOSPC, "short write")

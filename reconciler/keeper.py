@@ -28,6 +28,9 @@ already watches the same directory (it holds STATE/NODE/keeper.lock): two keeper
 each count the other among the agent's children and SIGKILL it at expiry, leaving none.
 No write of its own (keeper.log, keeper.pid) can stop it: a full, read-only or failing
 disk costs the log line, never the kill.
+
+(Longer than the house's ~400 lines on purpose: the keeper is one file that imports nothing
+of the package, so that it runs from any release and nothing it needs can break.)
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ class Log:
         if self.lost:
             text = f"{now} ({self.lost} earlier lines could not be written)\n" + text
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, text.encode())
             finally:

@@ -266,7 +266,7 @@ class Executor:
             return
         tmp = self.resource_file.with_name(f".{self.resource_file.name}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 data = (doc + "\n").encode()
                 if os.write(fd, data) != len(data):

@@ -34,7 +34,7 @@ class Heartbeating:
     _lease_error = ""  # the last lease file write error, logged once ("": the last write worked)
     _lease_replaced_logged_at = float("-inf")
     _logs_rotated_at = float("-inf")  # the last look at the entry logs' sizes
-    log_policy: "logs.Policy | None" = None  # entry log rotation (from the environment at first use)
+    log_rotator: "logs.Rotator | None" = None  # entry log rotation (its policy from the environment)
 
     def _inherit_lease(self) -> None:
         """A restarted agent continues its predecessor's lease, or knows that it lapsed."""
@@ -222,9 +222,9 @@ class Heartbeating:
         if self.once or now - self._logs_rotated_at < self.spec.cluster.timing.tick:
             return
         self._logs_rotated_at = now
-        if self.log_policy is None:
-            self.log_policy = logs.Policy.from_env()
-        logs.rotate_all(self.supervisor.logs, self.log_policy)
+        if self.log_rotator is None:
+            self.log_rotator = logs.Rotator(self.supervisor.logs, logs.Policy.from_env())
+        self.log_rotator.look()
 
     async def _heartbeat_once(self) -> None:
         """Publish, then read the store into the view, from the loop (at start-up, and

@@ -10,7 +10,7 @@ copytruncate). An entry's logs then take at most about (keep + 1) x max_bytes, p
 writes in one tick.
 
 The agent looks at most once per tick (Heartbeating._rotate_logs_cheap): one stat(2) per
-log. Rotation never raises: a copy that fails (ENOSPC: the disk is full already) is dropped
+log; the copies are made on a thread (Rotator). Rotation never raises: a copy that fails (ENOSPC: the disk is full already) is dropped
 and the live file truncated anyway: the state directory holds the lease file and the
 write-ahead records the node's safety depends on, and must not fill up.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -137,15 +138,38 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def rotate_all(directory: Path, policy: Policy) -> list[str]:
-    """Rotate every log in `directory` that is due; the logs rotated. Never raises (a bug
-    here must not stop the agent's loop): problems are logged."""
+def rotate_all(directory: Path, policy: Policy, names: list[str] | None = None) -> list[str]:
+    """Rotate every log in `directory` that is due (or just `names`); the logs rotated.
+    Never raises (a bug here must not stop the agent): problems are logged."""
     done = []
     try:
-        for name in due(sizes(directory), policy):
+        for name in due(sizes(directory), policy) if names is None else names:
             for problem in rotate(directory / name, policy):
                 log.error("%s", problem)
             done.append(name)
     except Exception:
         log.exception("log rotation in %s failed", directory)
     return done
+
+
+class Rotator:
+    """The agent's rotation: a look at the sizes (one stat per log) when asked, and the
+    copies, if any are due, on a thread of their own, one rotation at a time: copying 10 MiB
+    logs of many entries must not hold up the event loop (self-demotion runs there)."""
+
+    def __init__(self, directory: Path, policy: Policy):
+        self.directory, self.policy = directory, policy
+        self._thread: threading.Thread | None = None
+
+    def look(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # the last rotation is still copying: look again next time
+        try:
+            names = due(sizes(self.directory), self.policy)
+        except Exception:
+            log.exception("log rotation in %s failed", self.directory)
+            return
+        if names:
+            self._thread = threading.Thread(target=rotate_all, args=(self.directory, self.policy, names),
+                                             name="log-rotation", daemon=True)
+            self._thread.start()

@@ -266,3 +266,31 @@ def test_an_unwritable_lease_file_is_no_renewal(make_cluster, tmp_path):
     wait_until(lambda: c.runs_on_one("g1") == "n1", 10, what="g1 running again")
     assert keeper.read_deadline(str(inside / "lease")) not in (None, keeper.RELEASED)
     assert "written again" in node.log.read_text()
+
+
+@pytest.mark.parametrize("how", ["replaced", "appended", "deleted"])
+def test_the_agent_repairs_a_replaced_or_altered_lease_file(make_cluster, tmp_path, how):
+    """Replaced by another file (rename), grown by junk in place, or deleted: the agent's
+    next renewal writes a valid file at the path again (the old agent kept writing to its
+    old descriptor), and since the keeper kept the deadline it had read, nothing stops."""
+    log = str(tmp_path / "guard.log")
+    c = make_cluster(nodes=("n1",), groups=Cluster.guard_group("g1", log))
+    c.start()
+    wait_until(lambda: c.runs_on_one("g1") == "n1", 10, what="g1 running")
+    lease = tmp_path / "state" / "n1" / "lease"
+    before = keeper.read_deadline(str(lease))
+    if how == "replaced":
+        (lease.parent / "junk").write_bytes(b"not a lease\n")
+        os.replace(lease.parent / "junk", lease)
+    elif how == "appended":
+        with open(lease, "ab") as fh:
+            fh.write(b"junk\n")
+    else:
+        lease.unlink()
+    wait_until(lambda: (d := keeper.read_deadline(str(lease))) not in (None, keeper.RELEASED) and d > before, 3,
+               what="a valid lease file again")
+    time.sleep(1.0)
+    assert c.runs_on_one("g1") == "n1"
+    assert "SIGKILL" not in ((tmp_path / "state" / "n1" / "keeper.log").read_text()
+                             if (tmp_path / "state" / "n1" / "keeper.log").exists() else "")
+    assert "was deleted, replaced or altered: writing a new one" in c.nodes["n1"].log.read_text()

@@ -195,11 +195,8 @@ class Agent(heartbeat.Heartbeating):
             if self.stopping and not self.busy and not self._anything_runs():
                 await self._release_all()
                 with self.lease_lock:
+                    self.release_lease_locked()  # tells the keeper: clean exit (see keeper.py)
                     self.finished = True  # no heartbeat may write the lease file again
-                    (self.node_dir / "lease").unlink(missing_ok=True)  # tells the keeper: clean exit
-                    if self._lease_fd is not None:
-                        os.close(self._lease_fd)
-                        self._lease_fd = None
                 return 0
             if self.once and not self.busy and self.last_plan.empty:
                 return 0

@@ -11,6 +11,7 @@ keeper watches is written under `lease_lock`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -19,14 +20,21 @@ import time
 import attrs
 
 from reconciler import keeper
+from reconciler.act import logs
 from reconciler.store import ClusterView, StoreError, hpc as hpcmod
 
 log = logging.getLogger("reconciler.agent")
 KEEPER_CHECK_EVERY = 1.0  # seconds: how often the loop makes sure the keeper runs
+LEASE_REPLACED_LOG_EVERY = 60.0  # seconds: at most one "lease file was replaced" line this often
 
 
 class Heartbeating:
     """Lease, heartbeat and view methods of Agent (its attributes are set in Agent.__init__)."""
+
+    _lease_error = ""  # the last lease file write error, logged once ("": the last write worked)
+    _lease_replaced_logged_at = float("-inf")
+    _logs_rotated_at = float("-inf")  # the last look at the entry logs' sizes
+    log_rotator: "logs.Rotator | None" = None  # entry log rotation (its policy from the environment)
 
     def _inherit_lease(self) -> None:
         """A restarted agent continues its predecessor's lease, or knows that it lapsed."""
@@ -36,24 +44,68 @@ class Heartbeating:
         self.lease_until = previous
         self.lapsed_at_start = previous <= time.monotonic()
 
-    def write_lease_locked(self) -> None:
-        """Write lease_until for the keeper; the caller holds lease_lock.
+    def extend_lease_locked(self, until: float) -> None:
+        """Move lease_until on to `until` (never back), but only as far as the keeper is
+        told: the keeper acts on the lease file, so a renewal the file does not show is no
+        renewal (the agent then demotes by the deadline the keeper enforces). The caller
+        holds lease_lock."""
+        until = max(self.lease_until, until)
+        if self.finished or until == self.lease_until:
+            return
+        if self.once or self.write_lease_locked(until):
+            self.lease_until = until
 
-        The first write of this process replaces the file (rename: atomic); later ones
-        overwrite it in place through an open descriptor, one pwrite(2) per renewal instead
-        of a create + rename (~10x cheaper), with a record of fixed length and a checksum,
-        so a keeper reading in the middle of a write rejects the torn record and reads again.
+    def write_lease_locked(self, until: float) -> bool:
+        """Write `until` (keeper.RELEASED: the clean-shutdown record) for the keeper; True
+        once the file at STATE/NODE/lease says so. The caller holds lease_lock.
+
+        The first write of this process creates the file (a new file renamed into place:
+        atomic); later ones overwrite it in place through the open descriptor, one pwrite(2)
+        per renewal instead of a create + rename (~10x cheaper), with a record of fixed
+        length and a checksum, so a keeper reading in the middle of a write rejects the torn
+        record and reads again. Before each pwrite an fstat of the descriptor and a stat of
+        the path (about 2 us together) tell whether the file was deleted, replaced or grown
+        behind the agent's back: then a new one is created, since writes to a file the path
+        no longer names would reach no keeper. A failed write returns False, logged once.
         """
-        record = keeper.lease_record(self.lease_until)
-        if self._lease_fd is None:
-            path = os.path.join(self.node_dir, "lease")
-            tmp = os.path.join(self.node_dir, ".lease.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(record)
-            os.replace(tmp, path)
-            self._lease_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        else:
-            os.pwrite(self._lease_fd, record, 0)
+        record = keeper.lease_record(until)
+        path = os.path.join(self.node_dir, "lease")
+        try:
+            if self._lease_fd is not None and not _same_file(self._lease_fd, path, len(record)):
+                now = time.monotonic()
+                if now - self._lease_replaced_logged_at >= LEASE_REPLACED_LOG_EVERY:  # (a fight: not every 100 ms)
+                    self._lease_replaced_logged_at = now
+                    log.warning("lease file %s was deleted, replaced or altered: writing a new one", path)
+                os.close(self._lease_fd)
+                self._lease_fd = None
+            if self._lease_fd is None:
+                self._lease_fd = _create(path, record)
+            elif os.pwrite(self._lease_fd, record, 0) != len(record):
+                raise OSError(errno.EIO, "short write")
+        except OSError as exc:
+            error = f"cannot write the lease file {path}: {exc.strerror or exc}"
+            if error != self._lease_error:
+                self._lease_error = error
+                log.error("%s: the lease is not renewed past what the keeper was last told (it lapses in "
+                          "%.2fs at the latest); this node stops its groups by then",
+                          error, max(0.0, self.lease_until - time.monotonic()))
+            return False
+        if self._lease_error:
+            log.warning("lease file %s written again", path)
+            self._lease_error = ""
+        return True
+
+    def release_lease_locked(self) -> None:
+        """A clean shutdown's last word to the keeper: the "released" record (it then exits
+        once nothing of this node is alive), and the descriptor closed. The caller holds
+        lease_lock, with everything stopped."""
+        if self.once:
+            return  # a one-shot run never owned the lease file (another agent may)
+        if not self.write_lease_locked(keeper.RELEASED):
+            log.error("the keeper was not told of the clean shutdown: it keeps watch over nothing")
+        if self._lease_fd is not None:
+            os.close(self._lease_fd)
+            self._lease_fd = None
 
     def after_lapse(self, started: float) -> None:
         """A renewal that began at `started` succeeded after the lease had run out: mark this
@@ -66,9 +118,7 @@ class Heartbeating:
             if mine:
                 log.warning("lease lapsed for %.2fs: re-arbitrating %s", started - self.lease_until, ", ".join(sorted(mine)))
             self.stale |= mine
-            self.lease_until = max(self.lease_until, started + self.spec.cluster.timing.lease)
-            if not self.once:
-                self.write_lease_locked()
+            self.extend_lease_locked(started + self.spec.cluster.timing.lease)
 
     def _with_lease(self, view: ClusterView) -> ClusterView:
         """The view to plan with: this node's current lease and stale claims, and (renewer
@@ -129,6 +179,7 @@ class Heartbeating:
         if self.notify and self.notified_ready:  # (systemd wants READY=1 first)
             self.notify.watchdog()
         self._ensure_keeper_cheap()
+        self._rotate_logs_cheap()
 
     def read_posted(self, changed: bool) -> None:
         """From the renewer thread: the view changed (plan again), or just a beat that
@@ -164,6 +215,17 @@ class Heartbeating:
             self._keeper_checked_at = now
             self._ensure_keeper()
 
+    def _rotate_logs_cheap(self) -> None:
+        """Rotate the entry logs that are due, at most once a tick (reconciler/act/logs.py):
+        a chatty entry must not fill the state directory, which holds the lease file."""
+        now = time.monotonic()
+        if self.once or now - self._logs_rotated_at < self.spec.cluster.timing.tick:
+            return
+        self._logs_rotated_at = now
+        if self.log_rotator is None:
+            self.log_rotator = logs.Rotator(self.supervisor.logs, logs.Policy.from_env())
+        self.log_rotator.look()
+
     async def _heartbeat_once(self) -> None:
         """Publish, then read the store into the view, from the loop (at start-up, and
         always for backends without blocking_publish)."""
@@ -180,9 +242,7 @@ class Heartbeating:
                 self.after_lapse(started)
             else:
                 with self.lease_lock:
-                    self.lease_until = max(self.lease_until, started + t.lease)
-                    if not self.once and not self.finished:
-                        self.write_lease_locked()
+                    self.extend_lease_locked(started + t.lease)
             error = ""
         except (StoreError, TimeoutError) as exc:
             error = str(exc) or f"{self.store.url}: no answer within {t.lease / 2:g}s"
@@ -269,6 +329,41 @@ def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:
     alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
     eligible = {n: m.heartbeat.status.get("eligible_groups") for n, m in view.members.items() if m.heartbeat is not None}
     return (alive, eligible, view.claims, view.store_ok, view.quorum)
+
+
+def _same_file(fd: int, path: str, size: int) -> bool:
+    """Is the open lease file still the one at `path`, linked and of the record's size?"""
+    st = os.fstat(fd)
+    if st.st_nlink == 0 or st.st_size != size:
+        return False
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def _create(path: str, record: bytes) -> int:
+    """A new lease file holding `record`, renamed into place; its descriptor, open for
+    writing (the renamed file: no race with a second rename)."""
+    tmp = os.path.join(os.path.dirname(path), ".lease.tmp")
+    try:
+        os.unlink(tmp)  # (a leftover, or something planted there: never written through)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if os.write(fd, record) != len(record):
+            raise OSError(errno.ENOSPC, "short write")
+        os.replace(tmp, path)
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return fd
 
 
 def _evolve(view: ClusterView, **changes) -> ClusterView:

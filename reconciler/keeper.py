@@ -11,16 +11,33 @@ standard library, no store, no spec.
 
     python3 -m reconciler.keeper STATE/NODE
 
-It exits only when the lease file is removed (the agent shut down cleanly), or at once if
-another keeper already watches the same directory (it holds STATE/NODE/keeper.lock): two
-keepers would each count the other among the agent's children and SIGKILL it at expiry,
-leaving none.
+The lease file fails closed. It holds one 30-byte record with a CRC32 (`lease_record`):
+either a deadline, or "released", which the agent writes as the last thing of a clean
+shutdown, once nothing of the node runs any more. A file that is missing (deleted),
+truncated, replaced by anything else, or unreadable is no renewal: the last deadline the
+keeper read stands, and when it passes the keeper kills as on any expiry; a keeper that has
+never read a valid deadline (started while the file was missing or corrupt) counts the
+lease as lapsed at once. The agent, for its part, notices a deleted or replaced file and
+writes a new one (reconciler/heartbeat.py), and never counts on a renewal the file does not
+show.
+
+It exits only on the "released" record AND when nothing it guards is alive
+(`anything_alive`): deleting or corrupting the file can never switch it off; it keeps
+enforcing while anything of the node lives. It also exits at once if another keeper
+already watches the same directory (it holds STATE/NODE/keeper.lock): two keepers would
+each count the other among the agent's children and SIGKILL it at expiry, leaving none.
+No write of its own (keeper.log, keeper.pid) can stop it: a full, read-only or failing
+disk costs the log line, never the kill.
+
+(Longer than the house's ~400 lines on purpose: the keeper is one file that imports nothing
+of the package, so that it runs from any release and nothing it needs can break.)
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,25 +46,32 @@ import time
 import zlib
 
 POLL = 0.01  # while the lease file is unreadable, and between kills after expiry
-IDLE_MAX = 0.5  # longest sleep before the deadline: how soon a clean exit (no lease file) is seen
+IDLE_MAX = 0.5  # longest sleep before the deadline: how soon a "released" record is seen
+TORN_GRACE = 0.05  # an unreadable record is read again for this long before it counts as one
+RELEASED = float("-inf")  # read_deadline's value for the "released" record: no lease at all
 
 
 def lease_record(deadline: float) -> bytes:
     """The lease file's content: "DEADLINE CRC32\n", always 30 bytes (the agent rewrites it
-    in place, so a reader may catch it half-written: the checksum tells)."""
-    text = f"{deadline:020.6f}"
-    return f"{text} {zlib.crc32(text.encode()):08x}\n".encode()
+    in place, so a reader may catch it half-written: the checksum tells). RELEASED (-inf)
+    gives the clean-shutdown record "released CRC32\n", as long and as checked."""
+    text = f"{'released':>20}" if deadline == RELEASED else f"{deadline:020.6f}"
+    return f"{text} {zlib.crc32(text.strip().encode()):08x}\n".encode()
 
 
 def read_deadline(path: str) -> float | None:
-    """The deadline in the lease file; None if it is missing or caught mid-write."""
+    """The deadline in the lease file; RELEASED for the clean-shutdown record; None if the
+    file is missing, caught mid-write, truncated, or anything but a checksummed record."""
     try:
         with open(path, "rb") as fh:
-            fields = fh.read().split()
-        if len(fields) == 2 and int(fields[1], 16) != zlib.crc32(fields[0]):
-            return None  # torn: read again in a moment
-        return float(fields[0])  # (one field: written whole by rename, by an older agent)
-    except (OSError, ValueError, IndexError):
+            fields = fh.read(64).split()
+        if len(fields) != 2 or int(fields[1], 16) != zlib.crc32(fields[0]):
+            return None
+        if fields[0] == b"released":
+            return RELEASED
+        deadline = float(fields[0])
+        return deadline if math.isfinite(deadline) else None
+    except (OSError, ValueError):
         return None
 
 
@@ -217,53 +241,172 @@ def release(listing: str) -> list[str]:
     return done
 
 
+def _records(node_dir: str) -> list[dict]:
+    try:
+        with open(os.path.join(node_dir, "processes.json")) as fh:
+            records = json.load(fh).get("records", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in records if isinstance(r, dict)]
+
+
+def anything_alive(node_dir: str) -> bool:
+    """Is anything this keeper guards alive? A process the agent recorded as running or
+    stopping (the same pid and start time, not a zombie), or a live child of the agent other
+    than this keeper. The keeper exits only when this is False (and the lease is released).
+    The one question to extend where entries are tracked another way (a cgroup subtree)."""
+    for r in _records(node_dir):
+        pid = r.get("pid")
+        if r.get("state") in ("running", "stopping") and isinstance(pid, int) and pid > 0:
+            if start_ticks(pid, live=True) == r.get("ticks"):
+                return True
+    agent = agent_pid(node_dir)
+    if agent is None:
+        return False
+    me = os.getpid()
+    return any(int(f[1]) == agent and pid != me and f[0] != b"Z" for pid, f in proc_stats())
+
+
+class Log:
+    """keeper.log, appended to; a write that fails (ENOSPC, EROFS, EIO) costs the line, never
+    the keeper. The first failure is remembered and reported with the next line that fits."""
+
+    def __init__(self, node_dir: str):
+        self.path = os.path.join(node_dir, "keeper.log")
+        self.lost = 0
+
+    def write(self, *lines: str) -> None:
+        if not lines:
+            return
+        now = f"{time.time():.3f}"
+        text = "".join(f"{now} {line}\n" for line in lines)
+        if self.lost:
+            text = f"{now} ({self.lost} earlier lines could not be written)\n" + text
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+            self.lost = 0
+        except OSError:
+            self.lost += len(lines)
+
+
+def _take_lock(node_dir: str, log: Log) -> bool:
+    """One keeper per node directory: the agent may start a second one while the first is
+    still starting up (keeper.pid not written yet). Held until this process exits. False:
+    another keeper holds it. A lock file that cannot be opened (a full or read-only disk)
+    does not stop this keeper: two keepers are a smaller risk than none."""
+    try:
+        fd = os.open(os.path.join(node_dir, "keeper.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.write(f"cannot open keeper.lock ({exc.strerror}): running without it")
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except OSError as exc:
+        log.write(f"cannot lock keeper.lock ({exc.strerror}): running without it")
+    return True  # (fd stays open: the lock lives as long as this process)
+
+
+def _write_pid(node_dir: str, log: Log) -> None:
+    try:
+        with open(os.path.join(node_dir, "keeper.pid"), "w") as fh:
+            fh.write(f"{os.getpid()} {start_ticks(os.getpid())}\n")
+    except OSError as exc:  # the agent then starts keepers that step aside: harmless
+        log.write(f"cannot write keeper.pid ({exc.strerror}): keeping watch anyway")
+
+
 def main(argv: list[str]) -> int:
     node_dir = argv[1]
     lease = os.path.join(node_dir, "lease")
-    # One keeper per node directory: the agent may start a second one while the first is
-    # still starting up (keeper.pid not written yet). Held until this process exits.
-    lock = os.open(os.path.join(node_dir, "keeper.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    log = Log(node_dir)
+    if not _take_lock(node_dir, log):
         return 0
-    with open(os.path.join(node_dir, "keeper.pid"), "w") as fh:
-        fh.write(f"{os.getpid()} {start_ticks(os.getpid())}\n")
+    _write_pid(node_dir, log)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the lease file decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    released_listing: str | None = None  # resources.json as last released, during this expiry
-    logged_kills: set[int] = set()  # process groups already logged during this expiry
+    watch = Watch(node_dir, lease, log)
     while True:
-        deadline = read_deadline(lease)
-        if deadline is None and not os.path.exists(lease):
+        try:
+            pause = watch.step()
+        except Exception as exc:  # never die: an unexpected error costs one round, not the guard
+            log.write(f"error: {type(exc).__name__}: {exc}")
+            pause = POLL * 5
+        if pause is None:
             return 0
-        if deadline is not None and time.monotonic() >= deadline:
-            # Expired: kill, and keep killing whatever still or newly runs until the agent
-            # renews (a paused agent may resume mid-spawn). Never exit while a lease exists.
-            killed = fire(node_dir)
-            # A killed but not yet reaped leader keeps its group "alive": log each group once.
-            fresh_kills = [g for g in killed if g not in logged_kills]
-            logged_kills.update(killed)
-            # Mounts and addresses: once per expiry, and again whenever the agent lists
-            # something new (it writes the list before it applies anything).
-            listing = read_resources(node_dir)
-            released = release(listing) if listing != released_listing else []
-            released_listing = listing
-            if fresh_kills or released:
-                with open(os.path.join(node_dir, "keeper.log"), "a") as fh:
-                    if fresh_kills:
-                        fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: SIGKILL process groups {fresh_kills}\n")
-                    for line in released:
-                        fh.write(f"{time.time():.3f} lease deadline {deadline:.3f} passed: released: {line}\n")
-            time.sleep(POLL * 5)
-            continue
-        released_listing = None
-        logged_kills.clear()
-        # Sleep until the deadline itself rather than polling: the agent only ever moves it
-        # later (lease_until never decreases, also across a restart), so waking at the
-        # deadline last read and reading it again is exact, and costs a wake-up per renewal
-        # instead of a hundred a second.
-        time.sleep(POLL if deadline is None else min(max(deadline - time.monotonic(), 0.0), IDLE_MAX))
+        time.sleep(pause)
+
+
+class Watch:
+    """The keeper's state between two looks at the lease file (see the module docstring)."""
+
+    def __init__(self, node_dir: str, lease: str, log: Log):
+        self.node_dir, self.lease, self.log = node_dir, lease, log
+        self.known: float | None = None  # the last valid record read (RELEASED: released)
+        self.unreadable_since: float | None = None  # the file has been missing or invalid since
+        self.unreadable_logged = False
+        self.released_listing: str | None = None  # resources.json as last released, during this expiry
+        self.logged_kills: set[int] = set()  # process groups already logged during this expiry
+
+    def step(self) -> float | None:
+        """One look: the seconds to sleep before the next, or None to exit (released, and
+        nothing guarded alive)."""
+        now = time.monotonic()
+        read = read_deadline(self.lease)
+        if read is not None:
+            if self.unreadable_logged:
+                self.log.write("lease file readable again")
+            self.known, self.unreadable_since, self.unreadable_logged = read, None, False
+        else:
+            if self.unreadable_since is None:
+                self.unreadable_since = now
+            if now - self.unreadable_since < TORN_GRACE:
+                return POLL  # most likely a record caught mid-write: read it again
+            if not self.unreadable_logged:
+                self.unreadable_logged = True
+                until = "lapsed" if self.known is None or self.known <= now else f"lapses at {self.known:.3f}"
+                self.log.write(f"lease file {self.lease} missing or not a valid record: no renewal counts; the lease {until}")
+        known = self.known
+        if known is not None and now < known:
+            self.released_listing = None
+            self.logged_kills.clear()
+            # Sleep until the deadline itself rather than polling: the agent only ever moves
+            # it later (lease_until never decreases, also across a restart), so waking at the
+            # deadline last read and reading it again is exact, and costs a wake-up per
+            # renewal instead of a hundred a second. (While the file is unreadable, only a
+            # new file can change anything, and it is read at the next wake-up.)
+            return min(known - now, IDLE_MAX)
+        if known is None:
+            why = "no valid lease record"
+        elif known == RELEASED:
+            why = "lease released"
+        else:
+            why = f"lease deadline {known:.3f} passed"
+        self.expire(why)
+        if known == RELEASED and not anything_alive(self.node_dir):
+            self.log.write("lease released and nothing of the node alive: exiting")
+            return None
+        return POLL * 5
+
+    def expire(self, why: str) -> None:
+        """Kill, and keep killing whatever still or newly runs until the agent renews (a
+        paused agent may resume mid-spawn); release the node's addresses and mounts."""
+        killed = fire(self.node_dir)
+        # A killed but not yet reaped leader keeps its group "alive": log each group once.
+        fresh_kills = [g for g in killed if g not in self.logged_kills]
+        self.logged_kills.update(killed)
+        # Mounts and addresses: once per expiry, and again whenever the agent lists
+        # something new (it writes the list before it applies anything).
+        listing = read_resources(self.node_dir)
+        released = release(listing) if listing != self.released_listing else []
+        self.released_listing = listing
+        lines = [f"{why}: SIGKILL process groups {fresh_kills}"] if fresh_kills else []
+        self.log.write(*lines, *(f"{why}: released: {line}" for line in released))
 
 
 if __name__ == "__main__":

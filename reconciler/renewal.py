@@ -153,11 +153,7 @@ class Renewer:
             a.after_lapse(started)  # claims marked stale and the lease extended, under lease_lock
             return
         with a.lease_lock:
-            if a.finished:
-                return
-            a.lease_until = max(a.lease_until, started + t.lease)
-            if not a.once:
-                a.write_lease_locked()
+            a.extend_lease_locked(started + t.lease)  # only as far as the lease file says (or none if finished)
 
 
 class Nudge:

@@ -480,7 +480,7 @@ def test_a_second_keeper_steps_aside(tmp_path):
         # The keeper logs after its kills: the victim can be reaped before the line is written.
         wait_for(lambda: "SIGKILL" in (node / "keeper.log").read_text(), 5, "the kill logged")
         assert first.poll() is None
-        (node / "lease").unlink()  # a clean exit
+        (node / "lease").write_bytes(keeper.lease_record(keeper.RELEASED))  # a clean exit
         assert first.wait(5) == 0
     finally:
         for p in (first, victim):
@@ -577,7 +577,9 @@ def test_sigterm_stops_everything_gracefully_and_exits_0(env, agents):
     for t in "abc":
         assert env.file(f"term.{t}").exists(), t
     assert not any(alive(p) for p in pids)
-    assert not (env.state / "lease").exists()  # the keeper's signal: clean exit
+    from reconciler import keeper
+
+    assert keeper.read_deadline(str(env.state / "lease")) == keeper.RELEASED  # the keeper's signal: clean exit
     wait_for(lambda: not env.marked(), 5, "keeper gone too")
     assert "stopping every local group" in a.text()
 

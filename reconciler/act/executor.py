@@ -8,6 +8,7 @@ instead of hammering; nothing here decides *what* to do, only how.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -80,6 +81,7 @@ class Executor:
         # keeper to remove when the lease lapses while the agent cannot (see keeper.py).
         self.resource_file = Path(resource_file) if resource_file is not None else None
         self._resource_doc: str | None = None
+        self._resource_error = ""  # the last write error, logged once
         # At most this many store calls (claim, release, break) in flight: a node claiming
         # 1,000 groups at once would otherwise get 1,000 replies in one turn of the event
         # loop, and its heartbeat could not renew the lease in between.
@@ -205,7 +207,14 @@ class Executor:
         try:
             if a.kind == "start":
                 rec.entry, rec.applying = entry, True
-                self.save_resources()  # write-ahead: the keeper must know before the kernel does
+                # Write-ahead: the keeper must know before the kernel does. Not recorded, not
+                # applied: the keeper could not take it away if the lease lapsed.
+                try:
+                    self.save_resources(strict=True)
+                except OSError as exc:
+                    rec.applying = False
+                    raise NotRecorded(f"cannot record {_what(entry)} in {self.resource_file}: "
+                                      f"{exc.strerror or exc}: not applied") from None
                 try:
                     await self.resources.start(entry, deadline=budget)
                 finally:
@@ -232,8 +241,10 @@ class Executor:
         self.save_resources()
         return True, ""
 
-    def save_resources(self) -> None:
-        """Write the resources this node owns (or is applying) for the keeper, if changed."""
+    def save_resources(self, *, strict: bool = False) -> None:
+        """Write the resources this node owns (or is applying) for the keeper, if changed.
+        A write that fails is logged (once per error) and tried again at the next call;
+        with `strict` it raises the OSError too (the write-ahead of a start: see _resource)."""
         if self.resource_file is None:
             return
         items = []
@@ -253,13 +264,32 @@ class Executor:
         doc = json.dumps({"node": self.node, "resources": items}, sort_keys=True)
         if doc == self._resource_doc:
             return
+        tmp = self.resource_file.with_name(f".{self.resource_file.name}.tmp")
         try:
-            tmp = self.resource_file.with_name(f".{self.resource_file.name}.tmp")
-            tmp.write_text(doc + "\n")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                data = (doc + "\n").encode()
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
             os.replace(tmp, self.resource_file)
-            self._resource_doc = doc
         except OSError as exc:
-            log.warning("cannot write %s: %s", self.resource_file, exc)
+            try:
+                os.unlink(tmp)  # a partial copy must not keep the space a retry needs
+            except OSError:
+                pass
+            error = f"cannot write {self.resource_file}: {exc.strerror or exc}"
+            if error != self._resource_error:
+                self._resource_error = error
+                log.error("%s (what it lists now is not applied; removed entries stay listed)", error)
+            if strict:
+                raise
+            return
+        self._resource_doc = doc
+        if self._resource_error:
+            log.warning("%s written again", self.resource_file)
+            self._resource_error = ""
 
     def new_record(self, entry: specmod.Entry) -> ResourceRecord:
         return ResourceRecord(entry=entry)
@@ -280,3 +310,17 @@ class Executor:
 
 class _Failed(Exception):
     pass
+
+
+class NotRecorded(Exception):
+    """A mount or address whose write-ahead record could not be written: not applied."""
+
+    permanent = False
+
+
+def _what(entry: specmod.Entry) -> str:
+    if entry.address is not None:
+        return entry.address.ip
+    if entry.mount is not None:
+        return f"mount {entry.mount.target}"
+    return entry.tag

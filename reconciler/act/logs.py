@@ -1,0 +1,175 @@
+"""Entry logs rotated by size, so that a chatty service cannot fill the state directory.
+
+Each entry's output goes to STATE/NODE/logs/GROUP.TAG.log, which the child opened with
+O_APPEND (act/process.py). Once a log has reached `max_bytes`, the agent rotates it by
+copy and truncate (logrotate's `copytruncate`): GROUP.TAG.log.(N-1) -> .N, ..., .1 -> .2,
+a copy of the live file -> .1, then the live file truncated to zero. The child keeps its
+descriptor, and O_APPEND puts its next write at the new end, so no restart and no signal
+is needed (what it writes between the copy and the truncation is lost: the price of
+copytruncate). An entry's logs then take at most about (keep + 1) x max_bytes, plus what it
+writes in one tick.
+
+The agent looks at most once per tick (Heartbeating._rotate_logs_cheap): one stat(2) per
+log; the copies are made on a thread (Rotator). Rotation never raises: a copy that fails (ENOSPC: the disk is full already) is dropped
+and the live file truncated anyway: the state directory holds the lease file and the
+write-ahead records the node's safety depends on, and must not fill up.
+
+Sizes: RECONCILER_LOG_MAX_BYTES (default 10M; a number of bytes, or with a K, M or G
+suffix; 0 turns rotation off) and RECONCILER_LOG_KEEP (default 3 copies; 0 keeps none:
+the live file is only truncated), read from the agent's environment at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Mapping
+
+import attrs
+
+log = logging.getLogger("reconciler.act")
+
+MAX_BYTES = 10 * 1024 * 1024
+KEEP = 3
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+@attrs.frozen
+class Policy:
+    max_bytes: int = MAX_BYTES  # a live log this large (or larger) is rotated; 0: never
+    keep: int = KEEP  # rotated copies kept: GROUP.TAG.log.1 (newest) ... .keep
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Policy":
+        """The policy RECONCILER_LOG_MAX_BYTES and RECONCILER_LOG_KEEP ask for; a value that
+        does not parse is logged and the default used."""
+        return cls(
+            max_bytes=_parse(environ, "RECONCILER_LOG_MAX_BYTES", MAX_BYTES, size=True),
+            keep=_parse(environ, "RECONCILER_LOG_KEEP", KEEP, size=False),
+        )
+
+
+def _parse(environ: Mapping[str, str], name: str, default: int, *, size: bool) -> int:
+    text = environ.get(name, "").strip().upper().removesuffix("B")
+    if not text:
+        return default
+    unit = text[-1] if size and text[-1] in _UNITS else ""
+    try:
+        value = int(text[: len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        value = -1
+    if value < 0:
+        log.error("%s=%r: not a %s; using %d", name, environ[name], "size (bytes, or 10M, 512K)" if size else "count", default)
+        return default
+    return value
+
+
+def due(sizes: Mapping[str, int], policy: Policy) -> list[str]:
+    """The logs (of name -> size) to rotate now, in name order: pure."""
+    if policy.max_bytes <= 0:
+        return []
+    return sorted(name for name, size in sizes.items() if name.endswith(".log") and size >= policy.max_bytes)
+
+
+def sizes(directory: Path) -> dict[str, int]:
+    """name -> size of the regular files in `directory` ({} if it cannot be read)."""
+    out = {}
+    try:
+        with os.scandir(directory) as it:
+            for e in it:
+                try:
+                    if e.is_file(follow_symlinks=False):
+                        out[e.name] = e.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+    except OSError:
+        return {}
+    return out
+
+
+def rotate(path: Path, policy: Policy) -> list[str]:
+    """Rotate one log by copy and truncate; the problems met, as messages ([]: none).
+    Never raises: whatever fails, the live file is truncated."""
+    problems = []
+    name = path.name
+    try:
+        if policy.keep > 0:
+            # Oldest first, so that each step frees room for the next (a full disk).
+            _unlink(path.with_name(f"{name}.{policy.keep}"))
+            for n in range(policy.keep - 1, 0, -1):
+                older = path.with_name(f"{name}.{n}")
+                if older.exists():
+                    os.replace(older, path.with_name(f"{name}.{n + 1}"))
+            _copy(path, path.with_name(f"{name}.1"))
+    except OSError as exc:
+        problems.append(f"cannot keep a copy of {path}: {exc.strerror or exc}: truncated without one")
+    try:
+        os.truncate(path, 0)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        problems.append(f"cannot truncate {path}: {exc.strerror or exc}")
+    return problems
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """src -> dst through a temporary file (a partial copy never takes dst's name, nor
+    keeps the space it took)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        with open(src, "rb") as fin:
+            mode = os.fstat(fin.fileno()).st_mode & 0o777
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+            with open(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1024 * 1024)
+        os.replace(tmp, dst)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def rotate_all(directory: Path, policy: Policy, names: list[str] | None = None) -> list[str]:
+    """Rotate every log in `directory` that is due (or just `names`); the logs rotated.
+    Never raises (a bug here must not stop the agent): problems are logged."""
+    done = []
+    try:
+        for name in due(sizes(directory), policy) if names is None else names:
+            for problem in rotate(directory / name, policy):
+                log.error("%s", problem)
+            done.append(name)
+    except Exception:
+        log.exception("log rotation in %s failed", directory)
+    return done
+
+
+class Rotator:
+    """The agent's rotation: a look at the sizes (one stat per log) when asked, and the
+    copies, if any are due, on a thread of their own, one rotation at a time: copying 10 MiB
+    logs of many entries must not hold up the event loop (self-demotion runs there)."""
+
+    def __init__(self, directory: Path, policy: Policy):
+        self.directory, self.policy = directory, policy
+        self._thread: threading.Thread | None = None
+
+    def look(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # the last rotation is still copying: look again next time
+        try:
+            names = due(sizes(self.directory), self.policy)
+        except Exception:
+            log.exception("log rotation in %s failed", self.directory)
+            return
+        if names:
+            self._thread = threading.Thread(target=rotate_all, args=(self.directory, self.policy, names),
+                                             name="log-rotation", daemon=True)
+            self._thread.start()

@@ -227,7 +227,7 @@ TIMING_RANGES: dict[str, tuple[float, float]] = {
     "heartbeat": (0.01, 10.0),
     "lease": (0.02, 3600.0),
     "demote_margin": (0.0, 3600.0),  # and less than lease
-    "dead_after": (0.03, 4 * 3600.0),  # and above Timing.minimum_dead_after()
+    "dead_after": (0.05, 4 * 3600.0),  # and above Timing.minimum_dead_after() (> 50ms at the least ends)
     "clock_slack": (0.0, 0.1),  # a plain number, not a duration
     "kill_slack": (0.02, 10.0),  # the keeper polls every 10 ms between kills
     "retest": (1.0, 3600.0),

@@ -356,10 +356,12 @@ def test_other_writable_file_refused(tmp_path, mode):
     assert msg == f"{f}: writable by others (mode {mode:o}): refused"
 
 
-def test_group_writable_file_refused_unless_group_is_root(tmp_path):
+def test_group_writable_file_refused_whatever_the_group(tmp_path):
+    # Issue 12: like OpenSSH's StrictModes, a group-writable spec is refused even when the
+    # group is root (it used to be accepted: anyone in group 0 could add a command).
     f = write(tmp_path / "s.toml", GOOD, mode=0o664)
     os.chown(f, -1, 0)
-    specmod.load(f)  # group root: as trusted as the owner
+    assert error_of(f) == f"{f}: writable by others (mode 664): refused"
     os.chown(f, -1, 4321)
     assert error_of(f) == f"{f}: writable by others (mode 664): refused"
 

@@ -86,7 +86,7 @@ def redact_url(text: str) -> str:
 
 # --- small value types -------------------------------------------------------------
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION_RE = re.compile(r"^ *([0-9]+(?:\.[0-9]+)?) *(ms|s|m|h) *\Z")  # spaces only: \s and \d match far more
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 

@@ -289,3 +289,50 @@ def test_nul_in_env_refused_by_check(tmp_path):
     f = write(tmp_path / "s.toml", GOOD.replace('runlevels = ["run"]', 'runlevels = ["run"]\nenv = { A = "x\\u0000y" }'))
     p = check(f)
     assert p.returncode == 1 and p.stderr.strip() == f"reconcile: {f}: groups.web.entries[0].env.A: contains the control character \\x00: refused", p.stderr
+
+
+# --- the empty spec, as `reconcile check` and loader.check_replacement see it ------------------------
+
+
+def test_check_warns_about_an_empty_spec(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    f = write(tmp_path / "s.toml", "")
+    p = check(f)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == (
+        f"reconcile: warning: {f}: groups: no groups: a running agent refuses this spec, which would stop every group"
+        " that runs, and keeps its last good one; set stop_all = true in [cluster] to stop them all\n"
+    )
+    f = write(tmp_path / "s.toml", "[cluster]\nstop_all = true\n")
+    p = check(f)
+    assert p.returncode == 0 and "cluster.stop_all: true" in p.stderr, p.stderr
+    assert check(write(tmp_path / "s.toml", GOOD)).stderr == ""
+
+
+def _spec(groups: dict[str, str], stop_all: bool = False) -> Spec:
+    return Spec(
+        cluster=Cluster(stop_all=stop_all),
+        groups={n: specmod.Group(name=n, runlevel=lvl, source="f.toml") for n, lvl in groups.items()},
+    )
+
+
+@pytest.mark.parametrize(
+    "current, new, stop_all, refused",
+    [
+        ({"web": "run"}, {}, False, True),  # : > spec.toml
+        ({"web": "run", "db": "run"}, {"other": "stop"}, False, True),  # every running group gone
+        ({"web": "run"}, {}, True, False),  # the operator says so
+        ({"web": "run", "db": "run"}, {"db": "run"}, False, False),  # some remain
+        ({"web": "run"}, {"web": "stop"}, False, False),  # stopped by name: explicit
+        ({"web": "stop"}, {}, False, False),  # nothing ran
+        ({}, {}, False, False),  # nothing at all
+    ],
+)
+def test_check_replacement(current, new, stop_all, refused):
+    try:
+        loader.check_replacement(_spec(current), _spec(new, stop_all), "/etc/reconciler/")
+    except SpecError as exc:
+        assert refused, str(exc)
+        assert str(exc).startswith("/etc/reconciler/: groups: would stop every group that runs (")
+        return
+    assert not refused

@@ -323,15 +323,16 @@ class Agent(heartbeat.Heartbeating):
             self.spec_error = str(exc)
             log.error("%s (keeping the last good spec)", exc)
             self.metrics.spec_loaded(None, ok=False)
-            return
-        digest = new.digest()
-        if digest != self._digest(self.spec):
-            log.info("spec reloaded: digest %s", digest)
-        self.spec, self.spec_error = new, ""
-        self._digest_of = (new, digest)
-        self.metrics.spec_loaded(new, ok=True)
-        if self._watched is not None and specwatch.roots(self.spec_path, new) != self._watched:
-            self._start_spec_watch()  # a link now points elsewhere: watch where it leads
+        else:
+            digest = new.digest()
+            if digest != self._digest(self.spec):
+                log.info("spec reloaded: digest %s", digest)
+            self.spec, self.spec_error = new, ""
+            self._digest_of = (new, digest)
+            self.metrics.spec_loaded(new, ok=True)
+        # Good edit or bad: a link that points elsewhere now is watched where it leads.
+        if self._watched is not None and specwatch.roots(self.spec_path, self.spec) != self._watched:
+            self._start_spec_watch()
 
     def _start_spec_watch(self) -> None:
         """Watch the spec where it really is (reconciler/specwatch.py); called again when a

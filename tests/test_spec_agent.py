@@ -88,14 +88,15 @@ def test_a_repointed_link_is_followed(env, agents, tmp_path):
         os.replace(tmp, d / "web.toml")
 
     write_in(dirs[0], "run")
-    write_in(dirs[1], "run")
+    write_in(dirs[1], "party")  # not a runlevel of any entry: the link will first lead to a bad spec
     link = env.spec_dir / "spec.toml"
     link.symlink_to(dirs[0] / "web.toml")
     agents("--spec", str(link))
     wait_for(lambda: env.running("srv"), 10, "srv running")
     new_link = env.spec_dir / ".spec.toml.new"
     new_link.symlink_to(dirs[1] / "web.toml")
-    os.replace(new_link, link)  # the link's directory changes: reloaded, and b/ is watched from now on
-    time.sleep(1.0)
+    os.replace(new_link, link)  # the link's directory changes: reloaded (refused), and b/ is watched from now on
+    wait_for(lambda: "groups.g.runlevel: 'party'" in env.status()["spec_error"], 10, "the bad target reported")
+    assert env.running("srv")
     write_in(dirs[1], "stop")
     wait_for(lambda: not env.running("srv"), 10, "the edit in the new target's directory applied")

@@ -197,15 +197,14 @@ def check(ctx, spec_path) -> None:
             f"  {g.name}: runlevel {g.runlevel}, {len(g.entries)} entries, on {where}; "
             f"worst-case failover {total:.2f}s{'' if bounded else '+'} ({'; '.join(parts)})"
         )
-    if not any(g.runlevel != specmod.STOP for g in spec.groups.values()):
-        # What a running agent does with it (loader.check_replacement): said before it happens.
-        if spec.cluster.stop_all:
-            click.echo(f"reconcile: warning: {spec_path}: cluster.stop_all: true: agents apply this spec even where it stops every group", err=True)
-        elif not spec.groups:
-            click.echo(
-                f"reconcile: warning: {spec_path}: groups: no groups: a running agent refuses this spec, which would stop every"
-                " group that runs, and keeps its last good one; set stop_all = true in [cluster] to stop them all", err=True,
-            )
+    # What a running agent does with an empty spec (loader.check_replacement), said beforehand.
+    if spec.cluster.stop_all:
+        click.echo(f"reconcile: warning: {spec_path}: cluster.stop_all: true: agents apply this spec even where it stops every group", err=True)
+    elif not spec.groups:
+        click.echo(
+            f"reconcile: warning: {spec_path}: groups: no groups: a running agent refuses this spec, which would stop every"
+            " group that runs, and keeps its last good one; set stop_all = true in [cluster] to stop them all", err=True,
+        )
     for p in problems:
         click.echo(f"reconcile: {p}", err=True)
     sys.exit(1 if problems else 0)

@@ -1,9 +1,11 @@
 """Loading a spec: TOML files -> the frozen classes of `reconciler.spec`, strictly.
 
 One private cattrs converter with forbid_extra_keys; every problem becomes a one-line
-SpecError naming the file and the field path (`groups.web.entries[1].mode`). Cross-field
-rules that a type cannot express (unique tags, known runlevels, a safe timing budget) are
-checked after structuring, in `validate`.
+SpecError naming the file and the field path (`groups.web.entries[1].mode`); no string may
+hold a control character. Cross-field rules that a type cannot express (unique tags, known
+runlevels, each duration's range, a safe timing budget) are checked after structuring, in
+`validate`. Which files may be read at all: `reconciler.strictmodes`. Whether a new spec may
+replace the running one: `check_replacement`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,11 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 
 from reconciler.spec import (
+    ENTRY_RANGES,
+    GROUP_RANGES,
     MODES,
     STOP,
+    TIMING_RANGES,
     Address,
     Cluster,
     Entry,
@@ -31,9 +35,6 @@ from reconciler.spec import (
     Spec,
     SpecError,
     Timing,
-    ENTRY_RANGES,
-    GROUP_RANGES,
-    TIMING_RANGES,
     _FieldError,
     _name,
     control_char,
@@ -352,7 +353,7 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
         value = getattr(e, fld)
         if value is not None:
             _in_range(value, least, most, file=g.source, field=f"{path}.{fld}")
-    for fld in ("user", "group"):  # strings are structured without them already; specs built in code
+    for fld in ("user", "group"):  # the converter refuses them already; this covers specs built in code
         value = getattr(e, fld, None)
         if isinstance(value, str) and control_char(value) is not None:
             fail(fld, f"contains the control character {control_char(value)}: refused")

@@ -335,6 +335,9 @@ def digest(spec: Spec) -> str:
     c = data["cluster"]
     c["etcd_password"] = None if c["etcd_password"] is None else "<set>"
     c["store"] = redact_url(c["store"])
+    for newer in ("etcd_password_file", "stop_all"):  # unset: the digest older versions publish
+        if not c[newer]:
+            del c[newer]
     for g in data["groups"].values():
         g.pop("source", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from test_agent import HEADER, TEST_TIMING, Agent, Env, agents, entry, env, group, wait_for  # noqa: F401 (fixtures)
+from test_agent import HEADER, TEST_TIMING, agents, entry, env, group, wait_for  # noqa: F401 (fixtures)
 
 
 def test_an_emptied_spec_keeps_the_group_running(env, agents):

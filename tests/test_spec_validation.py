@@ -72,6 +72,34 @@ def test_negative_clock_slack_refused(tmp_path):
     assert "safe" not in p.stdout
 
 
+def test_an_agent_refuses_to_start_with_a_negative_clock_slack(tmp_path):
+    """Item 1 ran two agents on this spec; now neither starts."""
+    os.chmod(tmp_path, 0o755)
+    f = write(tmp_path / "s.toml", with_timing('clock_slack = -0.9\ndead_after = "60ms"'))
+    p = subprocess.run([sys.executable, "-m", "reconciler.cli", "run", "--spec", str(f), "--node", "n1", "--metrics-address", "off"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and p.stderr.strip().endswith(f"reconcile: {f}: cluster.timing.clock_slack: -0.9 is out of range: must be at least 0 and at most 0.1"), p.stderr
+    assert not (tmp_path / ".reconciler").exists()  # nothing was set up
+
+
+def test_digest_of_an_ordinary_spec_is_unchanged():
+    """The new [cluster] fields, unset, leave the digest as the previous version computed it
+    (no spurious "spec differs" during a rolling upgrade)."""
+    import hashlib
+    import json
+
+    import attrs
+
+    spec = specmod.load(ROOT / "specs" / "example.toml")
+    data = {"cluster": attrs.asdict(spec.cluster), "groups": {n: attrs.asdict(g) for n, g in spec.groups.items()}}
+    for key in ("etcd_password_file", "stop_all"):
+        del data["cluster"][key]
+    for g in data["groups"].values():
+        g.pop("source")
+    before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]  # 7c1ba00's digest()
+    assert spec.digest() == before
+
+
 def test_zero_retest_refused(tmp_path):
     """Item 1: retest = "0s" re-ran a failing test 2,168 times in 5 s."""
     f = write(tmp_path / "s.toml", with_timing('retest = "0s"'))

@@ -82,7 +82,7 @@ def test_an_agent_refuses_to_start_with_a_negative_clock_slack(tmp_path):
     assert not (tmp_path / ".reconciler").exists()  # nothing was set up
 
 
-def test_digest_of_an_ordinary_spec_is_unchanged():
+def test_digest_of_an_ordinary_spec_is_unchanged(tmp_path):
     """The new [cluster] fields, unset, leave the digest as the previous version computed it
     (no spurious "spec differs" during a rolling upgrade)."""
     import hashlib
@@ -90,7 +90,8 @@ def test_digest_of_an_ordinary_spec_is_unchanged():
 
     import attrs
 
-    spec = specmod.load(ROOT / "specs" / "example.toml")
+    os.chmod(tmp_path, 0o755)
+    spec = specmod.load(write(tmp_path / "example.toml", (ROOT / "specs" / "example.toml").read_text()))
     data = {"cluster": attrs.asdict(spec.cluster), "groups": {n: attrs.asdict(g) for n, g in spec.groups.items()}}
     for key in ("etcd_password_file", "stop_all"):
         del data["cluster"][key]

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from reconciler import heartbeat, observation, plan as planmod, renewal, spec as specmod, status as statusmod
+from reconciler import heartbeat, loader, observation, plan as planmod, renewal, spec as specmod, specwatch, status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process
 from reconciler.metrics import Metrics
@@ -44,6 +44,7 @@ class Agent(heartbeat.Heartbeating):
         self.wake_event = asyncio.Event()
         self.store_changed = asyncio.Event()
         self.watch_stop = threading.Event()
+        self._watched: tuple[tuple[str, ...], frozenset[str]] | None = None  # _start_spec_watch's roots and names
         self.store_read = asyncio.Event()  # set after every heartbeat round (publish + read)
         self.reload = False
         self.stopping = False
@@ -314,56 +315,35 @@ class Agent(heartbeat.Heartbeating):
         self.reload = False
         try:
             new = specmod.load(self.spec_path)
+            loader.check_replacement(self.spec, new, self.spec_path)  # an emptied spec stops nothing
         except specmod.SpecError as exc:
             self.spec_error = str(exc)
             log.error("%s (keeping the last good spec)", exc)
             self.metrics.spec_loaded(None, ok=False)
-            return
-        digest = new.digest()
-        if digest != self._digest(self.spec):
-            log.info("spec reloaded: digest %s", digest)
-        self.spec, self.spec_error = new, ""
-        self._digest_of = (new, digest)
-        self.metrics.spec_loaded(new, ok=True)
+        else:
+            digest = new.digest()
+            if digest != self._digest(self.spec):
+                log.info("spec reloaded: digest %s", digest)
+            self.spec, self.spec_error = new, ""
+            self._digest_of = (new, digest)
+            self.metrics.spec_loaded(new, ok=True)
+        # Good edit or bad: a link that points elsewhere now is watched where it leads.
+        if self._watched is not None and specwatch.roots(self.spec_path, self.spec) != self._watched:
+            self._start_spec_watch()
 
     def _start_spec_watch(self) -> None:
-        """Watch the spec directory in a daemon thread (watchfiles' own loop is blocking).
-
-        Watch the directory, not the file: editors save by writing a new file and renaming.
-        A thread we never join keeps shutdown instant; the loop only ever sees call_soon.
-        """
-        import threading
-
-        import watchfiles
-
-        path = Path(self.spec_path)
-        root = path if path.is_dir() else path.parent
-        wanted = None if path.is_dir() else path.name
-        loop = asyncio.get_running_loop()
-        stop = self.watch_stop
-
-        def only_specs(_change, changed: str) -> bool:
-            name = os.path.basename(changed)
-            return name.endswith(".toml") and (wanted is None or name == wanted)
+        """Watch the spec where it really is (reconciler/specwatch.py); called again when a
+        reload finds its links pointing elsewhere (the previous watch is told to stop)."""
 
         def changed() -> None:
             self.reload = True
             self.wake()
 
-        def run() -> None:
-            try:
-                # watchfiles wakes every `step` to look for changes (and a stop): 10 wake-ups a
-                # second, and an edit is seen 100-200 ms after it is written (once a step
-                # passes without further changes).
-                for _changes in watchfiles.watch(
-                    root, watch_filter=only_specs, recursive=False, step=100, debounce=100, stop_event=stop,
-                    rust_timeout=5000, yield_on_timeout=False, raise_interrupt=False,
-                ):
-                    loop.call_soon_threadsafe(changed)
-            except Exception as exc:  # the tick still reloads nothing; say why edits are not seen
-                log.warning("spec directory watch failed: %s", exc)
-
-        threading.Thread(target=run, name="spec-watch", daemon=True).start()
+        self.watch_stop.set()
+        self.watch_stop = threading.Event()
+        self._watched = specwatch.roots(self.spec_path, self.spec)
+        loop = asyncio.get_running_loop()
+        specwatch.start(*self._watched, changed=lambda: loop.call_soon_threadsafe(changed), stop=self.watch_stop)
 
     def _digest(self, spec: specmod.Spec) -> str:
         """spec.digest(), computed once per spec object: it hashes the whole spec, and the

@@ -94,7 +94,7 @@ def dry_run(spec_path: str, node: str, down: tuple[str, ...]) -> None:
     except StoreError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"{spec.store_url}: {exc}")
+        fail(f"{spec.shown_store_url}: {exc}")
     print_plan(plan, node=node)
     sys.exit(0 if plan.empty else 2)
 
@@ -179,7 +179,7 @@ def check(ctx, spec_path) -> None:
             if not (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe)):
                 problems.append(f"{g.source}: groups.{g.name}.fence: {exe}: command not found")
     t = spec.cluster.timing
-    click.echo(f"spec {spec_path}: {len(spec.groups)} groups, digest {spec.digest()}, store {spec.store_url}")
+    click.echo(f"spec {spec_path}: {len(spec.groups)} groups, digest {spec.digest()}, store {spec.shown_store_url}")
     click.echo(
         f"timing: heartbeat {specmod.format_duration(t.heartbeat)}, lease {specmod.format_duration(t.lease)}, "
         f"dead_after {specmod.format_duration(t.dead_after)} (safe: must exceed {t.minimum_dead_after() * 1000:.0f}ms)"
@@ -198,6 +198,14 @@ def check(ctx, spec_path) -> None:
         click.echo(
             f"  {g.name}: runlevel {g.runlevel}, {len(g.entries)} entries, on {where}; "
             f"worst-case failover {total:.2f}s{'' if bounded else '+'} ({'; '.join(parts)})"
+        )
+    # What a running agent does with an empty spec (loader.check_replacement), said beforehand.
+    if spec.cluster.stop_all:
+        click.echo(f"reconcile: warning: {spec_path}: cluster.stop_all: true: agents apply this spec even where it stops every group", err=True)
+    elif not spec.groups:
+        click.echo(
+            f"reconcile: warning: {spec_path}: groups: no groups: a running agent refuses this spec, which would stop every"
+            " group that runs, and keeps its last good one; set stop_all = true in [cluster] to stop them all", err=True,
         )
     for p in problems:
         click.echo(f"reconcile: {p}", err=True)

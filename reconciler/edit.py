@@ -2,13 +2,16 @@
 
 Only the value of that group's `runlevel` key is rewritten (rendered by tomli-w), so the
 operator's comments and layout survive; the result is parsed again and must differ from the
-original in exactly that one value before it replaces the file (atomically, same mode).
+original in exactly that one value before it replaces the file (atomically, same mode and
+owner, fsynced). A symbolic link is written through (its target is replaced, the link
+stays); a file without the owner's write bit is refused.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 import tomllib
 
@@ -41,26 +44,47 @@ def tell(spec_path: str, group: str, runlevel: str) -> str:
             file=g.source, field=f"groups.{group}.runlevel",
         )
     path = g.source
-    with open(path, encoding="utf-8") as fh:
+    # Through symbolic links: the file the link leads to is rewritten, the link is kept.
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if not st.st_mode & stat.S_IWUSR:  # root could write it anyway: the mode is the owner's word
+        raise specmod.SpecError(
+            f"read-only (mode {stat.S_IMODE(st.st_mode):o}): not changed; make it writable to use tell", file=path
+        )
+    with open(real, encoding="utf-8") as fh:
         text = fh.read()
     new_text = _rewrite(text, group, tomli_w.dumps({"runlevel": runlevel}).split("=", 1)[1].strip(), path)
     before, after = tomllib.loads(text), tomllib.loads(new_text)
     before["groups"][group]["runlevel"] = runlevel
     if before != after:
         raise specmod.SpecError("could not rewrite the runlevel line safely; edit the file by hand", file=path, field=f"groups.{group}.runlevel")
-    st = os.stat(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tell.", suffix=".tmp")
+    _replace(real, new_text, st)
+    return path
+
+
+def _replace(path: str, text: str, st: os.stat_result) -> None:
+    """Replace `path` atomically with `text`, same mode and owner, durably: the new file is
+    fsynced before the rename and its directory after it, so a crash leaves the old spec or
+    the new one, never an empty file."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tell.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(new_text)
-        os.chmod(tmp, st.st_mode & 0o7777)
-        os.chown(tmp, st.st_uid, st.st_gid)
+            fh.write(text)
+            fh.flush()
+            os.fchmod(fh.fileno(), st.st_mode & 0o7777)
+            os.fchown(fh.fileno(), st.st_uid, st.st_gid)
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _rewrite(text: str, group: str, value: str, path: str) -> str:

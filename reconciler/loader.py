@@ -1,9 +1,11 @@
 """Loading a spec: TOML files -> the frozen classes of `reconciler.spec`, strictly.
 
 One private cattrs converter with forbid_extra_keys; every problem becomes a one-line
-SpecError naming the file and the field path (`groups.web.entries[1].mode`). Cross-field
-rules that a type cannot express (unique tags, known runlevels, a safe timing budget) are
-checked after structuring, in `validate`.
+SpecError naming the file and the field path (`groups.web.entries[1].mode`); no string may
+hold a control character. Cross-field rules that a type cannot express (unique tags, known
+runlevels, each duration's range, a safe timing budget) are checked after structuring, in
+`validate`. Which files may be read at all: `reconciler.strictmodes`. Whether a new spec may
+replace the running one: `check_replacement`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,11 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 
 from reconciler.spec import (
+    ENTRY_RANGES,
+    GROUP_RANGES,
     MODES,
     STOP,
+    TIMING_RANGES,
     Address,
     Cluster,
     Entry,
@@ -33,10 +37,15 @@ from reconciler.spec import (
     Timing,
     _FieldError,
     _name,
+    control_char,
     format_duration,
+    no_control,
     parse_duration,
     parse_signal,
 )
+from reconciler.strictmodes import check_permissions, read_secret
+
+__all__ = ["check_permissions", "check_replacement", "load", "peek", "spec_files", "validate"]
 
 # --- the converter: private, strict --------------------------------------------------
 
@@ -46,7 +55,7 @@ _conv = cattrs.Converter(forbid_extra_keys=True)
 def _structure_str(value: Any, _t: Any) -> str:
     if not isinstance(value, str):
         raise _FieldError(f"must be a string, not {_tname(value)}")
-    return value
+    return no_control(value)  # every string of a spec: names, paths, users, URLs, mount fields
 
 
 def _structure_bool(value: Any, _t: Any) -> bool:
@@ -70,7 +79,7 @@ def _tname(value: Any) -> str:
 def _strings(value: Any, what: str = "strings") -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _FieldError(f"must be a list of {what}")
-    return tuple(value)
+    return tuple(no_control(v, sub=f"[{i}]") for i, v in enumerate(value))
 
 
 def _structure_command(value: Any, _t: Any) -> tuple[str, ...] | None:
@@ -79,7 +88,7 @@ def _structure_command(value: Any, _t: Any) -> tuple[str, ...] | None:
     if isinstance(value, str):
         if not value.strip():
             raise _FieldError("must not be empty")
-        return ("/bin/sh", "-c", value)
+        return ("/bin/sh", "-c", no_control(value))  # no line breaks either: one line of shell
     argv = _strings(value, "strings (an argv), or one string for /bin/sh -c")
     if not argv or not argv[0]:
         raise _FieldError("must not be empty")
@@ -91,9 +100,9 @@ def _structure_env(value: Any, _t: Any) -> tuple[tuple[str, str], ...]:
         raise _FieldError("must be a table of NAME = \"value\"")
     out = []
     for k, v in value.items():
-        if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+        if not isinstance(v, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", k):
             raise _FieldError(f"{k}: must be NAME = \"string value\"")
-        out.append((k, v))
+        out.append((k, no_control(v, sub=f".{k}")))
     return tuple(out)
 
 
@@ -154,7 +163,7 @@ def _first_error(exc: BaseException, path: str) -> tuple[str, str]:
         key = f".{exc.args[0]}"  # cattrs' note usually named the attribute already
         return (path if path.endswith(key) else path + key), "is required"
     if isinstance(exc, _FieldError):
-        return path, str(exc)
+        return path + exc.sub, str(exc)
     if isinstance(exc, TypeError) and "missing" in str(exc):
         missing = re.findall(r"'(\w+)'", str(exc))
         return (path + "." + missing[0]) if missing else path, "is required"
@@ -181,17 +190,23 @@ def spec_files(path: str | os.PathLike) -> list[Path]:
     return [p]
 
 
-def check_permissions(path: Path) -> None:
-    """Refuse files others can write, as sshd's StrictModes does: specs run commands as root."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise SpecError(exc.strerror or str(exc), file=str(path)) from None
-    me = os.geteuid()
-    if st.st_uid not in (0, me):
-        raise SpecError(f"owned by uid {st.st_uid}, not by root or uid {me}: refused", file=str(path))
-    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
-        raise SpecError(f"writable by others (mode {stat.S_IMODE(st.st_mode):o}): refused", file=str(path))
+def check_replacement(current: Spec, new: Spec, path: str | os.PathLike) -> None:
+    """Refuse a new spec that would stop every group the current one runs, by removing them
+    all (an emptied file, `: > spec.toml`; a directory whose files were deleted), unless it
+    says so with `[cluster] stop_all = true`. A group set to runlevel "stop" by name is the
+    operator's word and is not refused; neither is a first start with an empty spec."""
+    if new.cluster.stop_all:
+        return
+    running = [n for n, g in current.groups.items() if g.runlevel != STOP]
+    if not running or any(n in new.groups for n in running):
+        return
+    shown = ", ".join(running[:3]) + (f" and {len(running) - 3} more" if len(running) > 3 else "")
+    raise SpecError(
+        f"would stop every group that runs ({shown}) by removing it: refused, the last good spec stays;"
+        ' to stop them all, set stop_all = true in [cluster] (or each group\'s runlevel to "stop")',
+        file=str(path),
+        field="groups",
+    )
 
 
 def load(path: str | os.PathLike) -> Spec:
@@ -202,14 +217,13 @@ def load(path: str | os.PathLike) -> Spec:
     files = spec_files(root)
     if not files:
         raise SpecError("no *.toml files in this directory", file=str(root))
-    check_permissions(root)
-    if root.is_file():
-        check_permissions(root.parent)
+    check_permissions(root)  # the whole path: its ancestors and any link's target too
     cluster_raw: dict[str, Any] | None = None
     cluster_file = ""
     groups: dict[str, Group] = {}
     for f in files:
-        check_permissions(f)
+        if f != root:
+            check_permissions(f)
         fname = str(f)
         try:
             with open(f, "rb") as fh:
@@ -242,6 +256,7 @@ def load(path: str | os.PathLike) -> Spec:
             groups[name] = attrs.evolve(g, name=name, source=fname)
     cluster = _structure(cluster_raw or {}, Cluster, "cluster", cluster_file or str(files[0]))
     base = str(root if root.is_dir() else root.parent)
+    cluster = _password_from_file(cluster, base, cluster_file or str(files[0]))
     spec = Spec(cluster=cluster, groups=groups, base=base, files=tuple(str(f) for f in files))
     validate(spec, cluster_file or str(files[0]))
     return spec
@@ -250,9 +265,8 @@ def load(path: str | os.PathLike) -> Spec:
 def validate(spec: Spec, cluster_file: str) -> None:
     """Cross-field rules that a type cannot express."""
     t = spec.cluster.timing
-    for fld in ("heartbeat", "lease", "dead_after", "tick"):
-        if getattr(t, fld) <= 0:
-            raise SpecError("must be greater than 0", file=cluster_file, field=f"cluster.timing.{fld}")
+    for fld, (least, most) in TIMING_RANGES.items():
+        _in_range(getattr(t, fld), least, most, file=cluster_file, field=f"cluster.timing.{fld}", plain=fld == "clock_slack")
     if not 0 <= t.demote_margin < t.lease:
         raise SpecError("must be at least 0 and less than lease", file=cluster_file, field="cluster.timing.demote_margin")
     if t.heartbeat * 2 > t.lease:
@@ -280,8 +294,30 @@ def validate(spec: Spec, cluster_file: str) -> None:
             raise SpecError(
                 f"{g.runlevel!r} is not a runlevel of any entry (known: {known}) nor 'stop'", file=g.source, field=f"groups.{g.name}.runlevel"
             )
+        for fld, (least, most) in GROUP_RANGES.items():
+            _in_range(getattr(g, fld), least, most, file=g.source, field=f"groups.{g.name}.{fld}")
         if g.fence and not any("{node}" in a for a in g.fence):
             raise SpecError('must pass the dead node, e.g. ["/usr/local/sbin/fence", "{node}"]', file=g.source, field=f"groups.{g.name}.fence")
+
+
+def _in_range(value: float, least: float, most: float, *, file: str, field: str, plain: bool = False) -> None:
+    """A value within its documented range (NaN is not: every comparison with it fails)."""
+    if least <= value <= most:
+        return
+    show = (lambda v: f"{v:g}") if plain else format_duration
+    raise SpecError(f"{show(value)} is out of range: must be at least {show(least)} and at most {show(most)}", file=file, field=field)
+
+
+def _password_from_file(cluster: Cluster, base: str, cluster_file: str) -> Cluster:
+    """`etcd_password_file`, relative to the spec's directory: read the password at load."""
+    name = cluster.etcd_password_file
+    if name is None:
+        return cluster
+    field = "cluster.etcd_password_file"
+    if cluster.etcd_password is not None:
+        raise SpecError("set etcd_password or etcd_password_file, not both", file=cluster_file, field=field)
+    path = name if os.path.isabs(name) else os.path.join(base, name)
+    return attrs.evolve(cluster, etcd_password=read_secret(path, file=cluster_file, field=field))
 
 
 def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
@@ -313,8 +349,14 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
             fail("runlevels", str(exc))
     if e.kind != "process" and e.mode not in ("once", "respawn", "off"):
         fail("mode", f"a {e.kind} entry is kept present: mode must be once, respawn or off")
-    if e.stop_timeout <= 0:
-        fail("stop_timeout", "must be greater than 0")
+    for fld, (least, most) in ENTRY_RANGES.items():
+        value = getattr(e, fld)
+        if value is not None:
+            _in_range(value, least, most, file=g.source, field=f"{path}.{fld}")
+    for fld in ("user", "group"):  # the converter refuses them already; this covers specs built in code
+        value = getattr(e, fld, None)
+        if isinstance(value, str) and control_char(value) is not None:
+            fail(fld, f"contains the control character {control_char(value)}: refused")
     if e.mount is not None:
         if not e.mount.target.startswith("/"):
             fail("mount.target", "must be an absolute path")
@@ -327,7 +369,7 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
             fail("address.ip", f"{e.address.ip!r} is not an address with a prefix, like 192.0.2.10/24")
         if "/" not in e.address.ip:
             fail("address.ip", f"{e.address.ip!r} needs a prefix length, like 192.0.2.10/24")
-        if not re.match(r"^[A-Za-z0-9_.:@-]{1,15}$", e.address.interface):
+        if not re.match(r"^[A-Za-z0-9_.:@-]{1,15}\Z", e.address.interface):
             fail("address.interface", f"{e.address.interface!r} is not an interface name")
 
 
@@ -347,8 +389,9 @@ def peek(path: str | os.PathLike) -> Spec:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
             continue
         if isinstance(data.get("cluster"), dict):
-            cluster = _structure(data["cluster"], Cluster, "cluster", str(f))
-            return Spec(cluster=cluster, groups={}, base=str(root if root.is_dir() else root.parent), files=(str(f),))
+            base = str(root if root.is_dir() else root.parent)
+            cluster = _password_from_file(_structure(data["cluster"], Cluster, "cluster", str(f)), base, str(f))
+            return Spec(cluster=cluster, groups={}, base=base, files=(str(f),))
     if files and all(f.exists() for f in files):
         base = str(root if root.is_dir() else root.parent)
         return Spec(cluster=Cluster(), groups={}, base=base, files=tuple(str(f) for f in files))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ import attrs
 MODES = ("wait", "once", "respawn", "test", "off")
 FOREGROUND = frozenset({"wait", "test"})
 STOP = "stop"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
 DEFAULT_SPEC_PATH = "/etc/reconciler/"
 
 
@@ -38,16 +39,54 @@ class SpecError(Exception):
         self.field = field
         self.detail = message
         parts = [p for p in (file, field) if p]
-        super().__init__(": ".join([*parts, message]).translate(_ONE_LINE))
+        super().__init__(redact_url(": ".join([*parts, message])).translate(_ONE_LINE))
 
 
 class _FieldError(ValueError):
-    """Raised inside structure hooks; the converter adds the field path."""
+    """Raised inside structure hooks; the converter adds the field path (`sub`: a further
+    path segment inside the value, like `[2]` of an argv or `.NAME` of an env table)."""
+
+    def __init__(self, message: str, *, sub: str = ""):
+        super().__init__(message)
+        self.sub = sub
+
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: refused
+# in every string of a spec. A NUL cannot reach execve at all, and the others hide what a
+# command, a path or a name really is from the operator reading the spec or a log line.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def control_char(value: str) -> str | None:
+    """The first control character in `value`, escaped (`\\x00`, `\\n`), or None."""
+    m = _CONTROL_RE.search(value)
+    if m is None:
+        return None
+    c = ord(m.group(0))
+    return _ONE_LINE[c] if c in _ONE_LINE else f"\\x{c:02x}"
+
+
+def no_control(value: str, *, sub: str = "") -> str:
+    bad = control_char(value)
+    if bad is not None:
+        raise _FieldError(f"contains the control character {bad}: refused", sub=sub)
+    return value
+
+
+# URLs with credentials: `etcd://user:password@host` is shown as `etcd://user:***@host`. The
+# password runs to the last "@" of the word, so one containing "@" or "/" is hidden whole
+# (an odd URL without a password may lose a little more than its password: that is safe).
+_CREDENTIALS_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>\S*)@")
+
+
+def redact_url(text: str) -> str:
+    """`text` (a URL, or a message quoting URLs) with the password of each URL replaced by ***."""
+    return _CREDENTIALS_RE.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
 
 
 # --- small value types -------------------------------------------------------------
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION_RE = re.compile(r"^ *([0-9]+(?:\.[0-9]+)?) *(ms|s|m|h) *\Z")  # spaces only: \s and \d match far more
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -58,10 +97,21 @@ def parse_duration(value: Any) -> float:
     m = _DURATION_RE.match(value)
     if not m:
         raise _FieldError(f'must be a duration like "250ms", "2s" or "1m", not {value!r}')
-    return float(m.group(1)) * _UNIT[m.group(2)]
+    seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if not math.isfinite(seconds):  # "999…9s" (hundreds of digits) overflows to inf
+        raise _FieldError(f"{value[:20]!r}... is too large")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return str(seconds)
+    if seconds == 0:
+        return "0s"
+    if seconds >= 60 and seconds == int(seconds):
+        for unit, size in (("h", 3600), ("m", 60)):
+            if seconds % size == 0:
+                return f"{int(seconds) // size}{unit}"
     if seconds < 1 and seconds * 1000 == int(seconds * 1000):
         return f"{int(seconds * 1000)}ms"
     if seconds == int(seconds):
@@ -168,6 +218,31 @@ class Group:
         return tuple(seen)
 
 
+# The documented range of each duration, in seconds: (least, most), both inclusive. Outside
+# them a spec is refused (`loader.validate`), whatever the safety inequality says: a budget
+# must also be one the agent can keep (`retest = "0s"` re-ran a failing test thousands of
+# times a second; `clock_slack` below 0 shrank the inequality's right-hand side). docs/spec.md
+# shows this table; tests/test_spec_validation.py checks the two agree.
+TIMING_RANGES: dict[str, tuple[float, float]] = {
+    "heartbeat": (0.01, 10.0),
+    "lease": (0.02, 3600.0),
+    "demote_margin": (0.0, 3600.0),  # and less than lease
+    "dead_after": (0.05, 4 * 3600.0),  # and above Timing.minimum_dead_after() (> 50ms at the least ends)
+    "clock_slack": (0.0, 0.1),  # a plain number, not a duration
+    "kill_slack": (0.02, 10.0),  # the keeper polls every 10 ms between kills
+    "retest": (1.0, 3600.0),
+    "tick": (0.05, 60.0),
+}
+ENTRY_RANGES: dict[str, tuple[float, float]] = {
+    "stop_timeout": (0.01, 3600.0),
+    "timeout": (0.01, 86400.0),
+    "min_uptime": (0.0, 3600.0),  # 0: every exit respawns at once (tests/bench/respawn.py)
+}
+GROUP_RANGES: dict[str, tuple[float, float]] = {
+    "fence_timeout": (0.1, 3600.0),
+}
+
+
 @attrs.frozen
 class Timing:
     """The cluster's timing budget; see docs/design.md for the safety argument."""
@@ -206,7 +281,9 @@ class Cluster:
     etcd_cert: str | None = None
     etcd_key: str | None = None
     etcd_user: str | None = None
-    etcd_password: str | None = None
+    etcd_password: str | None = attrs.field(default=None, repr=False)  # never in a repr, a log or the digest
+    etcd_password_file: str | None = None  # the password, read at load (mode 0600 or 0400)
+    stop_all: bool = False  # this spec may remove every group that runs (an empty spec): see loader.check_replacement
 
 
 @attrs.frozen
@@ -230,10 +307,16 @@ class Spec:
 
     @property
     def store_url(self) -> str:
+        """The store's address, credentials included: for opening the store, never to print
+        (`shown_store_url` is for that)."""
         s = self.cluster.store
         if s.startswith("dir:"):
             return "dir:" + self.path(s[4:])
         return s
+
+    @property
+    def shown_store_url(self) -> str:
+        return redact_url(self.store_url)
 
     @property
     def state_dir(self) -> str:
@@ -246,6 +329,15 @@ class Spec:
 def digest(spec: Spec) -> str:
     """A short stable digest of what the spec means (not of its formatting)."""
     data = {"cluster": attrs.asdict(spec.cluster), "groups": {n: attrs.asdict(g) for n, g in spec.groups.items()}}
+    # The digest is published with every heartbeat: no secret may reach it, not even hashed
+    # (a dictionary attack on a 12-digit digest of a known spec recovers a password). Only
+    # whether a password is set counts; changing it alone does not change the digest.
+    c = data["cluster"]
+    c["etcd_password"] = None if c["etcd_password"] is None else "<set>"
+    c["store"] = redact_url(c["store"])
+    for newer in ("etcd_password_file", "stop_all"):  # unset: the digest older versions publish
+        if not c[newer]:
+            del c[newer]
     for g in data["groups"].values():
         g.pop("source", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

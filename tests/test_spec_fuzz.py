@@ -356,10 +356,12 @@ def test_other_writable_file_refused(tmp_path, mode):
     assert msg == f"{f}: writable by others (mode {mode:o}): refused"
 
 
-def test_group_writable_file_refused_unless_group_is_root(tmp_path):
+def test_group_writable_file_refused_whatever_the_group(tmp_path):
+    # Issue 12: like OpenSSH's StrictModes, a group-writable spec is refused even when the
+    # group is root (it used to be accepted: anyone in group 0 could add a command).
     f = write(tmp_path / "s.toml", GOOD, mode=0o664)
     os.chown(f, -1, 0)
-    specmod.load(f)  # group root: as trusted as the owner
+    assert error_of(f) == f"{f}: writable by others (mode 664): refused"
     os.chown(f, -1, 4321)
     assert error_of(f) == f"{f}: writable by others (mode 664): refused"
 
@@ -452,3 +454,37 @@ def test_each_required_field(tmp_path, drop, field):
 def test_required_field_of_a_mount(tmp_path):
     f = write(tmp_path / "s.toml", GOOD.replace('command = ["sleep", "100"]', 'mount = { source = "/dev/x" }'))
     assert error_of(f) == f"{f}: groups.web.entries[0].mount.target: is required"
+
+
+# --- control characters anywhere (issue 12) --------------------------------------------------------------
+
+CONTROL_CHARS = st.one_of(
+    st.characters(min_codepoint=0, max_codepoint=0x1F),
+    st.characters(min_codepoint=0x7F, max_codepoint=0x9F),
+    st.sampled_from(["\u2028", "\u2029"]),
+)
+
+
+def _field_path(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+@FUZZ
+@given(doc=valid_doc(), data=st.data())
+def test_a_control_character_in_any_string_is_refused_naming_its_field(tmp_path, doc, data):
+    """NUL and every other control character, in any string value of a valid spec (argv
+    elements, shell strings, env values, cwd, mount and address fields, fence argv, node
+    names, [cluster] strings): refused with one line naming exactly that value's field."""
+    leaves = [p for p in _paths(doc) if p and isinstance(_get(doc, p), str)]
+    path = data.draw(st.sampled_from(leaves))
+    value = _get(doc, path)
+    i = data.draw(st.integers(0, len(value)))
+    bad = data.draw(CONTROL_CHARS)
+    _get(doc, path[:-1])[path[-1]] = value[:i] + bad + value[i:]
+    f = write(tmp_path / "spec.toml", tomli_w.dumps(doc))
+    msg = error_of(f)
+    assert_one_line(msg, f)
+    assert msg.startswith(f"{f}: {_field_path(path)}: "), (path, msg)

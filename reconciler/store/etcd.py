@@ -52,6 +52,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from reconciler.spec import redact_url
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, etcdmirror
 from reconciler.store.etcdconn import ConnectionMixin, LeaseGone
 from reconciler.store.etcdwatch import WatchMixin
@@ -78,11 +79,12 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         self._tloop: asyncio.AbstractEventLoop | None = None
         parts = urlsplit(url)
         hosts = [h.strip() for h in parts.netloc.rpartition("@")[2].split(",") if h.strip()]
+        shown = redact_url(url)  # the URL in every message and in .url: never its password
         if parts.scheme not in ("etcd", "etcds") or not hosts:
-            raise StoreError(f"{url}: not an etcd URL (etcd://HOST:PORT,HOST:PORT or etcds://...)")
+            raise StoreError(f"{shown}: not an etcd URL (etcd://HOST:PORT,HOST:PORT or etcds://...)")
         if (user is None) != (password is None):
-            raise StoreError(f"{url}: etcd authentication needs both user and password")
-        self.url = url
+            raise StoreError(f"{shown}: etcd authentication needs both user and password")
+        self.url = shown
         self.endpoints = [h if h.rpartition(":")[2].isdigit() else f"{h}:2379" for h in hosts]
         self.prefix = (parts.path if parts.path.strip("/") else prefix).rstrip("/")
         seconds = max(0.0, lease_ttl if lease_ttl is not None else lease if lease is not None else 1.0)

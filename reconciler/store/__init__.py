@@ -27,6 +27,7 @@ class StoreError(Exception):
 
 
 from reconciler.model import Claim, ClusterView, Heartbeat, Member, Snapshot  # noqa: E402,F401
+from reconciler.spec import redact_url  # noqa: E402
 
 
 class Store(abc.ABC):
@@ -117,7 +118,7 @@ def open_store(url: str, **options: Any) -> Store:
         try:
             from reconciler.store import etcd
         except ImportError as exc:  # the etcd client is an optional extra (it brings grpcio)
-            raise StoreError(f"{url}: etcd support is not installed ({exc.name}): pip install 'reconciler[etcd]'") from None
+            raise StoreError(f"{redact_url(url)}: etcd support is not installed ({exc.name}): pip install 'reconciler[etcd]'") from None
 
         return etcd.EtcdStore(url, **options)
-    raise StoreError(f"{url}: unknown store (use dir:PATH or etcd://HOST:PORT)")
+    raise StoreError(f"{redact_url(url)}: unknown store (use dir:PATH or etcd://HOST:PORT)")

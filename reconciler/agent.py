@@ -39,6 +39,8 @@ class Agent(heartbeat.Heartbeating):
         self.once = once
         self.metrics = metrics or Metrics(node)
         self.notify = notify
+        self._spec_files = specwatch.fingerprint(spec_path)  # (before the load: an edit during it is seen)
+        self._spec_checked_at = time.monotonic()
         self.spec: specmod.Spec = specmod.load(spec_path)  # SpecError: the caller reports it
         self.spec_error = ""
         self.wake_event = asyncio.Event()
@@ -186,6 +188,7 @@ class Agent(heartbeat.Heartbeating):
     async def _main(self) -> int:
         while True:
             self.wake_event.clear()
+            self._notice_spec_edit()
             if self.reload:
                 self._reload()
             self.reconcile()
@@ -311,8 +314,19 @@ class Agent(heartbeat.Heartbeating):
             self.supervisor.save()
             self.wake()
 
+    def _notice_spec_edit(self) -> None:
+        """Once a tick, reload if the spec's files changed on disk although the watch did not
+        say so (an edit made while the watch was being set up is not reported by it)."""
+        now = time.monotonic()
+        if self.once or now - self._spec_checked_at < self.spec.cluster.timing.tick:
+            return
+        self._spec_checked_at = now
+        if specwatch.fingerprint(self.spec_path) != self._spec_files:
+            self.reload = True
+
     def _reload(self) -> None:
         self.reload = False
+        self._spec_files = specwatch.fingerprint(self.spec_path)
         try:
             new = specmod.load(self.spec_path)
             loader.check_replacement(self.spec, new, self.spec_path)  # an emptied spec stops nothing

@@ -44,6 +44,27 @@ def roots(spec_path: str, spec: specmod.Spec) -> tuple[tuple[str, ...], frozense
     return tuple(sorted({os.path.realpath(os.path.dirname(p)) for p in chain})), frozenset(os.path.basename(p) for p in chain)
 
 
+def fingerprint(spec_path: str) -> tuple:
+    """What the spec's files look like on disk now (names, inodes, sizes, change times, and
+    where links lead): compared once a tick, so that an edit the watch did not report (one
+    made while the watch was still being set up, or an inotify queue overflow) is still
+    applied. Level-triggered, like everything else in the agent: nothing depends on having
+    seen the event."""
+    path = Path(spec_path)
+    try:
+        files = sorted(str(f) for f in path.iterdir() if f.suffix == ".toml") if path.is_dir() else [str(path)]
+    except OSError:
+        files = [str(path)]
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append((f, os.path.realpath(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError as exc:
+            out.append((f, exc.errno))
+    return tuple(out)
+
+
 def start(dirs: tuple[str, ...], names: frozenset[str], *, changed: Callable[[], None], stop: threading.Event) -> threading.Thread:
     """Call `changed` (from the watching thread) after each burst of changes to `names` in
     `dirs`, until `stop` is set. A daemon thread never joined keeps shutdown instant."""

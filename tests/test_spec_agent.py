@@ -100,3 +100,23 @@ def test_a_repointed_link_is_followed(env, agents, tmp_path):
     assert env.running("srv")
     write_in(dirs[1], "stop")
     wait_for(lambda: not env.running("srv"), 10, "the edit in the new target's directory applied")
+
+
+def test_a_repointed_directory_link_is_applied_without_a_watch_event(env, agents, tmp_path):
+    """The spec is a symlink to a directory; re-pointing that link changes nothing in any
+    watched directory (the watch follows the link's old target), so no watch event reports it:
+    the agent's once-a-tick look at the spec files (specwatch.fingerprint) still applies it.
+    The same look catches an edit made while the watch was still being set up."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d, runlevel in zip(dirs, ("run", "stop")):
+        d.mkdir(mode=0o755)
+        (d / "web.toml").write_text(HEADER.format(timing=TEST_TIMING) + group("g", runlevel) + entry("srv", "respawn", ["sleep", "1005"]))
+        os.chmod(d / "web.toml", 0o644)
+    link = tmp_path / "spec.d"
+    link.symlink_to(dirs[0])
+    agents("--spec", str(link))
+    wait_for(lambda: env.running("srv"), 10, "srv running")
+    new_link = tmp_path / ".spec.d.new"
+    new_link.symlink_to(dirs[1])
+    os.replace(new_link, link)  # tmp_path itself is not watched: only the tick can see this
+    wait_for(lambda: not env.running("srv"), 10, "the re-pointed directory applied: srv stopped")

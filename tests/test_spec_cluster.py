@@ -22,6 +22,9 @@ def test_an_unsafe_timing_edit_is_refused_and_nothing_runs_twice(make_cluster, t
     names = ("g1", "g2", "g3")
     c = make_cluster(nodes=("n1", "n2"), groups="".join(Cluster.guard_group(n, log) for n in names))
     c.start()
+    # Both agents must have loaded the good spec before the edit (c.start() returns once the
+    # processes exist; an agent still starting up would load the bad spec and exit).
+    wait_until(lambda: set(c.members()) == {"n1", "n2"}, 10, what="both agents publishing")
     for g in names:
         wait_until(lambda: c.runs_on_one(g), 10, what=f"{g} on one node")
     owners = {g: c.runs_on_one(g) for g in names}

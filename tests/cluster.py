@@ -186,9 +186,20 @@ class Node:
                 cmd = k.cmdline()
             except psutil.NoSuchProcess:
                 continue
-            if k.pid != exclude and "reconciler.cli" in cmd and "run" in cmd:
+            # The agent itself: not a fork of the init's shell, whose argv holds the agent's too.
+            if k.pid != exclude and cmd[1:4] == ["-m", "reconciler.cli", "run"]:
                 return k.pid
         return None
+
+    def kill_namespace(self) -> None:
+        """SIGKILL PID 1 of the node's namespace (fault mode: nodeinit): the node, whatever
+        state its agent is in, and everything in it end at once. For cleanup."""
+        if self.running:
+            try:
+                os.kill(self.init_pid, signal.SIGKILL)
+            except (ProcessLookupError, AttributeError, TypeError):
+                os.kill(self.proc.pid, signal.SIGKILL)  # unshare --kill-child: its child goes too
+            self.proc.wait(10)
 
     @property
     def state_path(self) -> Path:

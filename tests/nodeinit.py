@@ -78,7 +78,8 @@ def main() -> int:
             continue
         code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
         if code != 0:
-            last_words(state, f"agent pid {pid} " + (f"exited {code}" if os.WIFEXITED(status) else f"killed by signal {os.WTERMSIG(status)}"))
+            how = f"exited {code}" if os.WIFEXITED(status) else f"killed by signal {os.WTERMSIG(status)}"
+            last_words(state, f"agent pid {pid} {how}")
         return code
 
 

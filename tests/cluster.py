@@ -191,6 +191,24 @@ class Node:
                 return k.pid
         return None
 
+    def refresh_agent(self) -> int | None:
+        """The agent now running under nodeinit (which restarts one that failed), or None
+        while none runs; agent_pid follows it."""
+        found = self._agent_under_init()
+        if found is not None:
+            self.agent_pid = found
+        return found
+
+    def stop_namespace(self) -> None:
+        """SIGTERM to the node's PID 1 (fault mode): passed on to the agent, or, while no agent
+        runs, the node ends at once. Waits for the node to end; kill -9 after 15 s."""
+        if self.running:
+            os.kill(self.init_pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill_namespace()
+
     def kill_namespace(self) -> None:
         """SIGKILL PID 1 of the node's namespace (fault mode: nodeinit): the node, whatever
         state its agent is in, and everything in it end at once. For cleanup."""

@@ -101,12 +101,23 @@ def plan_faults(seed: int, count: int, kinds: set[str] | None = None) -> list[St
 
 
 def crash(node: Node) -> None:
-    """kill -9 of the node: its agent (nodeinit then ends the namespace), or, if the agent is
-    gone already (it exited on its own a moment ago), the namespace's PID 1 itself."""
+    """kill -9 of the node: its agent (nodeinit then ends the namespace), or, while no agent
+    runs (nodeinit restarts one that failed), the namespace's PID 1 itself."""
+    if node.refresh_agent() is None:
+        node.kill_namespace()
+        return
     try:
         node.crash()
     except ProcessLookupError:
         node.kill_namespace()
+
+
+def stop(node: Node) -> None:
+    """A clean stop of the node: SIGTERM to its agent, or, while none runs, to its PID 1."""
+    if node.refresh_agent() is None:
+        node.stop_namespace()
+    else:
+        node.terminate(timeout=15)
 
 
 class Run:
@@ -121,6 +132,7 @@ class Run:
         self.strays: dict[int, object] = {}  # fault index -> path
         self.expected_down: set[str] = set()  # crashed or stopped by the plan
         self.twins: list[Node] = []
+        self.agentless: set[str] = set()  # nodes whose agent failed, not yet started again
 
     def note(self, text: str) -> None:
         self.history.append((time.monotonic(), text))
@@ -129,13 +141,23 @@ class Run:
         self.c.nodes[n].start().follow_init()
 
     def check_nodes(self) -> None:
-        """A node that died without a fault doing it (its agent exited): note it, start it."""
+        """A node that ended without a fault doing it: note it, start it. An agent that
+        nodeinit started again after it failed: note it, follow it."""
         for n, node in self.c.nodes.items():
             if n not in self.expected_down and not node.running:
                 self.note(f"DIED {n} on its own (exit {node.proc.returncode}; see agent-{n}.log): started again")
                 self.filled.pop(n, None)
                 node.hold_file.unlink(missing_ok=True)
                 self.boot(n)
+            elif node.running and not node.hold_file.exists():
+                before = node.agent_pid
+                now = node.refresh_agent()
+                if now is None and n not in self.agentless:
+                    self.agentless.add(n)
+                    self.note(f"FAILED agent of {n} (pid {before}) exited: nodeinit starts it again; see agent-{n}.log")
+                elif now is not None and (now != before or n in self.agentless):
+                    self.agentless.discard(n)
+                    self.note(f"agent of {n} started again by nodeinit after it failed (pid {now})")
 
     def apply(self, s: Step) -> None:
         node = self.c.nodes[s.node]
@@ -146,12 +168,16 @@ class Run:
                 self.expected_down.add(s.node)
                 self.filled.pop(s.node, None)
             elif k == "pause" or k == "pause-long":
+                if node.refresh_agent() is None:
+                    raise ProcessLookupError("no agent runs now: nodeinit restarts a failed one")
                 node.pause()
             elif k == "restart":
-                node.terminate(timeout=15)
+                stop(node)
                 self.expected_down.add(s.node)
                 self.filled.pop(s.node, None)
             elif k.startswith("agent-kill"):
+                if node.refresh_agent() is None:
+                    raise ProcessLookupError("no agent runs now: nodeinit restarts a failed one")
                 node.kill_agent()
                 if k.endswith("table-truncate"):
                     k += f" (kept {s.detail} bytes: {node.truncate_table(int(s.detail))})"
@@ -204,7 +230,7 @@ class Run:
             if how == "crash":
                 crash(self.twin)
             else:
-                self.twin.terminate(timeout=10)
+                stop(self.twin)
             self.twin = None
 
     def cleanup(self) -> None:
@@ -219,6 +245,13 @@ class Run:
         for path in self.strays.values():
             self.c.remove_stray(path)
         self.stop_twin("crash")
+
+    def stop_all(self) -> None:
+        """Cluster.stop(), after ending the nodes where no agent runs (it signals agents)."""
+        for node in self.c.nodes.values():
+            if node.running and node.refresh_agent() is None:
+                node.stop_namespace()
+        self.c.stop()
 
     def kill_leftovers(self) -> list[str]:
         """After Cluster.stop(): end every namespace still there (a node that would not stop,

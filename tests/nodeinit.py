@@ -2,20 +2,22 @@
 
     python3 nodeinit.py HOLD_FILE NODE_STATE_DIR AGENT_ARGV...
 
-Runs the agent as its child, as systemd runs it with `KillMode=process` (contrib/systemd): an
-agent SIGKILLed on its own leaves its children and its keeper running, reparented to this
-process, which reaps them. What happens then depends on HOLD_FILE:
+Runs the agent as its child, as systemd runs it with `KillMode=process` and
+`Restart=on-failure` (contrib/systemd): an agent that dies on its own leaves its children
+and its keeper running, reparented to this process, which reaps them. Then:
 
-- it exists: the agent was killed on purpose to be restarted (Node.kill_agent). Wait until
-  HOLD_FILE is removed (Node.respawn_agent), then start the agent again with the same argv
-  (systemd's `Restart=on-failure`), in the same namespaces and cgroup as the first.
-- it does not: the node dies with its agent. This process exits, the kernel SIGKILLs every
-  other process of the namespace, and `unshare` exits: kill -9 of the agent (Node.crash)
-  still crashes the whole node, a clean exit (SIGTERM) still ends it.
+- the agent was SIGKILLed and HOLD_FILE exists: it was killed on purpose to be restarted
+  (Node.kill_agent). Wait until HOLD_FILE is removed (Node.respawn_agent), then start the
+  agent again with the same argv, in the same namespaces and cgroup as the first.
+- the agent exited with a non-zero code (a traceback): start it again after RESTART_SEC
+  (systemd's RestartSec), and not before HOLD_FILE is gone.
+- otherwise (a clean exit, or a kill -9 without HOLD_FILE: Node.crash) the node ends with
+  its agent. This process exits, the kernel SIGKILLs every other process of the namespace,
+  and `unshare` exits.
 
-SIGTERM, SIGINT and SIGHUP sent to this process are passed on to the agent. When the node
-ends other than by a clean exit of its agent, the reason and the keeper's log (which lives
-in NODE_STATE_DIR, a tmpfs that ends with the node) go to stderr: the node's console.
+SIGTERM, SIGINT and SIGHUP sent to this process are passed on to the agent. An agent's
+failure, and the end of a node other than by a clean exit, go to stderr (the node's console)
+with the keeper's log, which lives in NODE_STATE_DIR, a tmpfs that ends with the node.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import time
 
 HELD_POLL = 0.005
+RESTART_SEC = 1.0  # contrib/systemd/reconciler.service: RestartSec=1s
 
 
 def spawn(argv: list[str]) -> int:
@@ -38,7 +41,7 @@ def last_words(state: str, why: str) -> None:
             keeper = fh.read()
     except OSError as exc:
         keeper = f"({exc})\n"
-    sys.stderr.write(f"nodeinit: {why}: the node ends. keeper.log:\n{keeper}")
+    sys.stderr.write(f"nodeinit: {why}. keeper.log:\n{keeper}")
     sys.stderr.flush()
 
 
@@ -47,17 +50,19 @@ def main() -> int:
     agent: int | None = spawn(argv)
 
     def forward(sig, _frame):
-        if agent is not None:
-            try:
-                os.kill(agent, sig)
-            except ProcessLookupError:
-                pass
+        if agent is None:
+            sys.exit(0)  # a stop while no agent runs (held, or waiting to restart it): the node ends
+        try:
+            os.kill(agent, sig)
+        except ProcessLookupError:
+            pass
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    restart_at = 0.0
     while True:
-        if agent is None:  # held: reap orphans until the harness lets the agent start again
-            if not os.path.exists(hold):
+        if agent is None:  # reap orphans until the agent may start again
+            if not os.path.exists(hold) and time.monotonic() >= restart_at:
                 agent = spawn(argv)
                 continue
             try:
@@ -76,11 +81,14 @@ def main() -> int:
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and os.path.exists(hold):
             agent = None
             continue
-        code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-        if code != 0:
-            how = f"exited {code}" if os.WIFEXITED(status) else f"killed by signal {os.WTERMSIG(status)}"
-            last_words(state, f"agent pid {pid} {how}")
-        return code
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
+            last_words(state, f"agent pid {pid} exited {os.WEXITSTATUS(status)}: restarted in {RESTART_SEC:g} s")
+            agent, restart_at = None, time.monotonic() + RESTART_SEC
+            continue
+        if os.WIFEXITED(status):
+            return 0
+        last_words(state, f"agent pid {pid} killed by signal {os.WTERMSIG(status)}: the node ends")
+        return 128 + os.WTERMSIG(status)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def test_randomized_local_state_faults_never_run_a_group_twice(tmp_path):
         run.note("converged" if not problems else "NOT converged: " + " | ".join(problems))
     finally:
         try:
-            c.stop()
+            run.stop_all()
         finally:
             problems += run.kill_leftovers()
         bad = c.violations()

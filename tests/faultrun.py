@@ -261,6 +261,12 @@ class Run:
             if node.running:
                 left.append(f"{node.name} (unshare pid {node.proc.pid}) still ran after the cluster stopped")
                 node.kill_namespace()
+        for g in self.c.guard_processes():
+            left.append(f"guard {g} still ran after the cluster stopped")
+            try:
+                os.kill(g["pid"], 9)
+            except ProcessLookupError:
+                pass
         return left
 
     def blame(self, violation_start: float, window: float = 3.0) -> str:

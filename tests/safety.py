@@ -42,18 +42,24 @@ def _runs(path: str) -> list[dict]:
     return runs
 
 
-def intervals(path: str) -> dict[str, list[tuple[float, float, str, int, str]]]:
-    """{group: [(start, end, node, pid, pid namespace)]}"""
+def _end(r: dict) -> float:
+    return r["stop"] if r["stop"] is not None else r["last"] + ALIVE_MARGIN
+
+
+def intervals(path: str) -> dict[str, list[tuple[float, float, str, int]]]:
+    """{group: [(start, end, node, pid)]}"""
     out: dict[str, list] = defaultdict(list)
     for r in _runs(path):
-        end = r["stop"] if r["stop"] is not None else r["last"] + ALIVE_MARGIN
-        out[r["group"]].append((r["start"], end, r["node"], r["pid"], r["ns"]))
+        out[r["group"]].append((r["start"], _end(r), r["node"], r["pid"]))
     return out
 
 
 def violations(path: str) -> list[str]:
     found = []
-    for group, runs in intervals(path).items():
+    by_group: dict[str, list] = defaultdict(list)  # {group: [(start, end, node, pid, pid namespace)]}
+    for r in _runs(path):
+        by_group[r["group"]].append((r["start"], _end(r), r["node"], r["pid"], r["ns"]))
+    for group, runs in by_group.items():
         runs.sort()
         for i, (s1, e1, n1, p1, ns1) in enumerate(runs):
             for s2, e2, n2, p2, ns2 in runs[i + 1 :]:

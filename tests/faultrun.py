@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 
@@ -264,7 +265,7 @@ class Run:
         for g in self.c.guard_processes():
             left.append(f"guard {g} still ran after the cluster stopped")
             try:
-                os.kill(g["pid"], 9)
+                os.kill(g["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
         return left

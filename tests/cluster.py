@@ -244,6 +244,16 @@ class Node:
         self.agent_pid = self._wait_agent(f"agent {self.name} restarted")
         return self
 
+    def restart_agent(self, *, down: float = 0.0, damage=None) -> "Node":
+        """kill_agent(), then `damage()` (e.g. self.truncate_table) while no agent runs, then
+        after `down` seconds respawn_agent(): the dangerous combination when `damage` loses
+        the process table (fault mode)."""
+        self.kill_agent()
+        if damage is not None:
+            damage()
+        time.sleep(down)
+        return self.respawn_agent()
+
     def truncate_table(self, keep: int = 0) -> bool:
         """Cut STATE/NODE/processes.json to its first `keep` bytes (0: empty). False if absent."""
         try:

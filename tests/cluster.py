@@ -10,6 +10,12 @@ a faithful node crash. SIGSTOP of it pauses the agent but not its children (nor 
 `owner()`, `claims()` and `members()` then read it through `reconciler.store.open_store` with the spec's
 options (from inside `store_netns` when the store is only reachable there). `metrics={"n1":
 "127.0.0.1:PORT"}` gives a node a /metrics endpoint (default: off).
+
+`Cluster.fault_mode()` starts the nodes for local-state faults (tests/test_faults.py): the
+agent is then the child of tests/nodeinit.py, PID 1 of the namespace, and can die alone; the
+node's state directory is a small tmpfs of its own. The fault methods (kill_agent,
+truncate_table, delete_lease, fill_state, twin, stray_store_file, ...) make this module longer
+than 400 lines: they drive Node and Cluster and belong with them.
 """
 
 from __future__ import annotations

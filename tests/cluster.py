@@ -10,10 +10,17 @@ a faithful node crash. SIGSTOP of it pauses the agent but not its children (nor 
 `owner()`, `claims()` and `members()` then read it through `reconciler.store.open_store` with the spec's
 options (from inside `store_netns` when the store is only reachable there). `metrics={"n1":
 "127.0.0.1:PORT"}` gives a node a /metrics endpoint (default: off).
+
+`Cluster.fault_mode()` starts the nodes for local-state faults (tests/test_faults.py): the
+agent is then the child of tests/nodeinit.py, PID 1 of the namespace, and can die alone; the
+node's state directory is a small tmpfs of its own. The fault methods (kill_agent,
+truncate_table, delete_lease, fill_state, twin, stray_store_file, ...) make this module longer
+than 400 lines: they drive Node and Cluster and belong with them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -143,6 +150,185 @@ class Node:
         self.crash()
         return None
 
+    # --- local-state faults (tests/test_faults.py) ------------------------------------------
+    # They need a node started in fault mode (Cluster.fault_mode()): PID 1 of its namespace is
+    # tests/nodeinit.py, which runs the agent as its child (so the agent can die alone, as
+    # under systemd with KillMode=process), and STATE/NODE is a small tmpfs of its own,
+    # mounted inside the node's mount namespace (so it can be filled, and a twin started with
+    # the same name has a state directory of its own, like a cloned VM). The harness reaches
+    # that directory through /proc/PID/root.
+
+    @property
+    def hold_file(self) -> Path:
+        """While it exists, a SIGKILLed agent is restarted only once it is removed (nodeinit.py)."""
+        return getattr(self, "_hold_file", None) or self.cluster.root / f"hold-{self.name}"
+
+    def follow_init(self) -> "Node":
+        """After start() in fault mode: init_pid := PID 1 (nodeinit.py), agent_pid := the agent."""
+        if getattr(self, "init_pid", None) is None or not self._is_init_of_proc(self.init_pid):
+            self.init_pid = self.agent_pid
+        self.agent_pid = self._wait_agent(f"agent {self.name} under its init")
+        return self
+
+    def _wait_agent(self, what: str) -> int:
+        """The agent under nodeinit; the stale agent_pid if the node died meanwhile (an agent
+        that fails at start ends its node, see nodeinit.py)."""
+        found = wait_until(lambda: self._agent_under_init() or (not self.running and -1), 10, what=what)
+        return self.agent_pid if found == -1 else found
+
+    def _is_init_of_proc(self, pid: int) -> bool:
+        try:
+            return self.proc is not None and pid in [k.pid for k in psutil.Process(self.proc.pid).children()]
+        except psutil.NoSuchProcess:
+            return False
+
+    def _agent_under_init(self, exclude: int | None = None) -> int | None:
+        try:
+            kids = psutil.Process(self.init_pid).children()
+        except psutil.NoSuchProcess:
+            return None
+        for k in kids:
+            try:
+                cmd = k.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            # The agent itself: not a fork of the init's shell, whose argv holds the agent's too.
+            if k.pid != exclude and cmd[1:4] == ["-m", "reconciler.cli", "run"]:
+                return k.pid
+        return None
+
+    def refresh_agent(self) -> int | None:
+        """The agent now running under nodeinit (which restarts one that failed), or None
+        while none runs; agent_pid follows it."""
+        found = self._agent_under_init()
+        if found is not None:
+            self.agent_pid = found
+        return found
+
+    def stop_namespace(self) -> None:
+        """SIGTERM to the node's PID 1 (fault mode): passed on to the agent, or, while no agent
+        runs, the node ends at once. Waits for the node to end; kill -9 after 15 s."""
+        if self.running:
+            os.kill(self.init_pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill_namespace()
+
+    def kill_namespace(self) -> None:
+        """SIGKILL PID 1 of the node's namespace (fault mode: nodeinit): the node, whatever
+        state its agent is in, and everything in it end at once. For cleanup."""
+        if self.running:
+            try:
+                os.kill(self.init_pid, signal.SIGKILL)
+            except (ProcessLookupError, AttributeError, TypeError):
+                os.kill(self.proc.pid, signal.SIGKILL)  # unshare --kill-child: its child goes too
+            self.proc.wait(10)
+
+    @property
+    def state_path(self) -> Path:
+        """STATE/NODE as this node's own processes see it (its mount namespace, in fault mode)."""
+        state = self.cluster.state_dir / self.name
+        pid = getattr(self, "init_pid", None)
+        return Path(f"/proc/{pid}/root{state}") if pid else state
+
+    def kill_agent(self) -> int:
+        """SIGKILL the agent alone (fault mode): its children and its keeper run on, and no
+        agent runs on the node until respawn_agent(). Returns the killed agent's pid."""
+        old = self.agent_pid
+        self.hold_file.touch()
+        os.kill(old, signal.SIGCONT)
+        os.kill(old, signal.SIGKILL)
+        # Until nodeinit has reaped it (not merely until it is a zombie): nodeinit must see
+        # its death while the hold file exists.
+        wait_until(lambda: not psutil.pid_exists(old), 10, what=f"agent {self.name} reaped")
+        return old
+
+    def respawn_agent(self) -> "Node":
+        """Let nodeinit start the agent again (after kill_agent): a restart that adopts."""
+        self.hold_file.unlink(missing_ok=True)
+        self.agent_pid = self._wait_agent(f"agent {self.name} restarted")
+        return self
+
+    def restart_agent(self, *, down: float = 0.0, damage=None) -> "Node":
+        """kill_agent(), then `damage()` (e.g. self.truncate_table) while no agent runs, then
+        after `down` seconds respawn_agent(): the dangerous combination when `damage` loses
+        the process table (fault mode)."""
+        self.kill_agent()
+        if damage is not None:
+            damage()
+        time.sleep(down)
+        return self.respawn_agent()
+
+    def truncate_table(self, keep: int = 0) -> bool:
+        """Cut STATE/NODE/processes.json to its first `keep` bytes (0: empty). False if absent."""
+        try:
+            with open(self.state_path / "processes.json", "r+b") as fh:
+                fh.truncate(min(keep, os.fstat(fh.fileno()).st_size))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete_table(self) -> bool:
+        return self._unlink("processes.json")
+
+    def delete_lease(self) -> bool:
+        return self._unlink("lease")
+
+    def _unlink(self, name: str) -> bool:
+        try:
+            (self.state_path / name).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    FILL = ".fill"
+
+    def fill_state(self, limit: int = 256 << 20) -> int:
+        """Fill the node's state directory (its own tmpfs, fault mode) until ENOSPC; returns
+        the bytes written. Refuses a state directory that is not a filesystem of its own."""
+        path = self.state_path
+        if os.stat(path).st_dev == os.stat(path.parent).st_dev:
+            raise AssertionError(f"{path} is not a filesystem of its own: start the cluster in fault_mode()")
+        fd = os.open(path / self.FILL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        written, chunk = 0, b"\0" * 65536
+        try:
+            while written < limit:
+                try:
+                    n = os.write(fd, chunk)
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        break
+                    raise
+                written += n
+        finally:
+            os.close(fd)
+        return written
+
+    def unfill_state(self) -> bool:
+        return self._unlink(self.FILL)
+
+    def twin(self) -> "Node":
+        """Start a second agent named like this node, in namespaces of its own (a cloned VM;
+        in fault mode also with a state directory of its own). Not in cluster.nodes: stop it
+        with terminate() or crash()."""
+        c = self.cluster
+        t = Node(c, self.name)
+        t.log = c.root / f"agent-{self.name}-twin.log"
+        t._hold_file = c.root / f"hold-{self.name}-twin"
+        fault = getattr(c, "fault_state_size", None)
+        saved = c.pre_exec.get(self.name)
+        if fault:
+            c.pre_exec[self.name] = c._fault_pre_exec(self.name, t.hold_file)
+        try:
+            t.start()
+        finally:
+            if saved is None:
+                c.pre_exec.pop(self.name, None)
+            else:
+                c.pre_exec[self.name] = saved
+        return t.follow_init() if fault else t
+
 
 class Cluster:
     def __init__(
@@ -256,3 +442,76 @@ stop_timeout = "2s"
         )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
+
+    # --- local-state faults (tests/test_faults.py) ------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def fault_mode(self, *, state_size: str = "4m") -> "Cluster":
+        """Start every node (from now on) for the local-state faults of Node: nodeinit.py as
+        PID 1 and a tmpfs of `state_size` at STATE/NODE in the node's mount namespace. Call
+        Node.follow_init() after each Node.start()."""
+        self.fault_state_size = state_size
+        for n in self.nodes:
+            self.pre_exec[n] = self._fault_pre_exec(n, self.nodes[n].hold_file)
+        return self
+
+    def _fault_pre_exec(self, node: str, hold: Path) -> str:
+        state = self.state_dir / node
+        return (f"mkdir -p {state} && mount -t tmpfs -o size={self.fault_state_size},mode=0755 reconciler-state {state}"
+                f' && exec {sys.executable} {HERE / "nodeinit.py"} {hold} {state} "$@"')
+
+    STRAY_KINDS = ("claim-file", "claim-dir", "node-symlink", "node-json")
+
+    def stray_store_file(self, kind: str) -> Path:
+        """Plant a stray entry in the directory store; remove it with remove_stray(). Kinds:
+        claim-file (a regular file in claims/), claim-dir (a directory in claims/),
+        node-symlink (nodes/ record whose target is garbage), node-json (nodes/NAME.json
+        whose counter is not a number)."""
+        assert self.store_url.startswith("dir:"), "stray store entries need the directory store"
+        tag = f"stray{time.monotonic_ns() % 1_000_000}"
+        if kind == "claim-file":
+            path = self.store / "claims" / tag
+            path.write_text("not a claim\n")
+        elif kind == "claim-dir":
+            path = self.store / "claims" / tag
+            path.mkdir()
+            (path / "junk").write_text("junk\n")
+        elif kind == "node-symlink":
+            path = self.store / "nodes" / tag
+            os.symlink("not-a-counter:garbage", path)
+        elif kind == "node-json":
+            path = self.store / "nodes" / f"{tag}.json"
+            path.write_text(json.dumps({"node": tag, "counter": "twelve", "digest": 7}))
+        else:
+            raise ValueError(kind)
+        return path
+
+    @staticmethod
+    def remove_stray(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            for p in path.iterdir():
+                p.unlink()
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+    def guard_processes(self) -> list[dict]:
+        """Every live guard process writing to this cluster's guard log, from /proc:
+        [{pid, node, group, pidns}] (pid as the host sees it; pidns tells twins apart)."""
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if GUARD not in cmd or self.guard_log not in cmd:
+                continue
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                env = p.environ()
+                pidns = os.readlink(f"/proc/{p.pid}/ns/pid")
+            except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+                continue
+            out.append({"pid": p.pid, "node": env.get("RECONCILER_NODE"), "group": env.get("RECONCILER_GROUP"), "pidns": pidns})
+        return out

@@ -3,8 +3,9 @@
     python3 guard.py LOG
 
 Appends `start`, then `alive` every 10 ms, then `stop` (on SIGTERM) records to LOG under an
-flock: `<monotonic> <event> <node> <group> <pid> <generation>`. A SIGKILLed guard writes no
-`stop`; its last `alive` bounds when it ended (the checker adds the interval).
+flock: `<monotonic> <event> <node> <group> <pid> <generation> <pid namespace>`. A SIGKILLed
+guard writes no `stop`; its last `alive` bounds when it ended (the checker adds the interval).
+The pid namespace tells apart two agents with the same node name (a cloned VM).
 """
 
 import fcntl
@@ -22,9 +23,10 @@ def main() -> None:
     group = os.environ.get("RECONCILER_GROUP", "?")
     gen = os.environ.get("RECONCILER_GENERATION", "-")
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    pidns = os.readlink("/proc/self/ns/pid").strip("pid:[]")
 
     def record(event: str) -> None:
-        line = f"{time.monotonic():.6f} {event} {node} {group} {os.getpid()} {gen}\n".encode()
+        line = f"{time.monotonic():.6f} {event} {node} {group} {os.getpid()} {gen} {pidns}\n".encode()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             os.write(fd, line)

@@ -48,3 +48,16 @@ def test_reused_pid_starts_a_new_run(tmp_path):
 def test_same_node_restart_is_not_a_violation(tmp_path):
     log = write(tmp_path, ["1.00 start n1 g 8 1", "1.20 alive n1 g 8 1", "1.21 start n1 g 9 1", "1.3 alive n1 g 9 1"])
     assert safety.violations(log) == []
+
+
+def test_same_node_name_in_two_pid_namespaces_is_a_violation(tmp_path):
+    # A twin (a cloned VM with the same node name) is another machine: its run overlapping
+    # the original's is a double run. Records without the namespace field keep the old rule.
+    log = write(tmp_path, [
+        "1.00 start n1 g 8 1 4026531", "1.01 alive n1 g 8 1 4026531",
+        "1.005 start n1 g 8 1 4026999", "1.02 alive n1 g 8 1 4026999",
+    ])
+    assert len(safety.violations(log)) == 1
+    assert safety.live_runs(log, now=1.03) == {"g": [("n1", "4026531", 8), ("n1", "4026999", 8)]}
+    same = write(tmp_path, ["1.00 start n1 g 8 1 4026531", "1.20 alive n1 g 8 1 4026531", "1.21 start n1 g 9 1 4026531"])
+    assert safety.violations(same) == []

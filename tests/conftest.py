@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import pytest
+
+_TESTS = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def own_cgroup():
+    """Each test runs in a cgroup of its own (MOUNT/rtest-PID-tN, pytest moved in and back):
+    an agent it starts puts its node's subtree under its own cgroup (reconciler/cgroups.py),
+    so tests, and parallel test runs, never share one; what a test leaves running there is
+    killed when it ends."""
+    from reconciler import cgroups
+
+    found, before = cgroups.mount(), cgroups.own_cgroup()
+    if found is None or before is None or found[1] != "/":
+        yield None
+        return
+    path = os.path.join(found[0], f"rtest-{os.getpid()}-t{next(_TESTS)}")
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, "cgroup.procs"), "w") as fh:
+            fh.write("0")
+    except OSError:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        with open(os.path.join(found[0], before.lstrip("/"), "cgroup.procs"), "w") as fh:
+            fh.write("0")
+        from cluster import remove_cgroup_tree
+
+        remove_cgroup_tree(path)
 
 
 # --- etcd (tests/etcd_cluster.py) ---------------------------------------------------------

@@ -1,0 +1,82 @@
+"""An entry's process record: its state machine (TRANSITIONS), the fields saved in the
+process table (_SAVED), and the respawn backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import subprocess
+
+import attrs
+
+from reconciler.observe import EntryState
+
+# state -> states it may move to. "stopped" is also the state of an entry never started.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "stopped": frozenset({"running", "error"}),
+    "running": frozenset({"stopping", "exited", "done", "passed", "failed"}),
+    "stopping": frozenset({"stopped"}),
+    "exited": frozenset({"running", "error", "stopped"}),
+    "error": frozenset({"running", "error", "stopped"}),
+    "done": frozenset({"running", "stopped"}),
+    "passed": frozenset({"running", "stopped"}),
+    "failed": frozenset({"running", "stopped"}),
+}
+RAPID_FREE = 3  # this many rapid exits in a row restart at once; then the backoff starts
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 60.0
+
+
+def backoff(rapid_exits: int) -> float:
+    if rapid_exits <= RAPID_FREE:
+        return 0.0
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (rapid_exits - RAPID_FREE - 1))
+
+
+@attrs.define
+class Record:
+    group: str
+    tag: str
+    state: str = "stopped"
+    pid: int | None = None
+    pgid: int | None = None
+    ticks: int | None = None
+    since: float = 0.0
+    started: float = 0.0
+    exit_code: int | None = None
+    rapid_exits: int = 0
+    retry_at: float | None = None
+    level: str = ""
+    message: str = ""
+    mode: str = "respawn"
+    min_uptime: float = 1.0
+    respawns: int = 0
+    popen: subprocess.Popen | None = attrs.field(default=None, repr=False)
+    exited: asyncio.Future | None = attrs.field(default=None, repr=False)
+    pidfd: int | None = attrs.field(default=None, repr=False)
+
+    def move(self, state: str, now: float) -> None:
+        if state != self.state and state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"{self.group}/{self.tag}: no transition {self.state} -> {state}")
+        self.state = state
+        self.since = now
+
+    def view(self) -> EntryState:
+        return EntryState(
+            group=self.group,
+            tag=self.tag,
+            state=self.state,
+            pid=self.pid if self.state in ("running", "stopping") else None,
+            since=self.since,
+            exit_code=self.exit_code,
+            rapid_exits=self.rapid_exits,
+            retry_at=self.retry_at,
+            level=self.level,
+            message=self.message,
+        )
+
+
+_SAVED = ("group", "tag", "state", "pid", "pgid", "ticks", "since", "started", "exit_code", "rapid_exits", "level", "mode", "min_uptime", "respawns")
+_saved_fields = operator.attrgetter(*_SAVED)  # a record's saved fields as a tuple
+
+

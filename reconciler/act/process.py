@@ -140,8 +140,7 @@ class Supervisor:
         if stopping or rec.mode == "respawn":
             if rec.pgid:
                 self.sys.killpg(rec.pgid, signal.SIGKILL)
-            if self.tree is not None:
-                self.sys.cgroup_kill(self.tree, rec.group, rec.tag)
+            self.kill_entry(rec.group, rec.tag)
         if stopping:
             rec.move("stopped", now)
             rec.message = f"stopped (exit {code})" if code is not None else "stopped"
@@ -178,6 +177,18 @@ class Supervisor:
         self.watch(rec)
         self.dirty = True
         return True
+
+    def kill_entry(self, group: str, tag: str) -> None:
+        """SIGKILL every process of the entry: its cgroup, or (without cgroups) every process
+        carrying its environment marker (a scan of /proc)."""
+        if self.tree is not None:
+            self.sys.cgroup_kill(self.tree, group, tag)
+            return
+        for pid in keeper.marked_processes(str(self.dir)).get(f"{group}/{tag}", []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def watch(self, rec: Record) -> None:
         """Notice the exit of a process that is not our child (adopted, followed): its pidfd."""
@@ -288,8 +299,7 @@ class Supervisor:
             await asyncio.wait_for(asyncio.shield(rec.exited), max(0.0, kill_at - time.monotonic()))
         except TimeoutError:
             self.sys.killpg(rec.pgid or rec.pid, signal.SIGKILL)
-            if self.tree is not None:
-                self.sys.cgroup_kill(self.tree, group, tag)
+            self.kill_entry(group, tag)
             try:
                 await asyncio.wait_for(asyncio.shield(rec.exited), 10.0)
             except TimeoutError:
@@ -316,7 +326,9 @@ class Supervisor:
             self.records[(group, tag)] = rec  # never forget a live process
             return
         self.dirty = True
-        if self.tree is not None and os.path.isdir(self.tree.path(group, tag)):
+        if self.tree is None and rec is not None and rec.mode != "respawn":
+            self.kill_entry(group, tag)  # what a `once` or `wait` entry left running
+        elif self.tree is not None and os.path.isdir(self.tree.path(group, tag)):
             # stopped for good: what a `once` or `wait` entry left running goes too
             if self.tree.populated(group, tag) and self.loop is not None:
                 self.loop.create_task(self._drain(group, tag))

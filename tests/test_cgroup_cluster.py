@@ -25,6 +25,15 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshar
 
 FAILOVER = 3.0
 # Long enough that a restarted agent renews the lease before the keeper acts.
+# Every test runs twice: with cgroups, and with RECONCILER_CGROUPS=off, as on a machine
+# whose cgroup hierarchy cannot be written (the table and the environment markers).
+MODES = pytest.mark.parametrize("cgroups", ["on", "off"])
+
+
+def env_for(cgroups: str) -> dict[str, str]:
+    return {"RECONCILER_CGROUPS": "off"} if cgroups == "off" else {}
+
+
 LONG_LEASE = '[cluster.timing]\nheartbeat = "100ms"\nlease = "3s"\ndead_after = "4s"\n'
 
 
@@ -83,17 +92,30 @@ def agent_log(c: Cluster, name: str) -> str:
     return c.nodes[name].log.read_text()
 
 
-def test_a_lost_process_table_leaves_no_second_copy(make_cluster, tmp_path):
+def assert_tracking(c: Cluster, cgroups: str) -> None:
+    """The agents track processes the way the test means them to."""
+    for name in c.nodes:
+        wait_until(lambda: "processes tracked by" in agent_log(c, name), 10, what=f"{name} to start")
+        text = agent_log(c, name)
+        if cgroups == "on":
+            assert f"processes tracked by cgroups under {c.cgroup}/{name}/reconciler-{name}" in text, text
+        else:
+            assert "processes tracked by the table and environment markers: cgroups disabled" in text, text
+
+
+@MODES
+def test_a_lost_process_table_leaves_no_second_copy(make_cluster, tmp_path, cgroups):
     """(a) The owner's agent SIGKILLed (its children and keeper survive), its processes.json
     truncated, the agent restarted within the lease: the old guard is adopted from its
     cgroup, nothing is started again, and the peer never runs the group."""
     log = str(tmp_path / "guard.log")
-    c = make_cluster(nodes=("n1", "n2"), groups=Cluster.guard_group("g1", log, extra='nodes = ["n1", "n2"]'), cluster_extra=LONG_LEASE)
+    c = make_cluster(nodes=("n1", "n2"), groups=Cluster.guard_group("g1", log, extra='nodes = ["n1", "n2"]'), cluster_extra=LONG_LEASE, env=env_for(cgroups))
     for n in c.nodes:
         c.pre_exec[n] = supervised(tmp_path / f"go-{n}")
     c.start("n1")
     wait_until(lambda: c.runs_on_one("g1") == "n1", 15, what="g1 on n1")
     c.start("n2")
+    assert_tracking(c, cgroups)
     old = wait_until(lambda: guards("n1", "g1"), 5, what="the guard's pid")
     assert len(old) == 1
 
@@ -112,19 +134,21 @@ def test_a_lost_process_table_leaves_no_second_copy(make_cluster, tmp_path):
     assert c.runs_on_one("g1") == "n1"
 
 
-def test_a_full_state_directory_loses_no_process(make_cluster, tmp_path):
+@MODES
+def test_a_full_state_directory_loses_no_process(make_cluster, tmp_path, cgroups):
     """(b) The state directory is full (a 1 MiB tmpfs in the node's mount namespace): the
     save after a respawn fails. The new guard is still tracked: a restarted agent adopts it
     (no second copy), and the keeper kills it when the lease lapses (the agent paused), so
     the peer's copy never overlaps it."""
     log = str(tmp_path / "guard.log")
     state = tmp_path / "state" / "n1"
-    c = make_cluster(nodes=("n1", "n2"), groups=Cluster.guard_group("g1", log, extra='nodes = ["n1", "n2"]'), cluster_extra=LONG_LEASE)
+    c = make_cluster(nodes=("n1", "n2"), groups=Cluster.guard_group("g1", log, extra='nodes = ["n1", "n2"]'), cluster_extra=LONG_LEASE, env=env_for(cgroups))
     c.pre_exec["n1"] = f"mkdir -p {state} && mount -t tmpfs -o size=1m,mode=0700 tmpfs {state} && " + supervised(tmp_path / "go-n1")
     c.pre_exec["n2"] = supervised(tmp_path / "go-n2")
     c.start("n1")
     wait_until(lambda: c.runs_on_one("g1") == "n1", 15, what="g1 on n1")
     c.start("n2")
+    assert_tracking(c, cgroups)
     first = wait_until(lambda: guards("n1", "g1"), 5, what="the guard")
 
     def in_node(script: str) -> None:
@@ -176,12 +200,13 @@ def daemon_groups(log: str, level: str = "run") -> str:
     )
 
 
-def test_a_daemon_is_stopped_with_its_group_and_not_left_behind_at_a_failover(make_cluster, tmp_path):
+@MODES
+def test_a_daemon_is_stopped_with_its_group_and_not_left_behind_at_a_failover(make_cluster, tmp_path, cgroups):
     """(c) Daemons that double-fork and call setsid(): the owner's agent is paused past
     dead_after, the peer takes over, and the daemons on the old node are dead before the
     peer's start (the checker); then the groups are stopped and no daemon survives."""
     log = str(tmp_path / "guard.log")
-    c = make_cluster(nodes=("n1", "n2"), groups=daemon_groups(log))
+    c = make_cluster(nodes=("n1", "n2"), groups=daemon_groups(log), env=env_for(cgroups))
     for n in c.nodes:
         c.pre_exec[n] = supervised(tmp_path / f"go-{n}")
     c.start("n1")
@@ -189,6 +214,7 @@ def test_a_daemon_is_stopped_with_its_group_and_not_left_behind_at_a_failover(ma
         wait_until(lambda: c.runs_on_one(g) == "n1", 15, what=f"{g} on n1")
     c.start("n2")
     time.sleep(0.5)
+    assert_tracking(c, cgroups)
     agent = agent_of(c.nodes["n1"])
     os.kill(agent, signal.SIGSTOP)
     try:

@@ -87,6 +87,8 @@ class Supervisor:
                 self._sweep_at = None
             for rec in self.records.values():
                 self._close_pidfd(rec)
+        if self.tree is not None and self.create:
+            cgroups.remove(self.tree.root)  # only what is empty: nothing that still runs
 
     def reap(self) -> None:
         by_pid = {r.pid: r for r in self.records.values() if r.pid and r.state in ("running", "stopping")}

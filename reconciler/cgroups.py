@@ -218,12 +218,12 @@ class Tree:
             return None, "no cgroup2 hierarchy (or this process's cgroup is not in it)"
         if not create:
             return (cls(root), "") if os.path.isdir(root) else (None, f"{root} does not exist")
-        try:
-            os.makedirs(root, exist_ok=True)
-        except OSError as exc:
-            return None, f"cannot create {root}: {exc.strerror}"
-        if not os.access(os.path.join(root, "cgroup.procs"), os.W_OK):
-            return None, f"{root}/cgroup.procs is not writable"
+        # Made when the first entry starts (ensure); here only: could it be?
+        if os.path.isdir(root):
+            if not os.access(os.path.join(root, "cgroup.procs"), os.W_OK):
+                return None, f"{root}/cgroup.procs is not writable"
+        elif not os.access(os.path.dirname(root), os.W_OK):
+            return None, f"cannot create {root}: {os.path.dirname(root)} is not writable"
         return cls(root), ""
 
     def path(self, group: str, tag: str) -> str:
@@ -236,7 +236,7 @@ class Tree:
         except FileExistsError:
             pass
         except FileNotFoundError:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, exist_ok=True)  # the node's root or the group's: made on first use
         return path
 
     def open_procs(self, group: str, tag: str) -> int:

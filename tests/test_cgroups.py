@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -125,11 +126,17 @@ def test_cgroups_off_and_an_unwritable_hierarchy_fall_back(monkeypatch, tmp_path
     assert tree is None and "no cgroup2" in why
     monkeypatch.setattr(cgroups, "mount", lambda: (str(tmp_path / "ro"), "/"))
     (tmp_path / "ro").mkdir()
-    os.chmod(tmp_path / "ro", 0o555)
-    monkeypatch.setattr(os, "makedirs", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Read-only file system")))
-    tree, why = cgroups.Tree.open("n1")
-    assert tree is None and "cannot create" in why
-    sup = process.Supervisor(node="n1", state_dir=tmp_path / "state", on_change=lambda: None)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(tmp_path / "ro")], check=True)
+    try:
+        os.makedirs(tmp_path / "ro" / cgroups.own_cgroup().strip("/"), exist_ok=True)
+    except OSError:
+        pass  # read-only: the agent's cgroup directory cannot even be there; the root is then missing too
+    try:
+        tree, why = cgroups.Tree.open("n1")
+        assert tree is None and "cannot create" in why, why
+        sup = process.Supervisor(node="n1", state_dir=tmp_path / "state", on_change=lambda: None)
+    finally:
+        subprocess.run(["umount", str(tmp_path / "ro")], check=True)
     assert sup.tree is None and sup.cgroup_note
 
 

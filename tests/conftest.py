@@ -14,8 +14,8 @@ _TESTS = itertools.count(1)
 def own_cgroup():
     """Each test runs in a cgroup of its own (MOUNT/rtest-PID-tN, pytest moved in and back):
     an agent it starts puts its node's subtree under its own cgroup (reconciler/cgroups.py),
-    so tests, and parallel test runs, never share one; what a test leaves running there is
-    killed when it ends."""
+    so tests, and parallel test runs, never share one. Removed when empty (a session
+    fixture first requested by the test, etcd say, lives on in it: removed at the end)."""
     from reconciler import cgroups
 
     found, before = cgroups.mount(), cgroups.own_cgroup()
@@ -35,9 +35,20 @@ def own_cgroup():
     finally:
         with open(os.path.join(found[0], before.lstrip("/"), "cgroup.procs"), "w") as fh:
             fh.write("0")
-        from cluster import remove_cgroup_tree
+        cgroups.remove(path)  # only what is empty
 
-        remove_cgroup_tree(path)
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cgroups():
+    yield
+    import glob
+
+    from reconciler import cgroups
+
+    found = cgroups.mount()
+    if found is not None:
+        for path in glob.glob(os.path.join(found[0], f"rtest-{os.getpid()}-t*")):
+            cgroups.remove(path)
 
 
 # --- etcd (tests/etcd_cluster.py) ---------------------------------------------------------

@@ -441,3 +441,23 @@ def test_state_and_log_modes_whatever_the_umask(harness, tmp_path):
     assert os.stat(h.sup.dir).st_mode & 0o777 == 0o700
     assert os.stat(h.sup.logs).st_mode & 0o777 == 0o700
     assert os.stat(h.sup.log_path("g", "id")).st_mode & 0o777 == 0o640
+
+
+def test_the_table_lists_a_new_pid_only_once_it_runs_the_command(harness):
+    """The child joins its cgroup through a shell before the exec (the join may wait for an
+    RCU grace period): start() returns, and the table names the pid, only after the exec."""
+    h = harness()
+
+    async def go():
+        sup = h.sup
+        sup.attach(asyncio.get_running_loop())
+        for _ in range(3):
+            pid = await sup.start("g", entry("s", ["sleep", "306"]), level="run", env={})
+            assert open(f"/proc/{pid}/cmdline", "rb").read() == b"sleep\0" + b"306\0"
+            saved = {r["tag"]: r for r in json.loads(sup.state_file.read_text())["records"]}
+            assert saved["s"]["pid"] == pid and saved["s"]["state"] == "running"
+            await asyncio.sleep(0.1)  # a quiet spell: the next join waits for a grace period again
+            await sup.stop("g", "s", sig=signal.SIGTERM, timeout=2)
+        sup.detach()
+
+    run(go())

@@ -28,12 +28,13 @@ from typing import Callable
 from reconciler import cgroups, keeper, notify
 from reconciler import spec as specmod
 from reconciler.act import adoption
-from reconciler.act.records import _SAVED, BACKOFF_BASE, BACKOFF_CAP, RAPID_FREE, TRANSITIONS, Record, _saved_fields, backoff  # noqa: F401 (re-exported)
-from reconciler.act.syscalls import MARK_DIR, MARK_ENTRY, Sys, credentials, pgid_of, start_ticks  # process.Sys: the seam tests subclass
+from reconciler.act.records import _SAVED, BACKOFF_BASE, BACKOFF_CAP, RAPID_FREE, TRANSITIONS, Record, backoff, table_records  # noqa: F401 (re-exported)
+from reconciler.act.syscalls import MARK_DIR, MARK_ENTRY, Sys, credentials, joining, pgid_of, start_ticks  # process.Sys: the seam tests subclass
 
 log = logging.getLogger("reconciler.process")
 ORPHAN_GRACE = 1.0  # an unknown child still a zombie this long after SIGCHLD has no waiter: reap it
 DRAIN_TIMEOUT = 2.0  # after cgroup.kill, how long a stop waits for the cgroup to empty
+JOIN_TIMEOUT = 5.0  # how long start() waits for a child to join its cgroup and exec
 
 
 class Supervisor:
@@ -45,7 +46,7 @@ class Supervisor:
         `create=False` observer such as --dry-run, under the running agent's), False or
         None runs without cgroups (the fail-closed table and environment markers)."""
         self.node = node
-        self.dir = Path(state_dir).absolute() / node
+        self.dir = Path(os.path.abspath(Path(state_dir) / node))  # as the keeper spells it (the marker)
         self.logs = self.dir / "logs"
         self.create = create
         if create:
@@ -72,6 +73,7 @@ class Supervisor:
         # groups) must not hold the loop for the whole burst, or the heartbeat cannot renew
         # the lease in time and the node demotes itself.
         self._spawn_turn = asyncio.Lock()
+        self._joining: set[tuple[str, str]] = set()  # spawned, still joining their cgroup
 
     # --- exits ----------------------------------------------------------------------------
 
@@ -226,6 +228,8 @@ class Supervisor:
         async with self._spawn_turn:
             await asyncio.sleep(0)
             popen = self._spawn(group, entry, level=level, env=env)
+        if (group, entry.tag) in self._joining:
+            await self._until_joined(group, entry.tag, popen.pid)
         rec = self.records[(group, entry.tag)]
         if not entry.foreground:
             return popen.pid
@@ -276,8 +280,28 @@ class Supervisor:
         rec.exited = asyncio.get_running_loop().create_future()
         rec.move("running", now)
         self.dirty = True
+        if cgroup_fd is not None:
+            # The table shows the new pid once it runs the command (not the shell joining the
+            # cgroup): meanwhile the keeper finds it among the agent's children, and from
+            # then on in its cgroup.
+            self._joining.add((group, entry.tag))
         self.save()  # before anything else: the keeper must know this pid if we freeze now
         return popen
+
+    async def _until_joined(self, group: str, tag: str, pid: int) -> None:
+        """Wait until the child has joined its cgroup and exec'd the command (the join may
+        wait for an RCU grace period: docs/performance.md), or exited; then save it."""
+        key, until = (group, tag), time.monotonic() + JOIN_TIMEOUT
+        try:
+            while time.monotonic() < until:
+                rec = self.records.get(key)
+                if rec is None or rec.pid != pid or rec.state not in ("running", "stopping") or not joining(pid):
+                    break
+                await asyncio.sleep(0.001)
+        finally:
+            self._joining.discard(key)
+            self.dirty = True
+            self.save()
 
     async def stop(self, group: str, tag: str, *, sig: int, timeout: float, deadline: float | None = None) -> None:
         """Signal the process group; SIGKILL it after `timeout` (or at `deadline`, if sooner).
@@ -353,16 +377,7 @@ class Supervisor:
     def save(self) -> None:
         if not self.dirty:
             return
-        # Every spawn saves the whole table (the keeper must know the pid at once), so a
-        # cold start of N processes saves N records N times: each record's JSON is kept and
-        # encoded again only when one of its saved fields (all immutable scalars) changed.
-        texts = {}
-        for key, r in self.records.items():
-            values = _saved_fields(r)
-            known = self._saved_texts.get(key)
-            texts[key] = known if known is not None and known[0] == values else (values, json.dumps(dict(zip(_SAVED, values))))
-        self._saved_texts = texts
-        records = ", ".join(text for _values, text in texts.values())
+        records, self._saved_texts = table_records(self.records, self._saved_texts, hold=self._joining)
         try:
             self.sys.write_table(self.state_file, f'{{"node": {json.dumps(self.node)}, "records": [{records}]}}')
         except OSError as exc:

@@ -4,6 +4,7 @@ process table (_SAVED), and the respawn backoff."""
 from __future__ import annotations
 
 import asyncio
+import json
 import operator
 import subprocess
 
@@ -80,3 +81,23 @@ _SAVED = ("group", "tag", "state", "pid", "pgid", "ticks", "since", "started", "
 _saved_fields = operator.attrgetter(*_SAVED)  # a record's saved fields as a tuple
 
 
+
+
+def table_records(records: dict, saved: dict, *, hold=frozenset()) -> tuple[str, dict]:
+    """The process table's records as JSON text, and the cache for the next call.
+
+    Every spawn saves the whole table (the keeper must know the pid at once), so a cold start
+    of N processes saves N records N times: each record's JSON is kept (`saved`: key ->
+    (saved fields, their JSON)) and encoded again only when one of its saved fields (all
+    immutable scalars) changed. A key in `hold` keeps its last saved text (or is left out).
+    """
+    texts = {}
+    for key, r in records.items():
+        if key in hold:
+            if key in saved:
+                texts[key] = saved[key]
+            continue
+        values = _saved_fields(r)
+        known = saved.get(key)
+        texts[key] = known if known is not None and known[0] == values else (values, json.dumps(dict(zip(_SAVED, values))))
+    return ", ".join(text for _values, text in texts.values()), texts

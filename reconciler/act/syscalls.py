@@ -178,6 +178,15 @@ def start_ticks(pid: int) -> int | None:
     return keeper.start_ticks(pid, live=True)
 
 
+def joining(pid: int) -> bool:
+    """True while the process is still the shell that joins its cgroup (before the exec)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read(64).startswith(b"/bin/sh\0-c\0echo 0 >&0 ")
+    except OSError:
+        return False
+
+
 def pgid_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:

@@ -364,6 +364,9 @@ def test_without_cgroups_a_lost_table_is_rebuilt_from_the_markers(harness, tmp_p
     async def go():
         h.sup.attach(asyncio.get_running_loop())
         pid = await h.sup.start("g", entry("s", ["sleep", "305"]), level="run", env={})
+        # Popen returns when the exec began (close-on-exec); /proc/PID/environ is readable
+        # once the new image is set up
+        await until(lambda: open(f"/proc/{pid}/cmdline", "rb").read() == b"sleep\x00305\x00", what="the exec")
         h.sup.detach()
         return pid
 

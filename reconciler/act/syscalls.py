@@ -179,12 +179,14 @@ def start_ticks(pid: int) -> int | None:
 
 
 def joining(pid: int) -> bool:
-    """True while the process is still the shell that joins its cgroup (before the exec)."""
+    """True while the process is still the shell that joins its cgroup (before the exec),
+    or between two images (an empty command line: Popen returns as the exec begins)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read(64).startswith(b"/bin/sh\0-c\0echo 0 >&0 ")
+            head = fh.read(64)
     except OSError:
         return False
+    return head == b"" or head.startswith(b"/bin/sh\0-c\0echo 0 >&0 ")
 
 
 def pgid_of(pid: int) -> int | None:

@@ -55,10 +55,12 @@ def live_processes(sup) -> dict[tuple[str, str], list[int]]:
                 found[(group, tag)] = pids
             elif sup.create:
                 sup.tree.remove(group, tag)
-        return found
+    # The markers too (one pass over /proc, at start only): what a previous agent started
+    # where it could not use cgroups is found the same way.
     for entry, pids in keeper.marked_processes(str(sup.dir)).items():
         group, _, tag = entry.partition("/")
-        found[(group, tag)] = pids
+        known = found.setdefault((group, tag), [])
+        known.extend(p for p in pids if p not in known)
     return found
 
 

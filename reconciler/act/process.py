@@ -74,6 +74,7 @@ class Supervisor:
         # the lease in time and the node demotes itself.
         self._spawn_turn = asyncio.Lock()
         self._joining: set[tuple[str, str]] = set()  # spawned, still joining their cgroup
+        self._drains: set[asyncio.Task] = set()
 
     # --- exits ----------------------------------------------------------------------------
 
@@ -357,7 +358,9 @@ class Supervisor:
         elif self.tree is not None and os.path.isdir(self.tree.path(group, tag)):
             # stopped for good: what a `once` or `wait` entry left running goes too
             if self.tree.populated(group, tag) and self.loop is not None:
-                self.loop.create_task(self._drain(group, tag))
+                task = self.loop.create_task(self._drain(group, tag))
+                self._drains.add(task)  # (a task nobody references may be collected mid-way)
+                task.add_done_callback(self._drains.discard)
             else:
                 self.tree.remove(group, tag)
 

@@ -464,3 +464,17 @@ def test_the_table_lists_a_new_pid_only_once_it_runs_the_command(harness):
         sup.detach()
 
     run(go())
+
+
+def test_the_loader_reads_user_and_group(tmp_path):
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    os.chmod(spec_dir, 0o755)
+    (spec_dir / "spec.toml").write_text(
+        '[cluster]\nname = "t"\nstore = "dir:../store"\nstate_dir = "../state"\n'
+        '[groups.g]\nrunlevel = "run"\n'
+        '[[groups.g.entries]]\ntag = "id"\nmode = "once"\nrunlevels = ["run"]\ncommand = "id"\nuser = "nobody"\ngroup = "daemon"\n'
+    )
+    os.chmod(spec_dir / "spec.toml", 0o644)
+    e = specmod.load(str(spec_dir)).entry("g", "id")
+    assert (e.user, e.group) == ("nobody", "daemon")

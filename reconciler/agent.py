@@ -87,6 +87,8 @@ class Agent(heartbeat.Heartbeating):
         ) if not self.spec.store_url.startswith("dir:") else open_store(self.spec.store_url)
         self.node_dir = Path(self.spec.state_dir) / self.node
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
+        sup = self.supervisor
+        log.info("processes tracked by %s", f"cgroups under {sup.tree.root}" if sup.tree else f"the table and environment markers: {sup.cgroup_note}")
         try:
             from reconciler.act import resources
         except ImportError:  # resource support not installed on this node

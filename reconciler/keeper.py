@@ -45,6 +45,8 @@ import sys
 import time
 import zlib
 
+from reconciler import cgroups
+
 POLL = 0.01  # while the lease file is unreadable, and between kills after expiry
 IDLE_MAX = 0.5  # longest sleep before the deadline: how soon a "released" record is seen
 TORN_GRACE = 0.05  # an unreadable record is read again for this long before it counts as one
@@ -117,18 +119,50 @@ def agent_pid(node_dir: str) -> int | None:
     return pid if start_ticks(pid) == ticks else None
 
 
+MARK_DIR = b"RECONCILER_NODE_DIR="  # every child the agent starts carries both
+MARK_ENTRY = b"RECONCILER_ENTRY="
+
+
+def marked_processes(node_dir: str) -> dict[str, list[int]]:
+    """{"GROUP/TAG": pids} of the processes whose environment names this node directory:
+    the agent's children and everything they forked (an environment is inherited), found
+    without the process table or cgroups. Reads /proc/PID/environ, so only as root (or the
+    processes' owner) does it see them all."""
+    want = MARK_DIR + os.path.abspath(node_dir).encode()
+    me = os.getpid()
+    out: dict[str, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if want not in env:
+            continue
+        entry = next((v[len(MARK_ENTRY) :] for v in env if v.startswith(MARK_ENTRY)), b"?")
+        out.setdefault(entry.decode(errors="replace"), []).append(int(name))
+    return out
+
+
 def fire(node_dir: str) -> list[int]:
-    """SIGKILL every process group the agent runs: the recorded ones, and (for a process
-    spawned a moment before the agent froze, not yet recorded) the agent's own children."""
+    """SIGKILL everything the agent runs: the node's cgroup subtree (cgroup.kill: also what
+    double-forked or called setsid()); the process groups the table records; (for a process
+    spawned a moment before the agent froze, not yet recorded) the agent's own children;
+    and, where cgroups cannot be used, every process carrying the node's environment marker
+    (the table may be lost or stale). Returns the pids and process groups killed."""
     try:
         with open(os.path.join(node_dir, "processes.json")) as fh:
             records = json.load(fh).get("records", [])
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         records = []
     groups = set()
-    for r in records:
+    for r in records if isinstance(records, list) else []:
+        if not isinstance(r, dict):
+            continue
         pid, pgid = r.get("pid"), r.get("pgid") or r.get("pid")
-        if r.get("state") not in ("running", "stopping") or not pid:
+        if r.get("state") not in ("running", "stopping") or not isinstance(pid, int) or not isinstance(pgid, int):
             continue
         if start_ticks(pid) != r.get("ticks"):
             continue  # gone, or the pid was recycled: not ours
@@ -137,13 +171,26 @@ def fire(node_dir: str) -> list[int]:
     if agent is not None:
         groups.update(p for p in children_of(agent) if p != os.getpid())
     killed = []
+    root = cgroups.node_root(os.path.basename(os.path.normpath(node_dir)))
+    inside = cgroups.procs(root, recursive=True) if root is not None else []
+    if root is not None and cgroups.kill(root):
+        killed.extend(inside)
+    else:
+        for pids in marked_processes(node_dir).values():
+            for pid in pids:
+                if pid != agent:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    except OSError:
+                        pass
     for pgid in sorted(groups):
         try:
             os.killpg(pgid, signal.SIGKILL)
             killed.append(pgid)
         except OSError:
             pass
-    return killed
+    return sorted(set(killed))
 
 
 COMMAND_TIMEOUT = 2.0

@@ -129,6 +129,7 @@ _dur_fields(
     stop_signal=override(struct_hook=lambda v, _t: parse_signal(v)),
     cwd=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
     user=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
+    group=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
 )
 _dur_fields(
     Group,

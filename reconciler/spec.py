@@ -178,6 +178,7 @@ class Entry:
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
     user: str | None = None
+    group: str | None = None  # primary group (default: the user's own); needs no `user`
     stop_signal: int = int(signal.SIGTERM)
     stop_timeout: float = 10.0
     timeout: float | None = None  # foreground (wait/test) entries: killed when running longer

@@ -21,6 +21,7 @@ than 400 lines: they drive Node and Cluster and belong with them.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -36,6 +37,37 @@ import safety
 
 HERE = Path(__file__).resolve().parent
 GUARD = str(HERE / "guard.py")
+_CLUSTERS = itertools.count(1)
+
+
+def cgroup_base() -> str | None:
+    """A fresh cgroup for one cluster's nodes, MOUNT/rtest-PID-N (None without cgroup2): each
+    node runs in MOUNT/rtest-PID-N/NODE, so parallel test runs, clusters and nodes never
+    share an agent's subtree (reconciler-NODE under the agent's own cgroup)."""
+    from reconciler import cgroups
+
+    found = cgroups.mount()
+    if found is None:
+        return None
+    path = os.path.join(found[0], f"rtest-{os.getpid()}-{next(_CLUSTERS)}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    return path
+
+
+def remove_cgroup_tree(path: str) -> None:
+    """Kill whatever is left under `path` (the cluster is stopped), then remove it."""
+    from reconciler import cgroups
+
+    if not os.path.isdir(path):
+        return
+    cgroups.kill(path)
+    deadline = time.monotonic() + 5
+    while cgroups.populated(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cgroups.remove(path)
 
 
 def _read_store(spec_dir: str) -> dict:
@@ -82,6 +114,7 @@ class Node:
         self.proc: subprocess.Popen | None = None
         self.log = cluster.root / f"agent-{name}.log"
         self.netns: str | None = cluster.netns.get(name)
+        self.machine = name  # the machine it runs on: its cgroup (a twin is another machine)
 
     def start(self) -> "Node":
         c = self.cluster
@@ -93,9 +126,15 @@ class Node:
             inner = ["/bin/sh", "-c", c.pre_exec[self.name] + ' && exec "$@"', "sh", *inner]
         env = {**os.environ, **c.env}
         outer = ["ip", "netns", "exec", self.netns] if self.netns else []
+        argv = [*outer, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *inner]
+        if c.cgroup is not None:
+            # The node's own cgroup (the same on a restart): the agent's subtree goes under it.
+            cg = os.path.join(c.cgroup, self.machine)
+            os.makedirs(cg, exist_ok=True)
+            argv = ["/bin/sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", *argv]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*outer, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *inner],
+                argv,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )
         self.agent_pid = wait_until(self._find_agent, 10, what=f"agent {self.name} to start")
@@ -314,6 +353,7 @@ class Node:
         with terminate() or crash()."""
         c = self.cluster
         t = Node(c, self.name)
+        t.machine = f"{self.name}-twin"  # another machine: a cgroup of its own, not this node's
         t.log = c.root / f"agent-{self.name}-twin.log"
         t._hold_file = c.root / f"hold-{self.name}-twin"
         fault = getattr(c, "fault_state_size", None)
@@ -357,6 +397,7 @@ class Cluster:
         if groups:
             self.write("groups.toml", groups)
         self.nodes = {n: Node(self, n) for n in nodes}
+        self.cgroup = cgroup_base()  # MOUNT/rtest-PID-N: a cgroup per node below it
 
     def write(self, name: str, text: str) -> None:
         path = self.spec_dir / name
@@ -390,6 +431,8 @@ stop_timeout = "2s"
                 n.terminate(timeout=10)
             except Exception:
                 n.crash()
+        if self.cgroup is not None:
+            remove_cgroup_tree(self.cgroup)
 
     # --- observation ----------------------------------------------------------------------
 

@@ -2,7 +2,53 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import pytest
+
+_TESTS = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def own_cgroup():
+    """Each test runs in a cgroup of its own (MOUNT/rtest-PID-tN, pytest moved in and back):
+    an agent it starts puts its node's subtree under its own cgroup (reconciler/cgroups.py),
+    so tests, and parallel test runs, never share one. Removed when empty (a session
+    fixture first requested by the test, etcd say, lives on in it: removed at the end)."""
+    from reconciler import cgroups
+
+    found, before = cgroups.mount(), cgroups.own_cgroup()
+    if found is None or before is None or found[1] != "/":
+        yield None
+        return
+    path = os.path.join(found[0], f"rtest-{os.getpid()}-t{next(_TESTS)}")
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, "cgroup.procs"), "w") as fh:
+            fh.write("0")
+    except OSError:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        with open(os.path.join(found[0], before.lstrip("/"), "cgroup.procs"), "w") as fh:
+            fh.write("0")
+        cgroups.remove(path)  # only what is empty
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cgroups():
+    yield
+    import glob
+
+    from reconciler import cgroups
+
+    found = cgroups.mount()
+    if found is not None:
+        for path in glob.glob(os.path.join(found[0], f"rtest-{os.getpid()}-t*")):
+            cgroups.remove(path)
 
 
 # --- etcd (tests/etcd_cluster.py) ---------------------------------------------------------

@@ -5,13 +5,19 @@ through `Sys`, the one seam tests can observe. Exits are noticed at once: SIGCHL
 reaper for our own children, a pidfd for adopted processes (which are not our children).
 There is no terminal FATAL: a process that keeps dying backs off exponentially to a cap and
 is tried again.
+
+Each entry runs in a cgroup of its own (reconciler/cgroups.py): the kernel knows every
+process an entry started, also those that double-forked or called setsid(), so stops,
+respawns and adoption do not depend on the process table. Where cgroups cannot be written
+(or with RECONCILER_CGROUPS=off) the table is trusted only with the environment marker
+every child carries (RECONCILER_NODE_DIR, RECONCILER_ENTRY), read back from /proc.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import operator
+import logging
 import os
 import signal
 import subprocess
@@ -19,92 +25,42 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import attrs
-
-from reconciler import notify
+from reconciler import cgroups, keeper, notify
 from reconciler import spec as specmod
-from reconciler.act.syscalls import Sys, start_ticks  # process.Sys: the seam tests subclass
-from reconciler.observe import EntryState
+from reconciler.act import adoption
+from reconciler.act.records import _SAVED, BACKOFF_BASE, BACKOFF_CAP, RAPID_FREE, TRANSITIONS, Record, backoff, table_records  # noqa: F401 (re-exported)
+from reconciler.act.syscalls import MARK_DIR, MARK_ENTRY, Sys, credentials, joining, pgid_of, start_ticks  # process.Sys: the seam tests subclass
 
-# state -> states it may move to. "stopped" is also the state of an entry never started.
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "stopped": frozenset({"running", "error"}),
-    "running": frozenset({"stopping", "exited", "done", "passed", "failed"}),
-    "stopping": frozenset({"stopped"}),
-    "exited": frozenset({"running", "error", "stopped"}),
-    "error": frozenset({"running", "error", "stopped"}),
-    "done": frozenset({"running", "stopped"}),
-    "passed": frozenset({"running", "stopped"}),
-    "failed": frozenset({"running", "stopped"}),
-}
-RAPID_FREE = 3  # this many rapid exits in a row restart at once; then the backoff starts
-BACKOFF_BASE = 0.25
-BACKOFF_CAP = 60.0
+log = logging.getLogger("reconciler.process")
 ORPHAN_GRACE = 1.0  # an unknown child still a zombie this long after SIGCHLD has no waiter: reap it
-
-
-def backoff(rapid_exits: int) -> float:
-    if rapid_exits <= RAPID_FREE:
-        return 0.0
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (rapid_exits - RAPID_FREE - 1))
-
-
-@attrs.define
-class Record:
-    group: str
-    tag: str
-    state: str = "stopped"
-    pid: int | None = None
-    pgid: int | None = None
-    ticks: int | None = None
-    since: float = 0.0
-    started: float = 0.0
-    exit_code: int | None = None
-    rapid_exits: int = 0
-    retry_at: float | None = None
-    level: str = ""
-    message: str = ""
-    mode: str = "respawn"
-    min_uptime: float = 1.0
-    respawns: int = 0
-    popen: subprocess.Popen | None = attrs.field(default=None, repr=False)
-    exited: asyncio.Future | None = attrs.field(default=None, repr=False)
-    pidfd: int | None = attrs.field(default=None, repr=False)
-
-    def move(self, state: str, now: float) -> None:
-        if state != self.state and state not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"{self.group}/{self.tag}: no transition {self.state} -> {state}")
-        self.state = state
-        self.since = now
-
-    def view(self) -> EntryState:
-        return EntryState(
-            group=self.group,
-            tag=self.tag,
-            state=self.state,
-            pid=self.pid if self.state in ("running", "stopping") else None,
-            since=self.since,
-            exit_code=self.exit_code,
-            rapid_exits=self.rapid_exits,
-            retry_at=self.retry_at,
-            level=self.level,
-            message=self.message,
-        )
-
-
-_SAVED = ("group", "tag", "state", "pid", "pgid", "ticks", "since", "started", "exit_code", "rapid_exits", "level", "mode", "min_uptime", "respawns")
-_saved_fields = operator.attrgetter(*_SAVED)  # a record's saved fields as a tuple
+DRAIN_TIMEOUT = 2.0  # after cgroup.kill, how long a stop waits for the cgroup to empty
+JOIN_TIMEOUT = 5.0  # how long start() waits for a child to join its cgroup and exec
 
 
 class Supervisor:
     def __init__(
-        self, *, node: str, state_dir: str | os.PathLike, on_change: Callable[[], None], sys: Sys | None = None, create: bool = True
+        self, *, node: str, state_dir: str | os.PathLike, on_change: Callable[[], None], sys: Sys | None = None, create: bool = True,
+        tree: cgroups.Tree | None | bool = True,
     ):
+        """`tree`: True finds the node's cgroup subtree (under this process's cgroup; for a
+        `create=False` observer such as --dry-run, under the running agent's), False or
+        None runs without cgroups (the fail-closed table and environment markers)."""
         self.node = node
-        self.dir = Path(state_dir) / node
+        self.dir = Path(os.path.abspath(Path(state_dir) / node))  # as the keeper spells it (the marker)
         self.logs = self.dir / "logs"
+        self.create = create
         if create:
-            self.logs.mkdir(parents=True, exist_ok=True)
+            # 0700: the table, the lease and the logs are the agent's alone
+            for d in (self.dir, self.logs):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(d, 0o700)
+        self.cgroup_note = ""  # why cgroups are not used ("": they are)
+        if tree is True:
+            tree, self.cgroup_note = cgroups.Tree.open(node, pid="self" if create else (keeper.agent_pid(str(self.dir)) or "self"))
+        elif not tree:
+            tree, self.cgroup_note = None, "cgroups not used"
+        self.tree: cgroups.Tree | None = tree
+        self.save_error = ""  # the last failed save of the table ("": saved)
         self.records: dict[tuple[str, str], Record] = {}
         self.sys = sys or Sys()
         self.on_change = on_change
@@ -117,6 +73,8 @@ class Supervisor:
         # groups) must not hold the loop for the whole burst, or the heartbeat cannot renew
         # the lease in time and the node demotes itself.
         self._spawn_turn = asyncio.Lock()
+        self._joining: set[tuple[str, str]] = set()  # spawned, still joining their cgroup
+        self._drains: set[asyncio.Task] = set()
 
     # --- exits ----------------------------------------------------------------------------
 
@@ -132,6 +90,8 @@ class Supervisor:
                 self._sweep_at = None
             for rec in self.records.values():
                 self._close_pidfd(rec)
+        if self.tree is not None and self.create:
+            cgroups.remove(self.tree.root)  # only what is empty: nothing that still runs
 
     def reap(self) -> None:
         by_pid = {r.pid: r for r in self.records.values() if r.pid and r.state in ("running", "stopping")}
@@ -177,12 +137,15 @@ class Supervisor:
         now = time.monotonic()
         rec.exit_code = code
         stopping = rec.state == "stopping"
-        if rec.pgid:
-            # Whatever the leader left behind in its group goes with it on a planned stop, and
-            # before a respawn: the new leader must not meet its predecessor's orphans, and
-            # neither stops nor the keeper would ever find them (only the new group is recorded).
-            if stopping or rec.mode == "respawn":
+        if not stopping and rec.mode == "once" and self._follow(rec, code):
+            return  # it daemonized: the entry runs on in its cgroup
+        # Whatever the leader left behind goes with it on a planned stop, and before a
+        # respawn: the new leader must not meet its predecessor's orphans. Its process
+        # group, and (also those that called setsid()) its cgroup.
+        if stopping or rec.mode == "respawn":
+            if rec.pgid:
                 self.sys.killpg(rec.pgid, signal.SIGKILL)
+            self.kill_entry(rec.group, rec.tag)
         if stopping:
             rec.move("stopped", now)
             rec.message = f"stopped (exit {code})" if code is not None else "stopped"
@@ -204,6 +167,44 @@ class Supervisor:
         if rec.exited is not None and not rec.exited.done():
             rec.exited.set_result(code)
         self.dirty = True
+
+    def _follow(self, rec: Record, code: int | None) -> bool:
+        """A `once` leader exited while its cgroup still holds processes (a daemon that forked
+        into the background): follow the oldest of them as the entry's process."""
+        if self.tree is None:
+            return False
+        leader = adoption.choose_leader([p for p in self.tree.procs(rec.group, rec.tag) if p != rec.pid])
+        if leader is None:
+            return False
+        self._close_pidfd(rec)
+        rec.popen, rec.pid, rec.pgid, rec.ticks = None, leader, pgid_of(leader) or leader, start_ticks(leader)
+        rec.message = f"leader exited ({'exit ' + str(code) if code is not None else 'exited'}); following pid {leader} in its cgroup"
+        self.watch(rec)
+        self.dirty = True
+        return True
+
+    def kill_entry(self, group: str, tag: str) -> None:
+        """SIGKILL every process of the entry: its cgroup, or (without cgroups) every process
+        carrying its environment marker (a scan of /proc)."""
+        if self.tree is not None:
+            self.sys.cgroup_kill(self.tree, group, tag)
+            return
+        for pid in keeper.marked_processes(str(self.dir)).get(f"{group}/{tag}", []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def watch(self, rec: Record) -> None:
+        """Notice the exit of a process that is not our child (adopted, followed): its pidfd."""
+        fd = self.sys.pidfd(rec.pid) if rec.pid else None
+        if fd is None:
+            return
+        if self.loop is None:
+            os.close(fd)
+            return
+        rec.pidfd = fd
+        self.loop.add_reader(fd, self._pidfd_ready, rec)
 
     # --- actions --------------------------------------------------------------------------
 
@@ -228,6 +229,8 @@ class Supervisor:
         async with self._spawn_turn:
             await asyncio.sleep(0)
             popen = self._spawn(group, entry, level=level, env=env)
+        if (group, entry.tag) in self._joining:
+            await self._until_joined(group, entry.tag, popen.pid)
         rec = self.records[(group, entry.tag)]
         if not entry.foreground:
             return popen.pid
@@ -243,10 +246,23 @@ class Supervisor:
         rec = self.record(group, entry.tag)
         now = time.monotonic()
         rec.mode, rec.min_uptime, rec.level = entry.mode, entry.min_uptime, level
-        # without NOTIFY_SOCKET and WATCHDOG_*: those are systemd's words to the agent alone
-        full_env = {**notify.child_environ(), **dict(entry.env), **env}
+        cgroup_fd = None
         try:
-            popen = self.sys.spawn(entry.command, env=full_env, cwd=entry.cwd, user=entry.user, log_path=self.log_path(group, entry.tag))
+            creds = credentials(entry.user, getattr(entry, "group", None))
+            if self.tree is not None:
+                if self.tree.populated(group, entry.tag):  # what a dead leader left behind
+                    self.sys.cgroup_kill(self.tree, group, entry.tag)
+                cgroup_fd = self.tree.open_procs(group, entry.tag)
+            # without NOTIFY_SOCKET and WATCHDOG_*: those are systemd's words to the agent
+            # alone; the user's HOME, USER, LOGNAME unless the entry sets them; the marker last
+            full_env = {
+                **notify.child_environ(), **(creds.env() if creds else {}), **dict(entry.env), **env,
+                MARK_DIR: str(self.dir), MARK_ENTRY: f"{group}/{entry.tag}",
+            }
+            popen = self.sys.spawn(
+                entry.command, env=full_env, cwd=entry.cwd, user=entry.user, log_path=self.log_path(group, entry.tag),
+                creds=creds, cgroup_fd=cgroup_fd, cgroup_path=self.tree.path(group, entry.tag) if self.tree else "",
+            )
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             rec.rapid_exits += 1
             rec.retry_at = now + max(1.0, backoff(rec.rapid_exits))
@@ -254,6 +270,9 @@ class Supervisor:
             rec.move("error", now)
             self.dirty = True
             raise StartError(rec.message) from None
+        finally:
+            if cgroup_fd is not None:
+                os.close(cgroup_fd)
         if rec.state in ("exited", "error"):
             rec.respawns += 1
         rec.popen, rec.pid, rec.pgid = popen, popen.pid, popen.pid
@@ -262,13 +281,36 @@ class Supervisor:
         rec.exited = asyncio.get_running_loop().create_future()
         rec.move("running", now)
         self.dirty = True
+        if cgroup_fd is not None:
+            # The table shows the new pid once it runs the command (not the shell joining the
+            # cgroup): meanwhile the keeper finds it among the agent's children, and from
+            # then on in its cgroup.
+            self._joining.add((group, entry.tag))
         self.save()  # before anything else: the keeper must know this pid if we freeze now
         return popen
 
+    async def _until_joined(self, group: str, tag: str, pid: int) -> None:
+        """Wait until the child has joined its cgroup and exec'd the command (the join may
+        wait for an RCU grace period: docs/performance.md), or exited; then save it."""
+        key, until = (group, tag), time.monotonic() + JOIN_TIMEOUT
+        try:
+            while time.monotonic() < until:
+                rec = self.records.get(key)
+                if rec is None or rec.pid != pid or rec.state not in ("running", "stopping") or not joining(pid):
+                    break
+                await asyncio.sleep(0.001)
+        finally:
+            self._joining.discard(key)
+            self.dirty = True
+            self.save()
+
     async def stop(self, group: str, tag: str, *, sig: int, timeout: float, deadline: float | None = None) -> None:
-        """Signal the process group; SIGKILL it after `timeout` (or at `deadline`, if sooner)."""
+        """Signal the process group; SIGKILL it after `timeout` (or at `deadline`, if sooner).
+        Once the leader is gone, everything left in the entry's cgroup is killed and the
+        stop returns when the cgroup is empty (then removed)."""
         rec = self.records.get((group, tag))
         if rec is None or rec.state not in ("running", "stopping"):
+            await self._drain(group, tag)
             return
         loop = asyncio.get_running_loop()
         if rec.exited is None:
@@ -282,14 +324,28 @@ class Supervisor:
             kill_at = min(kill_at, deadline)
         try:
             await asyncio.wait_for(asyncio.shield(rec.exited), max(0.0, kill_at - time.monotonic()))
+        except TimeoutError:
+            self.sys.killpg(rec.pgid or rec.pid, signal.SIGKILL)
+            self.kill_entry(group, tag)
+            try:
+                await asyncio.wait_for(asyncio.shield(rec.exited), 10.0)
+            except TimeoutError:
+                rec.message = "did not exit 10s after SIGKILL (uninterruptible sleep?)"
+                return
+        await self._drain(group, tag)
+
+    async def _drain(self, group: str, tag: str) -> None:
+        """Kill what is left in the entry's cgroup, wait (a little) until it is empty, remove it."""
+        if self.tree is None or not os.path.isdir(self.tree.path(group, tag)):
             return
-        except TimeoutError:
-            pass
-        self.sys.killpg(rec.pgid or rec.pid, signal.SIGKILL)
-        try:
-            await asyncio.wait_for(asyncio.shield(rec.exited), 10.0)
-        except TimeoutError:
-            rec.message = "did not exit 10s after SIGKILL (uninterruptible sleep?)"
+        if self.tree.populated(group, tag):
+            self.sys.cgroup_kill(self.tree, group, tag)
+            until = time.monotonic() + DRAIN_TIMEOUT
+            while self.tree.populated(group, tag) and time.monotonic() < until:
+                await asyncio.sleep(0.005)
+        rec = self.records.get((group, tag))
+        if rec is None or rec.state not in ("running", "stopping"):
+            self.tree.remove(group, tag)
 
     def reset(self, group: str, tag: str) -> None:
         rec = self.records.pop((group, tag), None)
@@ -297,11 +353,23 @@ class Supervisor:
             self.records[(group, tag)] = rec  # never forget a live process
             return
         self.dirty = True
+        if self.tree is None and rec is not None and rec.mode != "respawn":
+            self.kill_entry(group, tag)  # what a `once` or `wait` entry left running
+        elif self.tree is not None and os.path.isdir(self.tree.path(group, tag)):
+            # stopped for good: what a `once` or `wait` entry left running goes too
+            if self.tree.populated(group, tag) and self.loop is not None:
+                task = self.loop.create_task(self._drain(group, tag))
+                self._drains.add(task)  # (a task nobody references may be collected mid-way)
+                task.add_done_callback(self._drains.discard)
+            else:
+                self.tree.remove(group, tag)
 
     def kill_all_now(self) -> None:
         for rec in self.records.values():
             if rec.state in ("running", "stopping") and rec.pgid:
                 self.sys.killpg(rec.pgid, signal.SIGKILL)
+        if self.tree is not None:
+            self.tree.kill_all()
 
     # --- persistence and adoption ------------------------------------------------------------
 
@@ -312,53 +380,29 @@ class Supervisor:
     def save(self) -> None:
         if not self.dirty:
             return
-        # Every spawn saves the whole table (the keeper must know the pid at once), so a
-        # cold start of N processes saves N records N times: each record's JSON is kept and
-        # encoded again only when one of its saved fields (all immutable scalars) changed.
-        texts = {}
-        for key, r in self.records.items():
-            values = _saved_fields(r)
-            known = self._saved_texts.get(key)
-            texts[key] = known if known is not None and known[0] == values else (values, json.dumps(dict(zip(_SAVED, values))))
-        self._saved_texts = texts
-        records = ", ".join(text for _values, text in texts.values())
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(f'{{"node": {json.dumps(self.node)}, "records": [{records}]}}')
-        os.replace(tmp, self.state_file)
+        records, self._saved_texts = table_records(self.records, self._saved_texts, hold=self._joining)
+        try:
+            self.sys.write_table(self.state_file, f'{{"node": {json.dumps(self.node)}, "records": [{records}]}}')
+        except OSError as exc:
+            # Not fatal, and never a reason to forget a process: the record stays in memory
+            # (dirty: saved again next time), the keeper and a successor find the processes
+            # in their cgroups (or by their environment marker) without the table.
+            if not self.save_error:
+                log.error("cannot save the process table %s: %s (the cgroups/markers still tell)", self.state_file, exc.strerror or exc)
+            self.save_error = f"cannot save {self.state_file}: {exc.strerror or exc}"
+            return
+        if self.save_error:
+            log.warning("process table saved again")
+            self.save_error = ""
         self.dirty = False
 
     def adopt(self) -> list[Record]:
-        """Take over the processes a previous agent started that are still alive.
-
-        A process is ours only if both its pid and its start time match the record, so a
-        recycled pid is never mistaken for it. Returns the adopted records.
-        """
-        try:
-            data = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return []
-        adopted = []
-        now = time.monotonic()
-        for raw in data.get("records", []):
-            rec = Record(**{k: raw.get(k) for k in _SAVED if k in raw})
-            if rec.state in ("running", "stopping"):
-                if rec.pid and rec.ticks is not None and start_ticks(rec.pid) == rec.ticks:
-                    rec.state = "running"
-                    rec.message = "adopted after agent restart"
-                    fd = self.sys.pidfd(rec.pid)
-                    if fd is not None and self.loop is not None:
-                        rec.pidfd = fd
-                        self.loop.add_reader(fd, self._pidfd_ready, rec)
-                    adopted.append(rec)
-                else:
-                    rec.state, rec.pid, rec.since = "exited", None, now
-                    rec.message = "exited while the agent was down"
-                    if rec.mode == "test":
-                        rec.state = "stopped"
-                    elif rec.mode in ("once", "wait"):
-                        rec.state = "done"
-            rec.since = min(rec.since, now) if rec.since else now
-            self.records[(rec.group, rec.tag)] = rec
+        """Take over the processes a previous agent started that are still alive: from the
+        entries' cgroups (or, without cgroups, the environment markers in /proc) and the
+        table, which need not be intact. Returns the adopted records."""
+        adopted = adoption.adopt(self)
+        for rec in adopted:
+            self.watch(rec)
         self.dirty = True
         return adopted
 

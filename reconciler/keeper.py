@@ -300,8 +300,14 @@ def _records(node_dir: str) -> list[dict]:
 def anything_alive(node_dir: str) -> bool:
     """Is anything this keeper guards alive? A process the agent recorded as running or
     stopping (the same pid and start time, not a zombie), or a live child of the agent other
-    than this keeper. The keeper exits only when this is False (and the lease is released).
-    The one question to extend where entries are tracked another way (a cgroup subtree)."""
+    than this keeper, or anything in the node's cgroup subtree (where cgroups are used), or
+    any process carrying the node's environment marker (where they are not: the table may be
+    lost). The keeper exits only when this is False (and the lease is released)."""
+    root = cgroups.node_root(os.path.basename(os.path.normpath(node_dir)))
+    if root is not None and cgroups.populated(root):
+        return True
+    if root is None and marked_processes(node_dir):
+        return True
     for r in _records(node_dir):
         pid = r.get("pid")
         if r.get("state") in ("running", "stopping") and isinstance(pid, int) and pid > 0:

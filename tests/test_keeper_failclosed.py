@@ -294,3 +294,39 @@ def test_the_agent_repairs_a_replaced_or_altered_lease_file(make_cluster, tmp_pa
     assert "SIGKILL" not in ((tmp_path / "state" / "n1" / "keeper.log").read_text()
                              if (tmp_path / "state" / "n1" / "keeper.log").exists() else "")
     assert "was deleted, replaced or altered: writing a new one" in c.nodes["n1"].log.read_text()
+
+
+def test_anything_alive_sees_the_cgroup_subtree_and_the_markers(tmp_path, monkeypatch):
+    """A daemon the table does not know (it double-forked, or the table is lost) still keeps
+    the keeper at work: it lives in the node's cgroup subtree, or, without cgroups, carries
+    the node's environment marker."""
+    from reconciler import cgroups
+
+    node_dir = tmp_path / "n9"
+    node_dir.mkdir()
+    (node_dir / "processes.json").write_text('{"records": []}')
+    root = cgroups.node_root("n9")
+    assert root is not None, "this machine has a writable cgroup2 hierarchy (see tests/conftest.py)"
+    entry = os.path.join(root, "g-x", "e-y")
+    os.makedirs(entry)
+    daemon = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {entry}/cgroup.procs && exec sleep 60"], start_new_session=True)
+    try:
+        wait_until(lambda: cgroups.populated(root), 5, what="the daemon in its cgroup")
+        assert keeper.anything_alive(str(node_dir))
+        daemon.kill()
+        daemon.wait(5)
+        wait_until(lambda: not cgroups.populated(root), 5, what="the cgroup empty")
+        assert not keeper.anything_alive(str(node_dir))
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        cgroups.remove(root)
+    monkeypatch.setenv(cgroups.SWITCH, "off")
+    marked = subprocess.Popen(["sleep", "60"], env={**os.environ, "RECONCILER_NODE_DIR": str(node_dir.resolve()),
+                                                     "RECONCILER_ENTRY": "x/y"}, start_new_session=True)
+    try:
+        wait_until(lambda: keeper.anything_alive(str(node_dir)), 5, what="the marked process seen")
+    finally:
+        marked.kill()
+        marked.wait(5)
+    assert not keeper.anything_alive(str(node_dir))

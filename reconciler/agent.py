@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from reconciler import heartbeat, loader, observation, plan as planmod, renewal, spec as specmod, specwatch, status as statusmod
+from reconciler import cgroups, heartbeat, loader, observation, plan as planmod, renewal, spec as specmod, specwatch, status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process
 from reconciler.metrics import Metrics
@@ -89,6 +89,9 @@ class Agent(heartbeat.Heartbeating):
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
         sup = self.supervisor
         log.info("processes tracked by %s", f"cgroups under {sup.tree.root}" if sup.tree else f"the table and environment markers: {sup.cgroup_note}")
+        if sup.tree and not cgroups.favors_dynmods():
+            log.info("cgroup2 is mounted without favordynmods: each start and respawn waits ~10-20 ms for the kernel"
+                     " to move the process into its cgroup (docs/operations.md, 'Processes and cgroups')")
         try:
             from reconciler.act import resources
         except ImportError:  # resource support not installed on this node

@@ -61,6 +61,22 @@ def mount() -> tuple[str, str] | None:
     return None
 
 
+def favors_dynmods() -> bool:
+    """Is the cgroup2 hierarchy mounted with `favordynmods`? Without it, moving a process
+    into a cgroup waits for an RCU grace period (~10-20 ms) whenever no move happened just
+    before: the time every isolated start and respawn pays (docs/performance.md)."""
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                _, _, right = line.partition(" - ")
+                fields = right.split()
+                if fields[:1] == ["cgroup2"]:
+                    return len(fields) >= 3 and "favordynmods" in fields[2].split(",")
+    except OSError:
+        pass
+    return False
+
+
 def own_cgroup(pid: int | str = "self") -> str | None:
     """The process's cgroup v2 path ("0::PATH" in /proc/PID/cgroup), or None."""
     try:

@@ -127,7 +127,7 @@ def main(ctx: click.Context, dry_run: bool, spec_path: str, node: str, node_down
 def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format, verbose) -> None:
     """Run the agent in the foreground."""
     spec_path = spec_path or ctx.obj["spec"]
-    node = node or ctx.obj["node"]
+    node = ctx.obj["node"] if node is None else node  # (--node "" is refused below, not the hostname)
     if dry:
         dry_run(spec_path, node, node_down)
     setup_logging(log_format, verbose)
@@ -135,7 +135,10 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
     from reconciler import metrics as metricsmod
 
     try:
-        specmod.NAME_RE.match(node) or fail(f"--node: {node!r} is not a valid node name")
+        from reconciler.model import valid_name
+        from reconciler.store import StoreRefused
+
+        valid_name(node) or fail(f"--node: {node!r} is not a valid node name (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit)")
         metrics = metricsmod.Metrics(node)
         server = None
         if metrics_address != "off":
@@ -153,7 +156,7 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
         if server is not None:
             server.shutdown()
         sys.exit(code)
-    except specmod.SpecError as exc:
+    except (specmod.SpecError, agentmod.AlreadyRunning, StoreRefused) as exc:
         fail(str(exc))
 
 
@@ -259,7 +262,8 @@ def status(ctx, spec_path, node, as_json) -> None:
     try:
         snap = asyncio.run(read())
     except StoreError as exc:
-        fail(str(exc))
+        # After a bad edit the store's address may be a guess: the spec error comes first.
+        fail(f"{spec_error} (and the store: {exc})" if spec_error is not None else str(exc))
     doc = statusmod.cluster_status(
         spec, snap, node=node or ctx.obj["node"], dead_after=c.timing.dead_after, published_groups=spec_error is not None
     )

@@ -18,13 +18,16 @@ from reconciler.store import Claim, Heartbeat, StoreError, open_store
 
 
 class Backend:
-    def __init__(self, kind: str, url: str, **options):
+    def __init__(self, kind: str, url: str, *, create: bool = True, **options):
         self.kind, self.url, self.options = kind, url, options
+        self.create = create
         self.stores = []
 
     def new(self, url: str | None = None, **options):
         url = url or self.url
         store = open_store(url, **{**self.options, **options}) if self.kind == "etcd" else open_store(url)
+        if self.kind == "dir" and self.create:
+            store.create()  # what the agent's start-up does (setup()): nothing else creates it
         self.stores.append(store)
         return store
 
@@ -227,7 +230,7 @@ def test_unreachable_store_raises_store_error(backend, tmp_path):
     if backend.kind == "dir":
         blocker = tmp_path / "a-file"
         blocker.write_text("not a directory")
-        backend = Backend("dir", f"dir:{blocker}")
+        backend = Backend("dir", f"dir:{blocker}", create=False)
     else:
         backend = etcd_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.3)
 

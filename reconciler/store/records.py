@@ -34,9 +34,14 @@ class Skips:
         self._warned: set[tuple[str, str]] = set()
 
     def skip(self, entry: str, why: str, found: list[str] | None = None) -> None:
+        """Count one skip of `entry` (and list it in `found`); log it if not logged yet."""
         self.total += 1
         if found is not None:
             found.append(entry)
+        self.warn(entry, why)
+
+    def warn(self, entry: str, why: str) -> None:
+        """Log that `entry` is skipped, once per (entry, why)."""
         key = (entry, why)
         if key in self._warned:
             return

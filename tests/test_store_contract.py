@@ -8,6 +8,7 @@ closed in the same event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -353,5 +354,97 @@ def test_etcd_watch_resumes_without_losing_a_claim_deletion(etcd_cluster3):
         assert time.monotonic() - t0 < 3
         assert a._idx != 0 and a._watching
         assert (await a.read()).claims == {}
+
+    backend.run(body)
+
+
+# --- what a read does with what it cannot use (issue 12, item 7) ---------------------------------
+
+
+def _plant(backend, store, entries: dict[str, bytes | str]):
+    """Write raw store entries, as a hostile or broken writer would: {"claims/junk": value}.
+    Directory: a value str is a symlink target, bytes a regular file; etcd: the key's value."""
+
+    async def plant():
+        if backend.kind == "dir":
+            for path, value in entries.items():
+                full = store.root / path
+                if isinstance(value, str):
+                    os.symlink(value, full)
+                else:
+                    full.write_bytes(value)
+            return
+        from reconciler.store import etcd as etcdmod
+
+        ops = [etcdmod._put(store._key(*path.split("/", 1)), value) for path, value in entries.items()]
+        await store._txn("plant", [], ops, [], store._deadline())
+
+    return plant()
+
+
+MALFORMED = {
+    "dir": {
+        "claims/zz-stray": b"a regular file\n",  # the issue's stray file: every read used to fail
+        "claims/bad-target": "nobody",
+        "claims/-all": "n1:3",  # a group name that would be an option
+        "nodes/bad": "abc:1.0:d",  # a non-numeric counter
+        "nodes/old.json": b'{"counter": "abc"}',  # the older format: used to raise at every read
+        "nodes/--all": "5::d",
+        "status/n1.json": b"not json",
+    },
+    "etcd": {
+        "claims/zz-stray": b"garbage",
+        "claims/bad-target": b"nobody:",
+        "claims/-all": b"n1:3",
+        "nodes/bad": b'{"counter": "abc"}',
+        "nodes/--all": b'{"counter": 5}',
+        "nodes/weird": b"[1, 2]",
+        "status/n1": b"not json",
+    },
+}
+
+
+def test_malformed_entries_are_skipped_logged_once_and_counted(backend, caplog):
+    async def body():
+        a, b = backend.new(), backend.new()
+        hb = Heartbeat(node="n1", counter=3, digest="d", status={"s": 1})
+        await a.publish(hb)
+        good = await a.claim("web", "n1")
+        await _plant(backend, a, MALFORMED[backend.kind])
+        caplog.clear()
+        for _ in range(5):
+            snap = await b.read()
+        assert snap.claims == {"web": good}
+        assert set(snap.members) == {"n1"} and snap.members["n1"].counter == 3
+        assert snap.members["n1"].status == {}  # its status is malformed: left out, the heartbeat stays
+        skipped = set(snap.skipped)
+        assert skipped == {k for k in MALFORMED[backend.kind]}, skipped
+        assert b.skipped_total >= 5 * len(skipped)
+        for entry in skipped:
+            lines = [r for r in caplog.records if entry in r.getMessage()]
+            assert len(lines) == 1, (entry, [r.getMessage() for r in lines])  # once, not at every read
+            assert lines[0].levelname == "WARNING" and "\n" not in lines[0].getMessage()
+        # the store works on around them: failover still possible
+        assert await b.break_claim(good) is True
+        assert (await b.claim("web", "n2")).generation > good.generation
+
+    backend.run(body)
+
+
+def test_a_corrupt_generation_is_an_error_never_zero(backend):
+    async def body():
+        a = backend.new()
+        c = await a.claim("db", "n1")
+        assert await a.release(c)
+        if backend.kind == "dir":
+            (a.root / "generations" / "db").write_text("garbage\n")
+        else:
+            await _plant(backend, a, {"generations/db": b"garbage"})
+        b = backend.new()
+        with pytest.raises(StoreError) as info:
+            await b.claim("db", "n2")
+        assert "generations/db" in str(info.value) and "\n" not in str(info.value)
+        assert (await b.read()).claims == {}
+        assert (await b.claim("other", "n2")) is not None  # other groups are not affected
 
     backend.run(body)

@@ -11,15 +11,19 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
+import psutil
 import pytest
 
-from cluster import wait_until
+from cluster import Cluster, wait_until
 from reconciler import identity, spec as specmod
 from reconciler.act import fence as fencemod
 from reconciler.identity import Foreign, Observations, Verdict, decide, observe, watch_until
 from reconciler.model import NAME_RE, Heartbeat, valid_name
+from reconciler.store import open_store
 
 D, HB = 0.65, 0.1  # dead_after, heartbeat
 ME, OTHER = "5" * 16, "a" * 16  # ME < OTHER: ME resumes first after both yielded
@@ -206,3 +210,103 @@ def test_second_agent_with_the_same_name_and_state_dir_exits_at_once(make_cluste
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "node n1" in lines[0] and str(lock) in lines[0], done.stderr
     assert c.nodes["n1"].running
+
+
+# --- two agents under one name on one store (the issue's reproduction) ------------------------------
+
+TWO_GROUPS = "".join(
+    Cluster.guard_group(g, "{log}", extra='nodes = ["n1", "n2"]') for g in ("web", "db")
+)
+
+
+def guard_starts(c, node: str) -> int:
+    return sum(1 for line in open(c.guard_log) if line.split()[1:3] == ["start", node])
+
+
+def guard_pids(c, group: str) -> list[psutil.Process]:
+    """The guard processes of `group` (seen from here, outside the nodes' pid namespaces)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if p.info["cmdline"] and c.guard_log in p.info["cmdline"] and (p.info["environ"] or {}).get("RECONCILER_GROUP") == group:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_a_second_agent_under_the_same_name_on_another_machine_runs_nothing(make_cluster):
+    c = make_cluster(nodes=("n1", "n2"))
+    c.write("groups.toml", TWO_GROUPS.replace("{log}", c.guard_log))
+    c.start()
+    wait_until(lambda: c.runs_on_one("web") == "n1" and c.runs_on_one("db") == "n1", 15, what="both groups on n1")
+    twin = c.add_twin("n1")
+    twin.start()
+    wait_until(lambda: "node name n1: another agent publishes under this node's name" in twin.log.read_text(), 10,
+               what="the twin reported")
+    line = next(ln for ln in twin.log.read_text().splitlines() if "another agent publishes" in ln)
+    assert "WARNING" in line and "claiming nothing" in line
+    time.sleep(2.0)  # three dead_after: it never publishes, claims or starts anything
+    assert c.running("web") == c.running("db") == {"n1"}
+    assert guard_starts(c, "n1@b") == 0
+    assert twin.running and c.nodes["n1"].running
+    # nobody double-respawns: the incumbent respawns its process once, the twin not at all
+    starts = guard_starts(c, "n1")
+    (victim,) = guard_pids(c, "web")
+    victim.kill()
+    wait_until(lambda: guard_starts(c, "n1") == starts + 1, 10, what="web respawned on n1")
+    time.sleep(1.0)
+    assert guard_starts(c, "n1") == starts + 1 and guard_starts(c, "n1@b") == 0
+    assert len(guard_pids(c, "web")) == 1
+    # the incumbent's machine dies: its groups come back exactly once (n2, or the agent that
+    # takes the name over); the checker (make_cluster) proves they never ran twice
+    c.nodes["n1"].crash()
+    wait_until(lambda: c.runs_on_one("web") and c.runs_on_one("db"), 20, what="both groups running again")
+    time.sleep(1.0)
+    assert len(c.running("web")) == 1 and len(c.running("db")) == 1
+
+
+def test_an_incumbent_that_sees_a_twin_keeps_running_claims_nothing_and_says_so(make_cluster):
+    """A writer that breaks the newcomer's rule (an older version, a stale read): the agent
+    that was there first keeps its group, claims nothing, and reports the twin in its log,
+    its status and its metrics until the other stops."""
+    from etcd_cluster import free_port
+
+    port = free_port()
+    c = make_cluster(nodes=("n1",), metrics={"n1": f"127.0.0.1:{port}"})
+    c.write("groups.toml", Cluster.guard_group("web", c.guard_log))
+    c.start()
+    wait_until(lambda: c.runs_on_one("web") == "n1", 15, what="web on n1")
+    time.sleep(1.0)  # renewing for longer than dead_after before the intruder appears
+    stop = threading.Event()
+
+    def intruder():
+        async def go():
+            store = open_store(f"dir:{c.store}")
+            counter = 10**15
+            while not stop.is_set():
+                counter += 1
+                await store.publish(Heartbeat(node="n1", counter=counter, instance="f" * 16))
+                await asyncio.sleep(0.05)
+            await store.close()
+
+        asyncio.run(go())
+
+    t = threading.Thread(target=intruder, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: "keeping what runs here, claiming nothing" in c.nodes["n1"].log.read_text(), 10, what="twin logged")
+        c.write("more.toml", Cluster.guard_group("api", c.guard_log))  # a group it would claim at once
+        scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: E731
+        wait_until(lambda: 'reconciler_node_twin{node="n1"} 1.0' in scrape(), 10, what="twin metric")
+        doc = c.nodes["n1"].run("status", "--spec", str(c.spec_dir), "--node", "n1")
+        assert "twin: another agent publishes under this node's name" in doc.stdout, doc.stdout + doc.stderr
+        time.sleep(1.5)
+        assert c.running("web") == {"n1"} and c.running("api") == set()  # keeps web, claims nothing
+        assert c.owner("api") is None
+    finally:
+        stop.set()
+        t.join(5)
+    wait_until(lambda: c.runs_on_one("api") == "n1", 15, what="api claimed once the twin is gone")
+    assert 'reconciler_node_twin{node="n1"} 0.0' in scrape()
+    assert c.running("web") == {"n1"}

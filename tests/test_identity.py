@@ -238,8 +238,9 @@ def guard_pids(c, group: str) -> list[psutil.Process]:
 def test_a_second_agent_under_the_same_name_on_another_machine_runs_nothing(make_cluster):
     c = make_cluster(nodes=("n1", "n2"))
     c.write("groups.toml", TWO_GROUPS.replace("{log}", c.guard_log))
-    c.start()
+    c.start("n1")
     wait_until(lambda: c.runs_on_one("web") == "n1" and c.runs_on_one("db") == "n1", 15, what="both groups on n1")
+    c.start("n2")
     twin = c.add_twin("n1")
     twin.start()
     wait_until(lambda: "node name n1: another agent publishes under this node's name" in twin.log.read_text(), 10,

@@ -10,9 +10,10 @@ Pure: the agent feeds observations (what its own node record showed, when, its l
 acts on the Verdict; time is an argument. The argument for these rules is in
 docs/design.md ("Node identity"). In short:
 
-- A newcomer watches its node record before its first publish: for dead_after if another
-  instance's record is there (it may be a paused agent's, still running its groups), for
-  HOLD heartbeats if there is none. If the record advances under another instance id, a
+- A newcomer watches its node record before its first publish for dead_after if another
+  instance's record is there (it may be a paused agent's, still running its groups); with
+  no record at all it publishes at once (and holds its claims, below). If the record
+  advances under another instance id, a
   live agent already uses the name: it never publishes and never claims (its lease is
   never renewed, so nothing runs here either). The record of its own predecessor (the
   instance id the previous agent of this state directory recorded; the lock proves it is
@@ -39,7 +40,7 @@ import attrs
 
 from reconciler.model import Heartbeat
 
-HOLD = 3  # heartbeats: the watch without a record, and no claims for this long after the first publish
+HOLD = 3  # heartbeats: no claims for this long after the first publish
 
 
 @attrs.frozen
@@ -81,14 +82,14 @@ def watch_until(started: float, record: Heartbeat | None, predecessor: str, *, d
                 heartbeat: float) -> float:
     """When a newcomer that started at `started` may publish, given its node record at its
     first read: at once if the record is its own predecessor's (the state directory's last
-    instance, dead: this agent holds the node's lock); after HOLD heartbeats if there is no
-    record (nobody published under this name: a directory store never deletes records, and
-    etcd deletes one only with its lease, and the claims bound to it); else after dead_after,
-    as long as it takes to tell a paused agent from a dead one."""
-    if record is not None and predecessor and record.instance == predecessor:
+    instance, dead: this agent holds the node's lock) or if there is no record (nobody
+    published under this name: a directory store never deletes records, and etcd deletes
+    one only with its lease and the claims bound to it; a newcomer starting at the same
+    moment is caught during the hold after the first publish); else after dead_after, as
+    long as it takes to tell a paused agent from a dead one. (`heartbeat`: unused, kept for
+    the callers' symmetry with decide.)"""
+    if record is None or (predecessor and record.instance == predecessor):
         return started
-    if record is None:
-        return started + HOLD * heartbeat
     return started + dead_after
 
 

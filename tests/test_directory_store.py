@@ -141,18 +141,6 @@ def test_a_fifo_in_the_store_does_not_hang_a_read(tmp_path):
     assert time.monotonic() - t0 < 2
 
 
-def test_a_publish_sees_the_record_another_writer_left(tmp_path):
-    """Snapshot.displaced: what node identity uses to see a twin at every publish."""
-    a, b = new_store(tmp_path), new_store(tmp_path)
-    run(a.publish(Heartbeat(node="n1", counter=1, instance="a" * 16)))
-    run(a.publish(Heartbeat(node="n1", counter=2, instance="a" * 16)))
-    assert run(a.read()).displaced == {}
-    run(b.publish(Heartbeat(node="n1", counter=7, instance="b" * 16)))
-    run(a.publish(Heartbeat(node="n1", counter=3, instance="a" * 16)))
-    shown = run(a.read()).displaced["n1"]
-    assert (shown.instance, shown.counter) == ("b" * 16, 7)
-
-
 # --- with agents -----------------------------------------------------------------------------
 
 LONG = """

@@ -448,3 +448,24 @@ def test_a_corrupt_generation_is_an_error_never_zero(backend):
         assert (await b.claim("other", "n2")) is not None  # other groups are not affected
 
     backend.run(body)
+
+
+def test_a_publish_reports_the_record_another_writer_left(backend):
+    """Snapshot.displaced: node identity sees another agent under its name at every publish
+    (a read after the publish would show the other's record only if it wrote in between)."""
+
+    async def body():
+        a, b = backend.new(), backend.new()
+        me, other = "a" * 16, "b" * 16
+        await a.publish(Heartbeat(node="n1", counter=1, instance=me))
+        await a.publish(Heartbeat(node="n1", counter=2, instance=me))
+        assert (await a.read()).displaced == {}
+        await b.publish(Heartbeat(node="n1", counter=7, instance=other))
+        await a.publish(Heartbeat(node="n1", counter=3, instance=me))
+        shown = (await a.read()).displaced["n1"]
+        assert (shown.instance, shown.counter) == (other, 7)
+        assert (await a.read()).members["n1"].instance == me
+        await a.publish(Heartbeat(node="n1", counter=4, instance=me))
+        assert (await a.read()).displaced == {}  # the last publish replaced its own record
+
+    backend.run(body)

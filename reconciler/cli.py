@@ -250,6 +250,10 @@ def status(ctx, spec_path, node, as_json) -> None:
     c = spec.cluster
 
     async def read():
+        from reconciler.store import Snapshot, directory
+
+        if spec.store_url.startswith("dir:") and directory.never_set_up(spec.store_url[4:]):
+            return Snapshot()  # no agent has started yet (the first one sets the store up)
         store = open_store(spec.store_url) if spec.store_url.startswith("dir:") else open_store(
             spec.store_url, prefix=c.etcd_prefix, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
             password=c.etcd_password, lease=c.timing.lease,

@@ -538,6 +538,15 @@ class DirectoryStore(Store):
                 pass
 
 
+def never_set_up(root: str) -> bool:
+    """True if no agent ever set up a store at `root` (it is absent, or a directory without
+    any of the layout): read-only tools (a dry run before the first start) may show an empty
+    cluster there. Anything else missing is an unreachable store."""
+    if not os.path.lexists(root):
+        return True
+    return os.path.isdir(root) and not any(os.path.lexists(os.path.join(root, d)) for d in SUBDIRS)
+
+
 def _fstype(path: str) -> str:
     """The filesystem type of the mount `path` is on (this mount namespace), or "" if unknown."""
     path = os.path.realpath(path)

@@ -314,6 +314,8 @@ class Heartbeating:
 
     def may_publish(self) -> bool:
         """Before each publish (renewer thread or loop): may this instance publish now?"""
+        if self.verdict.state == "ok" and self.foreign is None:
+            return True  # the usual case, ten times a second: nothing to judge
         return self.identity_verdict(time.monotonic()).publish
 
     def note_published(self, started: float) -> None:
@@ -329,8 +331,11 @@ class Heartbeating:
     def _identity_read(self, snap, now: float) -> identity.Verdict:
         """Fold this node's own record (and the one the last publish replaced) into what is
         known of other writers under this name, then judge."""
-        t = self.spec.cluster.timing
         own = snap.members.get(self.node)
+        if (self.foreign is None and self.verdict.state == "ok" and not snap.displaced
+                and (own is None or own.instance == self.instance)):
+            return self.verdict  # the usual case: only this agent writes its record
+        t = self.spec.cluster.timing
         if self.watch_until is None:
             self.watch_until = identity.watch_until(self.watch_from, own, self.predecessor, dead_after=t.dead_after,
                                                     heartbeat=t.heartbeat)

@@ -47,11 +47,11 @@ def once(first_seen: float) -> Foreign:
 # (name, observations, now, expected state, publish, claim, run)
 TABLE = [
     ("newcomer still watching", obs(watch_until=10.65), 10.3, "watch", False, False, True),
-    ("newcomer, watch over, nobody there", obs(watch_until=10.65), 10.7, "ok", True, True, True),
+    ("newcomer, watch over, nobody there: publishes, claims nothing yet", obs(watch_until=10.65), 10.7, "hold", True, False, True),
     ("newcomer, a record seen once during the watch: it must stand still dead_after",
      obs(watch_until=10.3, foreign=once(10.2)), 10.5, "watch", False, False, True),
     ("newcomer, that record stood still dead_after: a dead agent's", obs(watch_until=10.3, foreign=once(10.2)),
-     10.9, "ok", True, True, True),
+     10.9, "hold", True, False, True),
     ("newcomer, the record advances under another id: yield, never publish",
      obs(watch_until=10.65, foreign=live(10.0, 10.4, known_at_start=True)), 10.5, "yield", False, False, False),
     ("newcomer that yielded: the other keeps advancing", obs(watch_until=10.65, yielded=True,

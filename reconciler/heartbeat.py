@@ -271,6 +271,7 @@ class Heartbeating:
         self.published_at: float | None = None  # the first successful publish of this instance
         self.continuous_since: float | None = None
         self.verdict = identity.Verdict("watch", publish=False, claim=False, run=True, twin="")
+        self._twin_logged: str | None = None  # the other instance the last log line was about
 
     def _identity_start(self) -> None:
         """Under the node's lock: read the predecessor's instance id, record ours."""
@@ -303,7 +304,10 @@ class Heartbeating:
         )
         verdict = identity.decide(obs, now, dead_after=t.dead_after, heartbeat=t.heartbeat)
         last, self.verdict = self.verdict, verdict
-        if verdict.state != last.state or verdict.twin != last.twin:
+        who = self.foreign.instance if self.foreign is not None else None
+        # Logged when the state or the other agent changes (the text carries ages: not each time).
+        if verdict.state != last.state or bool(verdict.twin) != bool(last.twin) or who != self._twin_logged:
+            self._twin_logged = who
             if verdict.twin:
                 log.warning("node name %s: %s", self.node, verdict.twin)
             elif last.state in ("yield", "incumbent"):

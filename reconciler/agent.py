@@ -23,7 +23,7 @@ from reconciler import cgroups, heartbeat, loader, observation, plan as planmod,
 from reconciler.act import executor as executormod
 from reconciler.act import process
 from reconciler.metrics import Metrics
-from reconciler.store import ClusterView, Store, StoreError, liveness, open_store
+from reconciler.store import ClusterView, Store, StoreError, StoreRefused, liveness, open_store
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
@@ -74,6 +74,7 @@ class Agent(heartbeat.Heartbeating):
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
         self._planned_lease = float("-inf")  # the lease_until the last plan was made with
         self._last_pass = 0.0  # seconds the last reconcile pass took
+        self._identity_init()  # node identity (heartbeat.py): instance id, twin detection
         self.metrics.spec_loaded(self.spec, ok=True)
 
     # --- setup --------------------------------------------------------------------------
@@ -128,6 +129,14 @@ class Agent(heartbeat.Heartbeating):
         self._loop_thread = threading.current_thread()
         self._build()
         self.node_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = identity_lock(self.node, self.node_dir / "agent.lock")  # one agent per node name here
+        self._identity_start()
+        try:
+            await self.store.setup()  # the only call that creates the store's layout
+        except StoreRefused:
+            raise
+        except StoreError as exc:
+            log.warning("store setup: %s (publishing waits for it)", exc)
         (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
         self.supervisor.attach(loop)
         self._inherit_lease()
@@ -207,7 +216,7 @@ class Agent(heartbeat.Heartbeating):
                     self.release_lease_locked()  # tells the keeper: clean exit (see keeper.py)
                     self.finished = True  # no heartbeat may write the lease file again
                 return 0
-            if self.once and not self.busy and self.last_plan.empty:
+            if self.once and not self.busy and self.last_plan.empty and self.verdict.state not in ("watch", "hold"):
                 return 0
             await self._wait_until_due()
 
@@ -258,6 +267,8 @@ class Agent(heartbeat.Heartbeating):
         return any(st.active for st in self.observer.observe(time.monotonic()).entries.values())
 
     async def _release_all(self) -> None:
+        if self.published_at is None or self.verdict.state == "yield":
+            return  # the claims under this name may be another agent's (node identity)
         for g, c in list(self.view.claims.items()):
             if c.node == self.node:
                 try:
@@ -370,6 +381,25 @@ class Agent(heartbeat.Heartbeating):
         if self._digest_of is None or self._digest_of[0] is not spec:
             self._digest_of = (spec, spec.digest())
         return self._digest_of[1]
+
+
+class AlreadyRunning(Exception):
+    """Another agent holds this node's lock on this machine (one line, for the CLI)."""
+
+
+def identity_lock(node: str, path: Path) -> int:
+    """Take the node's agent lock (flock, held until this process exits) or raise
+    AlreadyRunning: two agents under one node name on one machine would both adopt and
+    respawn the same processes. The descriptor is close-on-exec: no child inherits it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"node {node}: another agent already runs under this name here (it holds {path})") from None
+    return fd
 
 
 def _stopped(g: specmod.Group) -> specmod.Group:

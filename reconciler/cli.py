@@ -129,7 +129,7 @@ def main(ctx: click.Context, dry_run: bool, spec_path: str, node: str, node_down
 def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format, verbose) -> None:
     """Run the agent in the foreground."""
     spec_path = spec_path or ctx.obj["spec"]
-    node = node or ctx.obj["node"]
+    node = ctx.obj["node"] if node is None else node  # (--node "" is refused below, not the hostname)
     if dry:
         dry_run(spec_path, node, node_down)
     setup_logging(log_format, verbose)
@@ -137,7 +137,10 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
     from reconciler import metrics as metricsmod
 
     try:
-        specmod.NAME_RE.match(node) or fail(f"--node: {node!r} is not a valid node name")
+        from reconciler.model import valid_name
+        from reconciler.store import StoreRefused
+
+        valid_name(node) or fail(f"--node: {node!r} is not a valid node name (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit)")
         metrics = metricsmod.Metrics(node)
         server = None
         if metrics_address != "off":
@@ -155,7 +158,7 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
         if server is not None:
             server.shutdown()
         sys.exit(code)
-    except specmod.SpecError as exc:
+    except (specmod.SpecError, agentmod.AlreadyRunning, StoreRefused) as exc:
         fail(str(exc))
 
 
@@ -257,6 +260,10 @@ def status(ctx, spec_path, node, as_json) -> None:
     c = spec.cluster
 
     async def read():
+        from reconciler.store import Snapshot, directory
+
+        if spec.store_url.startswith("dir:") and directory.never_set_up(spec.store_url[4:]):
+            return Snapshot()  # no agent has started yet (the first one sets the store up)
         store = open_store(spec.store_url) if spec.store_url.startswith("dir:") else open_store(
             spec.store_url, prefix=c.etcd_prefix, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
             password=c.etcd_password, lease=c.timing.lease,
@@ -269,7 +276,8 @@ def status(ctx, spec_path, node, as_json) -> None:
     try:
         snap = asyncio.run(read())
     except StoreError as exc:
-        fail(str(exc))
+        # After a bad edit the store's address may be a guess: the spec error comes first.
+        fail(f"{spec_error} (and the store: {exc})" if spec_error is not None else str(exc))
     doc = statusmod.cluster_status(
         spec, snap, node=node or ctx.obj["node"], dead_after=c.timing.dead_after, published_groups=spec_error is not None
     )

@@ -16,7 +16,7 @@ import attrs
 from reconciler import plan as planmod, spec as specmod
 from reconciler.act import process
 from reconciler.observe import EntryState, Observed
-from reconciler.store import Claim, ClusterView, Member, hpc as hpcmod, liveness, open_store
+from reconciler.store import Claim, ClusterView, Member, Snapshot, directory, hpc as hpcmod, liveness, open_store
 
 
 def observe(spec: specmod.Spec, node: str) -> Observed:
@@ -47,11 +47,13 @@ async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> 
     )
     try:
         live = liveness.Liveness(node)
-        first = await store.read()
+        # Before any agent ever started (which sets the store up): an empty cluster.
+        fresh = spec.store_url.startswith("dir:") and directory.never_set_up(spec.store_url[4:])
+        first = Snapshot() if fresh else await store.read()
         start = time.monotonic()
         live.update(first, start, groups=list(spec.groups), lease_until=0)
         await asyncio.sleep(t.heartbeat * 2.5)
-        snap = await store.read()
+        snap = Snapshot() if fresh else await store.read()
     finally:
         await store.close()
     now = time.monotonic()

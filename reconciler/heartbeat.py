@@ -16,12 +16,13 @@ import logging
 import os
 import threading
 import time
+import uuid
 
 import attrs
 
-from reconciler import keeper
+from reconciler import identity, keeper
 from reconciler.act import logs
-from reconciler.store import ClusterView, StoreError, hpc as hpcmod
+from reconciler.store import ClusterView, StoreError, hpc as hpcmod, records
 
 log = logging.getLogger("reconciler.agent")
 KEEPER_CHECK_EVERY = 1.0  # seconds: how often the loop makes sure the keeper runs
@@ -118,6 +119,7 @@ class Heartbeating:
             if mine:
                 log.warning("lease lapsed for %.2fs: re-arbitrating %s", started - self.lease_until, ", ".join(sorted(mine)))
             self.stale |= mine
+            self.continuous_since = started  # (identity: the lease was broken)
             self.extend_lease_locked(started + self.spec.cluster.timing.lease)
 
     def _with_lease(self, view: ClusterView) -> ClusterView:
@@ -232,17 +234,22 @@ class Heartbeating:
         from reconciler.store import Heartbeat
 
         t = self.spec.cluster.timing
-        self.counter += 1
         started = time.monotonic()
-        hb = Heartbeat(node=self.node, counter=self.counter, digest=self._digest(self.spec), status=self.status_doc,
-                       wall=time.time())
         try:
+            if not self.may_publish():
+                raise _NotPublishing
+            self.counter += 1
+            hb = Heartbeat(node=self.node, counter=self.counter, digest=self._digest(self.spec), status=self.status_doc,
+                           wall=time.time(), instance=self.instance)
             await asyncio.wait_for(self.store.publish(hb), t.lease / 2)
+            self.note_published(started)
             if self.lease_until < started and self.lease_until != float("-inf"):
                 self.after_lapse(started)
             else:
                 with self.lease_lock:
                     self.extend_lease_locked(started + t.lease)
+            error = ""
+        except _NotPublishing:
             error = ""
         except (StoreError, TimeoutError) as exc:
             error = str(exc) or f"{self.store.url}: no answer within {t.lease / 2:g}s"
@@ -281,6 +288,9 @@ class Heartbeating:
         )
         if hpc is not None and hpc.me != self.node:
             view = _evolve(view, quorum=False, store_error=f"node name {self.node} is not this node's hpc id {hpc.me}")
+        verdict = self._identity_read(snap, now)
+        if verdict.twin or not verdict.claim or snap.skipped:
+            view = _evolve(view, twin=verdict.twin, may_run=verdict.run, may_claim=verdict.claim, skipped=snap.skipped)
         self.view = view
         if not error:
             self._read_at = now
@@ -308,6 +318,98 @@ class Heartbeating:
         with self.lease_lock:
             self.stale.discard(group)
 
+    # --- node identity: this agent's instance id and what it saw of its own node record,
+    # the observations identity.decide judges. Called from the renewer thread (before each
+    # publish and after each read) and from the loop; attributes are replaced whole.
+
+    def _identity_init(self) -> None:
+        self.instance = uuid.uuid4().hex[:16]  # published with every heartbeat
+        self.predecessor = ""  # the instance id the last agent of this state directory recorded
+        self.watch_from = time.monotonic()
+        self.watch_until: float | None = None  # set at the first read (identity.watch_until)
+        self.foreign: identity.Foreign | None = None
+        self.published_at: float | None = None  # the first successful publish of this instance
+        self.continuous_since: float | None = None
+        self.verdict = identity.Verdict("watch", publish=False, claim=False, run=True, twin="")
+        self._twin_logged: str | None = None  # the other instance the last log line was about
+
+    def _identity_start(self) -> None:
+        """Under the node's lock: read the predecessor's instance id, record ours."""
+        path = os.path.join(self.node_dir, "instance")
+        try:
+            with open(path, "rb") as fh:
+                text = fh.read(64).decode("ascii", "replace").strip()
+            self.predecessor = text if records.INSTANCE_RE.match(text) else ""
+        except OSError:
+            self.predecessor = ""
+        try:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(self.instance + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # the next agent then watches before it publishes: slower, not unsafe
+            log.warning("cannot record this agent's instance id in %s: %s", path, exc.strerror or exc)
+        self.watch_from = time.monotonic()
+
+    def identity_verdict(self, now: float) -> identity.Verdict:
+        """identity.decide on what has been seen so far; logs every change of state."""
+        t = self.spec.cluster.timing
+        obs = identity.Observations(
+            instance=self.instance,
+            watch_until=float("inf") if self.watch_until is None else self.watch_until,
+            published_at=self.published_at,
+            continuous_since=self.continuous_since if self.lease_until > now else None,
+            yielded=self.verdict.state == "yield",
+            foreign=self.foreign,
+        )
+        verdict = identity.decide(obs, now, dead_after=t.dead_after, heartbeat=t.heartbeat)
+        last, self.verdict = self.verdict, verdict
+        who = self.foreign.instance if self.foreign is not None else None
+        # Logged when the state or the other agent changes (the text carries ages: not each time).
+        if verdict.state != last.state or bool(verdict.twin) != bool(last.twin) or who != self._twin_logged:
+            self._twin_logged = who
+            if verdict.twin:
+                log.warning("node name %s: %s", self.node, verdict.twin)
+            elif last.state in ("yield", "incumbent"):
+                log.warning("node name %s: the other agent under this name is gone: claiming again", self.node)
+            elif last.state == "watch" and self.published_at is None:
+                log.info("no other agent publishes as %s: publishing (instance %s)", self.node, self.instance)
+        return verdict
+
+    def may_publish(self) -> bool:
+        """Before each publish (renewer thread or loop): may this instance publish now?"""
+        if self.verdict.state == "ok" and self.foreign is None:
+            return True  # the usual case, ten times a second: nothing to judge
+        return self.identity_verdict(time.monotonic()).publish
+
+    def note_published(self, started: float) -> None:
+        """A publish that began at `started` succeeded."""
+        if self.published_at is None or self.continuous_since is None:
+            self.continuous_since = started
+        if self.published_at is None:
+            self.published_at = started
+            # The lease file exists from now on: the loop's next beat starts the keeper
+            # (one started before it, at start-up, found none and exited).
+            self._keeper_checked_at = float("-inf")
+
+    def _identity_read(self, snap, now: float) -> identity.Verdict:
+        """Fold this node's own record (and the one the last publish replaced) into what is
+        known of other writers under this name, then judge."""
+        own = snap.members.get(self.node)
+        if (self.foreign is None and self.verdict.state == "ok" and not snap.displaced
+                and (own is None or own.instance == self.instance)):
+            return self.verdict  # the usual case: only this agent writes its record
+        t = self.spec.cluster.timing
+        if self.watch_until is None:
+            self.watch_until = identity.watch_until(self.watch_from, own, self.predecessor, dead_after=t.dead_after,
+                                                    heartbeat=t.heartbeat)
+        foreign = self.foreign
+        for record in (snap.displaced.get(self.node), own):
+            foreign = identity.observe(foreign, record, me=self.instance, predecessor=self.predecessor, now=now,
+                                       published=self.published_at is not None)
+        self.foreign = foreign
+        return self.identity_verdict(now)
+
 
 class LeaseTimer:
     """The loop's current timer of Heartbeating._follow_lease."""
@@ -328,7 +430,11 @@ def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:
     """
     alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
     eligible = {n: m.heartbeat.status.get("eligible_groups") for n, m in view.members.items() if m.heartbeat is not None}
-    return (alive, eligible, view.claims, view.store_ok, view.quorum)
+    return (alive, eligible, view.claims, view.store_ok, view.quorum, view.twin, view.may_claim, view.may_run)
+
+
+class _NotPublishing(Exception):
+    """identity: this instance must not publish now (watching its record, or a twin)."""
 
 
 def _same_file(fd: int, path: str, size: int) -> bool:

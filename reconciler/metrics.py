@@ -48,6 +48,15 @@ class Metrics:
         self.reloads = prom.Counter("reconciler_spec_reloads", "Spec loads by result.", L + ["result"], registry=r)
         self.spec_info = prom.Info("reconciler_spec", "Digest of the spec this node runs.", L, registry=r)
         self.respawns = prom.Counter("reconciler_respawns", "Respawns of exited processes.", L + ["group", "tag"], registry=r)
+        self.twin = prom.Gauge(
+            "reconciler_node_twin", "1 while another agent publishes under this node's name (it claims nothing then).", L,
+            registry=r,
+        )
+        self.skipped = prom.Counter(
+            "reconciler_store_entries_skipped", "Malformed or stray store entries skipped, counted at every read.", L,
+            registry=r,
+        )
+        self._skipped_seen = 0
         self._known_groups: set[str] = set()
         self._group_values: dict[str, tuple] = {}  # group -> what its gauges were last set to
         self._pending_start: dict[str, float] = {}
@@ -61,6 +70,8 @@ class Metrics:
             self.claims.labels(node, res)
         for res in ("ok", "failed"):
             self.fence.labels(node, res)
+        self.twin.labels(node).set(0)
+        self.skipped.labels(node)
 
     # --- hooks the agent calls ------------------------------------------------------------
 
@@ -77,6 +88,11 @@ class Metrics:
         if not ok or observed is None:
             return
         self.last_ok.labels(n).set(time.time())
+        self.twin.labels(n).set(1 if view.twin else 0)
+        total = getattr(agent.store, "skipped_total", 0)
+        if total > self._skipped_seen:
+            self.skipped.labels(n).inc(total - self._skipped_seen)
+        self._skipped_seen = max(self._skipped_seen, total)
         now = time.monotonic()
         dead_after = agent.spec.cluster.timing.dead_after
         self.members_live.labels(n).set(sum(1 for m in set(view.members) | {n} if view.alive(m, now, dead_after)))

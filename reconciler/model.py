@@ -5,9 +5,21 @@ like. Plain frozen attrs classes with no I/O, so the pure planner can depend on 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
+
+# What a node or group name may look like (the same pattern as spec.NAME_RE, which
+# tests/test_identity.py checks): it never starts with "-", so a name can never become an
+# option where it reaches an argv (a fence hook). Names read from the store are checked with
+# valid_name() before anything uses them (reconciler/store/*).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_name(value: object) -> bool:
+    """True if `value` is a node or group name the spec would accept."""
+    return isinstance(value, str) and NAME_RE.match(value) is not None and "\n" not in value
 
 # Entry states. Processes: stopped, running, stopping, done (once/wait exited), passed and
 # failed (test), exited (respawn waiting for its next attempt). Resources (mount, address):
@@ -69,6 +81,9 @@ class Heartbeat:
     # The publisher's wall clock at this renewal: for showing heartbeat ages to people only
     # (liveness never compares clocks of two machines: see liveness.Liveness).
     wall: float | None = None
+    # A random id of the agent process that wrote this record (reconciler/identity.py): two
+    # agents under one node name publish different ones. "" in records of older versions.
+    instance: str = ""
 
 
 @attrs.frozen
@@ -87,6 +102,12 @@ class Snapshot:
 
     members: dict[str, Heartbeat] = attrs.field(factory=dict)
     claims: dict[str, Claim] = attrs.field(factory=dict)
+    # Entries of the store this read skipped as malformed or stray (kind/name), each also
+    # logged once and counted by the store (Store.skipped_total).
+    skipped: tuple[str, ...] = ()
+    # node -> the record this store's last publish for that node replaced, where it was not
+    # this store's own previous write (another agent writes under the same name: a twin).
+    displaced: dict[str, Heartbeat] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -112,6 +133,13 @@ class ClusterView:
     unclaimed_since: dict[str, float] = attrs.field(factory=dict)
     # this node's claims that outlived a lapse of its lease: they must be re-arbitrated
     stale_claims: frozenset[str] = frozenset()
+    # Another agent publishes under this node's name (identity.decide): "" if none. While
+    # set, this node claims and takes over nothing (plan); may_run False: it also stops
+    # everything it runs (it cannot prove it is the rightful one).
+    twin: str = ""
+    may_run: bool = True
+    may_claim: bool = True  # False while watching this node's record at start-up, or with a twin
+    skipped: tuple[str, ...] = ()  # the last read's skipped store entries (Snapshot.skipped)
 
     def alive(self, name: str, now: float, dead_after: float) -> bool:
         if name == self.node:

@@ -71,7 +71,7 @@ def _group(
 ) -> _Part:
     me = view.node
     claim = view.claims.get(g.name)
-    can_run = view.quorum and now < view.lease_until - t.demote_margin
+    can_run = view.quorum and view.may_run and now < view.lease_until - t.demote_margin
     if claim is not None and claim.node == me:
         return _owner(g, t, obs, view, now, claim, can_run, roster)
     if claim is None and g.name in view.stale_claims:
@@ -94,6 +94,7 @@ def _group(
             and placement.local_eligibility(g, obs) is not False
             and can_run
             and view.store_ok
+            and view.may_claim
             and not (blocked and now < blocked[0])
         ):
             return _Part((Action("claim", g.name, reason="runs here without a claim: claim it back"),))
@@ -109,8 +110,10 @@ def _group(
     if not view.store_ok:
         return _noted(standby, f"store unreachable: {view.store_error}")
     if not can_run:
-        why = "no quorum" if not view.quorum else "this node's lease is not valid"
+        why = view.twin if not view.may_run else "no quorum" if not view.quorum else "this node's lease is not valid"
         return _noted(standby, why)
+    if not view.may_claim:  # node identity (reconciler/identity.py): a twin, or still watching
+        return _noted(standby, view.twin or "watching this node's record before claiming anything")
     if claim is None:
         return _maybe_claim(g, t, obs, view, now, standby, roster)
     return _maybe_takeover(g, t, obs, view, now, claim, standby, roster)
@@ -121,10 +124,10 @@ def _owner(
     roster: placement.Roster,
 ) -> _Part:
     if not can_run:
-        why = "no quorum" if not view.quorum else "lease not renewed in time"
+        why = view.twin if not view.may_run else "no quorum" if not view.quorum else "lease not renewed in time"
         if entries.is_active(g.name, obs):
             return entries.stop_all(g.name, obs, f"self-demotion: {why}", urgent=True, deadline=view.lease_until, order=entries.entry_tags(g))
-        if view.store_ok:
+        if view.store_ok and view.may_run:  # (a twin's claims under this name may be the other agent's)
             # Give the group back so that a node that can run it need not wait for our
             # heartbeat to stall (with hpc membership it never would).
             return _Part((Action("release", g.name, reason=f"demoted ({why}); nothing runs", claim=claim),))
@@ -209,7 +212,7 @@ def _removed(name: str, obs: Observed, view: ClusterView, now: float, t: specmod
         return entries.stop_all(name, obs, reason)
     acts = [Action("reset", name, st.tag, reason=reason) for st in entries.group_states(name, obs) if st.state != "stopped"]
     claim = view.claims.get(name)
-    if claim is not None and claim.node == view.node:
+    if claim is not None and claim.node == view.node and view.may_run:
         acts.append(Action("release", name, reason=reason, claim=claim))
     return _Part(tuple(acts))
 

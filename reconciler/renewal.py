@@ -140,15 +140,19 @@ class Renewer:
             a.publish_error = f"agent event loop stalled for {stalled:.1f}s"
             return
         self._stalled_logged = False
+        if not a.may_publish():  # node identity: watching this node's record, or a twin
+            return
         a.counter += 1  # only this thread counts once it runs
         digest = a._digest_of[1] if a._digest_of is not None else ""
-        hb = Heartbeat(node=a.node, counter=a.counter, digest=digest, status=a.status_doc, wall=time.time())
+        hb = Heartbeat(node=a.node, counter=a.counter, digest=digest, status=a.status_doc, wall=time.time(),
+                       instance=a.instance)
         try:
             a.store.publish_blocking(hb)
         except StoreError as exc:
             a.publish_error = str(exc)
             return
         a.publish_error = ""
+        a.note_published(started)
         if a.lease_until < started and a.lease_until != float("-inf"):
             a.after_lapse(started)  # claims marked stale and the lease extended, under lease_lock
             return

@@ -73,6 +73,10 @@ def node_status(
         "store_ok": view.store_ok,
         "store_error": view.store_error,
         "quorum": view.quorum,
+        # node identity: another agent under this node's name (reconciler/identity.py)
+        "twin": view.twin,
+        # store entries the last read skipped as malformed or stray (reconciler/store/records.py)
+        "store_skipped": list(view.skipped),
         "members": {
             n: {"alive": view.alive(n, now, spec.cluster.timing.dead_after), "up": m.up}
             for n, m in view.members.items()
@@ -103,6 +107,9 @@ def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, pu
             "digest": hb.digest,
             "spec_differs": not published_groups and hb.digest != spec.digest(),
             "spec_error": hb.status.get("spec_error", ""),
+            "twin": hb.status.get("twin", "") if isinstance(hb.status.get("twin", ""), str) else "",
+            "store_skipped": [x for x in hb.status.get("store_skipped", []) if isinstance(x, str)]
+            if isinstance(hb.status.get("store_skipped", []), list) else [],
         }
     groups = {}
     names = list(spec.groups)
@@ -135,6 +142,10 @@ def render(doc: dict) -> str:
         age = "-" if n["heartbeat_age"] is None else f"{n['heartbeat_age']:.2f}s ago"
         spec = n["digest"] + (" (differs)" if n["spec_differs"] else "") + (f" error: {n['spec_error']}" if n["spec_error"] else "")
         lines.append(f"{name:<20} {'yes' if n['live'] else 'NO':<5} {age:<10} {spec}")
+        if n.get("twin"):
+            lines.append(f"  twin: {n['twin']}")
+        if n.get("store_skipped"):
+            lines.append(f"  store entries skipped: {', '.join(n['store_skipped'][:10])}")
     lines.append("")
     lines.append("GROUP                DESIRED    ACTUAL     OWNER                GEN")
     for name, g in doc["groups"].items():

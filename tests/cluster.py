@@ -108,23 +108,26 @@ def wait_until(cond, timeout: float, step: float = 0.02, what: str = "condition"
 
 
 class Node:
-    def __init__(self, cluster: "Cluster", name: str):
+    def __init__(self, cluster: "Cluster", name: str, *, machine: str = ""):
         self.cluster = cluster
         self.name = name
         self.proc: subprocess.Popen | None = None
-        self.log = cluster.root / f"agent-{name}.log"
+        # machine: a second agent under an existing name, as if on another machine (Cluster.add_twin)
+        self.machine = machine
+        self.spec_dir = cluster.spec_dir if not machine else cluster.root / f"spec@{machine}"
+        self.log = cluster.root / (f"agent-{name}.log" if not machine else f"agent-{name}@{machine}.log")
         self.netns: str | None = cluster.netns.get(name)
         self.machine = name  # the machine it runs on: its cgroup (a twin is another machine)
 
     def start(self) -> "Node":
         c = self.cluster
         metrics = c.metrics.get(self.name, "off")
-        inner = [sys.executable, "-m", "reconciler.cli", "run", "--spec", str(c.spec_dir), "--node", self.name, "--metrics-address", metrics]
+        inner = [sys.executable, "-m", "reconciler.cli", "run", "--spec", str(self.spec_dir), "--node", self.name, "--metrics-address", metrics]
         if os.environ.get("RECONCILER_TEST_VERBOSE"):
             inner.append("-v")
         if c.pre_exec.get(self.name):
             inner = ["/bin/sh", "-c", c.pre_exec[self.name] + ' && exec "$@"', "sh", *inner]
-        env = {**os.environ, **c.env}
+        env = {**os.environ, **c.env, **({"RECONCILER_TEST_MACHINE": self.machine} if self.machine else {})}
         outer = ["ip", "netns", "exec", self.netns] if self.netns else []
         argv = [*outer, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *inner]
         if c.cgroup is not None:
@@ -424,6 +427,19 @@ stop_timeout = "2s"
     def start(self, *names: str) -> None:
         for n in names or self.nodes:
             self.nodes[n].start()
+
+    def add_twin(self, name: str, machine: str = "b") -> Node:
+        """A second agent under the existing node name `name`, as on another machine: a copy
+        of the spec with a state directory of its own, and its guards report `name@machine`
+        (so the safety checker tells the two apart). Stopped with the cluster; not started."""
+        spec = self.root / f"spec@{machine}"
+        spec.mkdir(mode=0o755)
+        for f in self.spec_dir.glob("*.toml"):
+            text = f.read_text().replace(f'state_dir = "{self.root / "state"}"', f'state_dir = "{self.root / f"state@{machine}"}"')
+            (spec / f.name).write_text(text)
+            os.chmod(spec / f.name, 0o644)
+        node = self.nodes[f"{name}@{machine}"] = Node(self, name, machine=machine)
+        return node
 
     def stop(self) -> None:
         for n in self.nodes.values():

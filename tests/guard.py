@@ -20,6 +20,8 @@ ALIVE_EVERY = 0.01
 def main() -> None:
     log = sys.argv[1]
     node = os.environ.get("RECONCILER_NODE", "?")
+    if os.environ.get("RECONCILER_TEST_MACHINE"):  # a second agent under the same name (cluster.add_twin)
+        node += "@" + os.environ["RECONCILER_TEST_MACHINE"]
     group = os.environ.get("RECONCILER_GROUP", "?")
     gen = os.environ.get("RECONCILER_GENERATION", "-")
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -35,6 +35,8 @@ METRICS = frozenset(
         "reconciler_spec_reloads_total",
         "reconciler_spec_info",
         "reconciler_respawns_total",
+        "reconciler_node_twin",
+        "reconciler_store_entries_skipped_total",
     }
 )
 HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds"})

@@ -154,6 +154,9 @@ def test_a_failing_publish_marks_the_store_unreachable_and_lapses(tmp_path, capl
         a.store.publish_blocking = publish
         await _until(lambda: not a.view.store_ok and "injected" in a.view.store_error, 3, "the store error in the view")
         await _until(lambda: not _running(a), 5, "self-demotion")
+        # Past the lease itself (demotion comes demote_margin before it): without this the
+        # first renewal after the failures lands on the lease's last instant, a coin flip.
+        await _until(lambda: time.monotonic() > a.lease_until + 0.01, 2, "the lease to run out")
         failing["on"] = False
         await _until(lambda: a.lease_until > time.monotonic() and _running(a), 10, "the group back")
 

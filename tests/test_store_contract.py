@@ -8,6 +8,7 @@ closed in the same event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -18,13 +19,16 @@ from reconciler.store import Claim, Heartbeat, StoreError, open_store
 
 
 class Backend:
-    def __init__(self, kind: str, url: str, **options):
+    def __init__(self, kind: str, url: str, *, create: bool = True, **options):
         self.kind, self.url, self.options = kind, url, options
+        self.create = create
         self.stores = []
 
     def new(self, url: str | None = None, **options):
         url = url or self.url
         store = open_store(url, **{**self.options, **options}) if self.kind == "etcd" else open_store(url)
+        if self.kind == "dir" and self.create:
+            store.create()  # what the agent's start-up does (setup()): nothing else creates it
         self.stores.append(store)
         return store
 
@@ -227,7 +231,7 @@ def test_unreachable_store_raises_store_error(backend, tmp_path):
     if backend.kind == "dir":
         blocker = tmp_path / "a-file"
         blocker.write_text("not a directory")
-        backend = Backend("dir", f"dir:{blocker}")
+        backend = Backend("dir", f"dir:{blocker}", create=False)
     else:
         backend = etcd_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.3)
 
@@ -350,5 +354,118 @@ def test_etcd_watch_resumes_without_losing_a_claim_deletion(etcd_cluster3):
         assert time.monotonic() - t0 < 3
         assert a._idx != 0 and a._watching
         assert (await a.read()).claims == {}
+
+    backend.run(body)
+
+
+# --- what a read does with what it cannot use (issue 12, item 7) ---------------------------------
+
+
+def _plant(backend, store, entries: dict[str, bytes | str]):
+    """Write raw store entries, as a hostile or broken writer would: {"claims/junk": value}.
+    Directory: a value str is a symlink target, bytes a regular file; etcd: the key's value."""
+
+    async def plant():
+        if backend.kind == "dir":
+            for path, value in entries.items():
+                full = store.root / path
+                if isinstance(value, str):
+                    os.symlink(value, full)
+                else:
+                    full.write_bytes(value)
+            return
+        from reconciler.store import etcd as etcdmod
+
+        ops = [etcdmod._put(store._key(*path.split("/", 1)), value) for path, value in entries.items()]
+        await store._txn("plant", [], ops, [], store._deadline())
+
+    return plant()
+
+
+MALFORMED = {
+    "dir": {
+        "claims/zz-stray": b"a regular file\n",  # the issue's stray file: every read used to fail
+        "claims/bad-target": "nobody",
+        "claims/-all": "n1:3",  # a group name that would be an option
+        "nodes/bad": "abc:1.0:d",  # a non-numeric counter
+        "nodes/old.json": b'{"counter": "abc"}',  # the older format: used to raise at every read
+        "nodes/--all": "5::d",
+        "status/n1.json": b"not json",
+    },
+    "etcd": {
+        "claims/zz-stray": b"garbage",
+        "claims/bad-target": b"nobody:",
+        "claims/-all": b"n1:3",
+        "nodes/bad": b'{"counter": "abc"}',
+        "nodes/--all": b'{"counter": 5}',
+        "nodes/weird": b"[1, 2]",
+        "status/n1": b"not json",
+    },
+}
+
+
+def test_malformed_entries_are_skipped_logged_once_and_counted(backend, caplog):
+    async def body():
+        a, b = backend.new(), backend.new()
+        hb = Heartbeat(node="n1", counter=3, digest="d", status={"s": 1})
+        await a.publish(hb)
+        good = await a.claim("web", "n1")
+        await _plant(backend, a, MALFORMED[backend.kind])
+        caplog.clear()
+        for _ in range(5):
+            snap = await b.read()
+        assert snap.claims == {"web": good}
+        assert set(snap.members) == {"n1"} and snap.members["n1"].counter == 3
+        assert snap.members["n1"].status == {}  # its status is malformed: left out, the heartbeat stays
+        skipped = set(snap.skipped)
+        assert skipped == {k for k in MALFORMED[backend.kind]}, skipped
+        assert b.skipped_total >= 5 * len(skipped)
+        for entry in skipped:
+            lines = [r for r in caplog.records if entry in r.getMessage()]
+            assert len(lines) == 1, (entry, [r.getMessage() for r in lines])  # once, not at every read
+            assert lines[0].levelname == "WARNING" and "\n" not in lines[0].getMessage()
+        # the store works on around them: failover still possible
+        assert await b.break_claim(good) is True
+        assert (await b.claim("web", "n2")).generation > good.generation
+
+    backend.run(body)
+
+
+def test_a_corrupt_generation_is_an_error_never_zero(backend):
+    async def body():
+        a = backend.new()
+        c = await a.claim("db", "n1")
+        assert await a.release(c)
+        if backend.kind == "dir":
+            (a.root / "generations" / "db").write_text("garbage\n")
+        else:
+            await _plant(backend, a, {"generations/db": b"garbage"})
+        b = backend.new()
+        with pytest.raises(StoreError) as info:
+            await b.claim("db", "n2")
+        assert "generations/db" in str(info.value) and "\n" not in str(info.value)
+        assert (await b.read()).claims == {}
+        assert (await b.claim("other", "n2")) is not None  # other groups are not affected
+
+    backend.run(body)
+
+
+def test_a_publish_reports_the_record_another_writer_left(backend):
+    """Snapshot.displaced: node identity sees another agent under its name at every publish
+    (a read after the publish would show the other's record only if it wrote in between)."""
+
+    async def body():
+        a, b = backend.new(), backend.new()
+        me, other = "a" * 16, "b" * 16
+        await a.publish(Heartbeat(node="n1", counter=1, instance=me))
+        await a.publish(Heartbeat(node="n1", counter=2, instance=me))
+        assert (await a.read()).displaced == {}
+        await b.publish(Heartbeat(node="n1", counter=7, instance=other))
+        await a.publish(Heartbeat(node="n1", counter=3, instance=me))
+        shown = (await a.read()).displaced["n1"]
+        assert (shown.instance, shown.counter) == (other, 7)
+        assert (await a.read()).members["n1"].instance == me
+        await a.publish(Heartbeat(node="n1", counter=4, instance=me))
+        assert (await a.read()).displaced == {}  # the last publish replaced its own record
 
     backend.run(body)

@@ -13,7 +13,7 @@ import time
 
 import attrs
 
-NODE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+from reconciler.model import valid_name
 
 
 @attrs.frozen
@@ -24,9 +24,10 @@ class Outcome:
 
 
 async def fence(argv: tuple[str, ...], *, node: str, timeout: float) -> Outcome:
-    """Run the hook; never raises. The node name is checked again: it reaches a command line."""
+    """Run the hook; never raises. The node name is checked again: it reaches a command line,
+    and a name from the store such as "--all" must never become an option of the hook."""
     started = time.monotonic()
-    if not node or not set(node) <= NODE_NAME_CHARS:
+    if not valid_name(node):
         return Outcome(False, f"refused to fence {node!r}: not a valid node name", 0.0)
     try:
         proc = await asyncio.create_subprocess_exec(

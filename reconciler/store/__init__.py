@@ -26,6 +26,11 @@ class StoreError(Exception):
     """
 
 
+class StoreRefused(StoreError):
+    """The store is there but must not be trusted (ownership, permissions, a symlink where a
+    directory belongs): the agent refuses to start on it."""
+
+
 from reconciler.model import Claim, ClusterView, Heartbeat, Member, Snapshot  # noqa: E402,F401
 from reconciler.spec import redact_url  # noqa: E402
 
@@ -37,6 +42,19 @@ class Store(abc.ABC):
     # True if publish_blocking() works from any thread (the agent then renews from a thread
     # of its own: reconciler/renewal.py); False if the backend's I/O belongs to the event loop.
     blocking_publish: bool = False
+    # Entries a read skipped as malformed or stray, summed over every read (each read of a
+    # bad entry counts: the metric reconciler_store_entries_skipped_total keeps rising while
+    # one is there); each entry is also logged, once.
+    skipped_total: int = 0
+
+    async def setup(self) -> None:
+        """Create the store's layout if it does not exist yet, and check what exists.
+
+        The agent calls it once, before its first publish; no other call ever creates
+        anything, so a store that disappears later is unreachable, never empty. Raises
+        StoreError (one line naming the store) if it cannot, or if what is there must not
+        be trusted.
+        """
 
     def publish_blocking(self, heartbeat: Heartbeat) -> None:
         """publish(), called from a thread other than the event loop's; blocks until done.

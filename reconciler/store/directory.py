@@ -17,12 +17,26 @@ Ending a claim (release by its owner, break by a survivor) first wins the exclus
 `ends/GROUP.GENERATION` marker: for any one instance only one caller gets past that point,
 so two survivors can never both remove it, and a stale owner can never remove a successor's
 claim (the successor is a different instance with a larger generation).
+
+Nothing here trusts the directory. setup() creates the layout once, at the agent's start;
+afterwards a missing root or subdirectory is "store unreachable" (StoreError), never an
+empty store. The root must be owned by root (or this process's user) and not writable by
+group or others. Every access goes through directory file descriptors opened with
+O_NOFOLLOW (a subdirectory replaced by a symlink is refused), files are opened O_NOFOLLOW
+and created O_EXCL, heartbeats and claims (symlinks by design) are only ever readlink'd,
+so no planted symlink makes an agent read or write elsewhere. A malformed or stray entry
+is skipped, logged once and counted (reconciler/store/records.py); a corrupt generation
+counter is an error for that group's claims, never read as 0.
+
+(Longer than 400 lines: the claim protocol and the verified reads share the descriptor
+handling above; the value checks themselves live in records.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import itertools
 import json
@@ -33,7 +47,7 @@ import uuid
 from pathlib import Path
 
 from reconciler import keeper
-from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError
+from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, StoreRefused, records
 
 STUCK_AFTER = 10.0  # seconds a half-finished claim removal may stand before it is completed
 # Filesystems whose directory and file timestamps are this kernel's own (set at once, from
@@ -43,27 +57,40 @@ LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "
 # clock's granularity (one jiffy, at most 10 ms), so a later change cannot carry the same one.
 SETTLED = 0.05
 FULL_READ_EVERY = 2.0  # seconds: re-read every claim and status at least this often anyway
+SUBDIRS = ("nodes", "status", "claims", "ends", "generations")
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (NONBLOCK: a planted FIFO)
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+STATUS_MAX = 16 << 20  # bytes: a larger status file is skipped, not read
 
 
 class DirectoryStore(Store):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self._root = str(self.root)
-        # os.path strings, not pathlib: the heartbeat uses them ten times a second
-        self._nodes, self._status, self._claims_dir = (os.path.join(self._root, d) for d in ("nodes", "status", "claims"))
         self.url = f"dir:{self.root}"
         self._last_status: dict[str, str] = {}
         self._last_status_obj: dict[str, dict] = {}  # node -> the status dict last written
-        self._parsed: dict[str, tuple[tuple, bytes, object]] = {}  # status file -> (stat key, bytes, parsed)
-        self._claims: tuple[tuple, dict[str, Claim]] | None = None  # (claims/ stat key, claims) at the last read
+        self._parsed: dict[str, tuple[tuple, bytes, object]] = {}  # node -> (stat key, bytes, parsed)
+        # (claims/ stat key, claims, the entries skipped) at the last read
+        self._claims: tuple[tuple, dict[str, Claim], tuple[tuple[str, str], ...]] | None = None
         self._full_read_at = 0.0  # monotonic time of the last read that reused nothing
         self._local: bool | None = None  # the root is on a LOCAL_FS filesystem (decided at the first read)
-        self._ready = False
+        self._setup_wanted = False  # setup() was called: publish completes it if it failed then
+        self._ready = False  # setup() has created and checked the layout (it never runs again)
         self._tmp_tag = uuid.uuid4().hex[:12]  # unique temporary names: other hosts write here too
         self._tmp_seq = itertools.count()
+        self._skips = records.Skips(self.url)
+        self._written: dict[str, str] = {}  # node -> the heartbeat target this store wrote last
+        self._displaced: dict[str, Heartbeat] = {}  # see Snapshot.displaced
         # The heartbeat (publish, read) has a thread of its own: a burst of claims or releases
         # (a node starting or taking over many groups) must not delay the lease renewal.
         self._heartbeat_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._uid = os.geteuid()
+
+    @property
+    def skipped_total(self) -> int:  # type: ignore[override]
+        return self._skips.total
 
     # Every public method runs its blocking file I/O in a thread: a hung NFS server must not
     # stall the event loop (the lease deadline, not the call, decides what happens then).
@@ -83,19 +110,81 @@ class DirectoryStore(Store):
         except OSError as exc:
             raise StoreError(f"{self.url}: {exc.strerror or exc} ({exc.filename or self.root})") from None
 
-    def _setup(self) -> None:
+    # --- the layout, and what may be trusted -------------------------------------------------
+
+    async def setup(self) -> None:
+        self._setup_wanted = True
+        await self._io(self._create)
+
+    def create(self) -> None:
+        """setup(), blocking (for tools and tests)."""
+        self._setup_wanted = True
+        self._blocking(self._create)
+
+    def _create(self) -> None:
         if self._ready:
             return
-        for sub in ("nodes", "status", "claims", "ends", "generations"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        os.makedirs(self._root, mode=0o755, exist_ok=True)
+        root = self._open_root()
+        try:
+            for sub in SUBDIRS:
+                try:
+                    os.mkdir(sub, 0o755, dir_fd=root)
+                except FileExistsError:
+                    pass
+                os.close(self._sub(root, sub))  # refuses a symlink or anything but a directory
+        finally:
+            os.close(root)
         self._ready = True
 
-    def _replace(self, path: Path, text: str) -> None:
-        # Unique per call: several threads, processes and hosts (NFS) may write at once.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+    def _open_root(self) -> int:
+        """The root directory's descriptor (the configured path may itself be a symlink:
+        the operator chose it), checked: owned by root or us, not writable by others."""
+        try:
+            fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: the store directory is missing: unreachable") from None
+        except NotADirectoryError:
+            raise StoreError(f"{self.url}: not a directory") from None
+        st = os.fstat(fd)
+        if st.st_uid not in (0, self._uid) or st.st_mode & 0o022:
+            os.close(fd)
+            raise StoreRefused(
+                f"{self.url}: {self._root} must be owned by root (or uid {self._uid}) and not writable by group "
+                f"or others (it is owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): refused"
+            )
+        return fd
+
+    def _sub(self, root: int, name: str) -> int:
+        """A subdirectory's descriptor; never through a symlink; missing: unreachable."""
+        try:
+            return os.open(name, _DIR, dir_fd=root)
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: {name}/ is missing: unreachable") from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StoreRefused(f"{self.url}: {name} is not a directory (a symlink?): refused") from None
+            raise
+
+    def _dirs(self, *names: str) -> "_Dirs":
+        """with self._dirs("nodes", ...) as d: {name: descriptor} of these subdirectories,
+        opened together under one root (a plain class, not contextlib: the heartbeat opens
+        them twenty times a second)."""
+        return _Dirs(self, names)
+
+    def _replace(self, dir_fd: int, name: str, text: str) -> None:
+        # Unique per call: several threads, processes and hosts (NFS) may write at once;
+        # O_EXCL|O_NOFOLLOW: never through anything planted under that name.
+        tmp = f".{name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, _NEW, 0o644, dir_fd=dir_fd)
+        try:
+            with open(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a symlink, never follows it
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
 
     # --- heartbeat ------------------------------------------------------------------------
 
@@ -108,19 +197,44 @@ class DirectoryStore(Store):
         self._blocking(self._publish, heartbeat)
 
     def _publish(self, hb: Heartbeat) -> None:
-        self._setup()
-        # The very dict written last time is not serialized again (the agent builds a new
-        # one whenever its status changes; a status is not modified once published).
-        if self._last_status_obj.get(hb.node) is not hb.status:
-            status = json.dumps(hb.status, sort_keys=True, separators=(",", ":"))
-            if self._last_status.get(hb.node) != status:
-                self._replace(self.root / "status" / f"{hb.node}.json", status)
-                self._last_status[hb.node] = status
-            self._last_status_obj[hb.node] = hb.status
-        wall = "" if hb.wall is None else f"{hb.wall:.3f}"
-        tmp = f"{self._nodes}/.{hb.node}.{self._tmp_tag}.{next(self._tmp_seq)}.tmp"
-        os.symlink(f"{int(hb.counter)}:{wall}:{hb.digest}", tmp)
-        os.replace(tmp, f"{self._nodes}/{hb.node}")
+        if self._setup_wanted and not self._ready:
+            self._create()  # setup() failed at start-up: only until it succeeds once
+        if not records.valid_name(hb.node):
+            raise StoreError(f"{self.url}: {hb.node!r} is not a valid node name")
+        with self._dirs("nodes", "status") as d:
+            # The very dict written last time is not serialized again (the agent builds a new
+            # one whenever its status changes; a status is not modified once published).
+            if self._last_status_obj.get(hb.node) is not hb.status:
+                status = json.dumps(hb.status, sort_keys=True, separators=(",", ":"))
+                if self._last_status.get(hb.node) != status:
+                    self._replace(d["status"], f"{hb.node}.json", status)
+                    self._last_status[hb.node] = status
+                self._last_status_obj[hb.node] = hb.status
+            wall = "" if hb.wall is None else f"{hb.wall:.3f}"
+            target = f"{int(hb.counter)}:{wall}:{hb.digest}" + (f":{hb.instance}" if hb.instance else "")
+            nodes = d["nodes"]
+            if hb.instance:
+                self._note_displaced(nodes, hb.node)
+            tmp = f".{hb.node}.{self._tmp_tag}.{next(self._tmp_seq)}.tmp"
+            os.symlink(target, tmp, dir_fd=nodes)
+            os.replace(tmp, hb.node, src_dir_fd=nodes, dst_dir_fd=nodes)
+            self._written[hb.node] = target
+
+    def _note_displaced(self, nodes: int, node: str) -> None:
+        """Look at the record this publish is about to replace: if it is not what this store
+        wrote last, someone else publishes under this name (Snapshot.displaced). A readlink
+        (~2 us) per publish: a read after the publish would see the other writer's record
+        only if it wrote in the moment between, one read in a hundred."""
+        try:
+            found = os.readlink(node, dir_fd=nodes)
+        except OSError:
+            found = None  # absent (or not a heartbeat symlink: the read reports that)
+        parsed = records.parse_beat_target(found) if found is not None and found != self._written.get(node) else None
+        if parsed is None or isinstance(parsed, str):
+            self._displaced.pop(node, None)
+            return
+        counter, wall, digest, instance = parsed
+        self._displaced[node] = Heartbeat(node=node, counter=counter, digest=digest, wall=wall, instance=instance)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -132,20 +246,8 @@ class DirectoryStore(Store):
         return self._blocking(self._read)
 
     def _read(self) -> Snapshot:
-        try:
-            names = _scan(self._nodes)  # name -> is a symlink (node names may contain dots)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            try:
-                st = os.stat(self._root)
-            except FileNotFoundError:
-                return Snapshot()  # nothing published yet: the first agent creates it
-            if not stat.S_ISDIR(st.st_mode):
-                raise StoreError(f"{self.url}: not a directory") from None
-            if isinstance(exc, NotADirectoryError):
-                raise
-            names = {}
         if self._local is None:
-            self._local = _fstype(str(self.root)) in LOCAL_FS
+            self._local = _fstype(self._root) in LOCAL_FS
         # What did not change since the last read is reused (local filesystems only, and
         # never for longer than FULL_READ_EVERY): an idle node with 100 claims then reads
         # two directories and one heartbeat file per member instead of every claim.
@@ -153,62 +255,95 @@ class DirectoryStore(Store):
         reuse = self._local and mono - self._full_read_at < FULL_READ_EVERY
         if not reuse:
             self._full_read_at = mono
+        skipped: list[str] = []
+        with self._dirs("nodes", "status", "claims") as d:
+            members = self._read_members(d["nodes"], d["status"], reuse, skipped)
+            claims = self._read_claims(d["claims"], reuse, skipped)
+        return Snapshot(members=members, claims=claims, skipped=tuple(skipped),
+                        displaced=dict(self._displaced) if self._displaced else {})
+
+    def _read_members(self, nodes_fd: int, status_fd: int, reuse: bool, skipped: list[str]) -> dict[str, Heartbeat]:
+        names = _scan(nodes_fd)  # name -> is a symlink (node names may contain dots)
         members: dict[str, Heartbeat] = {}
-        nodes_dir, status_dir = self._nodes, self._status
         parsed, self._parsed = self._parsed, {}
         beats = {n for n, link in names.items() if link}
+        skip = self._skips.skip
         for name, link in names.items():
             if name.startswith("."):
+                continue  # a writer's temporary name
+            if link:
+                node = name
+            elif name.endswith(".json"):
+                node = name[:-5]  # the older format
+                if node in beats:
+                    continue  # replaced by the symlink beside it
+            else:
+                skip(f"nodes/{name}", "neither a heartbeat symlink nor a NODE.json record", skipped)
+                continue
+            why = records.check_name(node, "node")
+            if why:
+                skip(f"nodes/{name}", why, skipped)
                 continue
             if link:
-                node, beat = name, _read_beat(f"{nodes_dir}/{name}")
-            elif name.endswith(".json") and name[:-5] not in beats:
-                node, beat = name[:-5], _read_json(f"{nodes_dir}/{name}")  # the older format
+                try:
+                    fields = records.parse_beat_target(os.readlink(name, dir_fd=nodes_fd))
+                except FileNotFoundError:
+                    continue  # gone since the listing
             else:
+                beat = _read_json(nodes_fd, name)
+                fields = (
+                    records.beat_fields(beat.get("counter"), beat.get("wall"), beat.get("digest"), beat.get("instance"))
+                    if isinstance(beat, dict) else "not a JSON object"
+                )
+            if isinstance(fields, str):
+                skip(f"nodes/{name}", fields, skipped)
                 continue
-            if not isinstance(beat, dict) or "counter" not in beat:
-                continue
-            status = self._read_status(f"{status_dir}/{node}.json", parsed, reuse)
-            wall = beat.get("wall")
-            members[node] = Heartbeat(
-                node=node,
-                counter=int(beat["counter"]),
-                digest=str(beat.get("digest", "")),
-                status=status if isinstance(status, dict) else {},
-                wall=float(wall) if isinstance(wall, (int, float)) else None,
-            )
-        return Snapshot(members=members, claims=self._read_claims(self._claims_dir, reuse))
+            counter, wall, digest, instance = fields
+            status = self._read_status(status_fd, node, parsed, reuse, skipped)
+            members[node] = Heartbeat(node=node, counter=counter, digest=digest, status=status, wall=wall, instance=instance)
+        return members
 
-    def _read_claims(self, claims_dir: str, reuse: bool) -> dict[str, Claim]:
+    def _read_claims(self, claims_fd: int, reuse: bool, skipped: list[str]) -> dict[str, Claim]:
         """Every claim; the last read's dict again if claims/ has not changed since.
 
         A claim is created and removed as a directory entry (symlink, unlink), and each of
         those sets the directory's mtime and ctime from the kernel's clock. The listing is
         reused only if that timestamp had settled (was SETTLED older than the clock) when the
         directory was last listed: a change after the listing then always shows as a new
-        timestamp, even within the same tick of the coarse clock.
+        timestamp, even within the same tick of the coarse clock. (Its skipped entries are
+        counted again at every read, like those of a listing read again.)
         """
         listed_at = time.time()
-        try:
-            st = os.stat(claims_dir)
-        except FileNotFoundError:
-            self._claims = None
-            return {}
+        st = os.fstat(claims_fd)
         key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         last = self._claims
         if reuse and last is not None and last[0] == key:
+            for entry, why in last[2]:
+                self._skips.skip(entry, why, skipped)
             return last[1]
         claims: dict[str, Claim] = {}
-        for group in _listdir(claims_dir):
-            c = self._read_claim(group, claims_dir)
-            if c is not None:
-                claims[group] = c
+        bad: list[tuple[str, str]] = []
+        for group, link in _scan(claims_fd).items():
+            why = records.check_name(group, "group") or ("" if link else "not a symlink NODE:GENERATION")
+            if not why:
+                try:
+                    parsed = records.parse_claim(os.readlink(group, dir_fd=claims_fd))
+                except FileNotFoundError:
+                    continue  # released since the listing
+                if isinstance(parsed, str):
+                    why = parsed
+                else:
+                    claims[group] = Claim(group=group, node=parsed[0], generation=parsed[1], token=str(parsed[1]))
+            if why:
+                bad.append((f"claims/{group}", why))
+                self._skips.skip(f"claims/{group}", why, skipped)
         settled = listed_at - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 > SETTLED
-        self._claims = (key, claims) if settled else None
+        self._claims = (key, claims, tuple(bad)) if settled else None
         return claims
 
-    def _read_status(self, path: str, parsed: dict[str, tuple[tuple, bytes, object]], reuse: bool):
-        """The status file's JSON; parsed again only if its bytes changed.
+    def _read_status(self, status_fd: int, node: str, parsed: dict, reuse: bool, skipped: list[str]) -> dict:
+        """The status file's JSON object ({} if absent or malformed); parsed again only if
+        its bytes changed.
 
         Status files are only ever replaced by rename, never written in place, so a file
         with the same inode, size and settled mtime as at the last read is that same file:
@@ -216,42 +351,87 @@ class DirectoryStore(Store):
         Unchanged documents come back as the same dict as at the last read: treat them as
         read-only, like the rest of a Snapshot.
         """
+        name = f"{node}.json"
         listed_at = time.time()
         try:
-            st = os.stat(path)
+            st = os.stat(name, dir_fd=status_fd, follow_symlinks=False)
         except FileNotFoundError:
-            return None
+            return {}
+        if not stat.S_ISREG(st.st_mode) or st.st_size > STATUS_MAX:
+            why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"larger than {STATUS_MAX} bytes"
+            self._skips.skip(f"status/{name}", why, skipped)
+            return {}
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        last = parsed.get(path)
+        last = parsed.get(node)
         if reuse and last is not None and last[0] == key:
-            self._parsed[path] = last
-            return last[2]
-        try:
-            with open(path, "rb") as fh:
-                raw = fh.read()
-        except FileNotFoundError:
-            return None
-        if last is not None and last[1] == raw:
+            self._parsed[node] = last
             doc = last[2]
         else:
             try:
-                doc = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                doc = None
-        settled = listed_at - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 > SETTLED
-        # An unsettled stat key never matches again (the file may still change within it).
-        self._parsed[path] = (key if settled else (), raw, doc)
+                fd = os.open(name, _FILE, dir_fd=status_fd)
+            except FileNotFoundError:
+                return {}
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                self._skips.skip(f"status/{name}", "a symlink", skipped)  # replaced since the stat
+                return {}
+            with open(fd, "rb") as fh:
+                raw = fh.read(STATUS_MAX + 1)
+            if last is not None and last[1] == raw:
+                doc = last[2]
+            else:
+                try:
+                    doc = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    doc = None
+                doc = doc if isinstance(doc, dict) else None
+            settled = listed_at - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 > SETTLED
+            # An unsettled stat key never matches again (the file may still change within it).
+            self._parsed[node] = (key if settled else (), raw, doc)
+        if doc is None:
+            self._skips.skip(f"status/{name}", "not a JSON object", skipped)
+            return {}
         return doc
 
-    def _read_claim(self, group: str, claims_dir: str | None = None) -> Claim | None:
+    def _read_claim(self, claims_fd: int, group: str) -> Claim | None:
+        """One claim, for claiming and ending: a malformed one is an error here (StoreError),
+        not absent: nobody may claim over it or end it."""
         try:
-            target = os.readlink(os.path.join(claims_dir or os.path.join(str(self.root), "claims"), group))
+            target = os.readlink(group, dir_fd=claims_fd)
         except FileNotFoundError:
             return None
-        node, _, gen = target.rpartition(":")
-        if not node or not gen.isdigit():
-            return None
-        return Claim(group=group, node=node, generation=int(gen), token=gen)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise StoreError(f"{self.url}: claims/{group} is not a symlink: refused") from None
+            raise
+        parsed = records.parse_claim(target)
+        if isinstance(parsed, str):
+            raise StoreError(f"{self.url}: claims/{group}: {parsed}")
+        return Claim(group=group, node=parsed[0], generation=parsed[1], token=str(parsed[1]))
+
+    def _read_generation(self, gens_fd: int, group: str) -> int:
+        """The last ended generation of `group` (0: none yet). A counter that is not a number,
+        not a regular file or a symlink is an error: read as 0 it would let the fencing
+        token go backwards."""
+        try:
+            fd = os.open(group, _FILE, dir_fd=gens_fd)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StoreError(f"{self.url}: generations/{group} is a symlink: refused (repair it by hand)") from None
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise StoreError(f"{self.url}: generations/{group} is not a regular file: refused (repair it by hand)")
+            text = fh.read(64).decode("ascii", "replace").strip()
+        if not (text.isascii() and text.isdigit()):
+            raise StoreError(
+                f"{self.url}: generations/{group} holds {text[:20]!r}, not a generation: claims of {group} are refused "
+                "until it is repaired (a generation must never go backwards)"
+            )
+        return int(text)
 
     async def close(self) -> None:
         if self._heartbeat_pool is not None:
@@ -264,14 +444,16 @@ class DirectoryStore(Store):
         return await self._io(self._claim, group, node)
 
     def _claim(self, group: str, node: str) -> Claim | None:
-        self._setup()
-        if self._read_claim(group) is not None:
-            return None
-        gen = _read_int(self.root / "generations" / group) + 1
-        try:
-            os.symlink(f"{node}:{gen}", self.root / "claims" / group)
-        except FileExistsError:
-            return None
+        if not (records.valid_name(group) and records.valid_name(node)):
+            raise StoreError(f"{self.url}: cannot claim {group!r} for {node!r}: not valid names")
+        with self._dirs("claims", "generations") as d:
+            if self._read_claim(d["claims"], group) is not None:
+                return None
+            gen = self._read_generation(d["generations"], group) + 1
+            try:
+                os.symlink(f"{node}:{gen}", group, dir_fd=d["claims"])
+            except FileExistsError:
+                return None
         return Claim(group=group, node=node, generation=gen, token=str(gen))
 
     async def release(self, claim: Claim) -> bool:
@@ -281,66 +463,112 @@ class DirectoryStore(Store):
         return await self._io(self._end, claim)
 
     def _end(self, claim: Claim) -> bool:
-        self._setup()
-        if not self._is_current(claim):
-            return False  # already ended or replaced: never touch a successor
-        marker = self.root / "ends" / f"{claim.group}.{claim.generation}"
-        try:
-            os.symlink(claim.node, marker)
-        except FileExistsError:
-            self._complete_if_stuck(claim, marker)
+        if not (records.valid_name(claim.group) and records.valid_name(claim.node)):
             return False
-        # Only the marker's winner may remove this instance, and a successor cannot exist
-        # while it is still in place, so check-then-unlink cannot hit another claim.
-        if not self._is_current(claim):
-            return False
-        self._remove(claim)
-        self._prune(claim.group, claim.generation)
-        return True
+        with self._dirs("claims", "ends", "generations") as d:
+            if not self._is_current(d, claim):
+                return False  # already ended or replaced: never touch a successor
+            marker = f"{claim.group}.{claim.generation}"
+            try:
+                os.symlink(claim.node, marker, dir_fd=d["ends"])
+            except FileExistsError:
+                self._complete_if_stuck(d, claim, marker)
+                return False
+            # Only the marker's winner may remove this instance, and a successor cannot exist
+            # while it is still in place, so check-then-unlink cannot hit another claim.
+            if not self._is_current(d, claim):
+                return False
+            self._remove(d, claim)
+            self._prune(d["ends"], claim.group, claim.generation)
+            return True
 
-    def _is_current(self, claim: Claim) -> bool:
-        current = self._read_claim(claim.group)
+    def _is_current(self, d: dict[str, int], claim: Claim) -> bool:
+        current = self._read_claim(d["claims"], claim.group)
         return current is not None and current.generation == claim.generation and current.node == claim.node
 
-    def _complete_if_stuck(self, claim: Claim, marker: Path) -> None:
+    def _complete_if_stuck(self, d: dict[str, int], claim: Claim, marker: str) -> None:
         """A winner that died between its marker and the unlink would leave the claim stuck.
 
         After STUCK_AFTER seconds (measured by the filesystem's own clock, comparing the
         marker with a file written now) one completer, chosen by a second exclusive marker,
         finishes the removal.
         """
+        ends = d["ends"]
+        probe = f".probe.{uuid.uuid4().hex}"
         try:
-            probe = self.root / "ends" / f".probe.{uuid.uuid4().hex}"
-            probe.touch()
-            age = probe.stat().st_mtime - os.lstat(marker).st_mtime
-            probe.unlink()
+            os.close(os.open(probe, _NEW, 0o644, dir_fd=ends))
+            age = os.stat(probe, dir_fd=ends).st_mtime - os.stat(marker, dir_fd=ends, follow_symlinks=False).st_mtime
+            os.unlink(probe, dir_fd=ends)
         except OSError:
             return
-        if age < STUCK_AFTER or not self._is_current(claim):
+        if age < STUCK_AFTER or not self._is_current(d, claim):
             return
         try:
-            os.symlink(claim.node, marker.with_name(marker.name + ".complete"))
+            os.symlink(claim.node, marker + ".complete", dir_fd=ends)
         except FileExistsError:
             return
-        if self._is_current(claim):
-            self._remove(claim)
+        if self._is_current(d, claim):
+            self._remove(d, claim)
 
-    def _remove(self, claim: Claim) -> None:
-        gens = self.root / "generations" / claim.group
-        if _read_int(gens) < claim.generation:
-            self._replace(gens, str(claim.generation))
+    def _remove(self, d: dict[str, int], claim: Claim) -> None:
+        gens = d["generations"]
         try:
-            os.unlink(self.root / "claims" / claim.group)
+            last = self._read_generation(gens, claim.group)
+        except StoreError as exc:
+            # While this instance is current its generation is above every ended one, so
+            # writing it can only move the counter on: a corrupt counter is repaired here.
+            records.log.warning("%s (replaced by %d, the generation being ended)", exc, claim.generation)
+            last = -1
+        if last < claim.generation:
+            self._replace(gens, claim.group, str(claim.generation))
+        try:
+            os.unlink(claim.group, dir_fd=d["claims"])
         except FileNotFoundError:
             pass
 
-    def _prune(self, group: str, generation: int) -> None:
+    def _prune(self, ends: int, group: str, generation: int) -> None:
         # End markers older than a few generations can never be contended again.
         for name in (f"{group}.{generation - 8}", f"{group}.{generation - 8}.complete"):
             try:
-                os.unlink(self.root / "ends" / name)
+                os.unlink(name, dir_fd=ends)
             except OSError:
                 pass
+
+
+class _Dirs:
+    """DirectoryStore._dirs: the root and the named subdirectories, closed on exit."""
+
+    __slots__ = ("store", "names", "fds")
+
+    def __init__(self, store: DirectoryStore, names: tuple[str, ...]):
+        self.store, self.names, self.fds = store, names, []
+
+    def __enter__(self) -> dict[str, int]:
+        root = self.store._open_root()
+        self.fds.append(root)
+        try:
+            out = {}
+            for name in self.names:
+                out[name] = fd = self.store._sub(root, name)
+                self.fds.append(fd)
+            return out
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def never_set_up(root: str) -> bool:
+    """True if no agent ever set up a store at `root` (it is absent, or a directory without
+    any of the layout): read-only tools (a dry run before the first start) may show an empty
+    cluster there. Anything else missing is an unreachable store."""
+    if not os.path.lexists(root):
+        return True
+    return os.path.isdir(root) and not any(os.path.lexists(os.path.join(root, d)) for d in SUBDIRS)
 
 
 def _fstype(path: str) -> str:
@@ -354,46 +582,23 @@ def _fstype(path: str) -> str:
     return found
 
 
-def _scan(path: str) -> dict[str, bool]:
+def _scan(fd: int) -> dict[str, bool]:
     """name -> whether it is a symlink, for every entry of a directory (raises OSError)."""
-    with os.scandir(path) as it:
+    with os.scandir(fd) as it:
         return {e.name: e.is_symlink() for e in it}
 
 
-def _listdir(path: Path) -> list[str]:
+def _read_json(dir_fd: int, name: str):
+    """A small JSON file in the directory, never through a symlink; None if absent or malformed."""
     try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
-
-
-def _read_beat(path: str) -> dict | None:
-    """A heartbeat symlink's target, "COUNTER:WALL:DIGEST", as the fields of a dict."""
-    try:
-        counter, wall, digest = os.readlink(path).split(":", 2)
-        return {"counter": int(counter), "wall": float(wall) if wall else None, "digest": digest}
-    except (OSError, ValueError):
+        fd = os.open(name, _FILE, dir_fd=dir_fd)
+    except OSError:
         return None
-
-
-def _read_json(path: Path):
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        raw = fh.read(1 << 16)
     try:
-        with open(path) as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
-
-
-def _read_int(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except FileNotFoundError:
-        return 0
-    except ValueError:
-        return 0
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return 0
-        raise

@@ -48,12 +48,13 @@ import math
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+import attrs
 import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from reconciler.spec import redact_url
-from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, etcdmirror
+from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, etcdmirror, records
 from reconciler.store.etcdconn import ConnectionMixin, LeaseGone
 from reconciler.store.etcdwatch import WatchMixin
 
@@ -115,7 +116,16 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         self._floor = 0
         self.mirror_reads = self.full_reads = self.fetches = 0
         self._base = f"{self.prefix}/".encode()
-        self._mirror = etcdmirror.Mirror(self._base)
+        # (named without credentials: the log shows the endpoints and the prefix only)
+        self._skips = records.Skips(f"{parts.scheme}://{','.join(self.endpoints)}{self.prefix}")
+        self._mirror = etcdmirror.Mirror(self._base, self._skips)
+        self._written: dict[str, bytes] = {}  # node -> the heartbeat value this store put last
+        self._displaced: dict[str, Heartbeat] = {}  # see Snapshot.displaced
+
+    @property
+    def skipped_total(self) -> int:  # type: ignore[override]
+        """Skipped entries counted by this instance's reads and by its renewal twin's."""
+        return self._skips.total + (self._twin._skips.total if self._twin is not None else 0)
 
     # --- heartbeat ------------------------------------------------------------------------
 
@@ -148,6 +158,8 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         beat = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest, "status_hash": shash}
         if heartbeat.wall is not None:
             beat["wall"] = round(heartbeat.wall, 3)
+        if heartbeat.instance:
+            beat["instance"] = heartbeat.instance
         beat = json.dumps(beat, separators=(",", ":"))
         written = (shash, heartbeat.digest)
         for _ in range(3):
@@ -159,7 +171,8 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
                 else:
                     self._drop_lease(lease)
             lease = await self._ensure_lease(deadline)
-            ops = [_put(self._key("nodes", node), beat, lease)]
+            # prev_kv: the record this put replaces (Snapshot.displaced: a twin's, if not ours)
+            ops = [_put(self._key("nodes", node), beat, lease, prev_kv=bool(heartbeat.instance))]
             # A new digest rewrites the status too: its watch is what wakes the peers.
             put_status = self._last_status.get(node) != written
             if put_status:
@@ -172,6 +185,8 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
                 continue
             if self._lease == lease:
                 self._last_status[node] = written
+            if heartbeat.instance:
+                self._note_displaced(node, resp.responses[0].response_put.prev_kv.value, beat.encode())
             rev = resp.header.revision
             self._floor = max(self._floor, rev)
             if self._mirror.advance(delta, rev, resp.responses[len(ops):], {node: status} if put_status else None):
@@ -180,9 +195,26 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
             return
         raise self._error("publish", "the lease keeps expiring")
 
+    def _note_displaced(self, node: str, prev: bytes, mine: bytes) -> None:
+        last, self._written[node] = self._written.get(node), mine
+        hb = etcdmirror._heartbeat(node, etcdmirror._json(prev), {}) if prev and prev != last else None
+        if isinstance(hb, Heartbeat):
+            self._displaced[node] = hb
+        else:
+            self._displaced.pop(node, None)
+
     # --- reading --------------------------------------------------------------------------
 
     async def read(self) -> Snapshot:
+        """_read(), with the entries it skipped counted (Store.skipped_total) and the records
+        the last publish replaced (Snapshot.displaced)."""
+        snap = await self._read()
+        self._skips.total += len(snap.skipped)
+        if self._displaced:
+            snap = attrs.evolve(snap, displaced=dict(self._displaced))
+        return snap
+
+    async def _read(self) -> Snapshot:
         """Every heartbeat, status and claim, at one revision. Raises StoreError if no
         endpoint answers within `timeout`.
 
@@ -272,7 +304,7 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         self._note_read(rev)
         parsed = self._mirror.parse_all(resp.kvs)
         if rev < self._mirror.rev:  # a publish answered meanwhile moved the mirror past this read
-            return Snapshot(members=parsed[2], claims=parsed[3])
+            return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])))
         self._mirror.install(rev, parsed)
         return self._mirror.snapshot()
 
@@ -309,7 +341,10 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
                 return Claim(group=group, node=node, generation=gen + 1, token=str(rev))
             current, gens = (r.response_range.kvs for r in resp.responses)
             last = gens[0].value if gens else b"0"
-            self._gens[group] = (int(last) if last.isdigit() else 0, gens[0].mod_revision if gens else 0)
+            if not (last.isdigit() and len(last) < 20):  # read as 0, the fencing token would go backwards
+                raise self._error(f"claim {group}", f"generations/{group} holds {last[:20]!r}, not a generation: "
+                                  "claims of it are refused until it is repaired")
+            self._gens[group] = (int(last), gens[0].mod_revision if gens else 0)
             if current:
                 self._floor = max(self._floor, current[0].mod_revision)
                 owner, cgen = etcdmirror.parse_claim(current[0].value)
@@ -396,9 +431,9 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         self._stubs_by_idx.clear()
 
 
-def _put(key: bytes, value: str | bytes, lease: int = 0):
+def _put(key: bytes, value: str | bytes, lease: int = 0, prev_kv: bool = False):
     value = value.encode() if isinstance(value, str) else value
-    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease, prev_kv=prev_kv))
 
 
 def _cmp(key: bytes, target: str, **value):

@@ -18,7 +18,9 @@ such nodes are ranged over in the delta itself (modified since the mirror's revi
 every status used to be.
 
 A dict that a Snapshot holds is never changed again: the mirror copies it first (the *_shared
-flags). Heartbeats, statuses and claims are parsed only when their key's value changed.
+flags). Heartbeats, statuses and claims are parsed only when their key's value changed, through
+reconciler/store/records.py: a malformed value (or a key that is not a valid name) is left out
+of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import attrs
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler.store import Claim, Heartbeat, Snapshot
+from reconciler.store import Claim, Heartbeat, Snapshot, records
 
 KINDS = ("nodes", "status", "claims")
 # At most this many statuses are ranged over one key each (etcd allows 128 operations in a
@@ -65,7 +67,9 @@ class Fetch:
 
 
 class Mirror:
-    def __init__(self, base: bytes):
+    def __init__(self, base: bytes, skips: records.Skips | None = None):
+        self.skips = skips or records.Skips(base.decode(errors="replace"))
+        self.bad: dict[str, str] = {}  # "kind/name" -> why its value was left out (Snapshot.skipped)
         self.prefix = {kind: base + kind.encode() + b"/" for kind in KINDS}  # base: PREFIX/
         self.rev = 0  # the revision it holds (0: none)
         self.raw: dict[str, dict[str, bytes]] = {"nodes": {}, "claims": {}}  # kind -> name -> value
@@ -89,9 +93,20 @@ class Mirror:
 
     def snapshot(self) -> Snapshot:
         if self.snap is None:
-            self.snap = Snapshot(members=self.members, claims=self.claims)
+            self.snap = Snapshot(members=self.members, claims=self.claims, skipped=tuple(sorted(self.bad)))
             self.members_shared = self.claims_shared = True
         return self.snap
+
+    def _mark(self, entry: str, why: str) -> None:
+        """`entry` is malformed (why) or, with why "", fine again."""
+        if why:
+            if self.bad.get(entry) != why:
+                self.bad[entry] = why
+                self.snap = None
+                self.skips.warn(entry, why)
+        elif entry in self.bad:
+            del self.bad[entry]
+            self.snap = None
 
     def _name(self, kind: str, key: bytes) -> str:
         return key[len(self.prefix[kind]):].decode(errors="replace")
@@ -244,19 +259,24 @@ class Mirror:
         claims: dict[str, Claim] = {}
         status: dict[str, tuple[bytes, dict, str]] = {}
         nodes = []
+        bad: dict[str, str] = {}
         sp, cp, np = self.prefix["status"], self.prefix["claims"], self.prefix["nodes"]
         for kv in kvs:
             if kv.key.startswith(sp):
                 name = self._name("status", kv.key)
                 known = self.status.get(name)
-                status[name] = known if known is not None and known[0] == kv.value else _status(kv.value)
+                status[name] = st = known if known is not None and known[0] == kv.value else _status(kv.value)
+                if st[3]:
+                    bad[f"status/{name}"] = st[3]
             elif kv.key.startswith(cp):
                 name = self._name("claims", kv.key)
                 raw["claims"][name] = kv.value
                 c = self.claims.get(name)
                 if c is None or c.token != str(kv.create_revision) or self.raw["claims"].get(name) != kv.value:
                     c = _claim(name, kv)
-                if c is not None:
+                if isinstance(c, str):
+                    bad[f"claims/{name}"] = c
+                else:
                     claims[name] = c
             elif kv.key.startswith(np):
                 name = self._name("nodes", kv.key)
@@ -273,18 +293,23 @@ class Mirror:
             else:
                 beat = _json(value)
                 announced[name] = _announced(beat)
-            if (hb := _heartbeat(name, beat, doc)) is not None:
+            hb = _heartbeat(name, beat, doc)
+            if isinstance(hb, str):
+                bad[f"nodes/{name}"] = hb
+            else:
                 members[name] = hb
-        return raw, announced, members, claims, status
+        for entry, why in bad.items():
+            self.skips.warn(entry, why)
+        return raw, announced, members, claims, status, bad
 
     def install(self, rev: int, parsed: tuple) -> None:
         """Replace the mirror with `parsed` (parse_all), the whole prefix at `rev`. Claims
         equal to the mirror's stay the very same dict (the agent skips work on that)."""
-        raw, announced, members, claims, status = parsed
+        raw, announced, members, claims, status, bad = parsed
         if claims != self.claims:
             self.claims, self.claims_shared = claims, False
         self.raw, self.announced, self.members, self.status = raw, announced, members, status
-        self.rev, self.snap, self.members_shared = rev, None, False
+        self.rev, self.snap, self.members_shared, self.bad = rev, None, False, dict(bad)
         self.resync, self.stale, self.status_count = set(), {}, len(status)
         self.version += 1
 
@@ -299,7 +324,8 @@ class Mirror:
         self.announced[name] = _announced(beat)
         known = self.status.get(name)
         hb = _heartbeat(name, beat, known[1] if known is not None else {})
-        if hb is not None:
+        self._mark(f"nodes/{name}", hb if isinstance(hb, str) else "")
+        if not isinstance(hb, str):
             self.members_w()[name] = hb
         elif name in self.members:
             del self.members_w()[name]
@@ -310,13 +336,15 @@ class Mirror:
             return
         self.raw["claims"][name] = kv.value
         c = _claim(name, kv)
-        if c is not None:
+        self._mark(f"claims/{name}", c if isinstance(c, str) else "")
+        if not isinstance(c, str):
             self.claims_w()[name] = c
         elif name in self.claims:
             del self.claims_w()[name]
 
     def _remove(self, kind: str, name: str) -> None:
         del self.raw[kind][name]
+        self._mark(f"{kind}/{name}", "")
         if kind == "claims":
             if name in self.claims:
                 del self.claims_w()[name]
@@ -325,6 +353,7 @@ class Mirror:
         self.announced.pop(name, None)
         self.stale.pop(name, None)
         self.status.pop(name, None)
+        self._mark(f"status/{name}", "")
         if name in self.members:
             del self.members_w()[name]
 
@@ -333,10 +362,12 @@ class Mirror:
         if known is not None and known[0] == value:
             return
         self.status[name] = st = _status(value)
+        self._mark(f"status/{name}", st[3])
         if (hb := self.members.get(name)) is not None:
             self.members_w()[name] = attrs.evolve(hb, status=st[1])
 
     def _drop_status(self, name: str) -> None:
+        self._mark(f"status/{name}", "")
         if self.status.pop(name, None) is not None and (hb := self.members.get(name)) is not None:
             self.members_w()[name] = attrs.evolve(hb, status={})
 
@@ -361,10 +392,12 @@ def _range(key: bytes, single: bool = False, **options):
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end, **options))
 
 
-def _status(value: bytes) -> tuple[bytes, dict, str]:
-    """A status value, parsed ({} if it is not a JSON object), with its hash."""
+def _status(value: bytes) -> tuple[bytes, dict, str, str]:
+    """A status value, parsed ({} if it is not a JSON object), with its hash and why it is
+    malformed ("" if it is not)."""
     doc = _json(value)
-    return value, doc if isinstance(doc, dict) else {}, status_hash(value)
+    ok = isinstance(doc, dict)
+    return value, doc if ok else {}, status_hash(value), "" if ok else "status is not a JSON object"
 
 
 def _announced(beat) -> str | None:
@@ -372,18 +405,29 @@ def _announced(beat) -> str | None:
     return h if isinstance(h, str) else None
 
 
-def _heartbeat(node: str, beat, status: dict) -> Heartbeat | None:
-    """A parsed nodes/NODE value as a Heartbeat carrying `status`; None if malformed."""
-    if not isinstance(beat, dict) or not isinstance(beat.get("counter"), int):
-        return None
-    wall = beat.get("wall")
-    return Heartbeat(node=node, counter=beat["counter"], digest=str(beat.get("digest", "")), status=status,
-                     wall=float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None)
+def _heartbeat(node: str, beat, status: dict) -> Heartbeat | str:
+    """A parsed nodes/NODE value as a Heartbeat carrying `status`; why not, if malformed."""
+    why = records.check_name(node, "node")
+    if why:
+        return why
+    if not isinstance(beat, dict):
+        return "heartbeat is not a JSON object"
+    fields = records.beat_fields(beat.get("counter"), beat.get("wall"), beat.get("digest"), beat.get("instance"))
+    if isinstance(fields, str):
+        return fields
+    counter, wall, digest, instance = fields
+    return Heartbeat(node=node, counter=counter, digest=digest, status=status, wall=wall, instance=instance)
 
 
-def _claim(group: str, kv) -> Claim | None:
-    owner, gen = parse_claim(kv.value)
-    return Claim(group=group, node=owner, generation=gen, token=str(kv.create_revision)) if owner else None
+def _claim(group: str, kv) -> Claim | str:
+    """A claims/GROUP key as a Claim; why not, if malformed."""
+    why = records.check_name(group, "group")
+    if why:
+        return why
+    parsed = records.parse_claim(kv.value.decode(errors="replace"))
+    if isinstance(parsed, str):
+        return parsed
+    return Claim(group=group, node=parsed[0], generation=parsed[1], token=str(kv.create_revision))
 
 
 def _json(raw: bytes):
@@ -395,5 +439,5 @@ def _json(raw: bytes):
 
 def parse_claim(raw: bytes) -> tuple[str, int]:
     """"NODE:GENERATION" -> (NODE, GENERATION); ("", 0) if malformed."""
-    owner, _, gen = raw.decode(errors="replace").rpartition(":")
-    return (owner, int(gen)) if owner and gen.isdigit() else ("", 0)
+    parsed = records.parse_claim(raw.decode(errors="replace"))
+    return ("", 0) if isinstance(parsed, str) else parsed

@@ -131,6 +131,7 @@ async def generate(url: str, prefix: str, members: int, interval: float, digest:
 
     if url.startswith("dir:"):
         stores = [open_store(url)]
+        stores[0].create()  # as an agent's start-up does (nothing else creates the store)
     else:  # a store instance (one etcd lease, one connection) per 50 members
         stores = [open_store(url, prefix=prefix, lease=lease, timeout=2.0) for _ in range(max(1, math.ceil(members / 50)))]
     status = {"synthetic": True, "eligible_groups": [], "groups": {}}
@@ -179,6 +180,8 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
     store = open_store(url) if url.startswith("dir:") else open_store(url, prefix=prefix, lease=lease, timeout=2.0)
 
     if url.startswith("dir:"):
+        store.create()  # as an agent's start-up does (nothing else creates the store)
+
         async def one_round(c: int) -> None:
             def work() -> None:
                 for n in names:

@@ -117,7 +117,8 @@ class Node:
         self.spec_dir = cluster.spec_dir if not machine else cluster.root / f"spec@{machine}"
         self.log = cluster.root / (f"agent-{name}.log" if not machine else f"agent-{name}@{machine}.log")
         self.netns: str | None = cluster.netns.get(name)
-        self.machine = name  # the machine it runs on: its cgroup (a twin is another machine)
+        # its cgroup: one per machine (a twin on another machine must not share its namesake's)
+        self.cgroup_key = f"{name}@{machine}" if machine else name
 
     def start(self) -> "Node":
         c = self.cluster
@@ -132,7 +133,7 @@ class Node:
         argv = [*outer, "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *inner]
         if c.cgroup is not None:
             # The node's own cgroup (the same on a restart): the agent's subtree goes under it.
-            cg = os.path.join(c.cgroup, self.machine)
+            cg = os.path.join(c.cgroup, self.cgroup_key)
             os.makedirs(cg, exist_ok=True)
             argv = ["/bin/sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", *argv]
         with open(self.log, "ab") as log:
@@ -356,7 +357,7 @@ class Node:
         with terminate() or crash()."""
         c = self.cluster
         t = Node(c, self.name)
-        t.machine = f"{self.name}-twin"  # another machine: a cgroup of its own, not this node's
+        t.cgroup_key = f"{self.name}@twin"  # another machine: a cgroup of its own, not this node's
         t.log = c.root / f"agent-{self.name}-twin.log"
         t._hold_file = c.root / f"hold-{self.name}-twin"
         fault = getattr(c, "fault_state_size", None)

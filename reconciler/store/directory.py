@@ -1,8 +1,9 @@
 """The directory store: the embedded default, local or on a shared NFS/GFS/CephFS directory.
 
 Layout under the root:
-    nodes/NODE               heartbeat: a symlink whose target is "COUNTER:WALL:DIGEST" (WALL may
-                             be empty), replaced by rename (atomic). A symlink because its
+    nodes/NODE               heartbeat: a symlink whose target is "COUNTER:WALL:DIGEST:INSTANCE"
+                             (WALL may be empty; INSTANCE, the agent process's random id, may be
+                             absent in records of older agents), replaced by rename (atomic). A symlink because its
                              target lives in the inode: creating and renaming one costs ~30 us,
                              a small file's write + rename ~300 us (ext4 flushes a file renamed
                              over another at once). Readers still accept the older

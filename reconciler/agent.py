@@ -86,13 +86,7 @@ class Agent(heartbeat.Heartbeating):
             prefix=c.etcd_prefix, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
             password=c.etcd_password, lease=c.timing.lease,
         ) if not self.spec.store_url.startswith("dir:") else open_store(self.spec.store_url)
-        self.node_dir = Path(self.spec.state_dir) / self.node
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
-        sup = self.supervisor
-        log.info("processes tracked by %s", f"cgroups under {sup.tree.root}" if sup.tree else f"the table and environment markers: {sup.cgroup_note}")
-        if sup.tree and not cgroups.favors_dynmods():
-            log.info("cgroup2 is mounted without favordynmods: each start and respawn waits ~10-20 ms for the kernel"
-                     " to move the process into its cgroup (docs/operations.md, 'Processes and cgroups')")
         try:
             from reconciler.act import resources
         except ImportError:  # resource support not installed on this node
@@ -127,9 +121,11 @@ class Agent(heartbeat.Heartbeating):
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._loop_thread = threading.current_thread()
-        self._build()
-        self.node_dir.mkdir(parents=True, exist_ok=True)
+        # The lock first: a second agent under this name must touch nothing (state, cgroups).
+        self.node_dir = Path(self.spec.state_dir) / self.node
+        self.node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = identity_lock(self.node, self.node_dir / "agent.lock")  # one agent per node name here
+        self._build()
         self._identity_start()
         try:
             await self.store.setup()  # the only call that creates the store's layout
@@ -137,6 +133,11 @@ class Agent(heartbeat.Heartbeating):
             raise
         except StoreError as exc:
             log.warning("store setup: %s (publishing waits for it)", exc)
+        sup = self.supervisor
+        log.info("processes tracked by %s", f"cgroups under {sup.tree.root}" if sup.tree else f"the table and environment markers: {sup.cgroup_note}")
+        if sup.tree and not cgroups.favors_dynmods():
+            log.info("cgroup2 is mounted without favordynmods: each start and respawn waits ~10-20 ms for the kernel"
+                     " to move the process into its cgroup (docs/operations.md, 'Processes and cgroups')")
         (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
         self.supervisor.attach(loop)
         self._inherit_lease()

@@ -10,16 +10,16 @@ from typing import Any
 
 import attrs
 
-# What a node or group name may look like (the same pattern as spec.NAME_RE, which
-# tests/test_identity.py checks): it never starts with "-", so a name can never become an
-# option where it reaches an argv (a fence hook). Names read from the store are checked with
-# valid_name() before anything uses them (reconciler/store/*).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# What a node, group, tag or runlevel name may look like (the spec's loader uses this very
+# pattern): it never starts with "-", so a name can never become an option where it reaches
+# an argv (a fence hook). Names read from the store are checked with valid_name() before
+# anything uses them (reconciler/store/*). \Z, not $: "$" would accept a trailing newline.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def valid_name(value: object) -> bool:
     """True if `value` is a node or group name the spec would accept."""
-    return isinstance(value, str) and NAME_RE.match(value) is not None and "\n" not in value
+    return isinstance(value, str) and NAME_RE.match(value) is not None
 
 # Entry states. Processes: stopped, running, stopping, done (once/wait exited), passed and
 # failed (test), exited (respawn waiting for its next attempt). Resources (mount, address):

@@ -17,10 +17,11 @@ from typing import Any
 
 import attrs
 
+from reconciler.model import NAME_RE  # noqa: F401 (spec.NAME_RE: the one name pattern, shared with the store's checks)
+
 MODES = ("wait", "once", "respawn", "test", "off")
 FOREGROUND = frozenset({"wait", "test"})
 STOP = "stop"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
 DEFAULT_SPEC_PATH = "/etc/reconciler/"
 
 

@@ -24,7 +24,7 @@ def test_an_unsafe_timing_edit_is_refused_and_nothing_runs_twice(make_cluster, t
     c.start()
     # Both agents must have loaded the good spec before the edit (c.start() returns once the
     # processes exist; an agent still starting up would load the bad spec and exit).
-    wait_until(lambda: set(c.members()) == {"n1", "n2"}, 10, what="both agents publishing")
+    wait_until(lambda: {p.stem for p in (c.store / "status").glob("*.json")} == {"n1", "n2"}, 10, what="both agents publishing")
     for g in names:
         wait_until(lambda: c.runs_on_one(g), 10, what=f"{g} on one node")
     owners = {g: c.runs_on_one(g) for g in names}

@@ -5,6 +5,10 @@ wake runs the same level-triggered reconcile (observe -> plan -> execute -> publ
 nothing depends on having seen a particular event. The heartbeat (reconciler/heartbeat.py,
 from a thread of its own: reconciler/renewal.py) renews this node's lease and the keeper's
 deadline and reads the cluster view; `plan` alone decides what that means for the groups.
+
+(Slightly over the house's ~400 lines: the agent loop, its start-up order (lock, store,
+adoption, keeper) and its shutdown belong together; issue 13 splits the agent into
+components.)
 """
 
 from __future__ import annotations
@@ -60,7 +64,6 @@ class Agent(heartbeat.Heartbeating):
         self.publish_error = ""  # the renewer's last publish error ("": it succeeded)
         self.renewer: renewal.Renewer | None = None
         self.notified_ready = False  # READY=1 sent to systemd
-        self._lease_fd: int | None = None  # the lease file, once this process has written it
         self._read_at = 0.0  # monotonic time of the last successful store read (renewer mode)
         self._loop_thread = threading.current_thread()  # the event loop's (set again by run)
         self.stale: set[str] = set()

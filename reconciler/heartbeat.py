@@ -6,12 +6,14 @@ both stores), a renewer thread publishes, moves the lease on and reads
 (reconciler/renewal.py); otherwise the event loop does (`_heartbeat_loop`). Either way the
 view the planner uses is replaced whole, never modified in place, and the lease file the
 keeper watches is written under `lease_lock`.
+
+(Slightly over ~400 lines: lease, view and the node-identity bookkeeping of the mixin;
+issue 13 turns the mixin into components of their own. The lease file is leasefile.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import threading
@@ -20,20 +22,18 @@ import uuid
 
 import attrs
 
-from reconciler import identity, keeper
+from reconciler import identity, keeper, leasefile
 from reconciler.act import logs
 from reconciler.store import ClusterView, StoreError, hpc as hpcmod, records
 
 log = logging.getLogger("reconciler.agent")
 KEEPER_CHECK_EVERY = 1.0  # seconds: how often the loop makes sure the keeper runs
-LEASE_REPLACED_LOG_EVERY = 60.0  # seconds: at most one "lease file was replaced" line this often
 
 
 class Heartbeating:
     """Lease, heartbeat and view methods of Agent (its attributes are set in Agent.__init__)."""
 
-    _lease_error = ""  # the last lease file write error, logged once ("": the last write worked)
-    _lease_replaced_logged_at = float("-inf")
+    lease_file: "leasefile.LeaseFile | None" = None  # the keeper's lease file, once written
     _logs_rotated_at = float("-inf")  # the last look at the entry logs' sizes
     log_rotator: "logs.Rotator | None" = None  # entry log rotation (its policy from the environment)
 
@@ -57,44 +57,11 @@ class Heartbeating:
             self.lease_until = until
 
     def write_lease_locked(self, until: float) -> bool:
-        """Write `until` (keeper.RELEASED: the clean-shutdown record) for the keeper; True
-        once the file at STATE/NODE/lease says so. The caller holds lease_lock.
-
-        The first write of this process creates the file (a new file renamed into place:
-        atomic); later ones overwrite it in place through the open descriptor, one pwrite(2)
-        per renewal instead of a create + rename (~10x cheaper), with a record of fixed
-        length and a checksum, so a keeper reading in the middle of a write rejects the torn
-        record and reads again. Before each pwrite an fstat of the descriptor and a stat of
-        the path (about 2 us together) tell whether the file was deleted, replaced or grown
-        behind the agent's back: then a new one is created, since writes to a file the path
-        no longer names would reach no keeper. A failed write returns False, logged once.
-        """
-        record = keeper.lease_record(until)
-        path = os.path.join(self.node_dir, "lease")
-        try:
-            if self._lease_fd is not None and not _same_file(self._lease_fd, path, len(record)):
-                now = time.monotonic()
-                if now - self._lease_replaced_logged_at >= LEASE_REPLACED_LOG_EVERY:  # (a fight: not every 100 ms)
-                    self._lease_replaced_logged_at = now
-                    log.warning("lease file %s was deleted, replaced or altered: writing a new one", path)
-                os.close(self._lease_fd)
-                self._lease_fd = None
-            if self._lease_fd is None:
-                self._lease_fd = _create(path, record)
-            elif os.pwrite(self._lease_fd, record, 0) != len(record):
-                raise OSError(errno.EIO, "short write")
-        except OSError as exc:
-            error = f"cannot write the lease file {path}: {exc.strerror or exc}"
-            if error != self._lease_error:
-                self._lease_error = error
-                log.error("%s: the lease is not renewed past what the keeper was last told (it lapses in "
-                          "%.2fs at the latest); this node stops its groups by then",
-                          error, max(0.0, self.lease_until - time.monotonic()))
-            return False
-        if self._lease_error:
-            log.warning("lease file %s written again", path)
-            self._lease_error = ""
-        return True
+        """Tell the keeper `until` (keeper.RELEASED: the clean-shutdown record); True once the
+        file at STATE/NODE/lease says so (reconciler/leasefile.py). The caller holds lease_lock."""
+        if self.lease_file is None:
+            self.lease_file = leasefile.LeaseFile(os.path.join(self.node_dir, "lease"))
+        return self.lease_file.write(until, lease_until=self.lease_until)
 
     def release_lease_locked(self) -> None:
         """A clean shutdown's last word to the keeper: the "released" record (it then exits
@@ -104,9 +71,8 @@ class Heartbeating:
             return  # a one-shot run never owned the lease file (another agent may)
         if not self.write_lease_locked(keeper.RELEASED):
             log.error("the keeper was not told of the clean shutdown: it keeps watch over nothing")
-        if self._lease_fd is not None:
-            os.close(self._lease_fd)
-            self._lease_fd = None
+        if self.lease_file is not None:
+            self.lease_file.close()
 
     def after_lapse(self, started: float) -> None:
         """A renewal that began at `started` succeeded after the lease had run out: mark this
@@ -435,41 +401,6 @@ def _fingerprint(view: ClusterView, now: float, dead_after: float) -> object:
 
 class _NotPublishing(Exception):
     """identity: this instance must not publish now (watching its record, or a twin)."""
-
-
-def _same_file(fd: int, path: str, size: int) -> bool:
-    """Is the open lease file still the one at `path`, linked and of the record's size?"""
-    st = os.fstat(fd)
-    if st.st_nlink == 0 or st.st_size != size:
-        return False
-    try:
-        now = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
-
-
-def _create(path: str, record: bytes) -> int:
-    """A new lease file holding `record`, renamed into place; its descriptor, open for
-    writing (the renamed file: no race with a second rename)."""
-    tmp = os.path.join(os.path.dirname(path), ".lease.tmp")
-    try:
-        os.unlink(tmp)  # (a leftover, or something planted there: never written through)
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        if os.write(fd, record) != len(record):
-            raise OSError(errno.ENOSPC, "short write")
-        os.replace(tmp, path)
-    except OSError:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return fd
 
 
 def _evolve(view: ClusterView, **changes) -> ClusterView:

@@ -79,6 +79,11 @@ def _read_store(spec_dir: str) -> dict:
 
     spec = specmod.load(spec_dir)
     c = spec.cluster
+    if spec.store_url.startswith("dir:"):
+        from reconciler.store import directory
+
+        if directory.never_set_up(spec.store_url[4:]):
+            return {"claims": {}, "members": {}}  # no agent has started yet (as `reconcile status` shows it)
 
     async def read():
         if spec.store_url.startswith("dir:"):

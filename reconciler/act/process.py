@@ -11,6 +11,9 @@ process an entry started, also those that double-forked or called setsid(), so s
 respawns and adoption do not depend on the process table. Where cgroups cannot be written
 (or with RECONCILER_CGROUPS=off) the table is trusted only with the environment marker
 every child carries (RECONCILER_NODE_DIR, RECONCILER_ENTRY), read back from /proc.
+
+(Slightly over ~400 lines: the state machine and the cgroup-aware stop and respawn share
+the records; adoption is act/adoption.py, the table encoding act/records.py.)
 """
 
 from __future__ import annotations

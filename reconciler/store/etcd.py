@@ -38,6 +38,9 @@ Talks gRPC through aetcd's generated stubs (aetcd.Client lacks TLS, per-call dea
 failover and resumable watches). Every call has a deadline (`timeout`, default 1 s); within it
 a call moves on to the next endpoint after UNAVAILABLE or a timed-out attempt, after it raises
 StoreError. Use one instance from one event loop.
+
+(Over ~400 lines: the claim transactions and the verified parsing of what etcd returns;
+the connection is etcdconn.py, the mirror etcdmirror.py, the watch etcdwatch.py.)
 """
 
 from __future__ import annotations

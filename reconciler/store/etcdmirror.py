@@ -21,6 +21,8 @@ A dict that a Snapshot holds is never changed again: the mirror copies it first 
 flags). Heartbeats, statuses and claims are parsed only when their key's value changed, through
 reconciler/store/records.py: a malformed value (or a key that is not a valid name) is left out
 of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
+
+(Over ~400 lines: the mirror's revision bookkeeping and its record checks, one job.)
 """
 
 from __future__ import annotations

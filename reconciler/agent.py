@@ -314,7 +314,9 @@ class Agent(heartbeat.Heartbeating):
                 self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
             self.supervisor.save()
             self.executor.save_resources()  # observation may have adopted or dropped some
-            doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec))
+            state_errors = tuple(e for e in (self.supervisor.save_error, self.lease_file.error if self.lease_file else "") if e)
+            doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec),
+                                        state_errors=state_errors)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
             self.metrics.tick(self, observed, view, time.monotonic() - started, ok=True)

@@ -13,6 +13,7 @@ from reconciler.store import ClusterView
 
 def node_status(
     spec: specmod.Spec, observed: Observed, view: ClusterView, plan: Plan, now: float, *, spec_error: str = "",
+    state_errors: tuple[str, ...] = (),
     digest: str | None = None,
 ) -> dict:
     """The JSON-able status this node publishes with its heartbeat (`digest`: spec.digest(), if known)."""
@@ -67,6 +68,9 @@ def node_status(
     return {
         "digest": spec.digest() if digest is None else digest,
         "spec_error": spec_error,
+        # local state this node cannot write (the process table, the lease file): it runs on,
+        # failing closed, but the operator must make room (docs/operations.md, "Disk space")
+        "state_errors": list(state_errors),
         # Nothing here changes from one heartbeat to the next while the node is idle (no
         # clocks, no ages), so an idle node rewrites its status document only when something
         # happens; the heartbeat record carries the wall time (Heartbeat.wall).
@@ -108,6 +112,8 @@ def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, pu
             "spec_differs": not published_groups and hb.digest != spec.digest(),
             "spec_error": hb.status.get("spec_error", ""),
             "twin": hb.status.get("twin", "") if isinstance(hb.status.get("twin", ""), str) else "",
+            "state_errors": [x for x in hb.status.get("state_errors", []) if isinstance(x, str)]
+            if isinstance(hb.status.get("state_errors", []), list) else [],
             "store_skipped": [x for x in hb.status.get("store_skipped", []) if isinstance(x, str)]
             if isinstance(hb.status.get("store_skipped", []), list) else [],
         }
@@ -144,6 +150,8 @@ def render(doc: dict) -> str:
         lines.append(f"{name:<20} {'yes' if n['live'] else 'NO':<5} {age:<10} {spec}")
         if n.get("twin"):
             lines.append(f"  twin: {n['twin']}")
+        for error in n.get("state_errors", []):
+            lines.append(f"  local state: {error}")
         if n.get("store_skipped"):
             lines.append(f"  store entries skipped: {', '.join(n['store_skipped'][:10])}")
     lines.append("")

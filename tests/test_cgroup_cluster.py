@@ -10,6 +10,7 @@ systemd's Restart= would.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,6 +159,15 @@ def test_a_full_state_directory_loses_no_process(make_cluster, tmp_path, cgroups
     for pid in first:
         os.kill(pid, signal.SIGKILL)
     new = wait_until(lambda: (g := guards("n1", "g1")) and g != first and g, 10, what="the respawned guard")
+
+    def state_errors() -> list:
+        try:
+            return json.loads((c.store / "status" / "n1.json").read_text()).get("state_errors", [])
+        except (OSError, ValueError):
+            return []
+
+    errors = wait_until(state_errors, 5, what="the failed save shown in n1's status")
+    assert any("cannot save" in e and "No space left on device" in e for e in errors), errors
     time.sleep(0.5)
     # the operator frees the disk and the agent restarts: the table is stale, the cgroup is not
     restart_agent(c, "n1", tmp_path / "go-n1", before=lambda: in_node(f"rm -f {state}/fill"))

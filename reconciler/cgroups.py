@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import time
 
@@ -35,16 +36,10 @@ def enabled() -> bool:
     return os.environ.get(SWITCH, "").strip().lower() not in ("off", "0", "no", "false")
 
 
-def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+def unescape(field: str) -> str:
+    """A /proc/self/mountinfo field with the kernel's octal escapes undone ('\\040' -> ' ');
+    the one implementation (the keeper and observe/mounts.py use it too)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def mount() -> tuple[str, str] | None:
@@ -55,7 +50,7 @@ def mount() -> tuple[str, str] | None:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
                 if right.split()[:1] == ["cgroup2"] and len(fields) >= 5:
-                    return _unescape(fields[4]), _unescape(fields[3])
+                    return unescape(fields[4]), unescape(fields[3])
     except (OSError, IndexError):
         pass
     return None

@@ -202,17 +202,7 @@ def _tool(candidates: tuple[str, ...]) -> str:
     return next((c for c in candidates if os.access(c, os.X_OK)), os.path.basename(candidates[0]))
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+_unescape = cgroups.unescape  # mountinfo's \ooo escapes (one implementation, in cgroups.py)
 
 
 def mounts() -> list[tuple[str, str]]:
@@ -380,16 +370,19 @@ def main(argv: list[str]) -> int:
     log = Log(node_dir)
     if not _take_lock(node_dir, log):
         return 0
-    _write_pid(node_dir, log)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the lease file decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch = Watch(node_dir, lease, log)
+    pid_written = False
     while True:
         try:
             pause = watch.step()
         except Exception as exc:  # never die: an unexpected error costs one round, not the guard
             log.write(f"error: {type(exc).__name__}: {exc}")
             pause = POLL * 5
+        if not pid_written:  # after the first look: keeper.pid says "it has read the lease file"
+            _write_pid(node_dir, log)
+            pid_written = True
         if pause is None:
             return 0
         time.sleep(pause)

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from reconciler import cgroups
 from reconciler.observe import EntryState
 from reconciler.spec import Entry, Mount
 
@@ -73,9 +74,7 @@ class Check:
     info: MountInfo | None = None
 
 
-def unescape(field: str) -> str:
-    """Undo the kernel's octal escapes (show_path/seq_escape): '\\040' -> ' '."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+unescape = cgroups.unescape  # the kernel's octal escapes (show_path/seq_escape): '\\040' -> ' '
 
 
 def parse(text: str) -> list[MountInfo]:

@@ -67,3 +67,14 @@ def test_rules_use_only_exported_metrics():
     assert len(used) >= 8
     metrics = dashboard_test()
     assert {metrics.base_name(m) for m in used} <= metrics.METRICS
+
+
+def test_alert_names_are_unique_and_every_alert_has_a_runbook_that_exists():
+    text = (RULES / "alerts.yml").read_text()
+    names = re.findall(r"^\s*- alert: (\w+)", text, re.M)
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    runbooks = re.findall(r'^\s*runbook_url: "docs/operations\.md#([\w-]+)"', text, re.M)
+    assert runbooks == [f"alert-{n.lower()}" for n in names]
+    operations = (HERE.parent / "docs" / "operations.md").read_text()
+    for anchor in runbooks:
+        assert f'<a id="{anchor}"></a>' in operations, anchor

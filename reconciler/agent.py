@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from reconciler import cgroups, heartbeat, loader, observation, plan as planmod, renewal, spec as specmod, specwatch, status as statusmod
+from reconciler import cgroups, heartbeat, identity, loader, observation, plan as planmod, renewal, spec as specmod, specwatch, status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process
 from reconciler.metrics import Metrics
@@ -271,7 +271,7 @@ class Agent(heartbeat.Heartbeating):
         return any(st.active for st in self.observer.observe(time.monotonic()).entries.values())
 
     async def _release_all(self) -> None:
-        if self.published_at is None or self.verdict.state == "yield":
+        if not identity.may_release(self.verdict, published=self.published_at is not None):
             return  # the claims under this name may be another agent's (node identity)
         for g, c in list(self.view.claims.items()):
             if c.node == self.node:

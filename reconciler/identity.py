@@ -78,6 +78,13 @@ class Verdict:
     wake_at: float | None = None  # decide again then
 
 
+def may_release(verdict: Verdict, *, published: bool) -> bool:
+    """May this agent end the claims under its node name (a clean shutdown's release)? Not
+    before it has ever published (they may be a live namesake's) nor while it yields (they
+    are the name's, and the other agent may hold them rightfully)."""
+    return published and verdict.state != "yield"
+
+
 def watch_until(started: float, record: Heartbeat | None, predecessor: str, *, dead_after: float,
                 heartbeat: float) -> float:
     """When a newcomer that started at `started` may publish, given its node record at its

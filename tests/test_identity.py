@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from cluster import Cluster, wait_until
-from reconciler import spec as specmod
+from reconciler import identity, spec as specmod
 from reconciler.act import fence as fencemod
 from reconciler.identity import Foreign, Observations, Verdict, decide, observe, watch_until
 from reconciler.model import NAME_RE, Heartbeat, valid_name
@@ -311,3 +311,10 @@ def test_an_incumbent_that_sees_a_twin_keeps_running_claims_nothing_and_says_so(
     wait_until(lambda: c.runs_on_one("api") == "n1", 15, what="api claimed once the twin is gone")
     assert 'reconciler_node_twin{node="n1"} 0.0' in scrape()
     assert c.running("web") == {"n1"}
+
+
+@pytest.mark.parametrize("state", ["watch", "hold", "ok", "incumbent", "yield"])
+@pytest.mark.parametrize("published", [False, True])
+def test_a_clean_shutdown_releases_the_names_claims_only_when_they_are_this_agents(state, published):
+    v = Verdict(state, publish=True, claim=True, run=True, twin="")
+    assert identity.may_release(v, published=published) == (published and state != "yield")

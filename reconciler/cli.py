@@ -85,7 +85,7 @@ def print_plan(plan, *, node: str) -> None:
 
 
 def dry_run(spec_path: str, node: str, down: tuple[str, ...]) -> None:
-    from reconciler import dryrun
+    from reconciler.agent import dryrun
     from reconciler.store import StoreError
 
     spec = load_or_fail(spec_path)
@@ -133,8 +133,8 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
     if dry:
         dry_run(spec_path, node, node_down)
     setup_logging(log_format, verbose)
-    from reconciler import agent as agentmod
-    from reconciler import metrics as metricsmod
+    from reconciler.agent import loop as agentmod
+    from reconciler.agent import metrics as metricsmod
 
     try:
         from reconciler.model import valid_name
@@ -149,7 +149,7 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
             except (OSError, ValueError) as exc:
                 fail(f"--metrics-address {metrics_address}: {getattr(exc, 'strerror', None) or exc}")
         try:
-            from reconciler import notify
+            from reconciler.host import notify
         except ImportError:
             notify = None
         a = agentmod.Agent(spec_path, node, once=once, metrics=metrics, notify=notify, early_signals=EARLY_SIGNALS)
@@ -222,7 +222,7 @@ def check(ctx, spec_path) -> None:
 @click.pass_context
 def tell(ctx, group, runlevel, spec_path) -> None:
     """Set GROUP's desired RUNLEVEL in the spec (comments survive); running agents converge."""
-    from reconciler import edit
+    from reconciler.spec import edit
 
     spec_path = spec_path or ctx.obj["spec"]
     try:
@@ -241,10 +241,10 @@ def tell(ctx, group, runlevel, spec_path) -> None:
 @click.pass_context
 def status(ctx, spec_path, node, as_json) -> None:
     """Show every node and every group: owner, runlevels, entries, pending takeovers."""
-    from reconciler import status as statusmod
+    from reconciler.agent import status as statusmod
     from reconciler.store import StoreError, open_store
 
-    from reconciler import loader
+    from reconciler.spec import loader
 
     path = spec_path or ctx.obj["spec"]
     spec_error = None
@@ -293,7 +293,7 @@ def status(ctx, spec_path, node, as_json) -> None:
 @click.argument("hactl", type=click.Path(dir_okay=False), required=False)
 def import_(cltab, hactl) -> None:
     """Print a TOML spec equivalent to an OpenMosix::HA cltab (and hactl)."""
-    from reconciler import importer
+    from reconciler.spec import importer
 
     try:
         with open(cltab, encoding="utf-8") as fh:

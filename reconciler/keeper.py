@@ -11,7 +11,7 @@ standard library, no store, no spec.
 
     python3 -m reconciler.keeper STATE/NODE
 
-The lease file fails closed. It holds one 30-byte record with a CRC32 (`lease_record`):
+The lease file fails closed. It holds one 30-byte record with a CRC32 (`host/leaserecord.py`):
 either a deadline, or "released", which the agent writes as the last thing of a clean
 shutdown, once nothing of the node runs any more. A file that is missing (deleted),
 truncated, replaced by anything else, or unreadable is no renewal: the last deadline the
@@ -37,113 +37,17 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
-import zlib
 
-from reconciler import cgroups
+from reconciler.host import cgroups, leaserecord, procfs
 
 POLL = 0.01  # while the lease file is unreadable, and between kills after expiry
 IDLE_MAX = 0.5  # longest sleep before the deadline: how soon a "released" record is seen
 TORN_GRACE = 0.05  # an unreadable record is read again for this long before it counts as one
-RELEASED = float("-inf")  # read_deadline's value for the "released" record: no lease at all
-
-
-def lease_record(deadline: float) -> bytes:
-    """The lease file's content: "DEADLINE CRC32\n", always 30 bytes (the agent rewrites it
-    in place, so a reader may catch it half-written: the checksum tells). RELEASED (-inf)
-    gives the clean-shutdown record "released CRC32\n", as long and as checked."""
-    text = f"{'released':>20}" if deadline == RELEASED else f"{deadline:020.6f}"
-    return f"{text} {zlib.crc32(text.strip().encode()):08x}\n".encode()
-
-
-def read_deadline(path: str) -> float | None:
-    """The deadline in the lease file; RELEASED for the clean-shutdown record; None if the
-    file is missing, caught mid-write, truncated, or anything but a checksummed record."""
-    try:
-        with open(path, "rb") as fh:
-            fields = fh.read(64).split()
-        if len(fields) != 2 or int(fields[1], 16) != zlib.crc32(fields[0]):
-            return None
-        if fields[0] == b"released":
-            return RELEASED
-        deadline = float(fields[0])
-        return deadline if math.isfinite(deadline) else None
-    except (OSError, ValueError):
-        return None
-
-
-def start_ticks(pid: int, *, live: bool = False) -> int | None:
-    """The process's start time in clock ticks since boot: with the pid, its identity.
-    None if there is no such process (or, with `live`, if it is a zombie: it has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if live and fields[0] == b"Z":
-        return None
-    return int(fields[19])
-
-
-def proc_stats():
-    """(pid, the fields of /proc/PID/stat after the command name) for every process (from
-    /proc: the keeper has no dependencies)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        yield int(name), data[data.rindex(b")") + 2 :].split()
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of `pid`."""
-    return [child for child, fields in proc_stats() if int(fields[1]) == pid]
-
-
-def agent_pid(node_dir: str) -> int | None:
-    try:
-        with open(os.path.join(node_dir, "agent.pid")) as fh:
-            pid, ticks = (int(x) for x in fh.read().split())
-    except (OSError, ValueError):
-        return None
-    return pid if start_ticks(pid) == ticks else None
-
-
-MARK_DIR = b"RECONCILER_NODE_DIR="  # every child the agent starts carries both
-MARK_ENTRY = b"RECONCILER_ENTRY="
-
-
-def marked_processes(node_dir: str) -> dict[str, list[int]]:
-    """{"GROUP/TAG": pids} of the processes whose environment names this node directory:
-    the agent's children and everything they forked (an environment is inherited), found
-    without the process table or cgroups. Reads /proc/PID/environ, so only as root (or the
-    processes' owner) does it see them all."""
-    want = MARK_DIR + os.path.abspath(node_dir).encode()
-    me = os.getpid()
-    out: dict[str, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if want not in env:
-            continue
-        entry = next((v[len(MARK_ENTRY) :] for v in env if v.startswith(MARK_ENTRY)), b"?")
-        out.setdefault(entry.decode(errors="replace"), []).append(int(name))
-    return out
 
 
 def fire(node_dir: str) -> list[int]:
@@ -164,19 +68,19 @@ def fire(node_dir: str) -> list[int]:
         pid, pgid = r.get("pid"), r.get("pgid") or r.get("pid")
         if r.get("state") not in ("running", "stopping") or not isinstance(pid, int) or not isinstance(pgid, int):
             continue
-        if start_ticks(pid) != r.get("ticks"):
+        if procfs.start_ticks(pid) != r.get("ticks"):
             continue  # gone, or the pid was recycled: not ours
         groups.add(pgid)
-    agent = agent_pid(node_dir)
+    agent = procfs.agent_pid(node_dir)
     if agent is not None:
-        groups.update(p for p in children_of(agent) if p != os.getpid())
+        groups.update(p for p in procfs.children_of(agent) if p != os.getpid())
     killed = []
     root = cgroups.node_root(os.path.basename(os.path.normpath(node_dir)))
     inside = cgroups.procs(root, recursive=True) if root is not None else []
     if root is not None and cgroups.kill(root):
         killed.extend(inside)
     else:
-        for pids in marked_processes(node_dir).values():
+        for pids in procfs.marked_processes(node_dir).values():
             for pid in pids:
                 if pid != agent:
                     try:
@@ -200,35 +104,6 @@ UMOUNT = ("/usr/bin/umount", "/bin/umount", "/usr/sbin/umount", "/sbin/umount")
 
 def _tool(candidates: tuple[str, ...]) -> str:
     return next((c for c in candidates if os.access(c, os.X_OK)), os.path.basename(candidates[0]))
-
-
-_unescape = cgroups.unescape  # mountinfo's \ooo escapes (one implementation, in cgroups.py)
-
-
-def mounts() -> list[tuple[str, str]]:
-    """(target, filesystem type) of every mount in this mount namespace, in the order of
-    /proc/self/mountinfo (later lines are mounted on top of earlier ones); [] if unreadable."""
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            lines = fh.readlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if len(fields) >= 5 and right:
-            out.append((_unescape(fields[4]), right.split()[0]))
-    return out
-
-
-def _top_fstype(target: str) -> str | None:
-    """The filesystem type of the topmost mount at `target` in this mount namespace, or None."""
-    found = None
-    for at, fstype in mounts():
-        if os.path.normpath(at) == target:
-            found = fstype
-    return found
 
 
 def read_resources(node_dir: str) -> str:
@@ -269,7 +144,7 @@ def release(listing: str) -> list[str]:
     for it in reversed(items):
         if it.get("kind") == "mount" and it.get("target"):
             target = os.path.normpath(str(it["target"]))
-            have = _top_fstype(target)
+            have = procfs.top_fstype(target)
             bind = any(o in ("bind", "rbind") for o in str(it.get("options", "")).split(","))
             fstype = it.get("fstype") if it.get("fstype") != "auto" else ""
             if have is None or (fstype and not bind and have != fstype):
@@ -296,18 +171,18 @@ def anything_alive(node_dir: str) -> bool:
     root = cgroups.node_root(os.path.basename(os.path.normpath(node_dir)))
     if root is not None and cgroups.populated(root):
         return True
-    if root is None and marked_processes(node_dir):
+    if root is None and procfs.marked_processes(node_dir):
         return True
     for r in _records(node_dir):
         pid = r.get("pid")
         if r.get("state") in ("running", "stopping") and isinstance(pid, int) and pid > 0:
-            if start_ticks(pid, live=True) == r.get("ticks"):
+            if procfs.start_ticks(pid, live=True) == r.get("ticks"):
                 return True
-    agent = agent_pid(node_dir)
+    agent = procfs.agent_pid(node_dir)
     if agent is None:
         return False
     me = os.getpid()
-    return any(int(f[1]) == agent and pid != me and f[0] != b"Z" for pid, f in proc_stats())
+    return any(int(f[1]) == agent and pid != me and f[0] != b"Z" for pid, f in procfs.proc_stats())
 
 
 class Log:
@@ -359,7 +234,7 @@ def _take_lock(node_dir: str, log: Log) -> bool:
 def _write_pid(node_dir: str, log: Log) -> None:
     try:
         with open(os.path.join(node_dir, "keeper.pid"), "w") as fh:
-            fh.write(f"{os.getpid()} {start_ticks(os.getpid())}\n")
+            fh.write(f"{os.getpid()} {procfs.start_ticks(os.getpid())}\n")
     except OSError as exc:  # the agent then starts keepers that step aside: harmless
         log.write(f"cannot write keeper.pid ({exc.strerror}): keeping watch anyway")
 
@@ -393,7 +268,7 @@ class Watch:
 
     def __init__(self, node_dir: str, lease: str, log: Log):
         self.node_dir, self.lease, self.log = node_dir, lease, log
-        self.known: float | None = None  # the last valid record read (RELEASED: released)
+        self.known: float | None = None  # the last valid record read (leaserecord.RELEASED: released)
         self.unreadable_since: float | None = None  # the file has been missing or invalid since
         self.unreadable_logged = False
         self.released_listing: str | None = None  # resources.json as last released, during this expiry
@@ -403,7 +278,7 @@ class Watch:
         """One look: the seconds to sleep before the next, or None to exit (released, and
         nothing guarded alive)."""
         now = time.monotonic()
-        read = read_deadline(self.lease)
+        read = leaserecord.read_deadline(self.lease)
         if read is not None:
             if self.unreadable_logged:
                 self.log.write("lease file readable again")
@@ -429,12 +304,12 @@ class Watch:
             return min(known - now, IDLE_MAX)
         if known is None:
             why = "no valid lease record"
-        elif known == RELEASED:
+        elif known == leaserecord.RELEASED:
             why = "lease released"
         else:
             why = f"lease deadline {known:.3f} passed"
         self.expire(why)
-        if known == RELEASED and not anything_alive(self.node_dir):
+        if known == leaserecord.RELEASED and not anything_alive(self.node_dir):
             self.log.write("lease released and nothing of the node alive: exiting")
             return None
         return POLL * 5

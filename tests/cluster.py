@@ -44,7 +44,7 @@ def cgroup_base() -> str | None:
     """A fresh cgroup for one cluster's nodes, MOUNT/rtest-PID-N (None without cgroup2): each
     node runs in MOUNT/rtest-PID-N/NODE, so parallel test runs, clusters and nodes never
     share an agent's subtree (reconciler-NODE under the agent's own cgroup)."""
-    from reconciler import cgroups
+    from reconciler.host import cgroups
 
     found = cgroups.mount()
     if found is None:
@@ -59,7 +59,7 @@ def cgroup_base() -> str | None:
 
 def remove_cgroup_tree(path: str) -> None:
     """Kill whatever is left under `path` (the cluster is stopped), then remove it."""
-    from reconciler import cgroups
+    from reconciler.host import cgroups
 
     if not os.path.isdir(path):
         return

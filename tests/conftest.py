@@ -16,7 +16,7 @@ def own_cgroup():
     an agent it starts puts its node's subtree under its own cgroup (reconciler/cgroups.py),
     so tests, and parallel test runs, never share one. Removed when empty (a session
     fixture first requested by the test, etcd say, lives on in it: removed at the end)."""
-    from reconciler import cgroups
+    from reconciler.host import cgroups
 
     found, before = cgroups.mount(), cgroups.own_cgroup()
     if found is None or before is None or found[1] != "/":
@@ -43,7 +43,7 @@ def _remove_test_cgroups():
     yield
     import glob
 
-    from reconciler import cgroups
+    from reconciler.host import cgroups
 
     found = cgroups.mount()
     if found is not None:

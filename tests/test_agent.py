@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from reconciler.host import leaserecord
+from reconciler.host import procfs
 
 NODE = "n1"
 MARK = "RECONCILER_TEST_MARK"
@@ -465,9 +467,9 @@ def test_a_second_keeper_steps_aside(tmp_path):
 
     node = tmp_path / "n1"
     node.mkdir()
-    (node / "lease").write_bytes(keeper.lease_record(time.monotonic() + 1.0))
+    (node / "lease").write_bytes(leaserecord.lease_record(time.monotonic() + 1.0))
     victim = subprocess.Popen(["sleep", "30"], start_new_session=True)
-    ticks = keeper.start_ticks(victim.pid)
+    ticks = procfs.start_ticks(victim.pid)
     (node / "processes.json").write_text(json.dumps(
         {"records": [{"pid": victim.pid, "pgid": victim.pid, "state": "running", "ticks": ticks}]}))
     first = subprocess.Popen([sys.executable, "-m", "reconciler.keeper", str(node)])
@@ -480,7 +482,7 @@ def test_a_second_keeper_steps_aside(tmp_path):
         # The keeper logs after its kills: the victim can be reaped before the line is written.
         wait_for(lambda: "SIGKILL" in (node / "keeper.log").read_text(), 5, "the kill logged")
         assert first.poll() is None
-        (node / "lease").write_bytes(keeper.lease_record(keeper.RELEASED))  # a clean exit
+        (node / "lease").write_bytes(leaserecord.lease_record(leaserecord.RELEASED))  # a clean exit
         assert first.wait(5) == 0
     finally:
         for p in (first, victim):
@@ -579,7 +581,7 @@ def test_sigterm_stops_everything_gracefully_and_exits_0(env, agents):
     assert not any(alive(p) for p in pids)
     from reconciler import keeper
 
-    assert keeper.read_deadline(str(env.state / "lease")) == keeper.RELEASED  # the keeper's signal: clean exit
+    assert leaserecord.read_deadline(str(env.state / "lease")) == leaserecord.RELEASED  # the keeper's signal: clean exit
     wait_for(lambda: not env.marked(), 5, "keeper gone too")
     assert "stopping every local group" in a.text()
 

@@ -17,9 +17,11 @@ import time
 
 import pytest
 
-from reconciler import cgroups, keeper
+from reconciler import keeper
+from reconciler.host import cgroups
 from reconciler import spec as specmod
 from reconciler.act import process
+from reconciler.host import procfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups, users and /proc/PID/environ need root")
 
@@ -33,7 +35,7 @@ def entry(tag: str, command: str | list[str], mode: str = "respawn", **kw) -> sp
 
 
 def alive(pid: int) -> bool:
-    return keeper.start_ticks(pid, live=True) is not None
+    return procfs.start_ticks(pid, live=True) is not None
 
 
 async def until(cond, timeout: float = 5.0, what: str = "condition"):
@@ -65,7 +67,7 @@ class Harness:
         return process.Supervisor(node=self.node, state_dir=self.tmp / "state", on_change=lambda: None, tree=tree)
 
     def cleanup(self):
-        for pids in keeper.marked_processes(str(self.sup.dir)).values():
+        for pids in procfs.marked_processes(str(self.sup.dir)).values():
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ import pytest
 from aetcd import rpc
 
 from reconciler.store import Claim, Heartbeat, StoreError
-from reconciler.store import etcdmirror
+from reconciler.store.etcd import mirror as etcdmirror
 from reconciler.store.etcd import EtcdStore
 
 

@@ -19,9 +19,10 @@ import psutil
 import pytest
 
 from cluster import Cluster, wait_until
-from reconciler import identity, spec as specmod
+from reconciler import spec as specmod
+from reconciler.decide import identity
 from reconciler.act import fence as fencemod
-from reconciler.identity import Foreign, Observations, Verdict, decide, observe, watch_until
+from reconciler.decide.identity import Foreign, Observations, Verdict, decide, observe, watch_until
 from reconciler.model import NAME_RE, Heartbeat, valid_name
 from reconciler.store import open_store
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler import spec
-from reconciler.importer import CltabError, command_value, convert
+from reconciler.spec.importer import CltabError, command_value, convert
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,6 +20,8 @@ import pytest
 
 from cluster import Cluster, wait_until
 from reconciler import keeper
+from reconciler.host import leaserecord
+from reconciler.host import procfs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unshare, mount)")
 FAILOVER = 3.0
@@ -38,7 +40,7 @@ class Node:
             (self.dir / "lease").write_bytes(lease)
         self.victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
         (self.dir / "processes.json").write_text(json.dumps({"records": [
-            {"pid": self.victim.pid, "pgid": self.victim.pid, "state": "running", "ticks": keeper.start_ticks(self.victim.pid)}]}))
+            {"pid": self.victim.pid, "pgid": self.victim.pid, "state": "running", "ticks": procfs.start_ticks(self.victim.pid)}]}))
         self.keeper: subprocess.Popen | None = None
 
     def start_keeper(self, *prefix: str) -> subprocess.Popen:
@@ -69,7 +71,7 @@ def node(tmp_path):
 def test_a_deleted_lease_file_is_no_renewal_and_no_exit(node):
     """The old keeper took a missing lease file for a clean shutdown and exited: deleting
     STATE/NODE/lease switched it off. Now the last deadline it read stands."""
-    n = node(keeper.lease_record(time.monotonic() + 1.5))
+    n = node(leaserecord.lease_record(time.monotonic() + 1.5))
     k = n.start_keeper()
     wait_until(lambda: (n.dir / "keeper.pid").exists(), 10, what="the keeper to start")
     time.sleep(0.1)
@@ -89,7 +91,7 @@ def test_a_keeper_without_a_valid_lease_record_kills_at_once(node, content):
     """Started while the file is missing, empty, garbage, or a record cut short before its
     checksum (which the old keeper read as a deadline): the lease counts as lapsed."""
     if content == "truncated":
-        content = keeper.lease_record(time.monotonic() + 1000)[:20]  # the deadline, no checksum
+        content = leaserecord.lease_record(time.monotonic() + 1000)[:20]  # the deadline, no checksum
     n = node(content)
     t0 = time.monotonic()
     k = n.start_keeper()
@@ -100,7 +102,7 @@ def test_a_keeper_without_a_valid_lease_record_kills_at_once(node, content):
 
 
 def test_released_record_with_a_live_process_kills_it_then_exits(node):
-    n = node(keeper.lease_record(keeper.RELEASED))
+    n = node(leaserecord.lease_record(leaserecord.RELEASED))
     k = n.start_keeper()
     assert n.victim.wait(5) == -signal.SIGKILL
     assert k.wait(5) == 0
@@ -110,7 +112,7 @@ def test_released_record_with_a_live_process_kills_it_then_exits(node):
 def test_released_and_nothing_alive_exits_and_a_record_brings_it_back_to_work(node):
     """Only a checksummed "released" record ends the keeper, and only with nothing alive;
     a valid deadline written instead (an agent starting again) keeps it at work."""
-    n = node(keeper.lease_record(time.monotonic() + 30))
+    n = node(leaserecord.lease_record(time.monotonic() + 30))
     k = n.start_keeper()
     wait_until(lambda: (n.dir / "keeper.pid").exists(), 10, what="the keeper to start")
     (n.dir / "lease").write_bytes(b"            released 00000000\n")  # a bad checksum: not a release
@@ -118,14 +120,14 @@ def test_released_and_nothing_alive_exits_and_a_record_brings_it_back_to_work(no
     assert k.poll() is None and n.victim.poll() is None  # the deadline read before still stands
     n.victim.kill()
     n.victim.wait(5)
-    (n.dir / "lease").write_bytes(keeper.lease_record(keeper.RELEASED))
+    (n.dir / "lease").write_bytes(leaserecord.lease_record(leaserecord.RELEASED))
     assert k.wait(5) == 0
 
 
 def test_unwritable_log_and_pid_file_do_not_stop_the_keeper(node):
     """keeper.pid and keeper.log cannot be written (directories in their place): the old
     keeper died on the pid file; this one still kills at the deadline."""
-    n = node(keeper.lease_record(time.monotonic() + 1.0))
+    n = node(leaserecord.lease_record(time.monotonic() + 1.0))
     (n.dir / "keeper.pid").mkdir()
     (n.dir / "keeper.log").mkdir()
     k = n.start_keeper()
@@ -140,7 +142,7 @@ def test_a_full_disk_does_not_stop_the_keeper(node, tmp_path):
     n = node(None)
     stage = tmp_path / "stage"
     stage.mkdir()
-    (stage / "lease").write_bytes(keeper.lease_record(time.monotonic() + 1.5))
+    (stage / "lease").write_bytes(leaserecord.lease_record(time.monotonic() + 1.5))
     (stage / "processes.json").write_text((n.dir / "processes.json").read_text())
     script = (
         f'mount -t tmpfs -o size=64k tmpfs {n.dir} && cp {stage}/lease {stage}/processes.json {n.dir}/ '
@@ -182,7 +184,7 @@ def test_deleted_lease_file_then_paused_owner_never_overlaps(make_cluster, tmp_p
     lease.unlink()
     time.sleep(0.8)  # the old keeper has exited by now
     assert keepers(tmp_path / "state", owner), "the keeper exited on a deleted lease file"
-    assert keeper.read_deadline(str(lease)) not in (None, keeper.RELEASED), "the agent writes a new lease file"
+    assert leaserecord.read_deadline(str(lease)) not in (None, leaserecord.RELEASED), "the agent writes a new lease file"
     c.nodes[owner].pause()
     new = wait_until(lambda: (n := c.runs_on_one("g1")) and n != owner and n, FAILOVER, what="takeover from the paused owner")
     time.sleep(1.0)
@@ -259,12 +261,12 @@ def test_an_unwritable_lease_file_is_no_renewal(make_cluster, tmp_path):
         wait_until(lambda: c.running("g1") == set(), 3, what="g1 to stop")
         text = node.log.read_text()
         assert text.count("cannot write the lease file") == 1, text
-        assert keeper.read_deadline(str(inside / "lease")) is None
+        assert leaserecord.read_deadline(str(inside / "lease")) is None
     finally:
         os.close(held)
     (inside / "fill").unlink()
     wait_until(lambda: c.runs_on_one("g1") == "n1", 10, what="g1 running again")
-    assert keeper.read_deadline(str(inside / "lease")) not in (None, keeper.RELEASED)
+    assert leaserecord.read_deadline(str(inside / "lease")) not in (None, leaserecord.RELEASED)
     assert "written again" in node.log.read_text()
 
 
@@ -278,7 +280,7 @@ def test_the_agent_repairs_a_replaced_or_altered_lease_file(make_cluster, tmp_pa
     c.start()
     wait_until(lambda: c.runs_on_one("g1") == "n1", 10, what="g1 running")
     lease = tmp_path / "state" / "n1" / "lease"
-    before = keeper.read_deadline(str(lease))
+    before = leaserecord.read_deadline(str(lease))
     if how == "replaced":
         (lease.parent / "junk").write_bytes(b"not a lease\n")
         os.replace(lease.parent / "junk", lease)
@@ -287,7 +289,7 @@ def test_the_agent_repairs_a_replaced_or_altered_lease_file(make_cluster, tmp_pa
             fh.write(b"junk\n")
     else:
         lease.unlink()
-    wait_until(lambda: (d := keeper.read_deadline(str(lease))) not in (None, keeper.RELEASED) and d > before, 3,
+    wait_until(lambda: (d := leaserecord.read_deadline(str(lease))) not in (None, leaserecord.RELEASED) and d > before, 3,
                what="a valid lease file again")
     time.sleep(1.0)
     assert c.runs_on_one("g1") == "n1"
@@ -300,7 +302,7 @@ def test_anything_alive_sees_the_cgroup_subtree_and_the_markers(tmp_path, monkey
     """A daemon the table does not know (it double-forked, or the table is lost) still keeps
     the keeper at work: it lives in the node's cgroup subtree, or, without cgroups, carries
     the node's environment marker."""
-    from reconciler import cgroups
+    from reconciler.host import cgroups
 
     node_dir = tmp_path / "n9"
     node_dir.mkdir()

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from reconciler import notify
+from reconciler.host import notify
 
 
 @pytest.fixture

@@ -11,9 +11,11 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from reconciler import entries as entriesmod, placement, plan as planmod
+from reconciler.decide import entries as entriesmod
+from reconciler.decide import placement
+from reconciler.decide import plan as planmod
 from reconciler.observe import EntryState, Observed
-from reconciler.plan import plan
+from reconciler.decide.plan import plan
 from reconciler.spec import Cluster, Entry, Group, Spec
 from reconciler.store import Claim, ClusterView, Heartbeat, Member
 

@@ -16,9 +16,9 @@ import math
 import attrs
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from reconciler import placement
+from reconciler.decide import placement
 from reconciler.observe import EntryState, Observed
-from reconciler.plan import Plan, plan
+from reconciler.decide.plan import Plan, plan
 from reconciler.spec import MODES, STOP, Cluster, Entry, Group, Spec, Timing
 from reconciler.store import Claim, ClusterView, Member
 

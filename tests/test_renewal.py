@@ -19,8 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from reconciler import agent as agentmod, keeper
+from reconciler import keeper
+from reconciler.agent import loop as agentmod
 from reconciler.store import StoreError
+from reconciler.host import leaserecord
 
 SPEC = """
 [cluster]
@@ -88,7 +90,7 @@ def test_a_busy_loop_keeps_the_lease(tmp_path, caplog):
 
     def watch(path: str, stop: threading.Event) -> None:
         while not stop.is_set():
-            d = keeper.read_deadline(path)
+            d = leaserecord.read_deadline(path)
             if d is not None:
                 deadlines.append((time.monotonic(), d))
             time.sleep(0.01)

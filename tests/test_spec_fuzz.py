@@ -432,7 +432,7 @@ def test_durations():
     assert specmod.parse_duration("1h") == 3600.0
     assert specmod.parse_duration(" 3 s ") == 3.0
     for bad in ("10", 10, 1.5, True, "1d", "-1s", "s", "", "1e3s"):
-        with pytest.raises(specmod._FieldError):
+        with pytest.raises(specmod.model._FieldError):
             specmod.parse_duration(bad)
 
 

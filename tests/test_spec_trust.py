@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from reconciler import edit, loader, spec as specmod
+from reconciler import spec as specmod
+from reconciler.spec import edit
+from reconciler.spec import loader
 from reconciler.spec import SpecError
 
 NOBODY = 65534

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from reconciler import loader, spec as specmod
+from reconciler import spec as specmod
+from reconciler.spec import loader
 from reconciler.spec import ENTRY_RANGES, GROUP_RANGES, TIMING_RANGES, Cluster, Spec, SpecError, Timing
 
 ROOT = Path(__file__).resolve().parent.parent

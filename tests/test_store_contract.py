@@ -374,7 +374,7 @@ def _plant(backend, store, entries: dict[str, bytes | str]):
                 else:
                     full.write_bytes(value)
             return
-        from reconciler.store import etcd as etcdmod
+        from reconciler.store.etcd import store as etcdmod
 
         ops = [etcdmod._put(store._key(*path.split("/", 1)), value) for path, value in entries.items()]
         await store._txn("plant", [], ops, [], store._deadline())

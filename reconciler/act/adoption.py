@@ -13,9 +13,10 @@ import json
 import logging
 import time
 
-from reconciler import cgroups, keeper
+from reconciler.host import cgroups
 from reconciler.act.records import _SAVED, Record
 from reconciler.act.syscalls import pgid_of, start_ticks
+from reconciler.host import procfs
 
 log = logging.getLogger("reconciler.process")
 
@@ -57,7 +58,7 @@ def live_processes(sup) -> dict[tuple[str, str], list[int]]:
                 sup.tree.remove(group, tag)
     # The markers too (one pass over /proc, at start only): what a previous agent started
     # where it could not use cgroups is found the same way.
-    for entry, pids in keeper.marked_processes(str(sup.dir)).items():
+    for entry, pids in procfs.marked_processes(str(sup.dir)).items():
         group, _, tag = entry.partition("/")
         known = found.setdefault((group, tag), [])
         known.extend(p for p in pids if p not in known)

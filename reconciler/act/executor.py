@@ -22,7 +22,7 @@ import tenacity
 from reconciler import spec as specmod
 from reconciler.act import fence as fencemod
 from reconciler.act import process
-from reconciler.plan import Action
+from reconciler.decide.plan import Action
 from reconciler.store import Claim, Store, StoreError
 
 log = logging.getLogger("reconciler.act")

@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from reconciler import cgroups, keeper, notify
+from reconciler.host import cgroups
+from reconciler.host import notify
 from reconciler import spec as specmod
 from reconciler.act import adoption
 from reconciler.act.records import _SAVED, BACKOFF_BASE, BACKOFF_CAP, RAPID_FREE, TRANSITIONS, Record, backoff, table_records  # noqa: F401 (re-exported)
 from reconciler.act.syscalls import MARK_DIR, MARK_ENTRY, Sys, credentials, joining, pgid_of, start_ticks  # process.Sys: the seam tests subclass
+from reconciler.host import procfs
 
 log = logging.getLogger("reconciler.process")
 ORPHAN_GRACE = 1.0  # an unknown child still a zombie this long after SIGCHLD has no waiter: reap it
@@ -59,7 +61,7 @@ class Supervisor:
                 os.chmod(d, 0o700)
         self.cgroup_note = ""  # why cgroups are not used ("": they are)
         if tree is True:
-            tree, self.cgroup_note = cgroups.Tree.open(node, pid="self" if create else (keeper.agent_pid(str(self.dir)) or "self"))
+            tree, self.cgroup_note = cgroups.Tree.open(node, pid="self" if create else (procfs.agent_pid(str(self.dir)) or "self"))
         elif not tree:
             tree, self.cgroup_note = None, "cgroups not used"
         self.tree: cgroups.Tree | None = tree
@@ -192,7 +194,7 @@ class Supervisor:
         if self.tree is not None:
             self.sys.cgroup_kill(self.tree, group, tag)
             return
-        for pid in keeper.marked_processes(str(self.dir)).get(f"{group}/{tag}", []):
+        for pid in procfs.marked_processes(str(self.dir)).get(f"{group}/{tag}", []):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:

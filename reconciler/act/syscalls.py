@@ -12,7 +12,8 @@ import subprocess
 
 import attrs
 
-from reconciler import cgroups, keeper
+from reconciler.host import cgroups
+from reconciler.host import procfs
 
 LOG_MODE = 0o640
 # Moves the child into its entry's cgroup before the command is exec'd (so everything it
@@ -157,7 +158,7 @@ class Sys:
     def zombies(self) -> set[int]:
         """Children of this process that have exited and are not reaped yet (from /proc)."""
         me = os.getpid()
-        return {pid for pid, fields in keeper.proc_stats() if fields[0] == b"Z" and int(fields[1]) == me}
+        return {pid for pid, fields in procfs.proc_stats() if fields[0] == b"Z" and int(fields[1]) == me}
 
     def reap_any(self, pid: int) -> None:
         try:
@@ -175,7 +176,7 @@ class Sys:
 def start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (its identity, with the pid); None
     once it has exited, even while it is a zombie."""
-    return keeper.start_ticks(pid, live=True)
+    return procfs.start_ticks(pid, live=True)
 
 
 def joining(pid: int) -> bool:

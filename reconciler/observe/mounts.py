@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from reconciler import cgroups
+from reconciler.host import cgroups
 from reconciler.observe import EntryState
 from reconciler.spec import Entry, Mount
 

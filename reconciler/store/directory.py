@@ -47,8 +47,8 @@ import time
 import uuid
 from pathlib import Path
 
-from reconciler import keeper
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, StoreRefused, records
+from reconciler.host import procfs
 
 STUCK_AFTER = 10.0  # seconds a half-finished claim removal may stand before it is completed
 # Filesystems whose directory and file timestamps are this kernel's own (set at once, from
@@ -576,7 +576,7 @@ def _fstype(path: str) -> str:
     """The filesystem type of the mount `path` is on (this mount namespace), or "" if unknown."""
     path = os.path.realpath(path)
     best, found = -1, ""
-    for target, fstype in keeper.mounts():
+    for target, fstype in procfs.mounts():
         inside = path == target or path.startswith(target.rstrip("/") + "/")
         if inside and len(target) >= best:  # later lines are mounted on top of earlier ones
             best, found = len(target), fstype

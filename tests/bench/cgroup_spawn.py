@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from reconciler import cgroups  # noqa: E402
+from reconciler.host import cgroups  # noqa: E402
 from reconciler import spec as specmod  # noqa: E402
 from reconciler.act import process, syscalls  # noqa: E402
 

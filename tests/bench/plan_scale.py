@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from reconciler.observe import EntryState, Observed  # noqa: E402
-from reconciler.plan import plan  # noqa: E402
+from reconciler.decide.plan import plan  # noqa: E402
 from reconciler.spec import Cluster, Entry, Group, Spec  # noqa: E402
 from reconciler.store import Claim, ClusterView, Heartbeat, Member  # noqa: E402
 

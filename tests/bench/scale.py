@@ -188,9 +188,9 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
                     store._publish(Heartbeat(node=n, counter=c, digest=digest, status=status))
             await asyncio.to_thread(work)
     else:
-        from reconciler.store import etcd as etcdmod
+        from reconciler.store.etcd import store as etcdmod
 
-        from reconciler.store import etcdmirror
+        from reconciler.store.etcd import mirror as etcdmirror
 
         written: set[str] = set()  # nodes whose status is written under the current lease
         status_json = json.dumps(status, sort_keys=True, separators=(",", ":"))
@@ -733,7 +733,7 @@ def idle_one(args, work: Path, store: str) -> dict:
 def plan_inputs(n_groups: int, n_entries: int, n_nodes: int, view_kind: str):
     import plan_scale  # tests/bench/, beside this script
 
-    from reconciler import placement
+    from reconciler.decide import placement
     from reconciler.observe import EntryState, Observed
     from reconciler.spec import Cluster, Spec
     from reconciler.store import Claim, ClusterView, Heartbeat, Member
@@ -771,7 +771,7 @@ def plan_inputs(n_groups: int, n_entries: int, n_nodes: int, view_kind: str):
 
 
 def plan_bench(args, work: Path, results: dict) -> None:
-    from reconciler.plan import plan
+    from reconciler.decide.plan import plan
 
     print(f"\n== plan: G groups x 10 entries, 100 live members, median of {args.plan_runs} calls; load {load()}", flush=True)
     sizes = args.plan_sizes
@@ -844,7 +844,7 @@ def cold_bench(args, work: Path, results: dict) -> None:
 
 
 def edit_bench(args, work: Path, results: dict) -> None:
-    from reconciler import edit
+    from reconciler.spec import edit
 
     print(f"\n== spec edit -> converged: 3 agents, dir store, {args.edit_background} background groups, "
           f"{args.edits} edits; load {load()}", flush=True)

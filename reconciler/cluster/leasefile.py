@@ -20,7 +20,7 @@ import logging
 import os
 import time
 
-from reconciler import keeper
+from reconciler.host import leaserecord
 
 log = logging.getLogger("reconciler.agent")
 REPLACED_LOG_EVERY = 60.0  # seconds: at most one "lease file was replaced" line this often
@@ -36,10 +36,10 @@ class LeaseFile:
         self._replaced_logged_at = float("-inf")
 
     def write(self, until: float, *, lease_until: float) -> bool:
-        """Write the record for `until` (keeper.RELEASED: the clean-shutdown record); True
+        """Write the record for `until` (leaserecord.RELEASED: the clean-shutdown record); True
         once the file at the path says so. `lease_until`, the lease as it stands, is only
         for the log line of a failure (when the node will have stopped its groups)."""
-        record = keeper.lease_record(until)
+        record = leaserecord.lease_record(until)
         try:
             if self.fd is not None and not _same_file(self.fd, self.path, len(record)):
                 now = time.monotonic()

@@ -22,9 +22,12 @@ import uuid
 
 import attrs
 
-from reconciler import identity, keeper, leasefile
+from reconciler.decide import identity
+from reconciler.cluster import leasefile
 from reconciler.act import logs
-from reconciler.store import ClusterView, StoreError, hpc as hpcmod, records
+from reconciler.store import ClusterView, StoreError, records
+from reconciler.cluster import hpc as hpcmod
+from reconciler.host import leaserecord
 
 log = logging.getLogger("reconciler.agent")
 KEEPER_CHECK_EVERY = 1.0  # seconds: how often the loop makes sure the keeper runs
@@ -39,7 +42,7 @@ class Heartbeating:
 
     def _inherit_lease(self) -> None:
         """A restarted agent continues its predecessor's lease, or knows that it lapsed."""
-        previous = keeper.read_deadline(str(self.node_dir / "lease"))
+        previous = leaserecord.read_deadline(str(self.node_dir / "lease"))
         if previous is None:
             previous = float("-inf")
         self.lease_until = previous
@@ -57,7 +60,7 @@ class Heartbeating:
             self.lease_until = until
 
     def write_lease_locked(self, until: float) -> bool:
-        """Tell the keeper `until` (keeper.RELEASED: the clean-shutdown record); True once the
+        """Tell the keeper `until` (leaserecord.RELEASED: the clean-shutdown record); True once the
         file at STATE/NODE/lease says so (reconciler/leasefile.py). The caller holds lease_lock."""
         if self.lease_file is None:
             self.lease_file = leasefile.LeaseFile(os.path.join(self.node_dir, "lease"))
@@ -69,7 +72,7 @@ class Heartbeating:
         lease_lock, with everything stopped."""
         if self.once:
             return  # a one-shot run never owned the lease file (another agent may)
-        if not self.write_lease_locked(keeper.RELEASED):
+        if not self.write_lease_locked(leaserecord.RELEASED):
             log.error("the keeper was not told of the clean shutdown: it keeps watch over nothing")
         if self.lease_file is not None:
             self.lease_file.close()

@@ -7,7 +7,7 @@ measured here, by the observer, so no two machines need synchronised clocks.
 from __future__ import annotations
 
 from reconciler.store import ClusterView, Member, Snapshot
-from reconciler.store.hpc import HpcView
+from reconciler.cluster.hpc import HpcView
 
 
 class Liveness:

@@ -344,12 +344,3 @@ def digest(spec: Spec) -> str:
         g.pop("source", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-
-def load(path: str | os.PathLike) -> Spec:
-    """Load and validate a spec file or directory; raise SpecError (one line) on any problem.
-
-    The converter and the validation rules live in `reconciler.loader`.
-    """
-    from reconciler import loader
-
-    return loader.load(path)

@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from reconciler.spec import SpecError, _FieldError, no_control
+from reconciler.spec.model import SpecError, _FieldError, no_control
 
 _MAX_LINKS = 40  # the kernel's ELOOP limit
 _MAX_SECRET = 4096

@@ -23,11 +23,21 @@ import threading
 import time
 from pathlib import Path
 
-from reconciler import cgroups, heartbeat, identity, loader, observation, plan as planmod, renewal, spec as specmod, specwatch, status as statusmod
+from reconciler import spec as specmod
+from reconciler.host import cgroups
+from reconciler.cluster import heartbeat
+from reconciler.decide import identity
+from reconciler.spec import loader
+from reconciler.observe import observer as observation
+from reconciler.decide import plan as planmod
+from reconciler.cluster import renewal
+from reconciler.spec import watch as specwatch
+from reconciler.agent import status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process
-from reconciler.metrics import Metrics
-from reconciler.store import ClusterView, Store, StoreError, StoreRefused, liveness, open_store
+from reconciler.agent.metrics import Metrics
+from reconciler.store import ClusterView, Store, StoreError, StoreRefused, open_store
+from reconciler.cluster import liveness
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)

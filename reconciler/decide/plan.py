@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import attrs
 
-from reconciler import entries, placement
+from reconciler.decide import entries
+from reconciler.decide import placement
 from reconciler import spec as specmod
-from reconciler.intent import KINDS, Action, Plan  # noqa: F401 (plan.Action, plan.Plan: the planner's interface)
-from reconciler.intent import Part as _Part, earliest as _earliest, noted as _noted
+from reconciler.decide.intent import KINDS, Action, Plan  # noqa: F401 (plan.Action, plan.Plan: the planner's interface)
+from reconciler.decide.intent import Part as _Part, earliest as _earliest, noted as _noted
 from reconciler.model import Claim, ClusterView, EntryState, Observed
 
 _test_tags = placement.leading_tags  # the tags of the group's leading tests (memoised)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 
-from reconciler import placement, spec as specmod
+from reconciler import spec as specmod
+from reconciler.decide import placement
 from reconciler.observe import Observed
-from reconciler.plan import Plan
+from reconciler.decide.plan import Plan
 from reconciler.store import ClusterView
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import tomli_w
 
-from reconciler.spec import MODES, NAME_RE, STOP
+from reconciler.spec.model import MODES, NAME_RE, STOP
 
 # What reconciler offers instead of each known Cluster::Init setting (its Conf knew these three).
 _SETTINGS = {

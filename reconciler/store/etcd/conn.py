@@ -12,7 +12,7 @@ import grpc
 from aetcd import rpc
 
 from reconciler.store import StoreError
-from reconciler.store.etcdwatch import describe as _describe
+from reconciler.store.etcd.watch import describe as _describe
 
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Find a restarted member within a second (gRPC's default backoff grows to 2 min), and notice

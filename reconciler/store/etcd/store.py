@@ -57,9 +57,10 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from reconciler.spec import redact_url
-from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, etcdmirror, records
-from reconciler.store.etcdconn import ConnectionMixin, LeaseGone
-from reconciler.store.etcdwatch import WatchMixin
+from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
+from reconciler.store.etcd import mirror as etcdmirror
+from reconciler.store.etcd.conn import ConnectionMixin, LeaseGone
+from reconciler.store.etcd.watch import WatchMixin
 
 class EtcdStore(ConnectionMixin, WatchMixin, Store):
     """`url`: etcd://HOST[:PORT],HOST[:PORT]... or etcds://... (TLS with `ca`, `cert`, `key`).

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import attrs
 
-from reconciler import placement, spec as specmod
-from reconciler.intent import Action, Part
+from reconciler import spec as specmod
+from reconciler.decide import placement
+from reconciler.decide.intent import Action, Part
 from reconciler.model import EntryState, Observed
 
 _test_tags = placement.leading_tags  # the tags of the group's leading tests (memoised)

@@ -21,7 +21,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 
-from reconciler.spec import (
+from reconciler.spec.model import (
     ENTRY_RANGES,
     GROUP_RANGES,
     MODES,
@@ -43,7 +43,7 @@ from reconciler.spec import (
     parse_duration,
     parse_signal,
 )
-from reconciler.strictmodes import check_permissions, read_secret
+from reconciler.spec.strictmodes import check_permissions, read_secret
 
 __all__ = ["check_permissions", "check_replacement", "load", "peek", "spec_files", "validate"]
 

@@ -13,10 +13,13 @@ import time
 
 import attrs
 
-from reconciler import plan as planmod, spec as specmod
+from reconciler import spec as specmod
+from reconciler.decide import plan as planmod
 from reconciler.act import process
 from reconciler.observe import EntryState, Observed
-from reconciler.store import Claim, ClusterView, Member, Snapshot, directory, hpc as hpcmod, liveness, open_store
+from reconciler.store import Claim, ClusterView, Member, Snapshot, directory, open_store
+from reconciler.cluster import hpc as hpcmod
+from reconciler.cluster import liveness
 
 
 def observe(spec: specmod.Spec, node: str) -> Observed:

@@ -1,0 +1,40 @@
+"""The spec: TOML -> Spec (frozen attrs), the first stage of the flow.
+
+    model.py        the value classes (Spec, Group, Entry, Timing, ...) and small value types
+    loader.py       files -> Spec: the converter, validation, includes, replacement checks
+    strictmodes.py  who may write a spec that runs commands; secrets read from files
+    edit.py         `reconcile set`: one group's runlevel changed in its file
+    importer.py     `reconcile import`: an OpenMosix::HA inittab -> TOML
+    watch.py        where the spec really is on disk, watched for edits
+
+`reconciler.spec` re-exports the model and `load`, so callers write `spec.Spec`,
+`spec.load(path)`.
+"""
+
+# re-exported: the package's interface
+from reconciler.spec.model import (  # noqa: F401
+    Address,
+    Cluster,
+    control_char,
+    DEFAULT_SPEC_PATH,
+    digest,
+    Entry,
+    ENTRY_RANGES,
+    FOREGROUND,
+    format_duration,
+    Group,
+    GROUP_RANGES,
+    MODES,
+    Mount,
+    NAME_RE,
+    no_control,
+    parse_duration,
+    parse_signal,
+    redact_url,
+    Spec,
+    SpecError,
+    STOP,
+    Timing,
+    TIMING_RANGES,
+)
+from reconciler.spec.loader import load  # noqa: E402,F401

@@ -148,10 +148,8 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
                 server = metricsmod.serve(metrics, metrics_address)
             except (OSError, ValueError) as exc:
                 fail(f"--metrics-address {metrics_address}: {getattr(exc, 'strerror', None) or exc}")
-        try:
-            from reconciler.host import notify
-        except ImportError:
-            notify = None
+        from reconciler.host import notify
+
         a = agentmod.Agent(spec_path, node, once=once, metrics=metrics, notify=notify, early_signals=EARLY_SIGNALS)
         code = asyncio.run(a.run())
         logging.getLogger("reconciler").debug("event loop closed")

@@ -33,7 +33,7 @@ import threading
 
 from pyroute2 import NetlinkError
 
-from reconciler.act.resources import ResourceError
+from reconciler.act.errors import ResourceError
 from reconciler.observe import addresses as observed
 from reconciler.spec import Address, Entry
 

@@ -8,12 +8,9 @@ instead of hammering; nothing here decides *what* to do, only how.
 from __future__ import annotations
 
 import asyncio
-import errno
-import json
 import logging
-import os
 import time
-from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import attrs
@@ -22,6 +19,8 @@ import tenacity
 from reconciler import spec as specmod
 from reconciler.act import fence as fencemod
 from reconciler.act import process
+from reconciler.act.book import ResourceBook
+from reconciler.decide import backoff
 from reconciler.decide.plan import Action
 from reconciler.store import Claim, Store, StoreError
 
@@ -29,19 +28,6 @@ log = logging.getLogger("reconciler.act")
 
 STORE_CONCURRENCY = 16  # store calls in flight at once (see Executor._store_turns)
 LOST_HOLD = 0.25  # after losing a claim race: about two heartbeats for the winner to show
-
-
-@attrs.define
-class ResourceRecord:
-    """What we remember about a mount or address entry beyond what the kernel shows."""
-
-    owned: bool = False  # we applied it: only what we applied is ever removed
-    failures: int = 0
-    retry_at: float | None = None
-    message: str = ""
-    since: float = 0.0  # when it became ours (kept across restores: the stop order uses it)
-    entry: specmod.Entry | None = None  # last known definition: a removed entry is still removable
-    applying: bool = False  # a start is in flight: listed for the keeper before it takes effect
 
 
 @attrs.define
@@ -63,25 +49,21 @@ class Executor:
         node: str,
         supervisor: process.Supervisor,
         store: Store,
-        resources=None,
+        resources: ModuleType,
+        book: ResourceBook,
         events: Events | None = None,
         store_budget: float = 0.3,
-        resource_file: str | os.PathLike | None = None,
     ):
+        """`resources`: reconciler.act.resources (or a stand-in with its start and stop)."""
         self.node = node
         self.supervisor = supervisor
         self.store = store
         self.resources = resources
+        self.book = book
         self.events = events or Events()
         self.store_budget = store_budget
-        self.book: dict[tuple[str, str], ResourceRecord] = {}
         self.blocked: dict[str, tuple[float, str]] = {}  # group -> (retry_at, message)
         self._block_count: dict[str, int] = {}
-        # STATE/NODE/resources.json: the mounts and addresses this node applied, for the
-        # keeper to remove when the lease lapses while the agent cannot (see keeper.py).
-        self.resource_file = Path(resource_file) if resource_file is not None else None
-        self._resource_doc: str | None = None
-        self._resource_error = ""  # the last write error, logged once
         # At most this many store calls (claim, release, break) in flight: a node claiming
         # 1,000 groups at once would otherwise get 1,000 replies in one turn of the event
         # loop, and its heartbeat could not renew the lease in between.
@@ -109,8 +91,8 @@ class Executor:
     async def _do(self, spec: specmod.Spec, a: Action, generation: int | None) -> tuple[bool, str]:
         g = spec.groups.get(a.group)
         entry = spec.entry(a.group, a.tag) if a.tag else None
-        if entry is None and (a.group, a.tag) in self.book:
-            entry = self.book[(a.group, a.tag)].entry
+        if entry is None:
+            entry = self.book.entry(a.group, a.tag)
         if a.kind in ("start", "stop") and entry is not None and entry.kind != "process":
             return await self._resource(a, entry)
         if a.kind == "start":
@@ -139,7 +121,7 @@ class Executor:
             return True, ""
         if a.kind == "reset":
             self.supervisor.reset(a.group, a.tag)
-            self.book.pop((a.group, a.tag), None)
+            self.book.forget(a.group, a.tag)
             return True, ""
         if a.kind == "claim":
             claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
@@ -198,9 +180,7 @@ class Executor:
             raise _Failed(str(exc)) from None
 
     async def _resource(self, a: Action, entry: specmod.Entry) -> tuple[bool, str]:
-        rec = self.book.setdefault((a.group, a.tag), ResourceRecord(entry=entry))
-        if self.resources is None:
-            return False, f"{entry.kind} entries are not supported on this node"
+        rec = self.book.record(a.group, entry)
         now = time.monotonic()
         budget = max(1.0, entry.stop_timeout)
         was_owned = rec.owned
@@ -210,10 +190,10 @@ class Executor:
                 # Write-ahead: the keeper must know before the kernel does. Not recorded, not
                 # applied: the keeper could not take it away if the lease lapsed.
                 try:
-                    self.save_resources(strict=True)
+                    self.book.save(strict=True)
                 except OSError as exc:
                     rec.applying = False
-                    raise NotRecorded(f"cannot record {_what(entry)} in {self.resource_file}: "
+                    raise NotRecorded(f"cannot record {_what(entry)} in {self.book.resource_file}: "
                                       f"{exc.strerror or exc}: not applied") from None
                 try:
                     await self.resources.start(entry, deadline=budget)
@@ -224,13 +204,12 @@ class Executor:
                 await self.resources.stop(entry, deadline=budget)
                 rec.owned = False
         except Exception as exc:
-            permanent = getattr(exc, "permanent", False)
             rec.failures += 1
-            rec.retry_at = now + min(30.0, 0.5 * 2 ** min(rec.failures, 6)) * (4 if permanent else 1)
+            rec.retry_at = backoff.for_resource(permanent=getattr(exc, "permanent", False)).retry_at(rec.failures, now)
             rec.message = str(exc)
             if not was_owned:
                 rec.since = now
-            self.save_resources()
+            self.book.save()
             return False, str(exc)
         rec.failures, rec.retry_at, rec.message = 0, None, ""
         # A restore (an owned mount or address put back after it vanished) keeps its
@@ -238,66 +217,13 @@ class Executor:
         # mount must still be unmounted after the process that was started on it.
         if not (a.kind == "start" and was_owned):
             rec.since = now
-        self.save_resources()
+        self.book.save()
         return True, ""
-
-    def save_resources(self, *, strict: bool = False) -> None:
-        """Write the resources this node owns (or is applying) for the keeper, if changed.
-        A write that fails is logged (once per error) and tried again at the next call;
-        with `strict` it raises the OSError too (the write-ahead of a start: see _resource)."""
-        if self.resource_file is None:
-            return
-        items = []
-        for (group, tag), rec in self.book.items():
-            e = rec.entry
-            if e is None or not (rec.owned or rec.applying):
-                continue
-            if e.mount is not None:
-                m = e.mount
-                items.append({"group": group, "tag": tag, "kind": "mount", "target": m.target, "source": m.source,
-                              "fstype": m.fstype, "options": m.options})
-            elif e.address is not None:
-                items.append({"group": group, "tag": tag, "kind": "address", "ip": e.address.ip,
-                              "interface": e.address.interface})
-            if rec.applying:
-                items[-1]["applying"] = True  # changes the file: a keeper that already released looks again
-        doc = json.dumps({"node": self.node, "resources": items}, sort_keys=True)
-        if doc == self._resource_doc:
-            return
-        tmp = self.resource_file.with_name(f".{self.resource_file.name}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                data = (doc + "\n").encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.resource_file)
-        except OSError as exc:
-            try:
-                os.unlink(tmp)  # a partial copy must not keep the space a retry needs
-            except OSError:
-                pass
-            error = f"cannot write {self.resource_file}: {exc.strerror or exc}"
-            if error != self._resource_error:
-                self._resource_error = error
-                log.error("%s (what it lists now is not applied; removed entries stay listed)", error)
-            if strict:
-                raise
-            return
-        self._resource_doc = doc
-        if self._resource_error:
-            log.warning("%s written again", self.resource_file)
-            self._resource_error = ""
-
-    def new_record(self, entry: specmod.Entry) -> ResourceRecord:
-        return ResourceRecord(entry=entry)
 
     def block(self, group: str, message: str) -> None:
         n = self._block_count.get(group, 0) + 1
         self._block_count[group] = n
-        self.blocked[group] = (time.monotonic() + min(30.0, 0.5 * 2 ** min(n, 6)), message)
+        self.blocked[group] = (backoff.GROUP.retry_at(n, time.monotonic()), message)
 
     def hold(self, group: str, seconds: float, message: str) -> None:
         """Keep the plan off a group for a moment, without growing the backoff."""

@@ -25,7 +25,7 @@ import time
 import psutil
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_before_delay, wait_exponential
 
-from reconciler.act.resources import ResourceError
+from reconciler.act.errors import ResourceError
 from reconciler.observe import mounts as observed
 from reconciler.spec import Entry, Mount
 

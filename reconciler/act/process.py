@@ -12,8 +12,8 @@ respawns and adoption do not depend on the process table. Where cgroups cannot b
 (or with RECONCILER_CGROUPS=off) the table is trusted only with the environment marker
 every child carries (RECONCILER_NODE_DIR, RECONCILER_ENTRY), read back from /proc.
 
-(Slightly over ~400 lines: the state machine and the cgroup-aware stop and respawn share
-the records; adoption is act/adoption.py, the table encoding act/records.py.)
+Adoption is act/adoption.py; what an exit or a failed start does to a record, and the
+table encoding, act/records.py; the backoff, decide/backoff.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from reconciler.host import cgroups
 from reconciler.host import notify
 from reconciler import spec as specmod
 from reconciler.act import adoption
-from reconciler.act.records import _SAVED, BACKOFF_BASE, BACKOFF_CAP, RAPID_FREE, TRANSITIONS, Record, backoff, table_records  # noqa: F401 (re-exported)
+from reconciler.act.records import _SAVED, TRANSITIONS, Record, table_records  # noqa: F401 (re-exported)
 from reconciler.act.syscalls import MARK_DIR, MARK_ENTRY, Sys, credentials, joining, pgid_of, start_ticks  # process.Sys: the seam tests subclass
 from reconciler.host import procfs
 
@@ -151,23 +151,7 @@ class Supervisor:
             if rec.pgid:
                 self.sys.killpg(rec.pgid, signal.SIGKILL)
             self.kill_entry(rec.group, rec.tag)
-        if stopping:
-            rec.move("stopped", now)
-            rec.message = f"stopped (exit {code})" if code is not None else "stopped"
-        elif rec.mode == "test":
-            rec.move("passed" if code == 0 else "failed", now)
-            rec.message = "" if code == 0 else f"test failed: exit {code}"
-        elif rec.mode in ("once", "wait"):
-            rec.move("done", now)
-            rec.message = f"exit {code}" if code is not None else "exited"
-        else:
-            uptime = now - rec.started
-            rec.rapid_exits = rec.rapid_exits + 1 if uptime < rec.min_uptime else 0
-            delay = backoff(rec.rapid_exits)
-            rec.retry_at = now + delay if delay else None
-            rec.move("exited", now)
-            what = f"exit {code}" if code is not None else "exited"
-            rec.message = f"{what}; respawning too rapidly, next try in {delay:.2f}s" if delay else what
+        rec.ended(code, now)
         self._close_pidfd(rec)
         if rec.exited is not None and not rec.exited.done():
             rec.exited.set_result(code)
@@ -269,10 +253,7 @@ class Supervisor:
                 creds=creds, cgroup_fd=cgroup_fd, cgroup_path=self.tree.path(group, entry.tag) if self.tree else "",
             )
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
-            rec.rapid_exits += 1
-            rec.retry_at = now + max(1.0, backoff(rec.rapid_exits))
-            rec.message = f"cannot start {entry.command[0]}: {getattr(exc, 'strerror', None) or exc}"
-            rec.move("error", now)
+            rec.start_failed(f"cannot start {entry.command[0]}: {getattr(exc, 'strerror', None) or exc}", now)
             self.dirty = True
             raise StartError(rec.message) from None
         finally:

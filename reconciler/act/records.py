@@ -1,5 +1,6 @@
-"""An entry's process record: its state machine (TRANSITIONS), the fields saved in the
-process table (_SAVED), and the respawn backoff."""
+"""An entry's process record: its state machine (TRANSITIONS), what an exit or a failed
+start does to it (the respawn backoff: decide/backoff.py), and the fields saved in the
+process table (_SAVED)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 
 import attrs
 
+from reconciler.decide import backoff
 from reconciler.observe import EntryState
 
 # state -> states it may move to. "stopped" is also the state of an entry never started.
@@ -23,15 +25,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "passed": frozenset({"running", "stopped"}),
     "failed": frozenset({"running", "stopped"}),
 }
-RAPID_FREE = 3  # this many rapid exits in a row restart at once; then the backoff starts
-BACKOFF_BASE = 0.25
-BACKOFF_CAP = 60.0
-
-
-def backoff(rapid_exits: int) -> float:
-    if rapid_exits <= RAPID_FREE:
-        return 0.0
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (rapid_exits - RAPID_FREE - 1))
 
 
 @attrs.define
@@ -61,6 +54,34 @@ class Record:
             raise RuntimeError(f"{self.group}/{self.tag}: no transition {self.state} -> {state}")
         self.state = state
         self.since = now
+
+    def ended(self, code: int | None, now: float) -> None:
+        """The process exited (`code`: its status, None if unknown): the state its mode leads
+        to; a respawn entry counts a rapid exit and waits as the backoff says."""
+        if self.state == "stopping":
+            self.move("stopped", now)
+            self.message = f"stopped (exit {code})" if code is not None else "stopped"
+        elif self.mode == "test":
+            self.move("passed" if code == 0 else "failed", now)
+            self.message = "" if code == 0 else f"test failed: exit {code}"
+        elif self.mode in ("once", "wait"):
+            self.move("done", now)
+            self.message = f"exit {code}" if code is not None else "exited"
+        else:
+            uptime = now - self.started
+            self.rapid_exits = self.rapid_exits + 1 if uptime < self.min_uptime else 0
+            delay = backoff.RESPAWN.delay(self.rapid_exits)
+            self.retry_at = now + delay if delay else None
+            self.move("exited", now)
+            what = f"exit {code}" if code is not None else "exited"
+            self.message = f"{what}; respawning too rapidly, next try in {delay:.2f}s" if delay else what
+
+    def start_failed(self, message: str, now: float) -> None:
+        """The command could not be started: an error, tried again as the backoff says."""
+        self.rapid_exits += 1
+        self.retry_at = backoff.SPAWN.retry_at(self.rapid_exits, now)
+        self.message = message
+        self.move("error", now)
 
     def view(self) -> EntryState:
         return EntryState(

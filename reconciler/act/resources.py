@@ -17,35 +17,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+from reconciler.act.errors import ResourceError  # noqa: F401 (part of this facade: callers catch it from here)
 from reconciler.spec import Entry
-
-
-class ResourceError(Exception):
-    """A resource action failed; str() is the kernel's or mount(8)'s message, one line."""
-
-    def __init__(self, message: str, permanent: bool = False):
-        super().__init__(message)
-        self.message = message
-        self.permanent = permanent
-
-    def __repr__(self) -> str:
-        return f"ResourceError({self.message!r}, permanent={self.permanent})"
 
 
 KINDS = ("mount", "address")
 
 
 # The kind modules are imported on first use, not here: the address ones bring pyroute2,
-# ~20 MiB of a node's memory that a node without virtual IPs never needs. (They also
-# import ResourceError from this module.)
+# ~20 MiB of a node's memory that a node without virtual IPs never needs.
 def _act(kind: str):
     if kind == "mount":
         from reconciler.act import mounts
         return mounts
-    try:
-        from reconciler.act import addresses
-    except ImportError as exc:
-        raise ResourceError(f"address support unavailable: {exc}", permanent=True) from None
+    from reconciler.act import addresses
     return addresses
 
 

@@ -2,20 +2,25 @@
 
 It observes exactly what the agent observes (the recorded processes, checked against the
 kernel; mounts; addresses), reads the store twice a heartbeat apart to see which peers are
-alive, and calls the same pure `plan`. `--node-down NODE` shows what would happen if those
-nodes died: the decentralised counterpart of Pacemaker's crm_simulate.
+alive, and calls the same pure `plan`. Whose a mount or address is comes from the same rule
+as the agent's (decide/ownership.py), given what the running agent's resource book lists
+(resources.json; nothing when no agent ran). `--node-down NODE` shows what would happen if
+those nodes died: the decentralised counterpart of Pacemaker's crm_simulate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import attrs
 
 from reconciler import spec as specmod
 from reconciler.decide import plan as planmod
-from reconciler.act import process
+from reconciler.act import book as bookmod
+from reconciler.act import process, resources
+from reconciler.decide import ownership
 from reconciler.observe import EntryState, Observed
 from reconciler.store import Claim, ClusterView, Member, Snapshot, directory, open_store
 from reconciler.cluster import hpc as hpcmod
@@ -29,8 +34,6 @@ def observe(spec: specmod.Spec, node: str) -> Observed:
     res = [e for g in spec.groups.values() for e in g.entries if e.kind != "process"]
     if res:
         try:
-            from reconciler.act import resources
-
             kernel = resources.observe(res)
         except Exception as exc:  # show the plan anyway; the state says why
             kernel = {e.tag: ("error", f"cannot observe: {exc}") for e in res}
@@ -88,23 +91,24 @@ async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> 
 def simulate(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> planmod.Plan:
     observed = observe(spec, node)
     view = asyncio.run(cluster_view(spec, node, down))
-    observed = not_wanted_here(spec, observed, view)
+    observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
     now = time.monotonic()
     return after_claims(spec, observed, view, now, planmod.plan(spec, observed, view, now))
 
 
-def not_wanted_here(spec: specmod.Spec, observed: Observed, view: ClusterView) -> Observed:
-    """Mounts and addresses of groups this node does not run are not its to remove: shown
-    as stopped (with the kernel's message), as the agent's observer does."""
+def owned_here(spec: specmod.Spec, observed: Observed, view: ClusterView, held: dict[tuple[str, str], ownership.Held]) -> Observed:
+    """What the agent's observer shows for the mounts and addresses (decide/ownership.py):
+    those of groups this node does not run are not its to remove (shown as stopped, with
+    the kernel's message) unless its book (`held`) lists them."""
     entries = dict(observed.entries)
+    claimed = {g for g, c in view.claims.items() if c.node == view.node}
     for (group, tag), st in observed.entries.items():
-        g, e = spec.groups.get(group), spec.entry(group, tag)
-        claim = view.claims.get(group)
-        mine = claim is not None and claim.node == view.node
-        if e is None or e.kind == "process" or st.state == "stopped" or (mine and e.active_at(g.runlevel)):
+        e = spec.entry(group, tag)
+        if e is None or e.kind == "process":
             continue
-        message = "present, but not applied by this node: left alone" if st.state == "running" else st.message
-        entries[(group, tag)] = attrs.evolve(st, state="stopped", message=message)
+        decision = ownership.decide(group, e, spec.groups.get(group), kernel=(st.state, st.message),
+                                    claimed=group in claimed, held=held.get((group, tag), ownership.NOTHING_HELD))
+        entries[(group, tag)] = decision.state
     return attrs.evolve(observed, entries=entries)
 
 

@@ -23,18 +23,21 @@ import threading
 import time
 from pathlib import Path
 
+import attrs
+
 from reconciler import spec as specmod
 from reconciler.host import cgroups
 from reconciler.cluster import heartbeat
 from reconciler.decide import identity
 from reconciler.spec import loader
-from reconciler.observe import observer as observation
+from reconciler.observe.observer import Observer
 from reconciler.decide import plan as planmod
 from reconciler.cluster import renewal
 from reconciler.spec import watch as specwatch
 from reconciler.agent import status as statusmod
 from reconciler.act import executor as executormod
-from reconciler.act import process
+from reconciler.act import process, resources
+from reconciler.act.book import ResourceBook
 from reconciler.agent.metrics import Metrics
 from reconciler.store import ClusterView, Store, StoreError, StoreRefused, open_store
 from reconciler.cluster import liveness
@@ -80,9 +83,6 @@ class Agent(heartbeat.Heartbeating):
         self.last_plan = planmod.Plan()
         self.status_doc: dict = {}
         self.counter = time.time_ns() // 1_000_000
-        # group -> (generation of the dead owner's claim, seconds its heartbeat had stood still
-        # when the takeover was first dispatched): the detect phase, observed on success
-        self.takeover_started: dict[str, tuple[int, float]] = {}
         self._fingerprint: object = None
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
         self._planned_lease = float("-inf")  # the lease_until the last plan was made with
@@ -100,17 +100,17 @@ class Agent(heartbeat.Heartbeating):
             password=c.etcd_password, lease=c.timing.lease,
         ) if not self.spec.store_url.startswith("dir:") else open_store(self.spec.store_url)
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
-        try:
-            from reconciler.act import resources
-        except ImportError:  # resource support not installed on this node
-            resources = None
-        self.resources = resources
+        self.book = ResourceBook(node=self.node, resource_file=None if self.once else self.node_dir / "resources.json")
+        events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.set_claim)
         self.executor = executormod.Executor(
-            node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, events=self.metrics.executor_events(self),
-            resource_file=None if self.once else self.node_dir / "resources.json",
+            node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, book=self.book, events=events,
         )
         self.liveness = liveness.Liveness(self.node)
-        self.observer = observation.Observer(self)
+        self.observer = Observer(
+            node=self.node, supervisor=self.supervisor, book=self.book, read_kernel=resources.observe,
+            spec=lambda: self.spec, claimed=lambda: (g for g, c in self.view.claims.items() if c.node == self.node),
+            busy=lambda: self.busy, blocked=lambda: self.executor.blocked,
+        )
 
     def wake(self) -> None:
         self.wake_event.set()
@@ -313,9 +313,7 @@ class Agent(heartbeat.Heartbeating):
             for group, actions in by_group.items():
                 for a in actions:
                     if a.kind == "takeover" and a.claim is not None:
-                        stalled = view.stalled_for(a.claim.node, now)
-                        if self.takeover_started.get(group, (None,))[0] != a.claim.generation and stalled != float("inf"):
-                            self.takeover_started[group] = (a.claim.generation, stalled)
+                        self.metrics.takeover_dispatched(group, a.claim.generation, view.stalled_for(a.claim.node, now))
                 running = self.busy.get(group)
                 if running is not None:
                     running.cancel()  # only urgent actions reach a busy group: preempt it
@@ -323,17 +321,21 @@ class Agent(heartbeat.Heartbeating):
                 gen = claim.generation if claim is not None and claim.node == self.node else None
                 self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
             self.supervisor.save()
-            self.executor.save_resources()  # observation may have adopted or dropped some
+            self.book.save()  # observation may have adopted or dropped some
             state_errors = tuple(e for e in (self.supervisor.save_error, self.lease_file.error if self.lease_file else "") if e)
             doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec),
                                         state_errors=state_errors)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
-            self.metrics.tick(self, observed, view, time.monotonic() - started, ok=True)
+            self.metrics.tick(  # (the spec as loaded: while stopping, `spec` says runlevel stop)
+                observed, view, time.monotonic() - started, groups=self.spec.groups,
+                dead_after=self.spec.cluster.timing.dead_after,
+                plan=p, busy=self.busy, skipped_total=getattr(self.store, "skipped_total", 0),
+            )
             self._last_pass = time.monotonic() - started
         except Exception:
             log.exception("reconcile failed")
-            self.metrics.tick(self, None, None, time.monotonic() - started, ok=False)
+            self.metrics.tick_failed(time.monotonic() - started)
 
     async def _run_group(self, spec, group, actions, generation, previous: asyncio.Task | None) -> None:
         if previous is not None:
@@ -419,6 +421,4 @@ def identity_lock(node: str, path: Path) -> int:
 
 
 def _stopped(g: specmod.Group) -> specmod.Group:
-    import attrs
-
     return attrs.evolve(g, runlevel=specmod.STOP)

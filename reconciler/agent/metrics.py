@@ -8,10 +8,16 @@ or messages. Each agent has its own registry, so tests can run several in one pr
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Mapping
 
 import prometheus_client as prom
 
-from reconciler.observe import STATES
+from reconciler import spec as specmod
+from reconciler.act import process
+from reconciler.act.executor import Events
+from reconciler.decide.plan import Plan
+from reconciler.observe import STATES, Observed
+from reconciler.store import ClusterView
 
 KINDS = ("start", "stop", "reset", "claim", "release", "takeover")
 PHASE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -60,6 +66,9 @@ class Metrics:
         self._known_groups: set[str] = set()
         self._group_values: dict[str, tuple] = {}  # group -> what its gauges were last set to
         self._pending_start: dict[str, float] = {}
+        # group -> (generation of the dead owner's claim, seconds its heartbeat had stood still
+        # when the takeover was first dispatched): the detect phase, observed on success
+        self._takeover_started: dict[str, tuple[int, float]] = {}
         for k in KINDS:
             for res in ("ok", "error"):
                 self.actions.labels(node, k, res)
@@ -81,32 +90,38 @@ class Metrics:
         if spec is not None:
             self.spec_info.labels(self.node).info({"digest": spec.digest()})
 
-    def tick(self, agent, observed, view, seconds: float, *, ok: bool) -> None:
+    def tick_failed(self, seconds: float) -> None:
+        """A reconcile pass that raised."""
+        self.tick_seconds.labels(self.node).observe(seconds)
+        self.ticks.labels(self.node, "error").inc()
+
+    def tick(
+        self, observed: Observed, view: ClusterView, seconds: float, *, groups: Mapping[str, specmod.Group], dead_after: float,
+        plan: Plan, busy: Collection[str], skipped_total: int,
+    ) -> None:
+        """A reconcile pass that planned `plan` for the spec's `groups` from `observed` and
+        `view`; `busy`: groups with actions in flight; `skipped_total`: the store's count of
+        malformed entries skipped so far."""
         n = self.node
         self.tick_seconds.labels(n).observe(seconds)
-        self.ticks.labels(n, "ok" if ok else "error").inc()
-        if not ok or observed is None:
-            return
+        self.ticks.labels(n, "ok").inc()
         self.last_ok.labels(n).set(time.time())
         self.twin.labels(n).set(1 if view.twin else 0)
-        total = getattr(agent.store, "skipped_total", 0)
-        if total > self._skipped_seen:
-            self.skipped.labels(n).inc(total - self._skipped_seen)
-        self._skipped_seen = max(self._skipped_seen, total)
+        if skipped_total > self._skipped_seen:
+            self.skipped.labels(n).inc(skipped_total - self._skipped_seen)
+        self._skipped_seen = max(self._skipped_seen, skipped_total)
         now = time.monotonic()
-        dead_after = agent.spec.cluster.timing.dead_after
         self.members_live.labels(n).set(sum(1 for m in set(view.members) | {n} if view.alive(m, now, dead_after)))
         mine = {g for g, c in view.claims.items() if c.node == n}
         self.groups_owned.labels(n).set(len(mine))
-        groups = set(agent.spec.groups)
-        for gone in self._known_groups - groups:
+        for gone in self._known_groups - groups.keys():
             self._group_values.pop(gone, None)
             for s in STATES:
                 self.entries.remove(n, gone, s) if (n, gone, s) in self.entries._metrics else None
             for gauge in (self.group_running, self.group_desired):
                 if (n, gone) in gauge._metrics:
                     gauge.remove(n, gone)
-        self._known_groups = groups
+        self._known_groups = set(groups)
         states: dict[str, list[str]] = {}
         for st in observed.entries.values():
             states.setdefault(st.group, []).append(st.state)
@@ -118,7 +133,7 @@ class Metrics:
             key = (
                 tuple(sorted(here)),
                 1 if g in mine and "running" in here else 0,
-                0 if agent.spec.groups[g].runlevel == "stop" else 1,
+                0 if groups[g].runlevel == "stop" else 1,
             )
             if self._group_values.get(g) == key:
                 continue  # its gauges say so already (a label lookup per gauge is the cost here)
@@ -131,24 +146,28 @@ class Metrics:
         for g, since in list(self._pending_start.items()):
             if g not in mine:
                 del self._pending_start[g]
-            elif g in running and not agent.last_plan.for_group(g) and g not in agent.busy:
+            elif g in running and not plan.for_group(g) and g not in busy:
                 self.phase.labels(n, "start").observe(now - since)
                 del self._pending_start[g]
 
-    def executor_events(self, agent):
-        from reconciler.act.executor import Events
+    def takeover_dispatched(self, group: str, generation: int, stalled: float) -> None:
+        """A takeover of `group` from the dead owner's claim `generation` was dispatched, its
+        heartbeat having stood still `stalled` seconds: the detect phase, observed once per
+        failover when the takeover succeeds (the first dispatch counts)."""
+        if self._takeover_started.get(group, (None,))[0] != generation and stalled != float("inf"):
+            self._takeover_started[group] = (generation, stalled)
 
+    def executor_events(self, *, supervisor: process.Supervisor) -> Events:
+        """The executor's events that metrics count (`supervisor`: its records say whether a
+        start was a respawn). `claimed` is not among them: the agent wires that itself."""
         n = self.node
 
         def action(a, result, seconds):
             self.actions.labels(n, a.kind, result).inc()
             if a.kind == "start" and result == "ok":
-                rec = agent.supervisor.records.get((a.group, a.tag))
+                rec = supervisor.records.get((a.group, a.tag))
                 if rec is not None and rec.respawns and a.reason.startswith("respawn"):
                     self.respawns.labels(n, a.group, a.tag).inc()
-
-        def claimed(group, claim):
-            agent.set_claim(group, claim)
 
         def fenced(group, outcome):
             self.fence.labels(n, "ok" if outcome.ok else "failed").inc()
@@ -157,17 +176,14 @@ class Metrics:
         def taken_over(group, claim):
             self.failovers.labels(n, group).inc()
             self._pending_start[group] = time.monotonic()
-            # detect: how long the dead owner's heartbeat had stood still when the agent
-            # dispatched this takeover (recorded by Agent.reconcile), once per failover
-            detect = agent.takeover_started.pop(group, None)
+            detect = self._takeover_started.pop(group, None)
             if detect is not None:
                 self.detected(detect[1])
 
-        events = Events(
-            action=action, retry=lambda kind: self.retries.labels(n, kind).inc(), claimed=claimed, fenced=fenced,
-            taken_over=taken_over, claim_attempt=lambda group, won: self.claim_attempt(won),
+        return Events(
+            action=action, retry=lambda kind: self.retries.labels(n, kind).inc(), fenced=fenced, taken_over=taken_over,
+            claim_attempt=lambda group, won: self.claim_attempt(won),
         )
-        return events
 
     def detected(self, seconds: float) -> None:
         self.phase.labels(self.node, "detect").observe(seconds)

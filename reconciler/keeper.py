@@ -153,7 +153,7 @@ def release(listing: str) -> list[str]:
     return done
 
 
-def _records(node_dir: str) -> list[dict]:
+def _records(node_dir: str) -> list[dict[str, object]]:
     try:
         with open(os.path.join(node_dir, "processes.json")) as fh:
             records = json.load(fh).get("records", [])

@@ -8,6 +8,7 @@ the process supervisor and adoption.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from reconciler.host import cgroups
 
@@ -26,7 +27,7 @@ def start_ticks(pid: int, *, live: bool = False) -> int | None:
     return int(fields[19])
 
 
-def proc_stats():
+def proc_stats() -> Iterator[tuple[int, list[bytes]]]:
     """(pid, the fields of /proc/PID/stat after the command name) for every process (from
     /proc: the keeper has no dependencies)."""
     for name in os.listdir("/proc"):

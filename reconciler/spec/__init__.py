@@ -11,8 +11,8 @@
 `spec.load(path)`.
 """
 
-# re-exported: the package's interface
-from reconciler.spec.model import (  # noqa: F401
+# re-exported: the package's interface (__all__ at the end names it for type checkers)
+from reconciler.spec.model import (
     Address,
     Cluster,
     control_char,
@@ -37,4 +37,31 @@ from reconciler.spec.model import (  # noqa: F401
     Timing,
     TIMING_RANGES,
 )
-from reconciler.spec.loader import load  # noqa: E402,F401
+from reconciler.spec.loader import load
+
+__all__ = [
+    "Address",
+    "Cluster",
+    "control_char",
+    "DEFAULT_SPEC_PATH",
+    "digest",
+    "Entry",
+    "ENTRY_RANGES",
+    "FOREGROUND",
+    "format_duration",
+    "Group",
+    "GROUP_RANGES",
+    "MODES",
+    "Mount",
+    "NAME_RE",
+    "no_control",
+    "parse_duration",
+    "parse_signal",
+    "redact_url",
+    "Spec",
+    "SpecError",
+    "STOP",
+    "Timing",
+    "TIMING_RANGES",
+    "load",
+]

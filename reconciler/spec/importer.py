@@ -36,7 +36,8 @@ Cluster::Init did.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field as dataclasses_field
+from typing import Any
 
 import tomli_w
 
@@ -77,7 +78,8 @@ class _Line:
     field: str  # the raw runlevels field
     mode: str
     command: str
-    levels: list[str] = field(default_factory=list)  # filled in by _levels
+    # (dataclasses_field: the class's own `field` would hide dataclasses.field from type checkers)
+    levels: list[str] = dataclasses_field(default_factory=list)  # filled in by _levels
 
 
 def convert(
@@ -101,7 +103,7 @@ def convert(
         if name not in groups:
             notes.append(f"{hactl_name}:{line}: group {name} has no entries in {cltab_name}: ignored")
 
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, members in groups.items():
         level = wanted.get(name, (STOP, 0))[0]
         if name not in wanted and hactl_text is not None:
@@ -264,11 +266,11 @@ def command_value(command: str) -> str | list[str]:
     return command
 
 
-def _entry(e: _Line) -> dict:
+def _entry(e: _Line) -> dict[str, Any]:
     return {"tag": e.tag, "runlevels": e.levels, "mode": e.mode, "command": command_value(e.command)}
 
 
-def _render(groups: dict[str, dict], cltab: str, hactl: str | None, notes: list[str]) -> str:
+def _render(groups: dict[str, dict[str, Any]], cltab: str, hactl: str | None, notes: list[str]) -> str:
     src = f"{cltab} and {hactl}" if hactl else cltab
     head = [
         f"# Converted from the OpenMosix::HA files {src} by reconciler.importer.",

@@ -112,7 +112,9 @@ _conv.register_structure_hook(float, _structure_float)
 
 
 def _dur_fields(cls: type, *names: str, **extra: Any) -> None:
-    overrides = {n: override(struct_hook=lambda v, _t: parse_duration(v)) for n in names}
+    # (Any: make_dict_structure_fn takes its own flags as keywords too, so a dict of overrides
+    # alone does not type-check as its **kwargs)
+    overrides: dict[str, Any] = {n: override(struct_hook=lambda v, _t: parse_duration(v)) for n in names}
     overrides.update(extra)
     _conv.register_structure_hook(cls, make_dict_structure_fn(cls, _conv, _cattrs_forbid_extra_keys=True, **overrides))
 
@@ -184,14 +186,14 @@ def _structure(raw: Any, cls: type, path: str, file: str) -> Any:
 # --- loading -------------------------------------------------------------------------
 
 
-def spec_files(path: str | os.PathLike) -> list[Path]:
+def spec_files(path: str | os.PathLike[str]) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         return sorted(f for f in p.iterdir() if f.suffix == ".toml" and f.is_file() and not f.name.startswith("."))
     return [p]
 
 
-def check_replacement(current: Spec, new: Spec, path: str | os.PathLike) -> None:
+def check_replacement(current: Spec, new: Spec, path: str | os.PathLike[str]) -> None:
     """Refuse a new spec that would stop every group the current one runs, by removing them
     all (an emptied file, `: > spec.toml`; a directory whose files were deleted), unless it
     says so with `[cluster] stop_all = true`. A group set to runlevel "stop" by name is the
@@ -210,7 +212,7 @@ def check_replacement(current: Spec, new: Spec, path: str | os.PathLike) -> None
     )
 
 
-def load(path: str | os.PathLike) -> Spec:
+def load(path: str | os.PathLike[str]) -> Spec:
     """Load and validate a spec file or directory; raise SpecError (one line) on any problem."""
     root = Path(path)
     if not root.exists():
@@ -374,7 +376,7 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
             fail("address.interface", f"{e.address.interface!r} is not an interface name")
 
 
-def peek(path: str | os.PathLike) -> Spec:
+def peek(path: str | os.PathLike[str]) -> Spec:
     """Only the [cluster] table of a spec that does not load as a whole, with no groups.
 
     For read-only commands (`reconcile status`) after a bad edit: the agents still run the

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from reconciler.model import NAME_RE  # noqa: F401 (spec.NAME_RE: the one name pattern, shared with the store's checks)
+from reconciler.model import NAME_RE as NAME_RE  # spec.NAME_RE: the one name pattern, shared with the store's checks
 
 MODES = ("wait", "once", "respawn", "test", "off")
 FOREGROUND = frozenset({"wait", "test"})

@@ -44,7 +44,7 @@ def roots(spec_path: str, spec: specmod.Spec) -> tuple[tuple[str, ...], frozense
     return tuple(sorted({os.path.realpath(os.path.dirname(p)) for p in chain})), frozenset(os.path.basename(p) for p in chain)
 
 
-def fingerprint(spec_path: str) -> tuple:
+def fingerprint(spec_path: str) -> tuple[tuple[object, ...], ...]:
     """What the spec's files look like on disk now (names, inodes, sizes, change times, and
     where links lead): compared once a tick, so that an edit the watch did not report (one
     made while the watch was still being set up, or an inotify queue overflow) is still
@@ -55,7 +55,7 @@ def fingerprint(spec_path: str) -> tuple:
         files = sorted(str(f) for f in path.iterdir() if f.suffix == ".toml") if path.is_dir() else [str(path)]
     except OSError:
         files = [str(path)]
-    out = []
+    out: list[tuple[object, ...]] = []
     for f in files:
         try:
             st = os.stat(f)
@@ -70,7 +70,7 @@ def start(dirs: tuple[str, ...], names: frozenset[str], *, changed: Callable[[],
     `dirs`, until `stop` is set. A daemon thread never joined keeps shutdown instant."""
     import watchfiles
 
-    def only_specs(_change, path: str) -> bool:
+    def only_specs(_change: object, path: str) -> bool:
         name = os.path.basename(path)
         return name in names or (ANY_TOML in names and name.endswith(".toml"))
 

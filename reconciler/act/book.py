@@ -90,7 +90,7 @@ class ResourceBook:
         Executor._resource)."""
         if self.resource_file is None:
             return
-        items = []
+        items: list[dict[str, object]] = []
         for (group, tag), rec in self.records.items():
             e = rec.entry
             if e is None or not (rec.owned or rec.applying):

@@ -15,7 +15,7 @@ import prometheus_client as prom
 from reconciler import spec as specmod
 from reconciler.act import process
 from reconciler.act.executor import Events
-from reconciler.decide.plan import Plan
+from reconciler.decide.intent import Plan
 from reconciler.observe import STATES, Observed
 from reconciler.store import ClusterView
 

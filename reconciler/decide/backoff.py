@@ -31,7 +31,7 @@ class Backoff:
         if failures <= self.free:
             return self.floor
         doublings = min(failures - self.free - 1, _MAX_DOUBLINGS)
-        return max(self.floor, min(self.cap, self.base * 2**doublings))
+        return max(self.floor, min(self.cap, self.base * 2.0**doublings))
 
     def retry_at(self, failures: int, now: float) -> float:
         return now + self.delay(failures)

@@ -65,7 +65,7 @@ def decide(
     state, message = kernel
     owned, since = held.owned, held.since
     wanted_here = claimed and spec_group is not None and entry.active_at(spec_group.runlevel)
-    if state == "running" and wanted_here:
+    if state == "running" and wanted_here and spec_group is not None:
         owned = True
         if since == 0.0 and entry in spec_group.entries:
             since = (spec_group.entries.index(entry) + 1) * 1e-6

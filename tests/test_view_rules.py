@@ -25,21 +25,21 @@ def claims(**owners: str) -> dict[str, Claim]:
 def test_a_lapse_makes_every_claim_of_this_node_stale_and_only_those():
     c = claims(web=ME, db=PEER, mail=ME)
     assert rules.my_claims(c, ME) == {"web", "mail"}
-    assert rules.stale_after_lapse(set(), c, ME) == {"web", "mail"}
-    assert rules.stale_after_lapse({"old"}, c, ME) == {"old", "web", "mail"}  # (pruned at the next plan)
+    assert rules.stale_after_lapse(set(), c, node=ME) == {"web", "mail"}
+    assert rules.stale_after_lapse({"old"}, c, node=ME) == {"old", "web", "mail"}  # (pruned at the next plan)
 
 
 def test_stale_claims_are_pruned_to_those_still_mine():
     c = claims(web=ME, db=PEER)
-    assert rules.stale_still_mine({"web", "db", "gone"}, c, ME) == {"web"}
-    assert rules.stale_still_mine(set(), c, ME) == frozenset()
+    assert rules.stale_still_mine({"web", "db", "gone"}, c, node=ME) == {"web"}
+    assert rules.stale_still_mine(set(), c, node=ME) == frozenset()
 
 
 @given(st.dictionaries(st.sampled_from("abcdef"), st.sampled_from((ME, PEER, "n3"))),
        st.sets(st.sampled_from("abcdefgh")))
 def test_stale_claims_are_always_this_nodes_after_pruning(owners, stale):
     c = claims(**owners)
-    after = rules.stale_still_mine(rules.stale_after_lapse(stale, c, ME), c, ME)
+    after = rules.stale_still_mine(rules.stale_after_lapse(stale, c, node=ME), c, node=ME)
     assert after == {g for g, n in owners.items() if n == ME}
 
 
@@ -107,13 +107,14 @@ def test_quorum_is_dropped_when_the_hpc_id_is_not_the_node_name(node, hpc_me, qu
 
 def test_the_verdict_shows_in_the_view_only_when_there_is_something_to_say():
     view = ClusterView(node=ME)
-    assert rules.with_verdict(view, OK, ()) is view
+    assert rules.with_verdict(view, OK, skipped=()) is view
     held = Verdict("hold", publish=True, claim=False, run=True, twin="")
-    assert (rules.with_verdict(view, held, ()).may_claim, rules.with_verdict(view, held, ()).may_run) == (False, True)
+    out = rules.with_verdict(view, held, skipped=())
+    assert (out.may_claim, out.may_run) == (False, True)
     twin = Verdict("yield", publish=False, claim=False, run=False, twin="another agent")
-    out = rules.with_verdict(view, twin, ("nodes/x",))
+    out = rules.with_verdict(view, twin, skipped=("nodes/x",))
     assert (out.twin, out.may_claim, out.may_run, out.skipped) == ("another agent", False, False, ("nodes/x",))
-    assert rules.with_verdict(view, OK, ("nodes/x",)).skipped == ("nodes/x",)
+    assert rules.with_verdict(view, OK, skipped=("nodes/x",)).skipped == ("nodes/x",)
 
 
 # --- the renewer and a stalled loop ------------------------------------------------------
@@ -156,11 +157,11 @@ def test_the_fingerprint_changes_with_what_the_planner_plans_on():
     D = 0.65
     base = ClusterView(node=ME, members={PEER: member(PEER, 10.0, {"eligible_groups": ["web"]})},
                        claims=claims(web=PEER), lease_until=20.0)
-    fp = rules.fingerprint(base, 10.1, D)
-    assert rules.fingerprint(base, 10.2, D) == fp  # nothing changed
+    fp = rules.fingerprint(base, 10.1, dead_after=D)
+    assert rules.fingerprint(base, 10.2, dead_after=D) == fp  # nothing changed
     # The same facts in a new read (other objects, equal values): no wake-up.
     again = attrs.evolve(base, members={PEER: member(PEER, 10.05, {"eligible_groups": ["web"]})})
-    assert rules.fingerprint(again, 10.2, D) == fp
+    assert rules.fingerprint(again, 10.2, dead_after=D) == fp
     for changed, now in [
         (base, 10.0 + D),  # the peer died
         (attrs.evolve(base, members={PEER: member(PEER, 10.0, {"eligible_groups": []})}), 10.1),
@@ -171,9 +172,9 @@ def test_the_fingerprint_changes_with_what_the_planner_plans_on():
         (attrs.evolve(base, may_claim=False), 10.1),
         (attrs.evolve(base, may_run=False), 10.1),
     ]:
-        assert rules.fingerprint(changed, now, D) != fp, changed
+        assert rules.fingerprint(changed, now, dead_after=D) != fp, changed
     # What the planner does not plan on (the error text, unclaimed_since, a status field
     # other than eligible_groups) wakes nothing.
     quiet = attrs.evolve(base, store_error="x", unclaimed_since={"db": 1.0},
                          members={PEER: member(PEER, 10.0, {"eligible_groups": ["web"], "load": 3})})
-    assert rules.fingerprint(quiet, 10.1, D) == fp
+    assert rules.fingerprint(quiet, 10.1, dead_after=D) == fp

@@ -183,7 +183,7 @@ class Agent:
         tasks = []
         self.renewer.start()
         if type(self.store).wait is not Store.wait:  # the backend can tell of changes (etcd)
-            tasks.append(asyncio.create_task(renewal.relay_changes(self.store, self.renewer.nudge, self._timing),
+            tasks.append(asyncio.create_task(renewal.relay_changes(self.store, self.renewer.nudge, timing=self._timing),
                                              name="store-watch"))
         if not self.once:
             self._start_spec_watch()

@@ -67,14 +67,14 @@ class Lease:
                 return False
             if mine:
                 log.warning("lease lapsed for %.2fs: re-arbitrating %s", started - self.until, ", ".join(sorted(mine)))
-            self._stale = set(rules.stale_after_lapse(self._stale, claims, self.node))
+            self._stale = set(rules.stale_after_lapse(self._stale, claims, node=self.node))
             self._extend_locked(started + duration)
         return True
 
     def mark_stale(self, claims: Mapping[str, Claim]) -> None:
         """The lease lapsed before this agent started: every claim of this node is stale."""
         with self.lock:
-            self._stale = set(rules.stale_after_lapse(self._stale, claims, self.node))
+            self._stale = set(rules.stale_after_lapse(self._stale, claims, node=self.node))
 
     def discard_stale(self, group: str) -> None:
         """The group's claim was won (or ended) since: it is no longer stale."""
@@ -89,7 +89,7 @@ class Lease:
         """(lease_until, the stale claims still this node's in `claims`), as one."""
         with self.lock:
             if self._stale:
-                self._stale = set(rules.stale_still_mine(self._stale, claims, self.node))
+                self._stale = set(rules.stale_still_mine(self._stale, claims, node=self.node))
             return self.until, frozenset(self._stale)
 
     def release(self) -> None:

@@ -205,7 +205,7 @@ class Renewer:
         self.lease.extend(started + duration)  # only as far as the lease file says (or not if finished)
 
 
-async def relay_changes(store: Store, nudge: "Nudge", timing: Callable[[], Timing]) -> None:
+async def relay_changes(store: Store, nudge: "Nudge", *, timing: Callable[[], Timing]) -> None:
     """On the loop: a store that can tell of changes (etcd) has the renewer read at once."""
     t = timing()
     while True:

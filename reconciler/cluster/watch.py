@@ -64,11 +64,11 @@ class Watch:
             stale_claims=self._lease.stale(), store_ok=not error, store_error=error,
         )
         view = rules.checked_membership(view, None if hpc is None else hpc.me)
-        view = rules.with_verdict(view, self._instance.fold(snap, now), snap.skipped)
+        view = rules.with_verdict(view, self._instance.fold(snap, now), skipped=snap.skipped)
         self.view = view
         if not error:
             self.read_at = now
-        fp = rules.fingerprint(view, now, spec.cluster.timing.dead_after)
+        fp = rules.fingerprint(view, now, dead_after=spec.cluster.timing.dead_after)
         # Kept even when equal: the next comparison then meets the objects this read
         # handed out (the same ones while nothing changes) and stops at identity checks.
         last, self._fingerprint = self._fingerprint, fp

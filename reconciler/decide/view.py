@@ -23,13 +23,13 @@ def my_claims(claims: Mapping[str, Claim], node: str) -> frozenset[str]:
     return frozenset(g for g, c in claims.items() if c.node == node)
 
 
-def stale_after_lapse(stale: Iterable[str], claims: Mapping[str, Claim], node: str) -> frozenset[str]:
+def stale_after_lapse(stale: Iterable[str], claims: Mapping[str, Claim], *, node: str) -> frozenset[str]:
     """After a lapse of this node's lease every claim of its own is stale: peers may have
     taken them over meanwhile, so they are re-arbitrated before anything runs again."""
     return frozenset(stale) | my_claims(claims, node)
 
 
-def stale_still_mine(stale: Iterable[str], claims: Mapping[str, Claim], node: str) -> frozenset[str]:
+def stale_still_mine(stale: Iterable[str], claims: Mapping[str, Claim], *, node: str) -> frozenset[str]:
     """The stale claims that are still this node's (the others have been re-arbitrated)."""
     return frozenset(stale) & my_claims(claims, node)
 
@@ -67,7 +67,7 @@ def checked_membership(view: ClusterView, hpc_me: str | None) -> ClusterView:
     return attrs.evolve(view, quorum=False, store_error=f"node name {view.node} is not this node's hpc id {hpc_me}")
 
 
-def with_verdict(view: ClusterView, verdict: Verdict, skipped: tuple[str, ...]) -> ClusterView:
+def with_verdict(view: ClusterView, verdict: Verdict, *, skipped: tuple[str, ...]) -> ClusterView:
     """The node identity verdict (decide/identity.py) and the read's skipped entries, in the
     view (the view itself while there is nothing to say: the usual case)."""
     if verdict.twin or not verdict.claim or skipped:
@@ -100,7 +100,7 @@ def should_post(changed: bool, now: float, *, loop_alive_at: float, posted_at: f
     return changed or (now - loop_alive_at >= post_after and now - posted_at >= post_after / 2)
 
 
-def fingerprint(view: ClusterView, now: float, dead_after: float) -> object:
+def fingerprint(view: ClusterView, now: float, *, dead_after: float) -> object:
     """What, in a fresh view, should wake a reconcile when it differs from the last one.
 
     Compared with ==, which is cheap when nothing changed: a store hands back the very same

@@ -67,6 +67,20 @@ class Clock:
         self.t += seconds
 
 
+def _failing_publish(store) -> dict[str, bool]:
+    """Make the store's publish_blocking fail while the switch returned says "on"."""
+    real = store.publish_blocking
+    failing = {"on": True}
+
+    def publish(hb):
+        if failing["on"]:
+            raise StoreError(f"{store.url}: injected failure")
+        return real(hb)
+
+    store.publish_blocking = publish
+    return failing
+
+
 class Parts:
     """Lease, instance, watch and renewer of node n1, as the agent composes them."""
 
@@ -161,15 +175,7 @@ def test_a_stalled_loop_stops_the_renewals_and_the_lapse_marks_claims_stale(tmp_
 def test_failing_publishes_mark_the_store_unreachable_and_the_lease_lapses(tmp_path, caplog):
     p = Parts(tmp_path).settled()
     p.claim("web")
-    real = p.store.publish_blocking
-    failing = {"on": True}
-
-    def publish(hb):
-        if failing["on"]:
-            raise StoreError(f"{p.store.url}: injected failure")
-        return real(hb)
-
-    p.store.publish_blocking = publish
+    failing = _failing_publish(p.store)
     before = p.lease.until
     p.beats(p.timing.heartbeat)
     assert not p.watch.view.store_ok and "injected" in p.watch.view.store_error
@@ -315,15 +321,7 @@ def test_a_failing_publish_marks_the_store_unreachable_and_lapses(tmp_path, capl
     node demotes; once it succeeds again the lapse goes through the loop (claims stale)."""
 
     async def scenario(a):
-        real = a.store.publish_blocking
-        failing = {"on": True}
-
-        def publish(hb):
-            if failing["on"]:
-                raise StoreError(f"{a.store.url}: injected failure")
-            return real(hb)
-
-        a.store.publish_blocking = publish
+        failing = _failing_publish(a.store)
         await _until(lambda: not a.view.store_ok and "injected" in a.view.store_error, 3, "the store error in the view")
         await _until(lambda: not _running(a), 5, "self-demotion")
         # Past the lease itself (demotion comes demote_margin before it): without this the

@@ -71,9 +71,9 @@ class Agent:
         self.pulse = renewal.Pulse()  # the loop stamps it every beat (see renewal)
         self.publisher = renewal.Publisher(node, instance=self.instance, digest=self._published_digest,
                                            status=lambda: self.status_doc)
-        self.watch: watchmod.Watch | None = None
-        self.renewer: renewal.Renewer | None = None
-        self.upkeep: Upkeep | None = None
+        self.watch: watchmod.Watch  # (these three: built in run())
+        self.renewer: renewal.Renewer
+        self.upkeep: Upkeep
         self.last_plan = planmod.Plan()
         self.status_doc: dict = {}
         # group -> (generation of the dead owner's claim, seconds its heartbeat had stood still
@@ -117,7 +117,7 @@ class Agent:
 
     @property
     def view(self) -> ClusterView:
-        """The cluster view as last read (the watch's, once run() has built it)."""
+        """The cluster view as last read (the watch's)."""
         return self.watch.view
 
     def _timing(self) -> specmod.Timing:
@@ -128,8 +128,7 @@ class Agent:
         return self._digest_of[1] if self._digest_of is not None else ""
 
     def _keeper_due(self) -> None:
-        if self.upkeep is not None:
-            self.upkeep.keeper_due()
+        self.upkeep.keeper_due()  # (the first publish comes after run() built it)
 
     def read_posted(self, changed: bool) -> None:
         """From the renewer thread: the view changed (plan again), or just a beat that

@@ -82,7 +82,7 @@ class Renewer:
     `post(changed)` to the loop, whose liveness `pulse` tells."""
 
     def __init__(self, *, lease: Lease, watch: Watch, instance: Instance, store: Store, publisher: Publisher,
-                 pulse: Pulse, post: Callable[[bool], None], timing: Callable[[], Timing],
+                 pulse: Pulse, post: Callable[[bool], object], timing: Callable[[], Timing],
                  clock: Callable[[], float] = time.monotonic):
         self.lease = lease
         self.watch = watch

@@ -52,11 +52,11 @@ def planning_view(view: ClusterView, *, lease_until: float, stale: frozenset[str
     """The view to plan with: this node's current lease and stale claims, and the store
     marked unreachable if no read has come back for too long (never plan with a view this
     old: no takeovers on it)."""
-    changes: dict[str, object] = {}
     overdue = read_overdue(now, read_at, lease=lease, heartbeat=heartbeat)
     if overdue is not None and view.store_ok:
-        changes = {"store_ok": False, "store_error": f"{store_url}: no answer for {overdue:.1f}s"}
-    return attrs.evolve(view, lease_until=lease_until, stale_claims=stale, **changes)
+        return attrs.evolve(view, lease_until=lease_until, stale_claims=stale, store_ok=False,
+                            store_error=f"{store_url}: no answer for {overdue:.1f}s")
+    return attrs.evolve(view, lease_until=lease_until, stale_claims=stale)
 
 
 def checked_membership(view: ClusterView, hpc_me: str | None) -> ClusterView:

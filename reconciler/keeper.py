@@ -18,7 +18,7 @@ truncated, replaced by anything else, or unreadable is no renewal: the last dead
 keeper read stands, and when it passes the keeper kills as on any expiry; a keeper that has
 never read a valid deadline (started while the file was missing or corrupt) counts the
 lease as lapsed at once. The agent, for its part, notices a deleted or replaced file and
-writes a new one (reconciler/heartbeat.py), and never counts on a renewal the file does not
+writes a new one (reconciler/cluster/leasefile.py), and never counts on a renewal the file does not
 show.
 
 It exits only on the "released" record AND when nothing it guards is alive

@@ -1,9 +1,12 @@
-"""The lease is renewed from a thread of its own (reconciler/renewal.py): an event loop kept
-busy for longer than the lease does not cost the node its lease, a wedged loop does, and a
-lapse is handed to the loop so that the node's claims are re-arbitrated first.
+"""The lease is renewed from a thread of its own (reconciler/cluster/renewal.py): an event
+loop kept busy for longer than the lease does not cost the node its lease, a wedged loop
+does, and a lapse marks the node's claims stale so that they are re-arbitrated first.
 
-The agent runs in this test's process (a real store directory, a real keeper and a real
-`sleep` process), so the tests can block its event loop at will.
+The first tests run the renewer's components (lease, instance, watch, renewer) on a real
+store directory with an injected clock: one beat at a time, time moved on by the test, no
+thread and no sleeping. The others run the agent in this test's process (a real store
+directory, a real keeper and a real `sleep` process), so they can block its event loop at
+will.
 """
 
 from __future__ import annotations
@@ -20,8 +23,14 @@ import psutil
 import pytest
 
 from reconciler import keeper
+from reconciler import spec as specmod
 from reconciler.agent import loop as agentmod
+from reconciler.cluster.instance import Instance
+from reconciler.cluster.lease import Lease
+from reconciler.cluster.renewal import Publisher, Pulse, Renewer
+from reconciler.cluster.watch import Watch
 from reconciler.store import StoreError
+from reconciler.store.directory import DirectoryStore
 from reconciler.host import leaserecord
 
 SPEC = """
@@ -39,6 +48,173 @@ runlevels = ["run"]
 command = ["sleep", "3600"]
 stop_timeout = "1s"
 """
+
+
+# --- the renewer's components, with an injected clock ------------------------------------
+
+
+class Clock:
+    """Monotonic time as the test says (it starts at the real clock's reading: the lease
+    file holds monotonic deadlines)."""
+
+    def __init__(self) -> None:
+        self.t = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def _failing_publish(store) -> dict[str, bool]:
+    """Make the store's publish_blocking fail while the switch returned says "on"."""
+    real = store.publish_blocking
+    failing = {"on": True}
+
+    def publish(hb):
+        if failing["on"]:
+            raise StoreError(f"{store.url}: injected failure")
+        return real(hb)
+
+    store.publish_blocking = publish
+    return failing
+
+
+class Parts:
+    """Lease, instance, watch and renewer of node n1, as the agent composes them."""
+
+    def __init__(self, tmp_path: Path):
+        (tmp_path / "spec.toml").write_text(SPEC.format(root=tmp_path))
+        self.spec = specmod.load(str(tmp_path / "spec.toml"))
+        self.timing = self.spec.cluster.timing
+        self.clock = Clock()
+        self.store = DirectoryStore(tmp_path / "store")
+        asyncio.run(self.store.setup())
+        node_dir = tmp_path / "state" / "n1"
+        node_dir.mkdir(parents=True)
+        self.lease = Lease("n1", str(node_dir / "lease"), clock=self.clock)
+        self.instance = Instance("n1", str(node_dir / "instance"), lease=self.lease, timing=lambda: self.timing,
+                                 clock=self.clock)
+        self.watch = Watch("n1", spec=lambda: self.spec, store_url=self.store.url, lease=self.lease,
+                           instance=self.instance, clock=self.clock)
+        self.pulse = Pulse(self.clock)
+        self.posts: list[bool] = []
+        self.publisher = Publisher("n1", instance=self.instance, digest=lambda: "", status=lambda: {})
+        self.renewer = Renewer(lease=self.lease, watch=self.watch, instance=self.instance, store=self.store,
+                               publisher=self.publisher, pulse=self.pulse, post=self.posts.append,
+                               timing=lambda: self.timing, clock=self.clock)
+
+    def beats(self, seconds: float, *, alive: bool = True) -> None:
+        """A heartbeat's worth of time, then a beat, for `seconds`; the loop stamps its pulse
+        before each beat if `alive`."""
+        end = self.clock() + seconds
+        while self.clock() < end - 1e-9:
+            self.clock.advance(self.timing.heartbeat)
+            if alive:
+                self.pulse.stamp()
+            self.renewer.beat()
+
+    def settled(self) -> "Parts":
+        """Past the first read (the instance's watch) and the claim hold: renewing."""
+        self.renewer.beat()
+        self.beats(0.5)
+        assert self.instance.verdict.state == "ok" and self.lease.until > self.clock()
+        return self
+
+    def claim(self, group: str) -> None:
+        claim = asyncio.run(self.store.claim(group, "n1"))
+        assert claim is not None
+        self.watch.set_claim(group, claim)
+
+
+def test_renewals_move_the_lease_on_while_the_loop_lives(tmp_path):
+    """A loop busy for three leases but alive within loop_stall: every beat moves the lease
+    on, it never runs out."""
+    p = Parts(tmp_path).settled()
+    p.pulse.stamp()
+    for _ in range(12):  # 1.2 s: the loop proves nothing meanwhile
+        p.clock.advance(p.timing.heartbeat)
+        started = p.clock()
+        p.renewer.beat()
+        assert p.lease.until == started + p.timing.lease > p.clock()
+        assert leaserecord.read_deadline(p.lease.path) == pytest.approx(p.lease.until, abs=1e-6)  # the keeper is told
+    assert not p.lease.stale()
+
+
+def test_a_stalled_loop_stops_the_renewals_and_the_lapse_marks_claims_stale(tmp_path, caplog):
+    p = Parts(tmp_path).settled()
+    p.claim("web")
+    assert p.renewer.loop_stall == max(2.0, 2 * p.timing.lease)
+    assert p.renewer.post_after < p.renewer.loop_stall  # an idle loop is posted to in time
+    with caplog.at_level(logging.INFO):
+        p.beats(p.renewer.loop_stall + p.timing.heartbeat, alive=False)
+        counter = p.publisher.counter
+        p.beats(0.5, alive=False)
+    assert p.publisher.counter == counter  # nothing published while the loop stalls
+    assert p.lease.until < p.clock()  # lapsed: nothing renewed it
+    assert caplog.text.count("not renewing the lease") == 1  # (logged once, not every beat)
+    assert "stalled" in p.renewer.publish_error
+    assert not p.watch.view.store_ok and "stalled" in p.watch.view.store_error
+    # Back: the first renewal marks this node's claims stale and extends the lease, as one.
+    p.pulse.stamp()
+    started = p.clock()
+    with caplog.at_level(logging.INFO):
+        p.renewer.beat()
+    assert "lease lapsed" in caplog.text and "re-arbitrating web" in caplog.text
+    assert p.lease.until == started + p.timing.lease
+    assert p.instance.continuous_since == started  # (identity: the lease was broken)
+    lease_until, stale = p.lease.snapshot(p.watch.view.claims)
+    assert (lease_until, stale) == (p.lease.until, {"web"})
+    assert p.watch.planning_view().stale_claims == {"web"}
+    # Won again: no longer stale.
+    p.watch.set_claim("web", p.watch.view.claims["web"])
+    assert p.watch.planning_view().stale_claims == frozenset()
+
+
+def test_failing_publishes_mark_the_store_unreachable_and_the_lease_lapses(tmp_path, caplog):
+    p = Parts(tmp_path).settled()
+    p.claim("web")
+    failing = _failing_publish(p.store)
+    before = p.lease.until
+    p.beats(p.timing.heartbeat)
+    assert not p.watch.view.store_ok and "injected" in p.watch.view.store_error
+    assert p.lease.until == before  # no renewal
+    p.beats(p.timing.lease)  # past the lease itself
+    assert p.clock() > p.lease.until
+    failing["on"] = False
+    with caplog.at_level(logging.INFO):
+        p.beats(p.timing.heartbeat)
+    assert p.lease.until > p.clock() and p.watch.view.store_ok
+    assert "lease lapsed" in caplog.text and p.lease.stale() == {"web"}
+
+
+def test_a_hung_read_marks_the_store_unreachable_in_the_planning_view(tmp_path):
+    """No read back for longer than lease / 2 + heartbeat: the loop plans with a view that
+    says the store is unreachable (no takeovers on a view that old)."""
+    p = Parts(tmp_path).settled()
+    assert p.watch.planning_view().store_ok
+    p.clock.advance(p.timing.lease / 2 + p.timing.heartbeat - 0.01)
+    assert p.watch.planning_view().store_ok
+    p.clock.advance(0.02)
+    view = p.watch.planning_view()
+    assert not view.store_ok and "no answer for" in view.store_error
+    p.renewer.read_once()  # the read comes back
+    assert p.watch.planning_view().store_ok
+
+
+def test_an_idle_loop_is_posted_to_only_for_a_change_or_as_proof_of_life(tmp_path):
+    p = Parts(tmp_path).settled()
+    p.posts.clear()
+    p.beats(3.0)  # the loop proves itself alive all along: nothing changes, nothing is posted
+    assert p.posts == []
+    p.beats(p.renewer.post_after + p.timing.heartbeat, alive=False)  # no pass for post_after
+    assert p.posts == [False]  # a post that proves the loop alive, once (not every beat)
+    p.posts.clear()
+    p.claim("db")  # (the watch shows it at once; the next read brings the same claim)
+    asyncio.run(p.store.claim("mail", "n2"))  # a change the planner cares about
+    p.beats(p.timing.heartbeat)
+    assert p.posts == [True]
 
 
 def _running(a: agentmod.Agent) -> bool:
@@ -106,7 +282,7 @@ def test_a_busy_loop_keeps_the_lease(tmp_path, caplog):
         stop.set()
         t.join()
         assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # the keeper left it alone
-        assert a.lease_until > time.monotonic()
+        assert a.lease.until > time.monotonic()
 
     with caplog.at_level(logging.INFO):
         _run(tmp_path, scenario)
@@ -125,14 +301,14 @@ def test_a_wedged_loop_loses_the_lease(tmp_path, caplog):
         assert a.renewer.post_after < a.renewer.loop_stall  # an idle loop is posted to in time
         pid = next(st.pid for st in a.supervisor.snapshot().values() if st.state == "running")
         time.sleep(1.5)  # wedged, on the loop
-        assert a.lease_until < time.monotonic()
+        assert a.lease.until < time.monotonic()
         # The keeper, a separate process, has killed the group's process by now.
         end = time.monotonic() + 2
         while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < end:
             time.sleep(0.02)
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         # Back: the loop marks the claim stale, renews, and the group runs again.
-        await _until(lambda: a.lease_until > time.monotonic() and _running(a), 10, "the group back after the lapse")
+        await _until(lambda: a.lease.until > time.monotonic() and _running(a), 10, "the group back after the lapse")
 
     with caplog.at_level(logging.INFO):
         _run(tmp_path, scenario)
@@ -145,22 +321,14 @@ def test_a_failing_publish_marks_the_store_unreachable_and_lapses(tmp_path, capl
     node demotes; once it succeeds again the lapse goes through the loop (claims stale)."""
 
     async def scenario(a):
-        real = a.store.publish_blocking
-        failing = {"on": True}
-
-        def publish(hb):
-            if failing["on"]:
-                raise StoreError(f"{a.store.url}: injected failure")
-            return real(hb)
-
-        a.store.publish_blocking = publish
+        failing = _failing_publish(a.store)
         await _until(lambda: not a.view.store_ok and "injected" in a.view.store_error, 3, "the store error in the view")
         await _until(lambda: not _running(a), 5, "self-demotion")
         # Past the lease itself (demotion comes demote_margin before it): without this the
         # first renewal after the failures lands on the lease's last instant, a coin flip.
-        await _until(lambda: time.monotonic() > a.lease_until + 0.01, 2, "the lease to run out")
+        await _until(lambda: time.monotonic() > a.lease.until + 0.01, 2, "the lease to run out")
         failing["on"] = False
-        await _until(lambda: a.lease_until > time.monotonic() and _running(a), 10, "the group back")
+        await _until(lambda: a.lease.until > time.monotonic() and _running(a), 10, "the group back")
 
     with caplog.at_level(logging.INFO):
         _run(tmp_path, scenario)
@@ -182,7 +350,7 @@ def test_an_idle_loop_sleeps_through_the_renewals(tmp_path):
         assert a.last_plan.wake_at is not None  # the demotion deadline: the loop follows the lease
         assert len(passes) <= 4, f"{len(passes)} passes in 3 s (tick 1 s)"
         assert len(posts) <= 1 and not wakes, (posts, len(wakes))
-        assert a.lease_until > time.monotonic() and _running(a)
+        assert a.lease.until > time.monotonic() and _running(a)
 
     _run(tmp_path, scenario)
 
@@ -203,7 +371,7 @@ def test_a_hung_renewal_demotes_at_the_deadline(tmp_path, caplog):
         def watched():
             reconcile()
             if not demoted and any("self-demotion" in x.reason for x in a.last_plan.actions):
-                demoted.append((time.monotonic(), a.lease_until))
+                demoted.append((time.monotonic(), a.lease.until))
 
         a.reconcile = watched
         a.store.publish_blocking = publish
@@ -215,7 +383,7 @@ def test_a_hung_renewal_demotes_at_the_deadline(tmp_path, caplog):
             assert at >= lease_until - t.demote_margin - 0.01
         finally:
             hang.set()
-        await _until(lambda: a.lease_until > time.monotonic() and _running(a), 10, "the group back")
+        await _until(lambda: a.lease.until > time.monotonic() and _running(a), 10, "the group back")
 
     with caplog.at_level(logging.INFO):
         _run(tmp_path, scenario)

@@ -9,7 +9,7 @@ is needed (what it writes between the copy and the truncation is lost: the price
 copytruncate). An entry's logs then take at most about (keep + 1) x max_bytes, plus what it
 writes in one tick.
 
-The agent looks at most once per tick (Heartbeating._rotate_logs_cheap): one stat(2) per
+The agent looks at most once per tick (agent/upkeep.py): one stat(2) per
 log; the copies are made on a thread (Rotator). Rotation never raises: a copy that fails (ENOSPC: the disk is full already) is dropped
 and the live file truncated anyway: the state directory holds the lease file and the
 write-ahead records the node's safety depends on, and must not fill up.

@@ -2,13 +2,10 @@
 
 Child exits, store changes, spec edits and a periodic tick all set one wake event; every
 wake runs the same level-triggered reconcile (observe -> plan -> execute -> publish), so
-nothing depends on having seen a particular event. The heartbeat (reconciler/heartbeat.py,
-from a thread of its own: reconciler/renewal.py) renews this node's lease and the keeper's
-deadline and reads the cluster view; `plan` alone decides what that means for the groups.
-
-(Slightly over the house's ~400 lines: the agent loop, its start-up order (lock, store,
-adoption, keeper) and its shutdown belong together; issue 13 splits the agent into
-components.)
+nothing depends on having seen a particular event. The renewer (reconciler/cluster/renewal.py,
+on a thread of its own) publishes the heartbeat, renews this node's lease and the keeper's
+deadline (cluster/lease.py) and reads the store into the cluster watch (cluster/watch.py);
+`plan` alone decides what that means for the groups.
 """
 
 from __future__ import annotations
@@ -17,8 +14,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,8 +22,10 @@ import attrs
 
 from reconciler import spec as specmod
 from reconciler.host import cgroups
-from reconciler.cluster import heartbeat
-from reconciler.decide import identity
+from reconciler.cluster import instance as instancemod
+from reconciler.cluster.instance import AlreadyRunning, identity_lock  # noqa: F401 (agent.AlreadyRunning: the CLI's)
+from reconciler.cluster import lease as leasemod
+from reconciler.cluster import watch as watchmod
 from reconciler.spec import loader
 from reconciler.observe.observer import Observer
 from reconciler.decide import plan as planmod
@@ -39,14 +36,14 @@ from reconciler.act import executor as executormod
 from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
 from reconciler.agent.metrics import Metrics
+from reconciler.agent.upkeep import Upkeep
 from reconciler.store import ClusterView, Store, StoreError, StoreRefused, open_store
-from reconciler.cluster import liveness
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
 
 
-class Agent(heartbeat.Heartbeating):
+class Agent:
     def __init__(
         self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None, early_signals=None
     ):
@@ -61,33 +58,28 @@ class Agent(heartbeat.Heartbeating):
         self.spec: specmod.Spec = specmod.load(spec_path)  # SpecError: the caller reports it
         self.spec_error = ""
         self.wake_event = asyncio.Event()
-        self.store_changed = asyncio.Event()
         self.watch_stop = threading.Event()
         self._watched: tuple[tuple[str, ...], frozenset[str]] | None = None  # _start_spec_watch's roots and names
-        self.store_read = asyncio.Event()  # set after every heartbeat round (publish + read)
         self.reload = False
         self.stopping = False
-        self.finished = False
         self.busy: dict[str, asyncio.Task] = {}
-        self.view = ClusterView(node=node, lease_until=float("-inf"), store_ok=False, store_error="not read yet")
-        self.lease_until = float("-inf")
-        self.lease_lock = threading.Lock()  # lease_until and the lease file: the renewer thread writes them too
-        self.loop_alive_at = time.monotonic()  # the loop stamps it every heartbeat (see renewal)
-        self._keeper_checked_at = float("-inf")  # the last look at the keeper (_ensure_keeper_cheap)
-        self.publish_error = ""  # the renewer's last publish error ("": it succeeded)
-        self.renewer: renewal.Renewer | None = None
-        self.notified_ready = False  # READY=1 sent to systemd
-        self._read_at = 0.0  # monotonic time of the last successful store read (renewer mode)
-        self._loop_thread = threading.current_thread()  # the event loop's (set again by run)
-        self.stale: set[str] = set()
+        # This node's part of the cluster (reconciler/cluster/): the lease, its identity under
+        # the node name, the heartbeats it publishes; the watch and the renewer join in run().
+        self.node_dir = Path(self.spec.state_dir) / node
+        self.lease = leasemod.Lease(node, str(self.node_dir / "lease"), keeper=not once)
+        self.instance = instancemod.Instance(node, str(self.node_dir / "instance"), lease=self.lease,
+                                             timing=self._timing, on_first_publish=self._keeper_due)
+        self.pulse = renewal.Pulse()  # the loop stamps it every beat (see renewal)
+        self.publisher = renewal.Publisher(node, instance=self.instance, digest=self._published_digest,
+                                           status=lambda: self.status_doc)
+        self.watch: watchmod.Watch  # (these three: built in run())
+        self.renewer: renewal.Renewer
+        self.upkeep: Upkeep
         self.last_plan = planmod.Plan()
         self.status_doc: dict = {}
-        self.counter = time.time_ns() // 1_000_000
-        self._fingerprint: object = None
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
         self._planned_lease = float("-inf")  # the lease_until the last plan was made with
         self._last_pass = 0.0  # seconds the last reconcile pass took
-        self._identity_init()  # node identity (heartbeat.py): instance id, twin detection
         self.metrics.spec_loaded(self.spec, ok=True)
 
     # --- setup --------------------------------------------------------------------------
@@ -99,47 +91,59 @@ class Agent(heartbeat.Heartbeating):
             prefix=c.etcd_prefix, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
             password=c.etcd_password, lease=c.timing.lease,
         ) if not self.spec.store_url.startswith("dir:") else open_store(self.spec.store_url)
+        self.watch = watchmod.Watch(self.node, spec=lambda: self.spec, store_url=self.store.url, lease=self.lease,
+                                    instance=self.instance)
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
         self.book = ResourceBook(node=self.node, resource_file=None if self.once else self.node_dir / "resources.json")
-        events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.set_claim)
+        # The executor's events are metrics', except that a claim won or ended goes straight to
+        # the cluster watch (the view shows it before the next read).
+        events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.watch.set_claim)
         self.executor = executormod.Executor(
             node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, book=self.book, events=events,
         )
-        self.liveness = liveness.Liveness(self.node)
         self.observer = Observer(
             node=self.node, supervisor=self.supervisor, book=self.book, read_kernel=resources.observe,
-            spec=lambda: self.spec, claimed=lambda: (g for g, c in self.view.claims.items() if c.node == self.node),
+            spec=lambda: self.spec, claimed=lambda: (g for g, c in self.watch.view.claims.items() if c.node == self.node),
             busy=lambda: self.busy, blocked=lambda: self.executor.blocked,
         )
+
 
     def wake(self) -> None:
         self.wake_event.set()
 
-    def _ensure_keeper(self) -> None:
-        if self.once:
-            return
-        try:
-            pid, ticks = (self.node_dir / "keeper.pid").read_text().split()
-            if process.start_ticks(int(pid)) == int(ticks):
-                return
-        except (OSError, ValueError):
-            pass
-        subprocess.Popen(
-            [sys.executable, "-m", "reconciler.keeper", str(self.node_dir)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+    @property
+    def view(self) -> ClusterView:
+        """The cluster view as last read (the watch's)."""
+        return self.watch.view
+
+    def _timing(self) -> specmod.Timing:
+        return self.spec.cluster.timing
+
+    def _published_digest(self) -> str:
+        """The digest the heartbeat carries: the last one a pass computed ("" before that)."""
+        return self._digest_of[1] if self._digest_of is not None else ""
+
+    def _keeper_due(self) -> None:
+        self.upkeep.keeper_due()  # (the first publish comes after run() built it)
+
+    def read_posted(self, changed: bool) -> None:
+        """From the renewer thread: the view changed (plan again), or just a beat that
+        proves the loop alive (when no pass has for a while)."""
+        self.upkeep.beat()
+        if changed:
+            self.wake()
 
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._loop_thread = threading.current_thread()
         # The lock first: a second agent under this name must touch nothing (state, cgroups).
-        self.node_dir = Path(self.spec.state_dir) / self.node
         self.node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = identity_lock(self.node, self.node_dir / "agent.lock")  # one agent per node name here
         self._build()
-        self._identity_start()
+        self.upkeep = Upkeep(self.node_dir, once=self.once, pulse=self.pulse, logs_dir=self.supervisor.logs,
+                             tick=lambda: self._timing().tick, notify=self.notify)
+        self.instance.start()
         try:
             await self.store.setup()  # the only call that creates the store's layout
         except StoreRefused:
@@ -153,7 +157,7 @@ class Agent(heartbeat.Heartbeating):
                      " to move the process into its cgroup (docs/operations.md, 'Processes and cgroups')")
         (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
         self.supervisor.attach(loop)
-        self._inherit_lease()
+        self.lease.inherit()
         adopted = self.supervisor.adopt()
         for rec in adopted:
             log.info("adopted %s/%s pid %s", rec.group, rec.tag, rec.pid)
@@ -161,39 +165,32 @@ class Agent(heartbeat.Heartbeating):
             loop.add_signal_handler(sig, self.request_stop)
         if self.early_signals:
             self.request_stop()  # a stop asked for while starting up
-        if self.store.blocking_publish:
-            # The renewer publishes and reads, on its thread (its first beat: here, at once).
-            self.renewer = renewal.Renewer(self, loop)
-            await asyncio.to_thread(self.renewer.beat)
-        else:
-            await self._heartbeat_once()
-        if self.lapsed_at_start:
-            with self.lease_lock:
-                self.stale |= {g for g, c in self.view.claims.items() if c.node == self.node}
-            self.view = self._with_lease(self.view)
-        self._ensure_keeper()
-        self._keeper_checked_at = time.monotonic()  # (it writes keeper.pid once it runs)
+        # The renewer publishes and reads, on its thread (its first beat: here, at once).
+        self.renewer = renewal.Renewer(
+            lease=self.lease, watch=self.watch, instance=self.instance, store=self.store, publisher=self.publisher,
+            pulse=self.pulse, post=lambda changed: loop.call_soon_threadsafe(self.read_posted, changed),
+            timing=self._timing,
+        )
+        await asyncio.to_thread(self.renewer.beat)
+        if self.lease.lapsed_at_start:
+            self.watch.lapsed_before_start()
+        self.upkeep.start_keeper()
         tasks = []
-        if self.renewer is not None:
-            self.renewer.start()
-        else:
-            tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        self.renewer.start()
         if type(self.store).wait is not Store.wait:  # the backend can tell of changes (etcd)
-            tasks.append(asyncio.create_task(self._store_watch(), name="store-watch"))
+            tasks.append(asyncio.create_task(renewal.relay_changes(self.store, self.renewer.nudge, timing=self._timing),
+                                             name="store-watch"))
         if not self.once:
             self._start_spec_watch()
-        if self.notify:
-            self.notify.ready()
-            self.notified_ready = True
+        self.upkeep.ready()
         try:
             return await self._main()
         finally:
             self.watch_stop.set()
-            if self.renewer is not None:
-                await asyncio.to_thread(self.renewer.stop)
+            await asyncio.to_thread(self.renewer.stop)
             log.debug("exit: waiting for %s", [t.get_name() for t in tasks])
             # Cancel until they are done: Python 3.11's asyncio.wait_for swallows a cancel
-            # that arrives as its inner wait completes (the heartbeat loop then runs on).
+            # that arrives as its inner wait completes (the task then runs on).
             pending = set(tasks)
             while pending:
                 for t in pending:
@@ -220,17 +217,15 @@ class Agent(heartbeat.Heartbeating):
             if self.reload:
                 self._reload()
             self.reconcile()
-            self._loop_beat()  # at least once a tick, even while the store (and the renewer) hang
+            self.upkeep.beat()  # at least once a tick, even while the store (and the renewer) hang
             if self.stopping:
                 log.debug("shutdown waits for busy=%s active=%s", sorted(self.busy),
                           sorted(f"{st.group}/{st.tag}:{st.state}" for st in self.observer.observe(time.monotonic()).entries.values() if st.active))
             if self.stopping and not self.busy and not self._anything_runs():
                 await self._release_all()
-                with self.lease_lock:
-                    self.release_lease_locked()  # tells the keeper: clean exit (see keeper.py)
-                    self.finished = True  # no heartbeat may write the lease file again
+                self.lease.release()  # tells the keeper: clean exit (see keeper.py); no renewal after it
                 return 0
-            if self.once and not self.busy and self.last_plan.empty and self.verdict.state not in ("watch", "hold"):
+            if self.once and not self.busy and self.last_plan.empty and self.instance.verdict.state not in ("watch", "hold"):
                 return 0
             await self._wait_until_due()
 
@@ -240,7 +235,7 @@ class Agent(heartbeat.Heartbeating):
         An owner's plan wakes it at its self-demotion deadline (lease_until - demote_margin
         of the lease it was planned with). A renewal moves that deadline on and changes
         nothing else, so while it is the plan's earliest deadline a bare timer callback
-        follows the renewed lease instead (_follow_lease), and the loop itself wakes only
+        follows the renewed lease instead (Lease.follow), and the loop itself wakes only
         once the lease has not been renewed in time: an idle owner reconciles once per
         tick, not every 200-300 ms, and its loop sleeps through the renewals.
         """
@@ -257,7 +252,7 @@ class Agent(heartbeat.Heartbeating):
         if wake is not None:
             demote_at = planned - t.demote_margin
             if planned != float("-inf") and wake >= demote_at:
-                follow = self._follow_lease(t.demote_margin)
+                follow = self.lease.follow(t.demote_margin, self.wake)
                 if wake > demote_at:
                     due = min(due, wake)  # a later deadline of the plan's own
             else:
@@ -281,9 +276,9 @@ class Agent(heartbeat.Heartbeating):
         return any(st.active for st in self.observer.observe(time.monotonic()).entries.values())
 
     async def _release_all(self) -> None:
-        if not identity.may_release(self.verdict, published=self.published_at is not None):
+        if not self.instance.may_release():
             return  # the claims under this name may be another agent's (node identity)
-        for g, c in list(self.view.claims.items()):
+        for g, c in list(self.watch.view.claims.items()):
             if c.node == self.node:
                 try:
                     await self.store.release(c)
@@ -303,7 +298,7 @@ class Agent(heartbeat.Heartbeating):
                 )
             now = time.monotonic()
             observed = self.observer.observe(now)
-            view = self._with_lease(self.view)
+            view = self.watch.planning_view()
             self._planned_lease = view.lease_until
             p = planmod.plan(spec, observed, view, now)
             self.last_plan = p
@@ -322,7 +317,7 @@ class Agent(heartbeat.Heartbeating):
                 self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
             self.supervisor.save()
             self.book.save()  # observation may have adopted or dropped some
-            state_errors = tuple(e for e in (self.supervisor.save_error, self.lease_file.error if self.lease_file else "") if e)
+            state_errors = tuple(e for e in (self.supervisor.save_error, self.lease.file_error) if e)
             doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec),
                                         state_errors=state_errors)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
@@ -399,25 +394,6 @@ class Agent(heartbeat.Heartbeating):
         if self._digest_of is None or self._digest_of[0] is not spec:
             self._digest_of = (spec, spec.digest())
         return self._digest_of[1]
-
-
-class AlreadyRunning(Exception):
-    """Another agent holds this node's lock on this machine (one line, for the CLI)."""
-
-
-def identity_lock(node: str, path: Path) -> int:
-    """Take the node's agent lock (flock, held until this process exits) or raise
-    AlreadyRunning: two agents under one node name on one machine would both adopt and
-    respawn the same processes. The descriptor is close-on-exec: no child inherits it."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunning(f"node {node}: another agent already runs under this name here (it holds {path})") from None
-    return fd
 
 
 def _stopped(g: specmod.Group) -> specmod.Group:

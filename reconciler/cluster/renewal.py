@@ -4,49 +4,100 @@ The event loop plans, observes and spawns; with hundreds of groups a single pass
 of spawns, can keep it from running anything else for longer than the lease (400 ms by
 default), and a renewal queued behind that work would let the lease lapse: the node demotes
 itself, releases its groups, claims them again, and the burst repeats. The renewer publishes
-the heartbeat and moves the lease on from a plain thread instead (backends whose `publish`
-can run off the loop: `Store.blocking_publish`; the etcd store does it through a twin on an
-event loop of the thread's own); the GIL hands it the interpreter within a
-switch interval (5 ms) however busy the loop is.
+the heartbeat and moves the lease on from a plain thread instead (the store's
+publish_blocking; the etcd store does it through a twin on an event loop of the thread's
+own); the GIL hands it the interpreter within a switch interval (5 ms) however busy the loop
+is.
 
-It renews only while the loop itself is alive: the loop stamps `Agent.loop_alive_at` after
-every reconcile pass and whenever this thread posts to it (at least every post_after), and
-after `loop_stall` seconds without a stamp the renewer stops renewing, so a wedged agent
-loses its lease (and the keeper stops its processes) as a dead one would.
+It renews only while the loop itself is alive: the loop stamps its Pulse after every
+reconcile pass and whenever this thread posts to it (at least every post_after), and after
+`loop_stall` seconds without a stamp the renewer stops renewing (decide/view.py), so a
+wedged agent loses its lease (and the keeper stops its processes) as a dead one would.
 
 A lease that has already lapsed is extended together with marking the node's claims stale
-(peers may have taken them over meanwhile), both under `lease_lock` (Agent.after_lapse); the
-loop reads the lease and the stale claims under the same lock (Agent._with_lease), so no plan
-ever sees a renewed lease together with claims that outlived a lapse. (Handing the lapse to
-the loop instead would make recovery wait for a busy loop, and with 1,000 groups the lease
-could lapse again before the loop got to it, over and over.)
+(peers may have taken them over meanwhile), both under the lease's lock (Lease.after_lapse);
+the loop reads the lease and the stale claims under the same lock (Watch.planning_view), so
+no plan ever sees a renewed lease together with claims that outlived a lapse. (Handing the
+lapse to the loop instead would make recovery wait for a busy loop, and with 1,000 groups
+the lease could lapse again before the loop got to it, over and over.)
 
-The same thread then reads the store into the agent's view (read_once); the loop is woken
+The same thread then reads the store into the cluster watch (read_once); the loop is woken
 only when something it plans on changed. If a read hangs, the loop notices on its own
-(Agent._with_lease marks the store unreachable in the view it plans with).
+(Watch.planning_view marks the store unreachable in the view it plans with).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 
-from reconciler.store import Heartbeat, StoreError
+from reconciler.cluster.instance import Instance
+from reconciler.cluster.lease import Lease
+from reconciler.cluster.watch import Watch
+from reconciler.decide import view as rules
+from reconciler.model import Heartbeat
+from reconciler.spec import Timing
+from reconciler.store import Store, StoreError
 
 log = logging.getLogger("reconciler.agent")
 POST_AFTER = 1.5  # seconds: post to a loop that has not proved itself alive for this long
 
 
+class Pulse:
+    """When the event loop last proved itself alive (it stamps this after every pass and
+    every post from the renewer)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self.at = clock()
+
+    def stamp(self) -> None:
+        self.at = self._clock()
+
+
+class Publisher:
+    """Builds this node's heartbeats: the counter (only the renewer thread counts once it
+    runs), the spec digest and status document the loop last made, the instance id."""
+
+    def __init__(self, node: str, *, instance: Instance, digest: Callable[[], str], status: Callable[[], dict],
+                 wall: Callable[[], float] = time.time):
+        self.node = node
+        self.counter = time.time_ns() // 1_000_000
+        self._instance = instance
+        self._digest = digest
+        self._status = status
+        self._wall = wall
+
+    def heartbeat(self) -> Heartbeat:
+        self.counter += 1
+        return Heartbeat(node=self.node, counter=self.counter, digest=self._digest(), status=self._status(),
+                         wall=self._wall(), instance=self._instance.id)
+
+
 class Renewer:
-    def __init__(self, agent, loop):
-        self.agent = agent
-        self.loop = loop
+    """Publishes through `publisher` to `store`, moves `lease` on, reads into `watch`; posts
+    `post(changed)` to the loop, whose liveness `pulse` tells."""
+
+    def __init__(self, *, lease: Lease, watch: Watch, instance: Instance, store: Store, publisher: Publisher,
+                 pulse: Pulse, post: Callable[[bool], object], timing: Callable[[], Timing],
+                 clock: Callable[[], float] = time.monotonic):
+        self.lease = lease
+        self.watch = watch
+        self.instance = instance
+        self.store = store
+        self.publisher = publisher
+        self.pulse = pulse
+        self.post = post
+        self._timing = timing
+        self._clock = clock
         self.stop_event = threading.Event()
         self.nudge = Nudge()  # read now (set from the loop when the store changed)
         self.thread = threading.Thread(target=self._run, name="lease-renewal", daemon=True)
-        t = agent.spec.cluster.timing
-        self.loop_stall = max(2.0, 2 * t.lease)
+        self.loop_stall = rules.loop_stall(timing().lease)
+        self.publish_error = ""  # the last publish error ("": it succeeded)
         self._stalled_logged = False
         self._posted_at = 0.0
 
@@ -54,7 +105,7 @@ class Renewer:
     def post_after(self) -> float:
         """Posts that only prove the loop alive: well before loop_stall, and rarely while
         the loop's own passes (once a tick, 1 s by default) prove it."""
-        return min(POST_AFTER, 0.75 * self.loop_stall)
+        return rules.post_after(self.loop_stall, POST_AFTER)
 
     def start(self) -> None:
         self.thread.start()
@@ -65,29 +116,29 @@ class Renewer:
         self.thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        next_at = time.monotonic()
+        next_at = self._clock()
         while not self.stop_event.is_set():
-            self.beat(read_until=next_at + self.agent.spec.cluster.timing.heartbeat)
+            self.beat(read_until=next_at + self._timing().heartbeat)
             # A fixed cadence: a slow renewal does not push every later one back.
-            next_at = max(next_at + self.agent.spec.cluster.timing.heartbeat, time.monotonic())
+            next_at = max(next_at + self._timing().heartbeat, self._clock())
             self._between_beats(next_at)
 
     def _between_beats(self, next_at: float) -> None:
         """Sleep until the next beat is due: one wake-up per heartbeat while nothing happens
         (a wake-up is the main cost of an idle agent). Meanwhile a store watch (etcd) may ask
-        for a read at once (Agent._store_watch): a released claim is then seen now rather
-        than at the next heartbeat. One such read per beat at most, and only with half a
-        heartbeat to spare: never at the cost of the next renewal (a busy store's reads are
-        slow); a nudge later than that is left to the beat's own read."""
-        half = self.agent.spec.cluster.timing.heartbeat / 2
-        if not self.nudge.wait(max(0.0, next_at - time.monotonic())) or self.stop_event.is_set():
+        for a read at once (relay_changes): a released claim is then seen now rather than at
+        the next heartbeat. One such read per beat at most, and only with half a heartbeat
+        to spare: never at the cost of the next renewal (a busy store's reads are slow); a
+        nudge later than that is left to the beat's own read."""
+        half = self._timing().heartbeat / 2
+        if not self.nudge.wait(max(0.0, next_at - self._clock())) or self.stop_event.is_set():
             return
-        if next_at - time.monotonic() >= half:
+        if next_at - self._clock() >= half:
             try:
                 self.read_once()
             except Exception:
                 log.exception("store read failed")
-        self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+        self.stop_event.wait(max(0.0, next_at - self._clock()))
 
     def beat(self, read_until: float = float("inf")) -> None:
         """One heartbeat: renew, then read, unless the renewal took so long that the next
@@ -98,7 +149,7 @@ class Renewer:
             self.renew_once()
         except Exception:  # never let the thread die silently: the lease would lapse
             log.exception("lease renewal failed")
-        if time.monotonic() >= read_until:
+        if self._clock() >= read_until:
             return
         try:
             self.read_once()
@@ -106,58 +157,67 @@ class Renewer:
             log.exception("store read failed")
 
     def read_once(self) -> None:
-        """Read the store (and /proc/hpc) into the agent's view, here.
+        """Read the store (and /proc/hpc) into the watch, here.
 
-        The loop is woken only when the view changed in a way the planner cares about
-        (Agent._apply_read), or when the loop has not proved itself alive for post_after
+        The loop is posted to only when the view changed in a way the planner cares about
+        (Watch.apply_read), or when the loop has not proved itself alive for post_after
         seconds (a pass proves it, at least once a tick); an idle node's loop then sleeps
-        through its heartbeats. Whenever it does plan, it
-        takes the latest view (Agent.view is replaced whole, never modified in place).
+        through its heartbeats. Whenever it does plan, it takes the latest view (the watch
+        replaces it whole, never modifies it in place).
         """
-        a = self.agent
-        hpc, error = a.read_membership()
+        hpc, error = self.watch.read_membership()
         try:
-            snap = a.store.read_blocking()
+            snap = self.store.read_blocking()
         except StoreError as exc:
             snap, error = None, error or str(exc)
-        changed = a._apply_read(snap, a.publish_error or error, hpc)
-        now = time.monotonic()
-        # Unchanged: post only if the loop has not proved itself alive for a while (every
-        # pass does, at least once a tick), so that an idle loop is not woken for nothing.
-        if changed or (now - a.loop_alive_at >= self.post_after and now - self._posted_at >= self.post_after / 2):
+        changed = self.watch.apply_read(snap, self.publish_error or error, hpc)
+        now = self._clock()
+        if rules.should_post(changed, now, loop_alive_at=self.pulse.at, posted_at=self._posted_at,
+                             post_after=self.post_after):
             self._posted_at = now
-            self.loop.call_soon_threadsafe(a.read_posted, changed)
+            self.post(changed)
 
     def renew_once(self) -> None:
-        a = self.agent
-        t = a.spec.cluster.timing
-        started = time.monotonic()
-        stalled = started - a.loop_alive_at
-        if stalled > self.loop_stall:
+        started = self._clock()
+        if rules.renewal_stopped(started, self.pulse.at, stall=self.loop_stall):
+            stalled = started - self.pulse.at
             if not self._stalled_logged:
                 log.error("the event loop has not run for %.1fs: not renewing the lease", stalled)
                 self._stalled_logged = True
-            a.publish_error = f"agent event loop stalled for {stalled:.1f}s"
+            self.publish_error = f"agent event loop stalled for {stalled:.1f}s"
             return
         self._stalled_logged = False
-        if not a.may_publish():  # node identity: watching this node's record, or a twin
+        if not self.instance.may_publish():  # node identity: watching this node's record, or a twin
             return
-        a.counter += 1  # only this thread counts once it runs
-        digest = a._digest_of[1] if a._digest_of is not None else ""
-        hb = Heartbeat(node=a.node, counter=a.counter, digest=digest, status=a.status_doc, wall=time.time(),
-                       instance=a.instance)
         try:
-            a.store.publish_blocking(hb)
+            self.store.publish_blocking(self.publisher.heartbeat())
         except StoreError as exc:
-            a.publish_error = str(exc)
+            self.publish_error = str(exc)
             return
-        a.publish_error = ""
-        a.note_published(started)
-        if a.lease_until < started and a.lease_until != float("-inf"):
-            a.after_lapse(started)  # claims marked stale and the lease extended, under lease_lock
+        self.publish_error = ""
+        self.instance.note_published(started)
+        duration = self._timing().lease
+        if rules.renewal_after_lapse(self.lease.until, started):
+            # Claims marked stale and the lease extended, in one step under the lease's lock.
+            if self.lease.after_lapse(started, claims=self.watch.view.claims, duration=duration):
+                self.instance.lease_broken(started)
             return
-        with a.lease_lock:
-            a.extend_lease_locked(started + t.lease)  # only as far as the lease file says (or none if finished)
+        self.lease.extend(started + duration)  # only as far as the lease file says (or not if finished)
+
+
+async def relay_changes(store: Store, nudge: "Nudge", *, timing: Callable[[], Timing]) -> None:
+    """On the loop: a store that can tell of changes (etcd) has the renewer read at once."""
+    t = timing()
+    while True:
+        try:
+            await store.wait(t.tick)
+        except StoreError:
+            await asyncio.sleep(t.heartbeat)
+            continue
+        # The renewer reads at once; wait() returns at once until it has (a pause, so that
+        # this never spins the loop while the read is on its way).
+        nudge.set()
+        await asyncio.sleep(0.01)
 
 
 class Nudge:

@@ -1,0 +1,99 @@
+"""The cluster as this node last read it: liveness, the current ClusterView, when the last
+read came back, and whether a read changed anything the planner cares about.
+
+The renewer thread takes each read in (`apply_read`), the executor's claim events
+(`set_claim`) come from the loop; either way the view is replaced whole, never modified in
+place, so the loop can take `view` at any moment. The loop plans with `planning_view()`:
+this node's current lease and stale claims, and the store marked unreachable if reads have
+stopped coming back (decide/view.py says when).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import attrs
+
+from reconciler import spec as specmod
+from reconciler.cluster import hpc as hpcmod
+from reconciler.cluster.instance import Instance
+from reconciler.cluster.lease import Lease
+from reconciler.cluster.liveness import Liveness
+from reconciler.decide import view as rules
+from reconciler.model import Claim, ClusterView, Snapshot
+
+
+class Watch:
+    """The view of `node`, read from the store at `store_url` under the current spec."""
+
+    def __init__(self, node: str, *, spec: Callable[[], specmod.Spec], store_url: str, lease: Lease,
+                 instance: Instance, clock: Callable[[], float] = time.monotonic):
+        self.node = node
+        self._spec = spec
+        self._store_url = store_url
+        self._lease = lease
+        self._instance = instance
+        self._clock = clock
+        self.liveness = Liveness(node)
+        self.view = ClusterView(node=node, lease_until=rules.NEVER, store_ok=False, store_error="not read yet")
+        self.read_at = 0.0  # monotonic time of the last successful store read
+        self._fingerprint: object = None
+
+    def read_membership(self) -> tuple[hpcmod.HpcView | None, str]:
+        """(the /proc/hpc view, "") or (None, why not); (None, "") without hpc membership."""
+        spec = self._spec()
+        if not spec.cluster.membership.startswith("hpc:"):
+            return None, ""
+        try:
+            return hpcmod.read(spec.path(spec.cluster.membership[4:])), ""
+        except hpcmod.MembershipError as exc:
+            return None, str(exc)
+
+    def apply_read(self, snap: Snapshot | None, error: str, hpc: hpcmod.HpcView | None) -> bool:
+        """Take a read (None: it failed, `error` says why) into the view; True if the planner
+        should look at it."""
+        spec = self._spec()
+        if snap is None:
+            self.view = attrs.evolve(self.view, store_ok=False, store_error=error)
+            self._fingerprint = None
+            return True
+        now = self._clock()
+        view = self.liveness.update(
+            snap, now, groups=list(spec.groups), lease_until=self._lease.until, hpc=hpc,
+            stale_claims=self._lease.stale(), store_ok=not error, store_error=error,
+        )
+        view = rules.checked_membership(view, None if hpc is None else hpc.me)
+        view = rules.with_verdict(view, self._instance.fold(snap, now), skipped=snap.skipped)
+        self.view = view
+        if not error:
+            self.read_at = now
+        fp = rules.fingerprint(view, now, dead_after=spec.cluster.timing.dead_after)
+        # Kept even when equal: the next comparison then meets the objects this read
+        # handed out (the same ones while nothing changes) and stops at identity checks.
+        last, self._fingerprint = self._fingerprint, fp
+        return fp != last
+
+    def set_claim(self, group: str, claim: Claim | None) -> None:
+        """The executor won (or lost) a claim: show it in the view before the next read."""
+        claims = dict(self.view.claims)
+        if claim is None:
+            claims.pop(group, None)
+        else:
+            claims[group] = claim
+        self.view = attrs.evolve(self.view, claims=claims)
+        self._lease.discard_stale(group)
+
+    def planning_view(self) -> ClusterView:
+        """The view to plan with (decide/view.py: planning_view)."""
+        view = self.view
+        lease_until, stale = self._lease.snapshot(view.claims)
+        t = self._spec().cluster.timing
+        return rules.planning_view(view, lease_until=lease_until, stale=stale, now=self._clock(), read_at=self.read_at,
+                                   lease=t.lease, heartbeat=t.heartbeat, store_url=self._store_url)
+
+    def lapsed_before_start(self) -> None:
+        """The lease had lapsed when this agent started: its claims are stale from the first
+        view on."""
+        self._lease.mark_stale(self.view.claims)
+        self.view = self.planning_view()

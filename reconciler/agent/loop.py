@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from reconciler import published
 from reconciler import spec as specmod
 from reconciler.host import cgroups
 from reconciler.cluster import heartbeat
@@ -78,7 +79,7 @@ class Agent(heartbeat.Heartbeating):
         self._loop_thread = threading.current_thread()  # the event loop's (set again by run)
         self.stale: set[str] = set()
         self.last_plan = planmod.Plan()
-        self.status_doc: dict = {}
+        self.status_doc = published.EMPTY  # what the heartbeat publishes (agent/status.py)
         self.counter = time.time_ns() // 1_000_000
         # group -> (generation of the dead owner's claim, seconds its heartbeat had stood still
         # when the takeover was first dispatched): the detect phase, observed on success

@@ -14,6 +14,21 @@ from reconciler.decide.plan import Plan
 from reconciler.store import ClusterView
 
 
+# (state, pid, exit_code, message, retry_in) -> its EntryStatus. This runs for every entry on
+# every pass and most entries look the same as at the last one: the very same record comes
+# back, cheaper to find than to build and to compare (== stops at identity). Bounded.
+_ENTRIES: dict[tuple, EntryStatus] = {}
+
+
+def _entry_status(*fields) -> EntryStatus:
+    hit = _ENTRIES.get(fields)
+    if hit is None:
+        if len(_ENTRIES) >= 65536:
+            _ENTRIES.clear()
+        hit = _ENTRIES[fields] = EntryStatus(*fields)
+    return hit
+
+
 def node_status(
     spec: specmod.Spec, observed: Observed, view: ClusterView, plan: Plan, now: float, *, spec_error: str = "",
     state_errors: tuple[str, ...] = (),
@@ -35,12 +50,9 @@ def node_status(
         for e in g.entries:
             st = observed.get(g.name, e.tag, e.kind)
             running_any = running_any or (st.active and e.tag not in fitness)
-            entries[e.tag] = EntryStatus(
-                state=st.state,
-                pid=st.pid or None,
-                exit_code=st.exit_code,
-                message=st.message,
-                retry_in=round(st.retry_at - now, 3) if st.retry_at is not None and st.retry_at > now else None,
+            entries[e.tag] = _entry_status(
+                st.state, st.pid or None, st.exit_code, st.message,
+                round(st.retry_at - now, 3) if st.retry_at is not None and st.retry_at > now else None,
             )
         # A failed test halts its group here: nothing after it starts (plan._advance).
         failed = any(

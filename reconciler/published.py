@@ -150,8 +150,15 @@ def _state(value: Any, _t: Any = None) -> str:
     return value
 
 
-def _table(cls: type):
-    """A JSON object of valid name -> `cls`: errors below it carry `.NAME`."""
+# A status is parsed again whenever it changes, and most of its entries are as they were:
+# (key, type, value) of each field of an entry's document -> its EntryStatus (the types, so
+# that 1 and true and 1.0 never share a record). Bounded.
+_LEAVES: dict[tuple, Any] = {}
+
+
+def _table(cls: type, *, leaf: bool = False):
+    """A JSON object of valid name -> `cls`: errors below it carry `.NAME`. `leaf`: `cls`
+    holds only scalars, and its records are memoised."""
 
     def structure(value: Any, _t: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -160,10 +167,24 @@ def _table(cls: type):
         for name, item in value.items():
             if not valid_name(name):
                 raise _Bad(f"{str(name)[:40]!r} is not a valid name")
+            key = None
+            if leaf and isinstance(item, dict):
+                key = (cls, *((k, type(v), v) for k, v in item.items()))
+                try:
+                    hit = _LEAVES.get(key)
+                except TypeError:  # a list or an object where a scalar belongs: refused below
+                    hit = key = None
+                if hit is not None:
+                    out[name] = hit
+                    continue
             try:
-                out[name] = _structure(item, cls)
+                out[name] = record = _structure(item, cls)
             except _Bad as exc:
                 raise _Bad(str(exc), f".{name}{exc.sub}") from None
+            if key is not None:
+                if len(_LEAVES) >= 65536:
+                    _LEAVES.clear()
+                _LEAVES[key] = record
         return out
 
     return structure
@@ -180,7 +201,7 @@ def _register(cls: type, **fields: Any) -> None:
 
 _register(EntryStatus, state=_state, pid=_optional(_int), exit_code=_optional(_int), message=_str, retry_in=_optional(_float))
 _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional(_int), mine=_bool, actual=_str,
-          eligible=_optional(_bool), active=_bool, note=_str, entries=_table(EntryStatus))
+          eligible=_optional(_bool), active=_bool, note=_str, entries=_table(EntryStatus, leaf=True))
 _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
           twin=_str, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))

@@ -174,3 +174,14 @@ def test_cluster_status_reads_the_records():
     assert doc["groups"]["db"]["actual"] == "stop"
     assert doc["groups"]["db"]["notes"] == {"n1": "not allowed here (nodes = n2)", "n2": "not allowed"}
     assert "web" in statusmod.render(doc)
+
+
+def test_a_memoised_entry_never_stands_for_a_value_of_another_type():
+    ok = {"groups": {"web": {"entries": {"s": {"state": "running", "pid": 1}}}}}
+    assert published.loads(json.dumps(ok)).groups["web"].entries["s"] == EntryStatus(state="running", pid=1)
+    ok["groups"]["web"]["entries"]["s"]["pid"] = True
+    with pytest.raises(StatusError, match=r"^status\.groups\.web\.entries\.s\.pid: must be an integer, not a boolean$"):
+        published.loads(json.dumps(ok))
+    ok["groups"]["web"]["entries"]["s"]["pid"] = [1]
+    with pytest.raises(StatusError, match=r"\.pid: must be an integer, not a list$"):
+        published.loads(json.dumps(ok))

@@ -5,27 +5,10 @@ like. Plain frozen attrs classes with no I/O, so the pure planner can depend on 
 
 from __future__ import annotations
 
-import re
-from typing import Any
-
 import attrs
 
-# What a node, group, tag or runlevel name may look like (the spec's loader uses this very
-# pattern): it never starts with "-", so a name can never become an option where it reaches
-# an argv (a fence hook). Names read from the store are checked with valid_name() before
-# anything uses them (reconciler/store/*). \Z, not $: "$" would accept a trailing newline.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-
-
-def valid_name(value: object) -> bool:
-    """True if `value` is a node or group name the spec would accept."""
-    return isinstance(value, str) and NAME_RE.match(value) is not None
-
-# Entry states. Processes: stopped, running, stopping, done (once/wait exited), passed and
-# failed (test), exited (respawn waiting for its next attempt). Resources (mount, address):
-# stopped (absent), running (present as specified), mismatch (present but different),
-# error (the last attempt failed; retry_at says when the next one is).
-STATES = ("stopped", "running", "stopping", "done", "passed", "failed", "exited", "mismatch", "error")
+from reconciler.published import EMPTY, NodeStatus
+from reconciler.terms import NAME_RE, STATES, valid_name  # noqa: F401 (model.NAME_RE, .STATES, .valid_name)
 
 
 @attrs.frozen
@@ -77,7 +60,7 @@ class Heartbeat:
     node: str
     counter: int  # grows with every renewal; observers time how long it stands still
     digest: str = ""  # digest of the spec the node runs
-    status: dict[str, Any] = attrs.field(factory=dict)  # JSON-able: see agent.status_doc
+    status: NodeStatus = EMPTY  # what it says about itself (reconciler/published.py)
     # The publisher's wall clock at this renewal: for showing heartbeat ages to people only
     # (liveness never compares clocks of two machines: see liveness.Liveness).
     wall: float | None = None

@@ -15,7 +15,13 @@ import time
 import pytest
 
 from cluster import Cluster, wait_until
+from reconciler.published import EMPTY, NodeStatus
 from reconciler.store import Heartbeat, StoreError, StoreRefused, open_store
+
+
+def S(**marks) -> NodeStatus:
+    """A status record told apart from another by `marks` (these tests compare whole records)."""
+    return NodeStatus(spec_error=",".join(f"{k}={v}" for k, v in sorted(marks.items())))
 
 
 def run(coro):
@@ -85,14 +91,14 @@ def test_a_store_others_could_write_to_is_refused(tmp_path, how):
 @pytest.mark.parametrize("sub", ["status", "nodes", "claims", "ends", "generations"])
 def test_a_subdirectory_replaced_by_a_symlink_is_never_written_through(tmp_path, sub):
     s = new_store(tmp_path)
-    run(s.publish(Heartbeat(node="n1", counter=1, status={"a": 1})))
+    run(s.publish(Heartbeat(node="n1", counter=1, status=S(a=1))))
     claim = run(s.claim("web", "n1"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     path = tmp_path / "store" / sub
     os.rename(path, tmp_path / f"old-{sub}")
     os.symlink(elsewhere, path)
-    calls = [s.publish(Heartbeat(node="n1", counter=2, status={"a": 2})), s.claim("db", "n1"), s.release(claim), s.read()]
+    calls = [s.publish(Heartbeat(node="n1", counter=2, status=S(a=2))), s.claim("db", "n1"), s.release(claim), s.read()]
     for call in calls:
         try:
             run(call)
@@ -109,7 +115,7 @@ def test_planted_files_are_replaced_or_refused_never_followed(tmp_path):
     target = tmp_path / "precious"
     target.write_text("keep me\n")
     os.symlink(target, root / "status" / "n1.json")
-    run(s.publish(Heartbeat(node="n1", counter=1, status={"a": 1})))
+    run(s.publish(Heartbeat(node="n1", counter=1, status=S(a=1))))
     assert target.read_text() == "keep me\n"
     assert not (root / "status" / "n1.json").is_symlink()
     # generations/GROUP planted as a symlink: claiming it is refused, the target untouched
@@ -135,7 +141,7 @@ def test_a_fifo_in_the_store_does_not_hang_a_read(tmp_path):
     os.mkfifo(tmp_path / "store" / "generations" / "web")
     t0 = time.monotonic()
     snap = run(s.read())
-    assert snap.members["n1"].status == {} and "status/n1.json" in snap.skipped
+    assert snap.members["n1"].status == EMPTY and "status/n1.json" in snap.skipped
     with pytest.raises(StoreError):
         run(s.claim("web", "n1"))
     assert time.monotonic() - t0 < 2

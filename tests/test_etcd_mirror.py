@@ -17,13 +17,20 @@ import random
 import time
 import uuid
 
+import attrs
 import grpc
 import pytest
 from aetcd import rpc
 
-from reconciler.store import Claim, Heartbeat, StoreError
+from reconciler.published import EMPTY, GroupStatus, NodeStatus
+from reconciler.store import Claim, Heartbeat, StoreError, records
 from reconciler.store.etcd import mirror as etcdmirror
 from reconciler.store.etcd import EtcdStore
+
+
+def S(**marks) -> NodeStatus:
+    """A status record told apart from another by `marks` (these tests compare whole records)."""
+    return NodeStatus(spec_error=",".join(f"{k}={v}" for k, v in sorted(marks.items())))
 
 
 class Stores:
@@ -87,19 +94,19 @@ def test_next_read_after_publish_shows_every_change_of_others(etcd_single):
         async def check():
             nonlocal counter
             counter += 1
-            snap = await publish_read(a, "na", counter, digest="da", status={"me": 1})
+            snap = await publish_read(a, "na", counter, digest="da", status=S(me=1))
             assert snap == await c.read()  # c never publishes: every read of it ranges over etcd
             return snap
 
-        await b.publish(Heartbeat(node="nb", counter=1, digest="d1", status={"s": 1}, wall=1000.5))
+        await b.publish(Heartbeat(node="nb", counter=1, digest="d1", status=S(s=1), wall=1000.5))
         snap = await check()
-        assert snap.members["nb"] == Heartbeat(node="nb", counter=1, digest="d1", status={"s": 1}, wall=1000.5)
-        assert snap.members["na"].status == {"me": 1}
-        await b.publish(Heartbeat(node="nb", counter=2, digest="d1", status={"s": 1}))
+        assert snap.members["nb"] == Heartbeat(node="nb", counter=1, digest="d1", status=S(s=1), wall=1000.5)
+        assert snap.members["na"].status == S(me=1)
+        await b.publish(Heartbeat(node="nb", counter=2, digest="d1", status=S(s=1)))
         assert (await check()).members["nb"].counter == 2
-        await b.publish(Heartbeat(node="nb", counter=3, digest="d1", status={"s": 2}))
-        assert (await check()).members["nb"].status == {"s": 2}
-        await b.publish(Heartbeat(node="nb", counter=4, digest="d2", status={"s": 2}))
+        await b.publish(Heartbeat(node="nb", counter=3, digest="d1", status=S(s=2)))
+        assert (await check()).members["nb"].status == S(s=2)
+        await b.publish(Heartbeat(node="nb", counter=4, digest="d2", status=S(s=2)))
         assert (await check()).members["nb"].digest == "d2"
         held = await b.claim("web", "nb")
         assert (await check()).claims == {"web": held}
@@ -133,7 +140,7 @@ def test_randomized_operations_mirror_equals_linearizable_read(etcd_single):
             if op < 0.4:
                 counters[name] += 1
                 await store.publish(Heartbeat(node=name, counter=counters[name], digest=rng.choice("xy"),
-                                              status={"v": rng.randrange(3)}))
+                                              status=S(v=rng.randrange(3))))
             elif op < 0.6:
                 await store.claim(f"g{rng.randrange(12)}", name)
             elif op < 0.75:
@@ -148,7 +155,7 @@ def test_randomized_operations_mirror_equals_linearizable_read(etcd_single):
                     counters[n] += 1
                     await others[n].publish(Heartbeat(node=n, counter=counters[n], digest="x"))
             counter += 1
-            snap = await publish_read(a, "na", counter, status={"step": step})
+            snap = await publish_read(a, "na", counter, status=S(step=step))
             assert snap == await observer.read(), step
         assert a.mirror_reads > 100, (a.mirror_reads, a.full_reads)
 
@@ -160,7 +167,7 @@ def test_lease_expiry_of_another_store_removes_its_node_and_claims(etcd_single):
 
     async def body():
         a, b = stores.new(), stores.new(lease_ttl=0.5)  # b: etcd TTL 2 s
-        await b.publish(Heartbeat(node="nb", counter=1, status={"x": 1}))
+        await b.publish(Heartbeat(node="nb", counter=1, status=S(x=1)))
         claims = {g: await b.claim(g, "nb") for g in ("g1", "g2")}
         mine = await a.claim("ga", "na")
         counter = 0
@@ -189,7 +196,7 @@ def test_own_lease_revoked_behind_its_back_is_granted_again(etcd_single):
 
     async def body():
         a, c = stores.new(), stores.new()
-        await a.publish(Heartbeat(node="na", counter=1, status={"x": 1}))
+        await a.publish(Heartbeat(node="na", counter=1, status=S(x=1)))
         await a.claim("web", "na")
         channel, _, lease_stub = await kv_stub(etcd_single.endpoint(0))
         try:
@@ -197,9 +204,9 @@ def test_own_lease_revoked_behind_its_back_is_granted_again(etcd_single):
         finally:
             await channel.close()
         old = a._lease
-        snap = await publish_read(a, "na", 2, status={"x": 1})  # "lease not found" on the put: a new lease
+        snap = await publish_read(a, "na", 2, status=S(x=1))  # "lease not found" on the put: a new lease
         assert a._lease != old
-        assert snap.claims == {} and snap.members["na"].status == {"x": 1}
+        assert snap.claims == {} and snap.members["na"].status == S(x=1)
         assert snap == await c.read()
 
     stores.run(body)
@@ -271,7 +278,7 @@ def test_watch_member_killed_then_compaction_reads_stay_exact(etcd_cluster3):
         assert a._idx == 0
         cluster.kill(follower)  # a's watch (and its connection) breaks
         held = await b.claim("web", "nb")
-        await b.publish(Heartbeat(node="nb", counter=1, status={"s": 1}))
+        await b.publish(Heartbeat(node="nb", counter=1, status=S(s=1)))
         await compact_now(cluster.endpoint(leader))
         t0 = time.monotonic()
         await a.wait(10)  # the claim, or the compaction if it came first: either wakes
@@ -397,17 +404,17 @@ def test_a_snapshot_never_changes_and_unchanged_values_are_shared(etcd_single):
 
     async def body():
         a, b = stores.new(), stores.new()
-        await b.publish(Heartbeat(node="nb", counter=1, status={"s": 1}))
+        await b.publish(Heartbeat(node="nb", counter=1, status=S(s=1)))
         for g in ("g1", "g2"):
             await b.claim(g, "nb")
         await publish_read(a, "na", 1)
         snap = await publish_read(a, "na", 2)
         members, claims = snap.members, snap.claims
         saved = copy.deepcopy((snap.members, snap.claims))
-        await b.publish(Heartbeat(node="nb", counter=2, status={"s": 2}))
+        await b.publish(Heartbeat(node="nb", counter=2, status=S(s=2)))
         g3 = await b.claim("g3", "nb")
         later = await publish_read(a, "na", 3)
-        assert later.members["nb"].status == {"s": 2} and later.claims["g3"] == g3
+        assert later.members["nb"].status == S(s=2) and later.claims["g3"] == g3
         assert snap.members is members and snap.claims is claims
         assert (snap.members, snap.claims) == saved
         assert later.claims["g1"] is snap.claims["g1"]  # not parsed again
@@ -569,8 +576,8 @@ async def put_raw(endpoint: str, prefix: str, puts: dict[str, bytes | str], dele
         await channel.close()
 
 
-def status_value(status: dict) -> bytes:
-    return json.dumps(status, sort_keys=True, separators=(",", ":")).encode()
+def status_value(status: NodeStatus) -> bytes:
+    return records.status_text(status).encode()
 
 
 def record_txns(store: EtcdStore) -> list:
@@ -593,33 +600,33 @@ def test_a_status_change_announced_by_a_heartbeat_is_in_the_next_snapshot(etcd_s
 
     async def body():
         a, b, c = stores.new(), stores.new(), stores.new()
-        await b.publish(Heartbeat(node="nb", counter=1, digest="d", status={"s": 1}))
+        await b.publish(Heartbeat(node="nb", counter=1, digest="d", status=S(s=1)))
         snap = await publish_read(a, "na", 1)
-        assert snap.members["nb"].status == {"s": 1} and snap == await c.read()
+        assert snap.members["nb"].status == S(s=1) and snap == await c.read()
         fetches, reads = a.fetches, a.mirror_reads
         # A heartbeat alone: nothing to fetch, the mirror answers.
-        await b.publish(Heartbeat(node="nb", counter=2, digest="d", status={"s": 1}))
+        await b.publish(Heartbeat(node="nb", counter=2, digest="d", status=S(s=1)))
         snap = await publish_read(a, "na", 2)
         assert snap.members["nb"].counter == 2 and a.fetches == fetches
         # A new status (same digest): its heartbeat names another hash, and the read after
         # a's publish fetches that one key at the publish's revision.
-        await b.publish(Heartbeat(node="nb", counter=3, digest="d", status={"s": 2, "big": "x" * 5000}))
+        await b.publish(Heartbeat(node="nb", counter=3, digest="d", status=S(s=2, big="x" * 5000)))
         snap = await publish_read(a, "na", 3)
-        assert snap.members["nb"].status == {"s": 2, "big": "x" * 5000} and snap.members["nb"].counter == 3
+        assert snap.members["nb"].status == S(s=2, big="x" * 5000) and snap.members["nb"].counter == 3
         assert snap == await c.read()
         assert a.fetches == fetches + 1 and a.mirror_reads == reads + 2
         # Changes left unfetched by a publish without a read are fetched by the next read.
-        await b.publish(Heartbeat(node="nb", counter=4, digest="d", status={"s": 3}))
+        await b.publish(Heartbeat(node="nb", counter=4, digest="d", status=S(s=3)))
         await a.publish(Heartbeat(node="na", counter=4))
-        await b.publish(Heartbeat(node="nb", counter=5, digest="d", status={"s": 4}))
-        await a.publish(Heartbeat(node="na", counter=5, status={"mine": 1}))
+        await b.publish(Heartbeat(node="nb", counter=5, digest="d", status=S(s=4)))
+        await a.publish(Heartbeat(node="na", counter=5, status=S(mine=1)))
         snap = await a.read()
-        assert snap.members["nb"].status == {"s": 4} and snap.members["na"].status == {"mine": 1}
+        assert snap.members["nb"].status == S(s=4) and snap.members["na"].status == S(mine=1)
         assert snap == await c.read() and a.mirror_reads == reads + 3
         # a's own new status is known from its own put: nothing to fetch for it.
         fetches = a.fetches
-        snap = await publish_read(a, "na", 6, status={"mine": 2})
-        assert snap.members["na"].status == {"mine": 2} and a.fetches == fetches
+        snap = await publish_read(a, "na", 6, status=S(mine=2))
+        assert snap.members["na"].status == S(mine=2) and a.fetches == fetches
 
     stores.run(body)
 
@@ -629,16 +636,16 @@ def test_the_heartbeat_transaction_never_ranges_over_status(etcd_single):
 
     async def body():
         a, b, c = stores.new(), stores.new(), stores.new()
-        big = {"groups": {f"g{i}": {"state": "running", "pad": "y" * 100} for i in range(300)}}
+        big = NodeStatus(groups={f"g{i}": GroupStatus(actual="running", note="y" * 100) for i in range(300)})
         await b.publish(Heartbeat(node="nb", counter=1, status=big))
         for g in ("g1", "g2"):
             await b.claim(g, "nb")
         txns = record_txns(a)
         status_prefix = f"{stores.prefix}/status/".encode()
         for counter in range(1, 6):
-            await b.publish(Heartbeat(node="nb", counter=counter + 1, status=dict(big, n=counter)))
-            snap = await publish_read(a, "na", counter, status={"n": counter})
-            assert snap == await c.read() and snap.members["nb"].status["n"] == counter
+            await b.publish(Heartbeat(node="nb", counter=counter + 1, status=attrs.evolve(big, spec_error=f"n={counter}")))
+            snap = await publish_read(a, "na", counter, status=S(n=counter))
+            assert snap == await c.read() and snap.members["nb"].status.spec_error == f"n={counter}"
         assert len(txns) == 5
         for ops, resp in txns:
             ranges = [op.request_range for op in ops if op.WhichOneof("request") == "request_range"]
@@ -670,22 +677,22 @@ def test_an_old_format_heartbeat_without_a_hash_still_gets_its_status(etcd_singl
                 puts["status/nold"] = status_value(status)
             await put_raw(endpoint, stores.prefix, puts)
 
-        await old(1, {"v": 1})
+        await old(1, S(v=1))
         snap = await publish_read(a, "na", 1)
-        assert snap.members["nold"].status == {"v": 1} and snap == await c.read()
+        assert snap.members["nold"].status == S(v=1) and snap == await c.read()
         for counter in range(2, 8):
             fetches = a.fetches
-            await old(counter, {"v": counter} if counter % 2 else None)
+            await old(counter, S(v=counter) if counter % 2 else None)
             snap = await publish_read(a, "na", counter)
             assert snap == await c.read(), counter
-            assert snap.members["nold"].status == {"v": counter if counter % 2 else counter - 1}
+            assert snap.members["nold"].status == S(v=counter if counter % 2 else counter - 1)
             assert a.fetches == fetches  # the delta itself ranged over the old node's status
         # The node is upgraded: its heartbeat names the hash from now on.
-        value = status_value({"v": "new"})
+        value = status_value(S(v="new"))
         await put_raw(endpoint, stores.prefix, {"status/nold": value, "nodes/nold": json.dumps(
             {"node": "nold", "counter": 9, "digest": "d", "status_hash": etcdmirror.status_hash(value)})})
         snap = await publish_read(a, "na", 9)
-        assert snap.members["nold"].status == {"v": "new"} and snap == await c.read()
+        assert snap.members["nold"].status == S(v="new") and snap == await c.read()
         assert a.mirror_reads == 8
 
     stores.run(body)
@@ -705,7 +712,7 @@ def test_many_changed_statuses_and_deletions_behind_the_heartbeats_back(etcd_sin
         async def many(counter, hashed=True):
             puts = {}
             for n in names:
-                value = status_value({"n": n, "c": counter})
+                value = status_value(S(n=n, c=counter))
                 beat = {"node": n, "counter": counter, "digest": "d"}
                 if hashed:
                     beat["status_hash"] = etcdmirror.status_hash(value)
@@ -723,11 +730,11 @@ def test_many_changed_statuses_and_deletions_behind_the_heartbeats_back(etcd_sin
 
         await check()
         await many(1)
-        assert (await check()).members["m03"].status == {"n": "m03", "c": 1}
+        assert (await check()).members["m03"].status == S(n="m03", c=1)
         await many(2, hashed=False)
-        assert (await check()).members["m03"].status == {"n": "m03", "c": 2}
+        assert (await check()).members["m03"].status == S(n="m03", c=2)
         await many(3, hashed=False)
-        assert (await check()).members["m07"].status == {"n": "m07", "c": 3}
+        assert (await check()).members["m07"].status == S(n="m07", c=3)
         await many(4)
         await check()
         held = [await b.claim(g, "nb") for g in ("g1", "g2", "g3")]
@@ -737,7 +744,7 @@ def test_many_changed_statuses_and_deletions_behind_the_heartbeats_back(etcd_sin
         assert set((await check()).claims) == {"g1", "g3"}
         assert a.full_reads == full and a.fetches == fetches + 1  # only the claim names, at the publish's revision
         await put_raw(endpoint, stores.prefix, {}, deletes=("status/m05",))
-        assert (await check()).members["m05"].status == {}  # the status count told: all of status/ read
+        assert (await check()).members["m05"].status == EMPTY  # the status count told: all of status/ read
         assert a.fetches == fetches + 2
         await put_raw(endpoint, stores.prefix, {}, deletes=("nodes/m06", "status/m06"))
         snap = await check()
@@ -754,13 +761,13 @@ def test_a_compacted_publish_revision_falls_back_to_a_read_of_its_own(etcd_singl
     async def body():
         a, b, c = stores.new(), stores.new(), stores.new()
         await publish_read(a, "na", 1)
-        await b.publish(Heartbeat(node="nb", counter=1, status={"s": 1}))
+        await b.publish(Heartbeat(node="nb", counter=1, status=S(s=1)))
         await a.publish(Heartbeat(node="na", counter=2))  # nb's status is to be fetched at this revision
-        await b.publish(Heartbeat(node="nb", counter=2, status={"s": 2}))
+        await b.publish(Heartbeat(node="nb", counter=2, status=S(s=2)))
         await compact_now(etcd_single.endpoint(0))
         full = a.full_reads
         snap = await a.read()
-        assert snap == await c.read() and snap.members["nb"].status == {"s": 2}
+        assert snap == await c.read() and snap.members["nb"].status == S(s=2)
         assert a.full_reads == full + 1
 
     stores.run(body)

@@ -1,5 +1,6 @@
-"""The memoised placement (placement.Roster, rendezvous_order) answers exactly what the
-plain functions (placement.candidates, running_elsewhere, sorted by rank_key) answer.
+"""The placement memos (rendezvous orders per member set, peer report summaries, leading
+tests) change no answer: what placement.Roster answers with warm memos equals what it
+answers after placement.forget(), and rendezvous_order equals sorting by rank_key.
 
 The memos live across calls, so each property walks a sequence of views in which members
 join, leave, die, come back and change what they report: every step must still agree.
@@ -13,10 +14,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from reconciler.decide import entries as entriesmod
 from reconciler.decide import placement
-from reconciler.decide import plan as planmod
 from reconciler.observe import EntryState, Observed
 from reconciler.decide.plan import plan
-from reconciler.spec import Cluster, Entry, Group, Spec
+from reconciler.published import GroupStatus, NodeStatus
+from reconciler.spec import Cluster, Entry, Group, Spec, SpecError, load
 from reconciler.store import Claim, ClusterView, Heartbeat, Member
 
 NOW = 1000.0
@@ -31,14 +32,6 @@ MEMO = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 def reference_order(group: str, names) -> tuple[str, ...]:
     g = Group(name=group)
     return tuple(sorted(names, key=lambda n: placement.rank_key(g, n)))
-
-
-def outcome(fn, *args, **kw):
-    """fn's result, or the type of the exception it raised (a malformed status document)."""
-    try:
-        return fn(*args, **kw)
-    except Exception as exc:  # noqa: BLE001 - both sides must fail the same way
-        return type(exc)
 
 
 # --- rendezvous order ---------------------------------------------------------------------------
@@ -75,27 +68,17 @@ def test_order_memo_stays_bounded():
 
 # --- candidates and running_elsewhere over random views ---------------------------------------------
 
-INFO = st.one_of(
-    st.none(),
-    st.just("not a dict"),
-    st.fixed_dictionaries({}, optional={
-        "eligible": st.sampled_from((True, False, None, 0, 1, "yes")),
-        "active": st.sampled_from((True, False, None, 0, 1, "")),
-    }),
-)
+INFO = st.builds(GroupStatus, eligible=st.sampled_from((True, False, None)), active=st.booleans())
 
 
 @st.composite
-def statuses(draw, *, malformed: bool):
+def statuses(draw):
     groups = {g: draw(INFO) for g in draw(st.lists(st.sampled_from(GROUPS), unique=True))}
-    shapes = [{"groups": groups}, {"groups": groups}, {"groups": groups}, {}]
-    if malformed:
-        shapes += [{"groups": ["g0"]}, {"groups": None}]
-    return draw(st.sampled_from(shapes))
+    return draw(st.sampled_from((NodeStatus(groups=groups), NodeStatus())))
 
 
 @st.composite
-def views(draw, *, malformed: bool = False):
+def views(draw):
     """A view from ME: members from POOL (ME among them or not), alive or dead, up or down,
     with or without a heartbeat and a status document; the lease valid or not."""
     members = {}
@@ -103,7 +86,7 @@ def views(draw, *, malformed: bool = False):
         age = draw(st.sampled_from((0.0, 0.3, 0.7, 5.0)))
         hb = None
         if draw(st.integers(0, 4)):
-            hb = Heartbeat(node=n, counter=1, status=draw(statuses(malformed=malformed)))
+            hb = Heartbeat(node=n, counter=1, status=draw(statuses()))
         members[n] = Member(name=n, last_change=NOW - age, heartbeat=hb, up=draw(st.integers(0, 5)) > 0)
     lease = draw(st.sampled_from((float("inf"), NOW + 1, NOW - 1)))
     return ClusterView(node=ME, members=members, lease_until=lease, quorum=draw(st.integers(0, 5)) > 0)
@@ -115,7 +98,7 @@ def placement_groups(draw):
     nodes = draw(st.one_of(
         st.just(()),
         st.lists(st.sampled_from(POOL + ("unknown1", "unknown2")), max_size=5, unique=True).map(tuple),
-        st.lists(st.sampled_from(POOL[:4]), max_size=4).map(tuple),  # duplicates (spec rejects them)
+        st.lists(st.sampled_from(POOL[:4]), max_size=4).map(tuple),  # repeats (the spec refuses them)
     ))
     entries = ()
     if draw(st.booleans()):
@@ -135,30 +118,48 @@ def observed(draw, g: Group):
     return Observed(node=ME, entries=entries)
 
 
-def assert_same(roster: placement.Roster, view: ClusterView, g: Group, obs: Observed, exclude: str, unseen: bool):
-    want = outcome(placement.candidates, g, obs, view, NOW, DEAD_AFTER, exclude=exclude, unseen_rank=unseen)
-    got = outcome(roster.candidates, g, obs, exclude=exclude, unseen_rank=unseen)
-    assert got == want, (g, exclude, unseen)
-    if isinstance(want, list):
-        at = want.index(view.node) if view.node in want else -1
-        assert roster.ranked(g, obs, exclude=exclude, unseen_rank=unseen) == (want, at)
-    assert outcome(roster.running_elsewhere, g) == outcome(placement.running_elsewhere, g, view, NOW, DEAD_AFTER)
+Query = tuple  # (group, observed, exclude, unseen_rank)
+
+
+def answers(view: ClusterView, queries: list[Query]) -> list:
+    """Every query's (ranked, running_elsewhere) from one Roster, with the memos as they are."""
+    roster = placement.Roster(view, NOW, DEAD_AFTER)
+    out = []
+    for g, obs, exclude, unseen in queries:
+        ranked = roster.ranked(g, obs, exclude=exclude, unseen_rank=unseen)
+        assert roster.candidates(g, obs, exclude=exclude, unseen_rank=unseen) == ranked[0]
+        out.append((ranked, roster.running_elsewhere(g)))
+    return out
+
+
+def assert_memo_changes_nothing(view: ClusterView, queries: list[Query]) -> list:
+    """The answers with the memos as they are equal those computed afresh; both are sane."""
+    warm = answers(view, queries)
+    placement.forget()
+    fresh = answers(view, queries)
+    assert warm == fresh
+    for (g, _obs, exclude, _unseen), ((cands, at), busy) in zip(queries, fresh):
+        assert len(set(cands)) == len(cands) and exclude not in cands
+        assert cands == sorted(cands, key=lambda n: placement.rank_key(g, n))
+        assert at == (cands.index(view.node) if view.node in cands else -1)
+        assert busy == sorted(busy) and view.node not in busy
+    return fresh
 
 
 @MEMO
 @given(st.data())
-def test_roster_answers_what_the_plain_functions_answer(data):
+def test_roster_answers_equal_answers_computed_afresh(data):
     for _step in range(data.draw(st.integers(1, 4))):  # the view changes between plan() calls
-        view = data.draw(views(malformed=data.draw(st.integers(0, 4)) == 0))
-        roster = placement.Roster(view, NOW, DEAD_AFTER)
+        view = data.draw(views())
+        queries = []
         for _ in range(data.draw(st.integers(1, 5))):
             g = data.draw(placement_groups())
-            obs = data.draw(observed(g))
-            exclude = data.draw(st.sampled_from(("",) + POOL[:5] + ("unknown1",)))
-            assert_same(roster, view, g, obs, exclude, data.draw(st.booleans()))
+            queries.append((g, data.draw(observed(g)), data.draw(st.sampled_from(("",) + POOL[:5] + ("unknown1",))),
+                            data.draw(st.booleans())))
+        assert_memo_changes_nothing(view, queries)
 
 
-def test_roster_notices_a_new_status_document_and_reuses_an_unchanged_one():
+def test_roster_notices_a_new_status_record_and_reuses_an_unchanged_one():
     g = Group(name="g0")
     peer = POOL[1]
 
@@ -166,51 +167,60 @@ def test_roster_notices_a_new_status_document_and_reuses_an_unchanged_one():
         members = {peer: Member(name=peer, last_change=NOW, heartbeat=Heartbeat(node=peer, counter=1, status=status))}
         return ClusterView(node=ME, members=members)
 
-    fit = {"groups": {"g0": {"eligible": True, "active": False}}}
-    unfit = {"groups": {"g0": {"eligible": False, "active": True}}}
+    fit = NodeStatus(groups={"g0": GroupStatus(eligible=True, active=False)})
+    unfit = NodeStatus(groups={"g0": GroupStatus(eligible=False, active=True)})
     for status, cands, busy in ((fit, [ME, peer], []), (unfit, [ME], [peer]), (fit, [ME, peer], [])):
         view = view_with(status)
         r = placement.Roster(view, NOW, DEAD_AFTER)
         assert sorted(r.candidates(g, Observed(node=ME))) == cands
         assert r.running_elsewhere(g) == busy
-        assert_same(r, view, g, Observed(node=ME), "", False)
+        assert_memo_changes_nothing(view, [(g, Observed(node=ME), "", False)])
     assert placement._REPORTS[peer][0] is fit
 
 
+def test_a_preferred_node_never_heard_from_ranks_only_if_asked():
+    g = Group(name="g0", nodes=("n5", ME, POOL[1]))
+    view = ClusterView(node=ME, members={POOL[1]: Member(name=POOL[1], last_change=NOW)})
+    r = placement.Roster(view, NOW, DEAD_AFTER)
+    assert r.ranked(g, Observed(node=ME)) == ([ME, POOL[1]], 0)
+    assert r.ranked(g, Observed(node=ME), unseen_rank=True) == (["n5", ME, POOL[1]], 1)
+    assert r.ranked(g, Observed(node=ME), exclude="n5", unseen_rank=True) == ([ME, POOL[1]], 0)
+    # a node named twice ranks once, where it first appears (the spec refuses repeats)
+    twice = attrs.evolve(g, nodes=(POOL[1], ME, POOL[1]))
+    assert r.ranked(twice, Observed(node=ME), unseen_rank=True) == ([POOL[1], ME], 1)
+
+
+def test_the_spec_refuses_a_node_listed_twice(tmp_path):
+    f = tmp_path / "spec.toml"
+    f.write_text('[cluster]\nname = "t"\n[groups.web]\nnodes = ["a", "b", "a"]\n')
+    with pytest.raises(SpecError) as info:
+        load(f)
+    assert str(info.value) == f"{f}: groups.web.nodes[2]: node 'a' is listed twice"
+    f.write_text('[cluster]\nname = "t"\n[groups.web]\nnodes = ["a", "b"]\n')
+    assert load(f).groups["web"].nodes == ("a", "b")
+
+
 def test_many_members_with_failures_and_joins():
-    """The fast path's own shapes at scale: 100 members, some dead, some unfit, some running it."""
+    """100 members, some dead, some unfit, some running it; members leave between steps."""
     names = [f"node{i:03d}" for i in range(100)]
     groups = [Group(name=f"g{i:03d}") for i in range(40)] + [Group(name="pref", nodes=("node005", "node000", "gone"))]
     for step in range(4):
         present = names[step * 3:]
         members = {}
         for i, n in enumerate(present):
-            gs = {g.name: {"eligible": (i + step) % 7 != 0, "active": (i * 13 + step) % 50 == 0} for g in groups}
+            gs = {g.name: GroupStatus(eligible=(i + step) % 7 != 0, active=(i * 13 + step) % 50 == 0) for g in groups}
             members[n] = Member(name=n, last_change=NOW - (0.0 if i % 11 else 1.0),
-                                heartbeat=Heartbeat(node=n, counter=1, status={"groups": gs}))
+                                heartbeat=Heartbeat(node=n, counter=1, status=NodeStatus(groups=gs)))
         view = ClusterView(node="node000", members=members)
-        roster = placement.Roster(view, NOW, DEAD_AFTER)
-        for g in groups:
-            for exclude in ("", "node004", "node017"):
-                for unseen in (False, True):
-                    assert_same(roster, view, g, Observed(node="node000"), exclude, unseen)
+        queries = [(g, Observed(node="node000"), exclude, unseen)
+                   for g in groups for exclude in ("", "node004", "node017") for unseen in (False, True)]
+        fresh = assert_memo_changes_nothing(view, queries)
+        (cands, _), busy = fresh[0]  # g000, nothing excluded
+        assert all(i % 11 and (i + step) % 7 for i, n in enumerate(present) if n in cands and n != "node000")
+        assert busy == sorted(n for i, n in enumerate(present) if i % 11 and (i * 13 + step) % 50 == 0 and n != "node000")
 
 
 # --- the whole plan ------------------------------------------------------------------------------
-
-
-class _PlainRoster(placement.Roster):
-    """A Roster that asks the plain functions every time: the planner without the memos."""
-
-    def candidates(self, g, observed, exclude="", unseen_rank=False):
-        return placement.candidates(g, observed, self.view, self.now, self.dead_after, exclude, unseen_rank)
-
-    def ranked(self, g, observed, exclude="", unseen_rank=False):
-        out = self.candidates(g, observed, exclude, unseen_rank)
-        return out, out.index(self.view.node) if self.view.node in out else -1
-
-    def running_elsewhere(self, g):
-        return placement.running_elsewhere(g, self.view, self.now, self.dead_after)
 
 
 @st.composite
@@ -242,8 +252,9 @@ def test_plan_with_memos_equals_plan_without(data):
     for _step in range(data.draw(st.integers(1, 3))):
         spec, obs, view = data.draw(cluster_inputs())
         fast = plan(spec, obs, view, NOW)
+        placement.forget()
+        entriesmod._SHAPES.clear()
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(planmod.placement, "Roster", _PlainRoster)
             mp.setattr(entriesmod, "_may_leave", lambda shape, states, entries: True)  # look at every unwanted entry
             slow = plan(spec, obs, view, NOW)
         assert fast == slow

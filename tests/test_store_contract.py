@@ -15,7 +15,13 @@ import uuid
 import pytest
 
 from etcd_cluster import free_port
+from reconciler.published import EMPTY, EntryStatus, GroupStatus, NodeStatus
 from reconciler.store import Claim, Heartbeat, StoreError, open_store
+
+
+def S(**marks) -> NodeStatus:
+    """A status record told apart from another by `marks` (these tests compare whole records)."""
+    return NodeStatus(spec_error=",".join(f"{k}={v}" for k, v in sorted(marks.items())))
 
 
 class Backend:
@@ -62,7 +68,7 @@ def etcd_backend(url: str, **options) -> Backend:
 def test_publish_read_round_trip(backend):
     async def body():
         s = backend.new()
-        hb = Heartbeat(node="n1", counter=7, digest="abc", status={"groups": {"web": "running"}, "n": 1})
+        hb = Heartbeat(node="n1", counter=7, digest="abc", status=NodeStatus(digest="d1", groups={"web": GroupStatus(actual="run", entries={"s": EntryStatus(state="running", pid=12)})}))
         await s.publish(hb)
         snap = await s.read()
         assert snap.members == {"n1": hb}
@@ -85,15 +91,15 @@ def test_status_rewritten_only_when_changed_is_invisible(backend):
     async def body():
         a, b = backend.new(), backend.new()
         seen = []
-        for counter, status in enumerate([{"s": 1}, {"s": 1}, {"s": 2}, {"s": 2}, {"s": 1}, {}], 1):
+        for counter, status in enumerate([S(s=1), S(s=1), S(s=2), S(s=2), S(s=1), EMPTY], 1):
             await a.publish(Heartbeat(node="n1", counter=counter, digest="d", status=status))
             hb = (await b.read()).members["n1"]
             seen.append((hb.counter, hb.status))
-        assert seen == [(1, {"s": 1}), (2, {"s": 1}), (3, {"s": 2}), (4, {"s": 2}), (5, {"s": 1}), (6, {})]
+        assert seen == [(1, S(s=1)), (2, S(s=1)), (3, S(s=2)), (4, S(s=2)), (5, S(s=1)), (6, EMPTY)]
         # A restarted agent (new instance, empty cache) publishes its status again.
         c = backend.new()
-        await c.publish(Heartbeat(node="n1", counter=7, digest="d", status={"s": 3}))
-        assert (await b.read()).members["n1"].status == {"s": 3}
+        await c.publish(Heartbeat(node="n1", counter=7, digest="d", status=S(s=3)))
+        assert (await b.read()).members["n1"].status == S(s=3)
 
     backend.run(body)
 
@@ -279,7 +285,7 @@ def test_etcd_lease_expiry_removes_node_and_claim(etcd_single):
         t_end = time.monotonic() + 2.5  # longer than the TTL: publish() must keep the lease alive
         while time.monotonic() < t_end:
             counter += 1
-            await a.publish(Heartbeat(node="na", counter=counter, status={"x": 1}))
+            await a.publish(Heartbeat(node="na", counter=counter, status=S(x=1)))
             claim = claim or await a.claim("web", "na")
             await asyncio.sleep(0.1)
         snap = await b.read()
@@ -293,9 +299,9 @@ def test_etcd_lease_expiry_removes_node_and_claim(etcd_single):
             assert time.monotonic() - t0 < 5
         assert 1.0 < time.monotonic() - t0 < 4.5
         # The node comes back: a new lease, and its unchanged status is written again.
-        await a.publish(Heartbeat(node="na", counter=counter + 1, status={"x": 1}))
+        await a.publish(Heartbeat(node="na", counter=counter + 1, status=S(x=1)))
         snap = await b.read()
-        assert snap.members["na"].status == {"x": 1}
+        assert snap.members["na"].status == S(x=1)
         assert snap.claims == {}
         assert (await a.claim("web", "na")).generation == claim.generation + 1
 
@@ -407,7 +413,7 @@ MALFORMED = {
 def test_malformed_entries_are_skipped_logged_once_and_counted(backend, caplog):
     async def body():
         a, b = backend.new(), backend.new()
-        hb = Heartbeat(node="n1", counter=3, digest="d", status={"s": 1})
+        hb = Heartbeat(node="n1", counter=3, digest="d", status=S(s=1))
         await a.publish(hb)
         good = await a.claim("web", "n1")
         await _plant(backend, a, MALFORMED[backend.kind])
@@ -416,7 +422,7 @@ def test_malformed_entries_are_skipped_logged_once_and_counted(backend, caplog):
             snap = await b.read()
         assert snap.claims == {"web": good}
         assert set(snap.members) == {"n1"} and snap.members["n1"].counter == 3
-        assert snap.members["n1"].status == {}  # its status is malformed: left out, the heartbeat stays
+        assert snap.members["n1"].status == EMPTY  # its status is malformed: left out, the heartbeat stays
         skipped = set(snap.skipped)
         assert skipped == {k for k in MALFORMED[backend.kind]}, skipped
         assert b.skipped_total >= 5 * len(skipped)

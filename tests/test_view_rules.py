@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 from reconciler.decide import view as rules
 from reconciler.decide.identity import Verdict
 from reconciler.model import Claim, ClusterView, Heartbeat, Member
+from reconciler.published import EMPTY, NodeStatus
 
 ME, PEER = "n1", "n2"
 LEASE, HB = 0.4, 0.1  # the default timing: lease, heartbeat
@@ -149,22 +150,22 @@ def test_when_a_read_is_posted_to_the_loop(changed, alive_ago, posted_ago, post)
 
 # --- the fingerprint of a view -----------------------------------------------------------
 
-def member(name: str, last_change: float, status: dict | None = None) -> Member:
-    return Member(name=name, last_change=last_change, heartbeat=Heartbeat(node=name, counter=1, status=status or {}))
+def member(name: str, last_change: float, status: NodeStatus = EMPTY) -> Member:
+    return Member(name=name, last_change=last_change, heartbeat=Heartbeat(node=name, counter=1, status=status))
 
 
 def test_the_fingerprint_changes_with_what_the_planner_plans_on():
     D = 0.65
-    base = ClusterView(node=ME, members={PEER: member(PEER, 10.0, {"eligible_groups": ["web"]})},
+    base = ClusterView(node=ME, members={PEER: member(PEER, 10.0, NodeStatus(eligible_groups=("web",)))},
                        claims=claims(web=PEER), lease_until=20.0)
     fp = rules.fingerprint(base, 10.1, dead_after=D)
     assert rules.fingerprint(base, 10.2, dead_after=D) == fp  # nothing changed
     # The same facts in a new read (other objects, equal values): no wake-up.
-    again = attrs.evolve(base, members={PEER: member(PEER, 10.05, {"eligible_groups": ["web"]})})
+    again = attrs.evolve(base, members={PEER: member(PEER, 10.05, NodeStatus(eligible_groups=("web",)))})
     assert rules.fingerprint(again, 10.2, dead_after=D) == fp
     for changed, now in [
         (base, 10.0 + D),  # the peer died
-        (attrs.evolve(base, members={PEER: member(PEER, 10.0, {"eligible_groups": []})}), 10.1),
+        (attrs.evolve(base, members={PEER: member(PEER, 10.0, NodeStatus(eligible_groups=()))}), 10.1),
         (attrs.evolve(base, claims=claims(web=ME)), 10.1),
         (attrs.evolve(base, store_ok=False), 10.1),
         (attrs.evolve(base, quorum=False), 10.1),
@@ -176,5 +177,5 @@ def test_the_fingerprint_changes_with_what_the_planner_plans_on():
     # What the planner does not plan on (the error text, unclaimed_since, a status field
     # other than eligible_groups) wakes nothing.
     quiet = attrs.evolve(base, store_error="x", unclaimed_since={"db": 1.0},
-                         members={PEER: member(PEER, 10.0, {"eligible_groups": ["web"], "load": 3})})
+                         members={PEER: member(PEER, 10.0, NodeStatus(eligible_groups=("web",), store_error="a peer's own"))})
     assert rules.fingerprint(quiet, 10.1, dead_after=D) == fp

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import attrs
 
+from reconciler import published
 from reconciler import spec as specmod
 from reconciler.host import cgroups
 from reconciler.cluster import instance as instancemod
@@ -76,7 +77,7 @@ class Agent:
         self.renewer: renewal.Renewer
         self.upkeep: Upkeep
         self.last_plan = planmod.Plan()
-        self.status_doc: dict = {}
+        self.status_doc = published.EMPTY  # what the heartbeat publishes (agent/status.py)
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
         self._planned_lease = float("-inf")  # the lease_until the last plan was made with
         self._last_pass = 0.0  # seconds the last reconcile pass took

@@ -5,19 +5,36 @@ from __future__ import annotations
 
 import time
 
+from reconciler import published
 from reconciler import spec as specmod
 from reconciler.decide import placement
+from reconciler.published import EntryStatus, GroupStatus, MemberStatus, NodeStatus
 from reconciler.observe import Observed
 from reconciler.decide.plan import Plan
 from reconciler.store import ClusterView
+
+
+# (state, pid, exit_code, message, retry_in) -> its EntryStatus. This runs for every entry on
+# every pass and most entries look the same as at the last one: the very same record comes
+# back, cheaper to find than to build and to compare (== stops at identity). Bounded.
+_ENTRIES: dict[tuple, EntryStatus] = {}
+
+
+def _entry_status(*fields) -> EntryStatus:
+    hit = _ENTRIES.get(fields)
+    if hit is None:
+        if len(_ENTRIES) >= 65536:
+            _ENTRIES.clear()
+        hit = _ENTRIES[fields] = EntryStatus(*fields)
+    return hit
 
 
 def node_status(
     spec: specmod.Spec, observed: Observed, view: ClusterView, plan: Plan, now: float, *, spec_error: str = "",
     state_errors: tuple[str, ...] = (),
     digest: str | None = None,
-) -> dict:
-    """The JSON-able status this node publishes with its heartbeat (`digest`: spec.digest(), if known)."""
+) -> NodeStatus:
+    """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known)."""
     pending = {a.group for a in plan.actions} | set(observed.busy)
     groups = {}
     eligible = []
@@ -29,23 +46,17 @@ def node_status(
             eligible.append(g.name)
         entries = {}
         running_any = False
-        fitness = {e.tag for e in placement.leading_tests(g, g.runlevel)}
+        fitness = placement.leading_tags(g)
         for e in g.entries:
             st = observed.get(g.name, e.tag, e.kind)
             running_any = running_any or (st.active and e.tag not in fitness)
-            doc = {"state": st.state}
-            if st.pid:
-                doc["pid"] = st.pid
-            if st.exit_code is not None:
-                doc["exit_code"] = st.exit_code
-            if st.message:
-                doc["message"] = st.message
-            if st.retry_at is not None and st.retry_at > now:
-                doc["retry_in"] = round(st.retry_at - now, 3)
-            entries[e.tag] = doc
+            entries[e.tag] = _entry_status(
+                st.state, st.pid or None, st.exit_code, st.message,
+                round(st.retry_at - now, 3) if st.retry_at is not None and st.retry_at > now else None,
+            )
         # A failed test halts its group here: nothing after it starts (plan._advance).
         failed = any(
-            e.mode == "test" and e.active_at(g.runlevel) and entries[e.tag]["state"] == "failed" for e in g.entries
+            e.mode == "test" and e.active_at(g.runlevel) and entries[e.tag].state == "failed" for e in g.entries
         )
         if failed and (mine or not running_any):
             actual = "failed"
@@ -55,40 +66,30 @@ def node_status(
             actual = f"->{g.runlevel}" if mine else "stopping"
         else:
             actual = specmod.STOP
-        groups[g.name] = {
-            "desired": g.runlevel,
-            "owner": claim.node if claim else None,
-            "generation": claim.generation if claim else None,
-            "mine": mine,
-            "actual": actual,
-            "eligible": ok,
-            "active": running_any,  # entries of it run here (peers never claim it meanwhile)
-            "note": plan.notes.get(g.name, ""),
-            "entries": entries,
-        }
-    return {
-        "digest": spec.digest() if digest is None else digest,
-        "spec_error": spec_error,
-        # local state this node cannot write (the process table, the lease file): it runs on,
-        # failing closed, but the operator must make room (docs/operations.md, "Disk space")
-        "state_errors": list(state_errors),
-        # Nothing here changes from one heartbeat to the next while the node is idle (no
-        # clocks, no ages), so an idle node rewrites its status document only when something
-        # happens; the heartbeat record carries the wall time (Heartbeat.wall).
-        "store_ok": view.store_ok,
-        "store_error": view.store_error,
-        "quorum": view.quorum,
-        # node identity: another agent under this node's name (reconciler/identity.py)
-        "twin": view.twin,
-        # store entries the last read skipped as malformed or stray (reconciler/store/records.py)
-        "store_skipped": list(view.skipped),
-        "members": {
-            n: {"alive": view.alive(n, now, spec.cluster.timing.dead_after), "up": m.up}
-            for n, m in view.members.items()
-        },
-        "eligible_groups": sorted(eligible),
-        "groups": groups,
-    }
+        groups[g.name] = GroupStatus(
+            desired=g.runlevel,
+            owner=claim.node if claim else None,
+            generation=claim.generation if claim else None,
+            mine=mine,
+            actual=actual,
+            eligible=ok,
+            active=running_any,  # entries of it run here (peers never claim it meanwhile)
+            note=plan.notes.get(g.name, ""),
+            entries=entries,
+        )
+    return NodeStatus(
+        digest=spec.digest() if digest is None else digest,
+        spec_error=spec_error,
+        state_errors=tuple(state_errors),
+        store_ok=view.store_ok,
+        store_error=view.store_error,
+        quorum=view.quorum,
+        twin=view.twin,
+        store_skipped=tuple(view.skipped),
+        members={n: MemberStatus(alive=view.alive(n, now, spec.cluster.timing.dead_after), up=m.up) for n, m in view.members.items()},
+        eligible_groups=tuple(sorted(eligible)),
+        groups=groups,
+    )
 
 
 def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, published_groups: bool = False) -> dict:
@@ -100,45 +101,47 @@ def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, pu
     now_wall = time.time()
     nodes = {}
     reporter = snap.members.get(node) or next(iter(snap.members.values()), None)
-    seen = (reporter.status.get("members", {}) if reporter else {}) or {}
+    seen = reporter.status.members if reporter else {}
     for name, hb in sorted(snap.members.items()):
         # The age is the publisher's wall clock against ours (for people: clocks may differ);
         # "live" is what a running agent concluded from the heartbeat counter, if one reports.
         age = max(0.0, now_wall - hb.wall) if hb.wall is not None else None
-        alive = (seen.get(name) or {}).get("alive")
+        member = seen.get(name)
         nodes[name] = {
-            "live": alive if isinstance(alive, bool) else age is not None and age < dead_after,
+            "live": member.alive if member is not None and member.alive is not None else age is not None and age < dead_after,
             "heartbeat_age": round(age, 3) if age is not None else None,
             "digest": hb.digest,
             "spec_differs": not published_groups and hb.digest != spec.digest(),
-            "spec_error": hb.status.get("spec_error", ""),
-            "twin": hb.status.get("twin", "") if isinstance(hb.status.get("twin", ""), str) else "",
-            "state_errors": [x for x in hb.status.get("state_errors", []) if isinstance(x, str)]
-            if isinstance(hb.status.get("state_errors", []), list) else [],
-            "store_skipped": [x for x in hb.status.get("store_skipped", []) if isinstance(x, str)]
-            if isinstance(hb.status.get("store_skipped", []), list) else [],
+            "spec_error": hb.status.spec_error,
+            "twin": hb.status.twin,
+            "state_errors": list(hb.status.state_errors),
+            "store_skipped": list(hb.status.store_skipped),
         }
     groups = {}
     names = list(spec.groups)
     if published_groups:
         for _n, hb in sorted(snap.members.items()):
-            names.extend(g for g in hb.status.get("groups", {}) if g not in names)
+            names.extend(g for g in hb.status.groups if g not in names)
     for name in names:
         g = spec.groups.get(name)
         claim = snap.claims.get(name)
-        owner_doc = {}
+        owner_doc = None
         if claim is not None and claim.node in snap.members:
-            owner_doc = snap.members[claim.node].status.get("groups", {}).get(name, {})
-        notes = {n: hb.status.get("groups", {}).get(name, {}).get("note", "") for n, hb in snap.members.items()}
-        desired = g.runlevel if g is not None else owner_doc.get("desired") or next(
-            (d for hb in snap.members.values() if (d := hb.status.get("groups", {}).get(name, {}).get("desired"))), "unknown")
+            owner_doc = snap.members[claim.node].status.groups.get(name)
+        reports = {n: hb.status.groups.get(name) for n, hb in snap.members.items()}
+        notes = {n: r.note for n, r in reports.items() if r is not None and r.note}
+        if g is not None:
+            desired = g.runlevel
+        else:
+            desired = owner_doc.desired if owner_doc is not None and owner_doc.desired else next(
+                (r.desired for r in reports.values() if r is not None and r.desired), "unknown")
         groups[name] = {
             "desired": desired,
             "owner": claim.node if claim else None,
             "generation": claim.generation if claim else None,
-            "actual": owner_doc.get("actual", specmod.STOP if claim is None else "unknown"),
-            "entries": owner_doc.get("entries", {}),
-            "notes": {n: v for n, v in notes.items() if v},
+            "actual": owner_doc.actual if owner_doc is not None else specmod.STOP if claim is None else "unknown",
+            "entries": {tag: published.entry_doc(e) for tag, e in owner_doc.entries.items()} if owner_doc is not None else {},
+            "notes": notes,
         }
     return {"nodes": nodes, "groups": groups}
 

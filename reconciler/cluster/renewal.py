@@ -39,6 +39,7 @@ from reconciler.cluster.lease import Lease
 from reconciler.cluster.watch import Watch
 from reconciler.decide import view as rules
 from reconciler.model import Heartbeat
+from reconciler.published import NodeStatus
 from reconciler.spec import Timing
 from reconciler.store import Store, StoreError
 
@@ -62,7 +63,7 @@ class Publisher:
     """Builds this node's heartbeats: the counter (only the renewer thread counts once it
     runs), the spec digest and status document the loop last made, the instance id."""
 
-    def __init__(self, node: str, *, instance: Instance, digest: Callable[[], str], status: Callable[[], dict],
+    def __init__(self, node: str, *, instance: Instance, digest: Callable[[], str], status: Callable[[], NodeStatus],
                  wall: Callable[[], float] = time.time):
         self.node = node
         self.counter = time.time_ns() // 1_000_000

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from reconciler import spec as specmod
 from reconciler.model import ClusterView, Observed
+from reconciler.published import NodeStatus
 
 
 # group name -> (the Group it was computed from, its leading tests at its runlevel, their
@@ -74,61 +74,15 @@ def allowed(g: specmod.Group, node: str) -> bool:
     return not g.nodes or node in g.nodes
 
 
-def rank_key(g: specmod.Group, node: str) -> tuple[int, str]:
+def rank_key(g: specmod.Group, node: str) -> tuple[int, bytes]:
     """Preference order: the group's `nodes` list first, then rendezvous hashing.
 
     Rendezvous hashing spreads groups over nodes evenly and moves few groups when
     membership changes; every node computes the same order.
     """
     if g.nodes and node in g.nodes:
-        return (g.nodes.index(node), "")
-    return (len(g.nodes), _digest(g.name, node))
-
-
-def _digest(group: str, node: str) -> str:
-    """The rendezvous hash of (group, node): a node's rank among those outside `nodes`."""
-    return hashlib.sha1(f"{group}/{node}".encode()).hexdigest()
-
-
-def peer_eligibility(g: specmod.Group, view: ClusterView, node: str) -> bool | None:
-    m = view.members.get(node)
-    if m is None or m.heartbeat is None:
-        return None
-    info = m.heartbeat.status.get("groups", {}).get(g.name)
-    if not isinstance(info, dict):
-        return None
-    e = info.get("eligible")
-    return e if isinstance(e, bool) else None
-
-
-def candidates(
-    g: specmod.Group,
-    observed: Observed,
-    view: ClusterView,
-    now: float,
-    dead_after: float,
-    exclude: str = "",
-    unseen_rank: bool = False,
-) -> list[str]:
-    """Live, allowed nodes for `g` not known to be unfit, best first.
-
-    A peer whose tests have not reported yet still ranks: it may pass in a moment, and a
-    node further down must not grab the group just because it answered first. If it never
-    reports, `my_turn` lets the next candidate act after a delay.
-    """
-    names = set(view.members) | {view.node}
-    out = []
-    if unseen_rank:
-        # A preferred node this one has never heard from may just be starting: it ranks,
-        # so a less preferred node waits (my_turn) instead of grabbing the group first.
-        out.extend(n for n in g.nodes if n not in names and n != exclude)
-    for n in names:
-        if n == exclude or not allowed(g, n) or not view.alive(n, now, dead_after):
-            continue
-        ok = local_eligibility(g, observed) if n == view.node else peer_eligibility(g, view, n)
-        if ok is not False:
-            out.append(n)
-    return sorted(out, key=lambda n: rank_key(g, n))
+        return (g.nodes.index(node), b"")
+    return (len(g.nodes), _sort_key(g.name)(node))
 
 
 def my_turn(rank: int, waited: float, dead_after: float) -> bool:
@@ -140,35 +94,39 @@ def my_turn(rank: int, waited: float, dead_after: float) -> bool:
     return rank == 0 or waited >= rank * dead_after
 
 
-def running_elsewhere(g: specmod.Group, view: ClusterView, now: float, dead_after: float) -> list[str]:
-    """Live peers that report the group's entries running there (claim or not).
+def _sort_key(group: str) -> Callable[[str], bytes]:
+    """node -> the rendezvous hash of (group, node), SHA-1 of "GROUP/NODE": a node's rank among
+    those outside `nodes`. The group's prefix is hashed once for all the nodes."""
+    prefix = hashlib.sha1(f"{group}/".encode())
 
-    Nobody claims such a group: whatever made its claim disappear, the node running it
-    either claims it back or stops it first.
-    """
-    out = []
-    for n, m in view.members.items():
-        if n == view.node or m.heartbeat is None or not view.alive(n, now, dead_after):
-            continue
-        info = m.heartbeat.status.get("groups", {}).get(g.name)
-        if isinstance(info, dict) and info.get("active"):
-            out.append(n)
-    return sorted(out)
+    def key(node: str) -> bytes:
+        h = prefix.copy()
+        h.update(node.encode())
+        return h.digest()
+
+    return key
 
 
-# --- one view, every group: what plan() asks for each group, computed once ------------------
+def _unique(nodes: tuple[str, ...]) -> tuple[str, ...] | dict[str, None]:
+    """`nodes` without repeats, each where it first appears (the spec refuses repeats; a
+    Group built in code may have them, and a node ranks where rank_key puts it)."""
+    return nodes if len(set(nodes)) == len(nodes) else dict.fromkeys(nodes)
+
+
+# --- one view, every group: what plan() asks for each group ---------------------------------
 #
-# `candidates` and `running_elsewhere` look at every member for every group they are asked
-# about: with G unclaimed groups and M members a plan() call costs G x M SHA-1 hashes and
-# status lookups (100,000 at 1,000 groups x 100 members: a cold start). A Roster answers the
-# same questions for one (view, now, dead_after) from work done once per call (who is alive,
-# which groups each live peer reports unfit or active) and from memos kept across calls:
-# each group's rendezvous order over the live member set, and each peer's report summary.
-# A memo holds only values that are functions of its key, so every answer equals what the
-# functions above return (tests/test_placement_memo.py checks it) and plan() stays pure:
-# the same inputs give the same Plan. Status documents are read-only, like all of a
-# Snapshot (the directory store hands an unchanged one back as the same dict): a summary
-# is reused while a peer publishes that very dict. Both memos are bounded.
+# Roster holds the placement rules that look at every member: who may take a group (its
+# candidates, best first) and who still runs it. With G unclaimed groups and M members a
+# plan() call would cost G x M SHA-1 hashes and status lookups if each question were
+# answered from scratch (100,000 at 1,000 groups x 100 members: a cold start). So a Roster
+# does the per-view work once (who is alive, which groups each live peer reports unfit or
+# active) and keeps memos across calls: each group's rendezvous order over the live member
+# set, and each peer's report summary. A memo holds only values that are functions of its
+# key, so an answer from a warm memo equals the answer after forget()
+# (tests/test_placement_memo.py) and plan() stays pure: the same inputs give the same Plan.
+# Status records are frozen (reconciler/published.py) and a store hands an unchanged one
+# back as the same object: a summary is reused while a peer publishes that very record.
+# Both memos are bounded.
 
 _ORDER_SETS = 2  # member sets whose orders are kept: now and just before (a flapping member)
 _ORDER_GROUPS = 1 << 16  # groups per member set; past that the set's orders start afresh
@@ -195,8 +153,15 @@ class _Ranking:
 
 # live member set -> {group name -> its ranking over that set}
 _ORDERS: dict[frozenset[str], dict[str, _Ranking]] = {}
-# peer -> (the status dict summarised, (groups it is unfit for, groups active there))
-_REPORTS: dict[str, tuple[Any, tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+# peer -> (the status record summarised, (groups it is unfit for, groups active there))
+_REPORTS: dict[str, tuple[NodeStatus, tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+
+
+def forget() -> None:
+    """Drop every memo of this module (answers stay the same; they are computed afresh)."""
+    _ORDERS.clear()
+    _REPORTS.clear()
+    _LEADING.clear()
 
 
 def _index_of(node: str, ranked: Sequence[str]) -> int:
@@ -240,19 +205,6 @@ def _ranking(group: str, names: frozenset[str], rankings: dict[str, _Ranking]) -
     return hit
 
 
-def _sort_key(group: str) -> Callable[[str], bytes]:
-    """A key that sorts nodes as _digest(group, node) does: the raw SHA-1 bytes, in the
-    same order as their fixed-width hex, without hashing the group's prefix every time."""
-    prefix = hashlib.sha1(f"{group}/".encode())
-
-    def key(node: str) -> bytes:
-        h = prefix.copy()
-        h.update(node.encode())
-        return h.digest()
-
-    return key
-
-
 def _derive(group: str, old: tuple[str, ...], old_names: frozenset[str], names: frozenset[str]) -> tuple[str, ...] | None:
     """The order over `names` from the order over `old_names`: drop who left, insert who
     joined by binary search. None if so many joined that sorting afresh is cheaper."""
@@ -275,24 +227,22 @@ def _derive(group: str, old: tuple[str, ...], old_names: frozenset[str], names: 
     return tuple(out)
 
 
-def _report(node: str, status: Any) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """(groups `node` reports unfit for, groups it reports active) from its status, as
-    peer_eligibility and running_elsewhere read it; None for a document of another shape."""
+def _report(node: str, status: NodeStatus) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(groups `node` reports unfit for, groups it reports active) from its status.
+
+    A peer ranks for a group unless it reports a test failed there (eligible False): one whose
+    tests have not reported yet may pass in a moment, and a node further down must not grab
+    the group just because it answered first (`my_turn` lets the next one act after a delay).
+    """
     hit = _REPORTS.get(node)
     if hit is not None and hit[0] is status:
         return hit[1]
-    if type(status) is not dict:
-        return None
-    groups = status.get("groups", {})
-    if type(groups) is not dict:
-        return None
     unfit, active = [], []
-    for name, info in groups.items():
-        if isinstance(info, dict):
-            if info.get("eligible") is False:
-                unfit.append(name)
-            if info.get("active"):
-                active.append(name)
+    for name, info in status.groups.items():
+        if info.eligible is False:
+            unfit.append(name)
+        if info.active:
+            active.append(name)
     summary = (tuple(unfit), tuple(active))
     if len(_REPORTS) >= _REPORT_PEERS:
         _REPORTS.clear()
@@ -301,20 +251,20 @@ def _report(node: str, status: Any) -> tuple[tuple[str, ...], tuple[str, ...]] |
 
 
 class Roster:
-    """`candidates` and `running_elsewhere` for one view at one time, asked for many groups."""
+    """The placement rules that look at the members, for one view at one time, asked for many groups."""
 
     __slots__ = ("view", "now", "dead_after", "_names", "_live", "_rankings", "_reports")
 
     def __init__(self, view: ClusterView, now: float, dead_after: float):
         self.view, self.now, self.dead_after = view, now, dead_after
-        self._names: set[str] = set()
+        self._names: set[str] = set()  # every member, and this node
         self._live: frozenset[str] = frozenset()
         self._rankings: dict[str, _Ranking] | None = None  # the memo for this live set
         # (group -> live peers reporting it unfit, group -> live peers running it), sorted;
-        # None until needed, False if a live peer's status has a shape the fast path skips
-        self._reports: tuple[dict[str, list[str]], dict[str, list[str]]] | None | bool = None
+        # None until needed
+        self._reports: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None
 
-    def _peer_reports(self) -> tuple[dict[str, list[str]], dict[str, list[str]]] | None:
+    def _peer_reports(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         if self._reports is None:
             view = self.view
             members, me = view.members, view.node
@@ -322,41 +272,40 @@ class Roster:
             self._live = frozenset(n for n in names if view.alive(n, self.now, self.dead_after))
             unfit: dict[str, list[str]] = {}
             active: dict[str, list[str]] = {}
-            self._reports = (unfit, active)
             for n in sorted(self._live):
                 hb = members[n].heartbeat if n != me else None
                 if hb is None:
-                    continue
+                    continue  # no report: it ranks, and runs nothing as far as anyone knows
                 summary = _report(n, hb.status)
-                if summary is None:
-                    self._reports = False
-                    break
                 for g in summary[0]:
                     unfit.setdefault(g, []).append(n)
                 for g in summary[1]:
                     active.setdefault(g, []).append(n)
-        return self._reports or None
+            self._reports = (unfit, active)
+        return self._reports
 
     def candidates(self, g: specmod.Group, observed: Observed, exclude: str = "", unseen_rank: bool = False) -> list[str]:
-        """What `candidates(g, observed, view, now, dead_after, exclude, unseen_rank)` returns."""
+        """Live, allowed nodes for `g` not known to be unfit, best first (rank_key), except
+        `exclude`.
+
+        `unseen_rank`: a preferred node (in `nodes`) this one has never heard from may just be
+        starting: it ranks, so a less preferred node waits (my_turn) instead of grabbing the
+        group first.
+        """
         return self.ranked(g, observed, exclude, unseen_rank)[0]
 
     def ranked(
         self, g: specmod.Group, observed: Observed, exclude: str = "", unseen_rank: bool = False
     ) -> tuple[list[str], int]:
         """(candidates(...) as above, the index of this node in them or -1)."""
-        reports = self._peer_reports()
-        nodes = g.nodes
+        unfit_by_group = self._peer_reports()[0]
         me = self.view.node
-        if reports is None or (nodes and len(set(nodes)) != len(nodes)):
-            out = candidates(g, observed, self.view, self.now, self.dead_after, exclude, unseen_rank)
-            return out, _index_of(me, out)
         live, names = self._live, self._names
-        unfit = reports[0].get(g.name, ())
-        if nodes:
+        unfit = unfit_by_group.get(g.name, ())
+        if g.nodes:
             # Only `nodes` are allowed, and they rank in that order.
             out = []
-            for n in nodes:
+            for n in _unique(g.nodes):
                 if n not in names:
                     if unseen_rank and n != exclude:
                         out.append(n)
@@ -380,8 +329,9 @@ class Roster:
         return out, _index_of(me, out)
 
     def running_elsewhere(self, g: specmod.Group) -> list[str]:
-        """What `running_elsewhere(g, view, now, dead_after)` returns."""
-        reports = self._peer_reports()
-        if reports is None:
-            return running_elsewhere(g, self.view, self.now, self.dead_after)
-        return list(reports[1].get(g.name, ()))
+        """Live peers that report the group's entries running there (claim or not), sorted.
+
+        Nobody claims such a group: whatever made its claim disappear, the node running it
+        either claims it back or stops it first.
+        """
+        return list(self._peer_reports()[1].get(g.name, ()))

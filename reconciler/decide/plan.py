@@ -6,7 +6,8 @@ property tests explore it. Each group's actions are executed in order by one tas
 are independent of each other. The memos kept between calls (entries._SHAPES, placement's
 rankings and peer summaries) hold only values that are functions of their keys: they
 make calls cheaper and change no Plan (tests/test_placement_memo.py). How a group's
-entries reach a runlevel is reconciler/entries.py; the values it returns, reconciler/intent.py.
+entries reach a runlevel is decide/entries.py; who may run it, decide/placement.py; the
+values it returns, decide/intent.py. Its branches, row by row: tests/test_plan_table.py.
 """
 
 from __future__ import annotations

@@ -108,5 +108,5 @@ def fingerprint(view: ClusterView, now: float, *, dead_after: float) -> object:
     stops at the identity check (this runs on every heartbeat).
     """
     alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
-    eligible = {n: m.heartbeat.status.get("eligible_groups") for n, m in view.members.items() if m.heartbeat is not None}
+    eligible = {n: m.heartbeat.status.eligible_groups for n, m in view.members.items() if m.heartbeat is not None}
     return (alive, eligible, view.claims, view.store_ok, view.quorum, view.twin, view.may_claim, view.may_run)

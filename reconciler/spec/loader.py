@@ -133,12 +133,21 @@ _dur_fields(
     user=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
     group=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
 )
+def _nodes(value: Any) -> tuple[str, ...]:
+    """A group's `nodes`: valid names, each once (its place in the list is its rank)."""
+    names = tuple(_name(n, "node") for n in _strings(value, "node names"))
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise _FieldError(f"node {n!r} is listed twice", sub=f"[{i}]")
+    return names
+
+
 _dur_fields(
     Group,
     "fence_timeout",
     name=override(omit=True),
     source=override(omit=True),
-    nodes=override(struct_hook=lambda v, _t: tuple(_name(n, "node") for n in _strings(v, "node names"))),
+    nodes=override(struct_hook=lambda v, _t: _nodes(v)),
     fence=override(struct_hook=lambda v, _t: _strings(v, "strings (an argv)")),
 )
 _dur_fields(Timing, "heartbeat", "lease", "demote_margin", "dead_after", "kill_slack", "retest", "tick")

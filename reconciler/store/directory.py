@@ -47,6 +47,7 @@ import time
 import uuid
 from pathlib import Path
 
+from reconciler.published import EMPTY, NodeStatus
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, StoreRefused, records
 from reconciler.host import procfs
 
@@ -206,7 +207,7 @@ class DirectoryStore(Store):
             # The very dict written last time is not serialized again (the agent builds a new
             # one whenever its status changes; a status is not modified once published).
             if self._last_status_obj.get(hb.node) is not hb.status:
-                status = json.dumps(hb.status, sort_keys=True, separators=(",", ":"))
+                status = records.status_text(hb.status)
                 if self._last_status.get(hb.node) != status:
                     self._replace(d["status"], f"{hb.node}.json", status)
                     self._last_status[hb.node] = status
@@ -342,26 +343,25 @@ class DirectoryStore(Store):
         self._claims = (key, claims, tuple(bad)) if settled else None
         return claims
 
-    def _read_status(self, status_fd: int, node: str, parsed: dict, reuse: bool, skipped: list[str]) -> dict:
-        """The status file's JSON object ({} if absent or malformed); parsed again only if
-        its bytes changed.
+    def _read_status(self, status_fd: int, node: str, parsed: dict, reuse: bool, skipped: list[str]) -> NodeStatus:
+        """The status file's record (published.EMPTY if absent or malformed); parsed again
+        only if its bytes changed.
 
         Status files are only ever replaced by rename, never written in place, so a file
         with the same inode, size and settled mtime as at the last read is that same file:
         it is not even read again (local filesystems; see _read_claims).
-        Unchanged documents come back as the same dict as at the last read: treat them as
-        read-only, like the rest of a Snapshot.
+        Unchanged documents come back as the same object as at the last read.
         """
         name = f"{node}.json"
         listed_at = time.time()
         try:
             st = os.stat(name, dir_fd=status_fd, follow_symlinks=False)
         except FileNotFoundError:
-            return {}
+            return EMPTY
         if not stat.S_ISREG(st.st_mode) or st.st_size > STATUS_MAX:
             why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"larger than {STATUS_MAX} bytes"
             self._skips.skip(f"status/{name}", why, skipped)
-            return {}
+            return EMPTY
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         last = parsed.get(node)
         if reuse and last is not None and last[0] == key:
@@ -371,28 +371,24 @@ class DirectoryStore(Store):
             try:
                 fd = os.open(name, _FILE, dir_fd=status_fd)
             except FileNotFoundError:
-                return {}
+                return EMPTY
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
                     raise
                 self._skips.skip(f"status/{name}", "a symlink", skipped)  # replaced since the stat
-                return {}
+                return EMPTY
             with open(fd, "rb") as fh:
                 raw = fh.read(STATUS_MAX + 1)
             if last is not None and last[1] == raw:
                 doc = last[2]
             else:
-                try:
-                    doc = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
-                    doc = None
-                doc = doc if isinstance(doc, dict) else None
+                doc = records.parse_status(raw)  # or why it is malformed
             settled = listed_at - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 > SETTLED
             # An unsettled stat key never matches again (the file may still change within it).
             self._parsed[node] = (key if settled else (), raw, doc)
-        if doc is None:
-            self._skips.skip(f"status/{name}", "not a JSON object", skipped)
-            return {}
+        if isinstance(doc, str):
+            self._skips.skip(f"status/{name}", doc, skipped)
+            return EMPTY
         return doc
 
     def _read_claim(self, claims_fd: int, group: str) -> Claim | None:

@@ -1,8 +1,9 @@
 """The one place where values read from a store are checked before anything uses them.
 
-Every backend parses heartbeats, claims and statuses through these functions: a value that
-does not parse, or that names a node or group that is not a valid name (model.valid_name:
-never empty, never starting with "-", no control characters), is *skipped*: the read goes
+Every backend parses heartbeats, claims and statuses (reconciler/published.py) through these
+functions: a value that does not parse, or that names a node or group that is not a valid
+name (model.valid_name: never empty, never starting with "-", no control characters), is
+*skipped*: the read goes
 on without it, the entry is logged once (not at every read, ten times a second) and counted
 (Store.skipped_total, the metric reconciler_store_entries_skipped_total), and the Snapshot
 lists it (Snapshot.skipped). A malformed entry never fails a read, never raises, and is
@@ -15,7 +16,9 @@ import logging
 import math
 import re
 
+from reconciler import published
 from reconciler.model import valid_name  # noqa: F401 (records.valid_name: used by the stores)
+from reconciler.published import NodeStatus
 
 log = logging.getLogger("reconciler.store")
 
@@ -108,6 +111,20 @@ def parse_claim(value: str) -> tuple[str, int] | str:
     if not _COUNTER_RE.match(gen) or int(gen) < 1:
         return f"claim {value[:60]!r} has no valid generation"
     return node, int(gen)
+
+
+def parse_status(raw: bytes | str) -> NodeStatus | str:
+    """A node's status value (published.NodeStatus as JSON), or why it is malformed (one
+    line naming the field path: `status.groups.web.entries.db.state: ...`)."""
+    try:
+        return published.loads(raw)
+    except published.StatusError as exc:
+        return str(exc)[:200]
+
+
+def status_text(status: NodeStatus) -> str:
+    """The value a store keeps for `status` (parse_status reads it back)."""
+    return published.dumps(status)
 
 
 def check_name(name: str, kind: str) -> str:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from reconciler.observe import EntryState, Observed  # noqa: E402
 from reconciler.decide.plan import plan  # noqa: E402
+from reconciler.published import GroupStatus, NodeStatus  # noqa: E402
 from reconciler.spec import Cluster, Entry, Group, Spec  # noqa: E402
 from reconciler.store import Claim, ClusterView, Heartbeat, Member  # noqa: E402
 
@@ -70,7 +71,7 @@ def build(n_groups: int, n_entries: int) -> tuple[Spec, Observed, Observed, Obse
 def cold_start(spec: Spec, n_members: int) -> tuple[Observed, ClusterView]:
     """Every member alive and reporting every group eligible, no claims; here only the
     leading tests have run (and passed a second ago)."""
-    status = {"groups": {g: {"eligible": True} for g in spec.groups}}
+    status = NodeStatus(groups={g: GroupStatus(eligible=True) for g in spec.groups})
     members = {
         f"n{i}": Member(name=f"n{i}", last_change=NOW - 0.05, heartbeat=Heartbeat(node=f"n{i}", counter=1, status=status))
         for i in range(2, n_members + 1)

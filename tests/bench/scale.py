@@ -127,6 +127,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def generate(url: str, prefix: str, members: int, interval: float, digest: str, stats: str, lease: float) -> None:
+    from reconciler.published import NodeStatus
     from reconciler.store import Heartbeat, StoreError, open_store
 
     if url.startswith("dir:"):
@@ -134,7 +135,7 @@ async def generate(url: str, prefix: str, members: int, interval: float, digest:
         stores[0].create()  # as an agent's start-up does (nothing else creates the store)
     else:  # a store instance (one etcd lease, one connection) per 50 members
         stores = [open_store(url, prefix=prefix, lease=lease, timeout=2.0) for _ in range(max(1, math.ceil(members / 50)))]
-    status = {"synthetic": True, "eligible_groups": [], "groups": {}}
+    status = NodeStatus()  # small: no per-group section
     counts = {"published": 0, "errors": 0}
     loop = asyncio.get_running_loop()
 
@@ -170,10 +171,11 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
     make 10,000 separate publish calls a second. Directory: DirectoryStore's own write of
     each heartbeat (status once), all in one worker thread per round. etcd: one lease kept
     alive per round and one transaction per 50 nodes (the keys and values publish writes)."""
-    from reconciler.store import Heartbeat, open_store
+    from reconciler.published import NodeStatus
+    from reconciler.store import Heartbeat, open_store, records
 
     names = [f"s{i:04d}" for i in range(members)]
-    status = {"synthetic": True, "eligible_groups": [], "groups": {}}
+    status = NodeStatus()  # small: no per-group section
     counts = {"published": 0, "errors": 0, "rounds": 0}
     loop = asyncio.get_running_loop()
     counter = time.time_ns() // 1_000_000
@@ -193,7 +195,7 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
         from reconciler.store.etcd import mirror as etcdmirror
 
         written: set[str] = set()  # nodes whose status is written under the current lease
-        status_json = json.dumps(status, sort_keys=True, separators=(",", ":"))
+        status_json = records.status_text(status)
         status_hash = etcdmirror.status_hash(status_json.encode())  # as EtcdStore.publish names it
 
         async def one_round(c: int) -> None:
@@ -735,6 +737,7 @@ def plan_inputs(n_groups: int, n_entries: int, n_nodes: int, view_kind: str):
 
     from reconciler.decide import placement
     from reconciler.observe import EntryState, Observed
+    from reconciler.published import GroupStatus, NodeStatus
     from reconciler.spec import Cluster, Spec
     from reconciler.store import Claim, ClusterView, Heartbeat, Member
 
@@ -743,7 +746,7 @@ def plan_inputs(n_groups: int, n_entries: int, n_nodes: int, view_kind: str):
     nodes = [f"node{i:03d}" for i in range(n_nodes)]
     groups = plan_scale.make_groups(n_groups, n_entries)  # the same spec as tests/bench/plan_scale.py
     spec = Spec(cluster=Cluster(), groups=groups)
-    status = {"eligible_groups": sorted(groups), "groups": {g: {"eligible": True} for g in groups}}
+    status = NodeStatus(eligible_groups=tuple(sorted(groups)), groups={g: GroupStatus(eligible=True) for g in groups})
     members = {n: Member(name=n, last_change=now - 0.05, heartbeat=Heartbeat(node=n, counter=1, status=status))
                for n in nodes if n != me}
     if view_kind == "owner":

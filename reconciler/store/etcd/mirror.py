@@ -34,6 +34,7 @@ import attrs
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from reconciler.published import EMPTY, NodeStatus
 from reconciler.store import Claim, Heartbeat, Snapshot, records
 
 KINDS = ("nodes", "status", "claims")
@@ -78,7 +79,7 @@ class Mirror:
         self.members: dict[str, Heartbeat] = {}
         self.announced: dict[str, str | None] = {}  # node -> the status_hash its heartbeat names
         self.claims: dict[str, Claim] = {}
-        self.status: dict[str, tuple[bytes, dict, str]] = {}  # node -> (value, parsed, status_hash)
+        self.status: dict[str, tuple[bytes, NodeStatus, str, str]] = {}  # node -> (value, parsed, status_hash, why malformed)
         # What the mirror lacks at `rev` (fetch_ops): kinds whose key sets must be read again,
         # and stale statuses (node -> the min_mod_revision that may leave an unchanged one out).
         self.resync: set[str] = set()
@@ -259,7 +260,7 @@ class Mirror:
         members: dict[str, Heartbeat] = {}
         announced: dict[str, str | None] = {}
         claims: dict[str, Claim] = {}
-        status: dict[str, tuple[bytes, dict, str]] = {}
+        status: dict[str, tuple[bytes, NodeStatus, str, str]] = {}
         nodes = []
         bad: dict[str, str] = {}
         sp, cp, np = self.prefix["status"], self.prefix["claims"], self.prefix["nodes"]
@@ -285,7 +286,7 @@ class Mirror:
                 raw["nodes"][name] = kv.value
                 nodes.append((name, kv.value))
         for name, value in nodes:
-            known, doc = self.members.get(name), status[name][1] if name in status else {}
+            known, doc = self.members.get(name), status[name][1] if name in status else EMPTY
             if self.raw["nodes"].get(name) == value and name in self.announced:
                 announced[name] = self.announced[name]
                 if known is not None and known.status is doc:
@@ -325,7 +326,7 @@ class Mirror:
         beat = _json(kv.value)
         self.announced[name] = _announced(beat)
         known = self.status.get(name)
-        hb = _heartbeat(name, beat, known[1] if known is not None else {})
+        hb = _heartbeat(name, beat, known[1] if known is not None else EMPTY)
         self._mark(f"nodes/{name}", hb if isinstance(hb, str) else "")
         if not isinstance(hb, str):
             self.members_w()[name] = hb
@@ -371,7 +372,7 @@ class Mirror:
     def _drop_status(self, name: str) -> None:
         self._mark(f"status/{name}", "")
         if self.status.pop(name, None) is not None and (hb := self.members.get(name)) is not None:
-            self.members_w()[name] = attrs.evolve(hb, status={})
+            self.members_w()[name] = attrs.evolve(hb, status=EMPTY)
 
     def members_w(self) -> dict[str, Heartbeat]:
         """The mirror's members, for changing: copied first if a snapshot holds them."""
@@ -394,12 +395,13 @@ def _range(key: bytes, single: bool = False, **options):
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end, **options))
 
 
-def _status(value: bytes) -> tuple[bytes, dict, str, str]:
-    """A status value, parsed ({} if it is not a JSON object), with its hash and why it is
+def _status(value: bytes) -> tuple[bytes, NodeStatus, str, str]:
+    """A status value, parsed (published.EMPTY if malformed), with its hash and why it is
     malformed ("" if it is not)."""
-    doc = _json(value)
-    ok = isinstance(doc, dict)
-    return value, doc if ok else {}, status_hash(value), "" if ok else "status is not a JSON object"
+    doc = records.parse_status(value)
+    if isinstance(doc, str):
+        return value, EMPTY, status_hash(value), doc
+    return value, doc, status_hash(value), ""
 
 
 def _announced(beat) -> str | None:
@@ -407,7 +409,7 @@ def _announced(beat) -> str | None:
     return h if isinstance(h, str) else None
 
 
-def _heartbeat(node: str, beat, status: dict) -> Heartbeat | str:
+def _heartbeat(node: str, beat, status: NodeStatus) -> Heartbeat | str:
     """A parsed nodes/NODE value as a Heartbeat carrying `status`; why not, if malformed."""
     why = records.check_name(node, "node")
     if why:

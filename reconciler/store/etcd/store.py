@@ -56,6 +56,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from reconciler.published import NodeStatus
 from reconciler.spec import redact_url
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.etcd import mirror as etcdmirror
@@ -109,7 +110,7 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         self._renewed_at = float("-inf")  # loop time the last keepalive or grant of _lease was sent
         self._ka: tuple[SimpleNamespace, object] | None = None  # (stubs, open LeaseKeepAlive stream)
         self._last_status: dict[str, tuple[str, str]] = {}  # node -> (status hash, digest) written under the current lease
-        self._status_json: dict[str, tuple[dict, bytes, str]] = {}  # node -> (status dict, its JSON, hash) last published
+        self._status_json: dict[str, tuple[NodeStatus, bytes, str]] = {}  # node -> (status, its JSON, hash) last published
         self._gens: dict[str, tuple[int, int]] = {}  # group -> (generation, its key's mod revision)
         self._closed = False
         self._init_watch()
@@ -148,15 +149,15 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         Raises StoreError if no endpoint answers within `timeout`; then nothing is assumed
         renewed.
 
-        The status is serialized again only if it is not the very dict published last: treat
-        a published status as read-only (the agent builds a new one when it changes).
+        The status is serialized again only if it is not the very record published last (the
+        agent builds a new one when it changes).
         """
         self._fresh = 0  # until this publish has succeeded (also if it is cancelled)
         loop = asyncio.get_running_loop()
         deadline, node = loop.time() + self.timeout, heartbeat.node
         cached = self._status_json.get(node)
         if cached is None or cached[0] is not heartbeat.status:
-            value = json.dumps(heartbeat.status, sort_keys=True, separators=(",", ":")).encode()
+            value = records.status_text(heartbeat.status).encode()
             cached = self._status_json[node] = (heartbeat.status, value, etcdmirror.status_hash(value))
         _, status, shash = cached
         beat = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest, "status_hash": shash}

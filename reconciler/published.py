@@ -1,0 +1,274 @@
+"""What a node publishes about itself with every heartbeat: one typed record, written by the
+node that owns it (agent/status.py builds it) and read back by its peers (placement reads
+eligibility and what runs where, `reconcile status` shows it) through the same classes.
+
+On the wire it is one JSON object (the store keeps it next to the heartbeat: a file
+status/NODE.json, an etcd key status/NODE). Every field has a default, so that a record of an
+older version that lacks a field still reads; a key this version does not know, a value of
+the wrong type or a name that is not a valid name is refused (`StatusError`, one line naming
+the field path, e.g. `status.groups.web.entries.db.state`), and the store skips that status
+like any other malformed entry (reconciler/store/records.py).
+
+Pure: no I/O; only the values, their (un)structuring and the JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from reconciler.terms import STATES, valid_name
+
+__all__ = ["EMPTY", "EntryStatus", "GroupStatus", "MemberStatus", "NodeStatus", "StatusError", "dumps", "loads"]
+
+
+class StatusError(ValueError):
+    """A published status that does not parse; the message names the field path."""
+
+
+@attrs.frozen
+class EntryStatus:
+    """One entry of a group as this node sees it (only what is set goes on the wire)."""
+
+    state: str  # one of model.STATES
+    pid: int | None = None
+    exit_code: int | None = None
+    message: str = ""
+    retry_in: float | None = None  # seconds until the next attempt (backoff), if one is due
+
+
+@attrs.frozen
+class GroupStatus:
+    desired: str = ""  # the spec's runlevel for it
+    owner: str | None = None  # the node holding its claim
+    generation: int | None = None  # of that claim
+    mine: bool = False
+    actual: str = ""  # a runlevel, "->LEVEL", "stopping", "failed" or "stop"
+    eligible: bool | None = None  # its leading tests here: passed, failed, not run yet (None)
+    active: bool = False  # entries of it run here (peers never claim it meanwhile)
+    note: str = ""  # why this node does what it does about it (Plan.notes)
+    entries: dict[str, EntryStatus] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class MemberStatus:
+    alive: bool | None = None  # what this node concluded from the member's heartbeat counter
+    up: bool = True  # what the membership source says
+
+
+@attrs.frozen
+class NodeStatus:
+    # Nothing here changes from one heartbeat to the next while the node is idle (no clocks,
+    # no ages), so an idle node rewrites its status only when something happens; the
+    # heartbeat record carries the wall time (Heartbeat.wall).
+    digest: str = ""  # of the spec it runs
+    spec_error: str = ""  # why the spec on disk does not load ("": it does)
+    # local state this node cannot write (the process table, the lease file): it runs on,
+    # failing closed, but the operator must make room (docs/operations.md, "Disk space")
+    state_errors: tuple[str, ...] = ()
+    store_ok: bool = True
+    store_error: str = ""
+    quorum: bool = True
+    twin: str = ""  # another agent under this node's name (decide/identity.py)
+    store_skipped: tuple[str, ...] = ()  # store entries its last read skipped as malformed
+    members: dict[str, MemberStatus] = attrs.field(factory=dict)
+    eligible_groups: tuple[str, ...] = ()  # sorted: the groups whose tests passed here
+    groups: dict[str, GroupStatus] = attrs.field(factory=dict)
+
+
+EMPTY = NodeStatus()  # a node that published no status (yet), or one that did not parse
+
+
+# --- the converter: private, strict --------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A leaf error: `msg` about the value at `sub` below the current path."""
+
+    def __init__(self, msg: str, sub: str = ""):
+        super().__init__(msg)
+        self.sub = sub
+
+
+def _type_name(value: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "an object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _str(value: Any, _t: Any = None) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"must be a string, not {_type_name(value)}")
+    return value
+
+
+def _bool(value: Any, _t: Any = None) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _int(value: Any, _t: Any = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad(f"must be an integer, not {_type_name(value)}")
+    return value
+
+
+def _float(value: Any, _t: Any = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(f"must be a number, not {_type_name(value)}")
+    return float(value)
+
+
+def _optional(hook):
+    return lambda value, _t: None if value is None else hook(value)
+
+
+def _strings(value: Any, _t: Any = None) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Bad(f"must be a list of strings, not {_type_name(value)}")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise _Bad(f"must be a string, not {_type_name(v)}", f"[{i}]")
+    return tuple(value)
+
+
+def _names(value: Any, _t: Any = None) -> tuple[str, ...]:
+    out = _strings(value)
+    for i, v in enumerate(out):
+        if not valid_name(v):
+            raise _Bad(f"{v[:40]!r} is not a valid name", f"[{i}]")
+    return out
+
+
+def _state(value: Any, _t: Any = None) -> str:
+    if _str(value) not in STATES:
+        raise _Bad(f"{value[:40]!r} is not a state ({', '.join(STATES)})")
+    return value
+
+
+# A status is parsed again whenever it changes, and most of its entries are as they were:
+# (key, type, value) of each field of an entry's document -> its EntryStatus (the types, so
+# that 1 and true and 1.0 never share a record). Bounded.
+_LEAVES: dict[tuple, Any] = {}
+
+
+def _table(cls: type, *, leaf: bool = False):
+    """A JSON object of valid name -> `cls`: errors below it carry `.NAME`. `leaf`: `cls`
+    holds only scalars, and its records are memoised."""
+
+    def structure(value: Any, _t: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise _Bad(f"must be an object, not {_type_name(value)}")
+        out = {}
+        for name, item in value.items():
+            if not valid_name(name):
+                raise _Bad(f"{str(name)[:40]!r} is not a valid name")
+            key = None
+            if leaf and isinstance(item, dict):
+                key = (cls, *((k, type(v), v) for k, v in item.items()))
+                try:
+                    hit = _LEAVES.get(key)
+                except TypeError:  # a list or an object where a scalar belongs: refused below
+                    hit = key = None
+                if hit is not None:
+                    out[name] = hit
+                    continue
+            try:
+                out[name] = record = _structure(item, cls)
+            except _Bad as exc:
+                raise _Bad(str(exc), f".{name}{exc.sub}") from None
+            if key is not None:
+                if len(_LEAVES) >= 65536:
+                    _LEAVES.clear()
+                _LEAVES[key] = record
+        return out
+
+    return structure
+
+
+_conv = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _register(cls: type, **fields: Any) -> None:
+    _conv.register_structure_hook(
+        cls, make_dict_structure_fn(cls, _conv, _cattrs_forbid_extra_keys=True, **{k: override(struct_hook=h) for k, h in fields.items()})
+    )
+
+
+_register(EntryStatus, state=_state, pid=_optional(_int), exit_code=_optional(_int), message=_str, retry_in=_optional(_float))
+_register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional(_int), mine=_bool, actual=_str,
+          eligible=_optional(_bool), active=_bool, note=_str, entries=_table(EntryStatus, leaf=True))
+_register(MemberStatus, alive=_optional(_bool), up=_bool)
+_register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
+          twin=_str, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))
+# An entry carries only what is set (a stopped entry is {"state": "stopped"}), as it always has.
+_conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatus, _conv, _cattrs_omit_if_default=True))
+
+
+def _structure(value: Any, cls: type) -> Any:
+    """`value` as a `cls`, or _Bad naming the field path below it."""
+    if not isinstance(value, dict):
+        raise _Bad(f"must be an object, not {_type_name(value)}")
+    try:
+        return _conv.structure(value, cls)
+    except _Bad:
+        raise
+    except Exception as exc:  # cattrs wraps what the hooks raise; find the first leaf
+        sub, msg = _leaf(exc)
+        raise _Bad(msg, sub) from None
+
+
+def _leaf(exc: BaseException, path: str = "") -> tuple[str, str]:
+    if isinstance(exc, cattrs.errors.ForbiddenExtraKeysError):
+        keys = ", ".join(sorted(str(k)[:40] for k in exc.extra_fields))
+        return path, f"unknown field{'s' if len(exc.extra_fields) > 1 else ''} {keys}"
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            seg = ""
+            for note in getattr(sub, "__notes__", []):
+                note = str(note)
+                if "@ attribute " in note:
+                    seg = "." + note.rsplit("@ attribute ", 1)[1].strip()
+            return _leaf(sub, path + seg)
+    if isinstance(exc, _Bad):
+        return path + exc.sub, str(exc)
+    if isinstance(exc, KeyError):
+        key = f".{exc.args[0]}"  # the attribute's note may have named it already
+        return (path if path.endswith(key) else path + key), "is required"
+    return path, f"invalid value ({str(exc)[:80]})"
+
+
+def structure(doc: Any) -> NodeStatus:
+    """A parsed JSON document as a NodeStatus; StatusError naming the field path if it is not one."""
+    try:
+        return _structure(doc, NodeStatus)
+    except _Bad as exc:
+        raise StatusError(f"status{exc.sub}: {exc}") from None
+
+
+def unstructure(status: NodeStatus) -> dict[str, Any]:
+    """The JSON-able document of `status` (what structure() reads back)."""
+    return _conv.unstructure(status)
+
+
+def entry_doc(entry: EntryStatus) -> dict[str, Any]:
+    """One entry's JSON-able document (for `reconcile status`)."""
+    return _conv.unstructure(entry)
+
+
+def dumps(status: NodeStatus) -> str:
+    """The text a store keeps: compact, keys sorted (equal statuses give equal text)."""
+    return json.dumps(unstructure(status), sort_keys=True, separators=(",", ":"))
+
+
+def loads(text: str | bytes) -> NodeStatus:
+    """dumps() read back; StatusError (one line, with the field path) if it does not parse."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise StatusError("status is not JSON") from None
+    return structure(doc)

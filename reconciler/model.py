@@ -64,7 +64,7 @@ class Heartbeat:
     # The publisher's wall clock at this renewal: for showing heartbeat ages to people only
     # (liveness never compares clocks of two machines: see liveness.Liveness).
     wall: float | None = None
-    # A random id of the agent process that wrote this record (reconciler/identity.py): two
+    # A random id of the agent process that wrote this record (reconciler/decide/identity.py): two
     # agents under one node name publish different ones. "" in records of older versions.
     instance: str = ""
 

@@ -6,7 +6,7 @@ reaper for our own children, a pidfd for adopted processes (which are not our ch
 There is no terminal FATAL: a process that keeps dying backs off exponentially to a cap and
 is tried again.
 
-Each entry runs in a cgroup of its own (reconciler/cgroups.py): the kernel knows every
+Each entry runs in a cgroup of its own (reconciler/host/cgroups.py): the kernel knows every
 process an entry started, also those that double-forked or called setsid(), so stops,
 respawns and adoption do not depend on the process table. Where cgroups cannot be written
 (or with RECONCILER_CGROUPS=off) the table is trusted only with the environment marker

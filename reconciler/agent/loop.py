@@ -376,7 +376,7 @@ class Agent:
             self._start_spec_watch()
 
     def _start_spec_watch(self) -> None:
-        """Watch the spec where it really is (reconciler/specwatch.py); called again when a
+        """Watch the spec where it really is (reconciler/spec/watch.py); called again when a
         reload finds its links pointing elsewhere (the previous watch is told to stop)."""
 
         def changed() -> None:

@@ -1,5 +1,5 @@
 """The inittab part of planning: how one group's entries get to a runlevel, with the least
-starting and stopping, in file order (stops in reverse); pure, like reconciler/plan.py, which
+starting and stopping, in file order (stops in reverse); pure, like reconciler/decide/plan.py, which
 decides *whether* this node runs the group at all."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What `plan` returns: Actions (each with its reason) and the Plan they make up; and the
-Part each group contributes while a plan is made (reconciler/plan.py, reconciler/entries.py)."""
+Part each group contributes while a plan is made (reconciler/decide/plan.py, reconciler/decide/entries.py)."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def _group(
     if not can_run:
         why = view.twin if not view.may_run else "no quorum" if not view.quorum else "this node's lease is not valid"
         return _noted(standby, why)
-    if not view.may_claim:  # node identity (reconciler/identity.py): a twin, or still watching
+    if not view.may_claim:  # node identity (reconciler/decide/identity.py): a twin, or still watching
         return _noted(standby, view.twin or "watching this node's record before claiming anything")
     if claim is None:
         return _maybe_claim(g, t, obs, view, now, standby, roster)

@@ -344,15 +344,15 @@ def test_etcd_watch_resumes_without_losing_a_claim_deletion(etcd_cluster3):
         b = backend.new("etcd://" + cluster.endpoint(leader))
         held = await b.claim("web", "nb")
         await a.read()
-        while not a._watching:
+        while not a.watch.watching:
             await a.wait(0.05)
-        assert a._idx == 0
+        assert a.conn.idx == 0
         cluster.kill(follower)  # a's watch stream breaks
         assert await b.break_claim(held) is True
         t0 = time.monotonic()
         await a.wait(10)  # resumes on another member from the last revision: sees the delete
         assert time.monotonic() - t0 < 3
-        assert a._idx != 0 and a._watching
+        assert a.conn.idx != 0 and a.watch.watching
         assert (await a.read()).claims == {}
 
     backend.run(body)
@@ -374,10 +374,10 @@ def _plant(backend, store, entries: dict[str, bytes | str]):
                 else:
                     full.write_bytes(value)
             return
-        from reconciler.store.etcd import store as etcdmod
+        from reconciler.store.etcd.conn import put_op
 
-        ops = [etcdmod._put(store._key(*path.split("/", 1)), value) for path, value in entries.items()]
-        await store._txn("plant", [], ops, [], store._deadline())
+        ops = [put_op(store.conn.key(*path.split("/", 1)), value) for path, value in entries.items()]
+        await store.conn.txn("plant", [], ops, [], store.conn.deadline())
 
     return plant()
 

@@ -98,6 +98,32 @@ def test_status_rewritten_only_when_changed_is_invisible(backend):
     backend.run(body)
 
 
+def test_blocking_publish_and_read_from_another_thread(backend):
+    """The pair the agent renews its lease with, from a thread of its own: what
+    publish_blocking wrote, read_blocking and read() (of this store and of another) show,
+    and read_blocking shows the claims made on the event loop."""
+
+    async def body():
+        a, b = backend.new(), backend.new()
+        hb = Heartbeat(node="n1", counter=1, digest="d1", wall=1000.5, instance="a" * 16)
+        await asyncio.to_thread(a.publish_blocking, hb)
+        assert (await asyncio.to_thread(a.read_blocking)).members == {"n1": hb}
+        assert (await a.read()).members == {"n1": hb}
+        assert (await b.read()).members == {"n1": hb}
+        held = await a.claim("web", "n1")
+        assert held is not None
+        for counter in range(2, 5):
+            hb = Heartbeat(node="n1", counter=counter, digest=f"d{counter}", instance="a" * 16)
+            await asyncio.to_thread(a.publish_blocking, hb)
+            snap = await asyncio.to_thread(a.read_blocking)
+            assert snap.members == {"n1": hb} and snap.claims == {"web": held}
+            assert (await b.read()).members["n1"] == hb
+        await b.publish(Heartbeat(node="n2", counter=1))  # another node's, seen by the blocking read
+        assert set((await asyncio.to_thread(a.read_blocking)).members) == {"n1", "n2"}
+
+    backend.run(body)
+
+
 # --- claims -------------------------------------------------------------------------------
 
 
@@ -227,13 +253,17 @@ def test_wait_returns_early_on_claim_change_or_by_timeout(backend):
     backend.run(body)
 
 
-def test_unreachable_store_raises_store_error(backend, tmp_path):
+def unreachable(backend: Backend, tmp_path) -> Backend:
+    """A backend of the same kind whose store cannot be reached."""
     if backend.kind == "dir":
         blocker = tmp_path / "a-file"
         blocker.write_text("not a directory")
-        backend = Backend("dir", f"dir:{blocker}", create=False)
-    else:
-        backend = etcd_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.3)
+        return Backend("dir", f"dir:{blocker}", create=False)
+    return etcd_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.3)
+
+
+def test_unreachable_store_raises_store_error(backend, tmp_path):
+    backend = unreachable(backend, tmp_path)
 
     async def body():
         s = backend.new()
@@ -248,6 +278,25 @@ def test_unreachable_store_raises_store_error(backend, tmp_path):
             t0 = time.monotonic()
             with pytest.raises(StoreError) as info:
                 await call
+            assert time.monotonic() - t0 < 2
+            message = str(info.value)
+            assert "\n" not in message and backend.url in message
+
+    backend.run(body)
+
+
+def test_unreachable_store_blocking_pair_raises_store_error(backend, tmp_path):
+    """publish_blocking and read_blocking, from a thread other than the event loop's, raise
+    StoreError (and no other exception) naming the store, in one line, when it is unreachable."""
+    backend = unreachable(backend, tmp_path)
+
+    async def body():
+        s = backend.new()
+        for call in (lambda: s.publish_blocking(Heartbeat(node="n1", counter=1)), s.read_blocking) * 2:
+            t0 = time.monotonic()
+            with pytest.raises(Exception) as info:
+                await asyncio.to_thread(call)
+            assert isinstance(info.value, StoreError), repr(info.value)
             assert time.monotonic() - t0 < 2
             message = str(info.value)
             assert "\n" not in message and backend.url in message

@@ -116,7 +116,8 @@ class Dirs:
     __slots__ = ("layout", "names", "fds")
 
     def __init__(self, layout: Layout, names: tuple[str, ...]):
-        self.layout, self.names, self.fds = layout, names, []
+        self.layout, self.names = layout, names
+        self.fds: list[int] = []
 
     def __enter__(self) -> dict[str, int]:
         root = self.layout.open_root()

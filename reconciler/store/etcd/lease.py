@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 from aetcd import rpc
@@ -24,7 +25,7 @@ class Lease:
         self.id = 0  # the lease (0: none yet, or dropped)
         self._lock = asyncio.Lock()
         self._renewed_at = float("-inf")  # loop time the last keepalive or grant of `id` was sent
-        self._ka: tuple[SimpleNamespace, object] | None = None  # (stubs, open LeaseKeepAlive stream)
+        self._ka: tuple[SimpleNamespace, Any] | None = None  # (stubs, open LeaseKeepAlive stream)
 
     async def ensure(self, deadline: float) -> int:
         """The lease, granted first if there is none."""

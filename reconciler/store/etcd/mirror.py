@@ -25,6 +25,8 @@ is left out of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
@@ -69,7 +71,7 @@ class Mirror:
         self.members: dict[str, Heartbeat] = {}
         self.announced: dict[str, str | None] = {}  # node -> the status_hash its heartbeat names
         self.claims: dict[str, Claim] = {}
-        self.status: dict[str, tuple[bytes, dict, str]] = {}  # node -> (value, parsed, status_hash)
+        self.status: dict[str, tuple[bytes, dict, str, str]] = {}  # node -> (value, parsed, status_hash, why malformed)
         # What the mirror lacks at `rev` (fetch_ops): kinds whose key sets must be read again,
         # and stale statuses (node -> the min_mod_revision that may leave an unchanged one out).
         self.resync: set[str] = set()
@@ -196,16 +198,15 @@ class Mirror:
         """Ranges for a read-only transaction that read what the mirror lacks, at its revision."""
         # Serializable: the keys at a given revision are the same on every member that has
         # applied it (the one that answered the delta has; another answers "future revision").
-        at = dict(revision=self.rev, serializable=True)
+        at: dict[str, Any] = dict(revision=self.rev, serializable=True)
         kinds = tuple(k for k in ("nodes", "claims") if k in self.resync)
         ops = [_range(self.prefix[k], keys_only=True, **at) for k in kinds]
-        stale: dict | None = dict(self.stale)
         if "status" in self.resync or len(self.stale) > EACH:
-            stale = None
             ops.append(_range(self.prefix["status"], **at))
-        else:
-            ops += [_range(self.prefix["status"] + n.encode(), single=True, min_mod_revision=mod, **at)
-                    for n, mod in stale.items()]
+            return Fetch(version=self.version, rev=self.rev, kinds=kinds, stale=None, ops=ops)
+        stale = dict(self.stale)
+        ops += [_range(self.prefix["status"] + n.encode(), single=True, min_mod_revision=mod, **at)
+                for n, mod in stale.items()]
         return Fetch(version=self.version, rev=self.rev, kinds=kinds, stale=stale, ops=ops)
 
     def apply_fetch(self, fetch: Fetch, responses) -> bool:
@@ -250,22 +251,22 @@ class Mirror:
         members: dict[str, Heartbeat] = {}
         announced: dict[str, str | None] = {}
         claims: dict[str, Claim] = {}
-        status: dict[str, tuple[bytes, dict, str]] = {}
+        status: dict[str, tuple[bytes, dict, str, str]] = {}
         nodes = []
         bad: dict[str, str] = {}
         sp, cp, np = self.prefix["status"], self.prefix["claims"], self.prefix["nodes"]
         for kv in kvs:
             if kv.key.startswith(sp):
                 name = self._name("status", kv.key)
-                known = self.status.get(name)
-                status[name] = st = known if known is not None and known[0] == kv.value else values.parse_status(kv.value)
+                held = self.status.get(name)
+                status[name] = st = held if held is not None and held[0] == kv.value else values.parse_status(kv.value)
                 if st[3]:
                     bad[f"status/{name}"] = st[3]
             elif kv.key.startswith(cp):
                 name = self._name("claims", kv.key)
                 raw["claims"][name] = kv.value
-                c = self.claims.get(name)
-                if c is None or c.token != str(kv.create_revision) or self.raw["claims"].get(name) != kv.value:
+                c: Claim | str | None = self.claims.get(name)
+                if not isinstance(c, Claim) or c.token != str(kv.create_revision) or self.raw["claims"].get(name) != kv.value:
                     c = values.parse_claim_key(name, kv)
                 if isinstance(c, str):
                     bad[f"claims/{name}"] = c
@@ -324,8 +325,8 @@ class Mirror:
             del self.members_w()[name]
 
     def _put_claim(self, name: str, kv) -> None:
-        c = self.claims.get(name)
-        if c is not None and c.token == str(kv.create_revision) and self.raw["claims"].get(name) == kv.value:
+        known = self.claims.get(name)
+        if known is not None and known.token == str(kv.create_revision) and self.raw["claims"].get(name) == kv.value:
             return
         self.raw["claims"][name] = kv.value
         c = values.parse_claim_key(name, kv)

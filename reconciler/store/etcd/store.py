@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -69,8 +70,8 @@ class EtcdStore(Store):
                  lease: float | None = None, timeout: float = 1.0, ca: str | None = None,
                  cert: str | None = None, key: str | None = None, user: str | None = None,
                  password: str | None = None, twin_of: EtcdStore | None = None):
-        options = dict(prefix=prefix, lease_ttl=lease_ttl, lease=lease, timeout=timeout, ca=ca, cert=cert,
-                       key=key, user=user, password=password)
+        options: dict[str, Any] = dict(prefix=prefix, lease_ttl=lease_ttl, lease=lease, timeout=timeout, ca=ca,
+                                       cert=cert, key=key, user=user, password=password)
         # The renewal twin (see publish_blocking): this instance's heartbeat, lease and reads
         # on a thread and event loop of their own; `twin_of` is set on the twin.
         self._renewal: Twin[EtcdStore] = Twin(lambda: EtcdStore(url, **options, twin_of=self))
@@ -90,7 +91,7 @@ class EtcdStore(Store):
         self.timeout = timeout
         self.conn = Connection(url=shown, endpoints=self.endpoints, prefix=self.prefix, timeout=timeout,
                                tls=(ca, cert, key) if parts.scheme == "etcds" else None,
-                               auth=(user, password) if user is not None else None)
+                               auth=(user, password) if user is not None and password is not None else None)
         # Renew the etcd lease only this often (at most every TTL/4). A heartbeat written at t
         # finds the lease renewed after t - renew_every, so etcd keeps the node's keys and
         # claims until after t + TTL - renew_every >= t + lease_ttl + 0.5 s: past the owner's
@@ -98,7 +99,7 @@ class EtcdStore(Store):
         self.lease = Lease(self.conn, ttl=self.ttl, renew_every=min(self.ttl / 4, self.ttl - seconds - 0.5))
         # A twin's reads count for the watch of the instance it renews for, which serves
         # wait(); the twin runs no watch of its own.
-        self.watch = Watch(self.conn) if twin_of is None else twin_of.watch
+        self.watch: Watch = Watch(self.conn) if twin_of is None else twin_of.watch
         self._claims = Claims(self.conn)
         # node -> (lease, status hash, digest) last written: a status is written again under
         # a new lease (its keys went with the old one) and when it or the digest changed.
@@ -188,12 +189,13 @@ class EtcdStore(Store):
             value = json.dumps(heartbeat.status, sort_keys=True, separators=(",", ":")).encode()
             cached = self._status_json[node] = (heartbeat.status, value, values.status_hash(value))
         _, status, shash = cached
-        beat = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest, "status_hash": shash}
+        record: dict[str, object] = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest,
+                                     "status_hash": shash}
         if heartbeat.wall is not None:
-            beat["wall"] = round(heartbeat.wall, 3)
+            record["wall"] = round(heartbeat.wall, 3)
         if heartbeat.instance:
-            beat["instance"] = heartbeat.instance
-        beat = json.dumps(beat, separators=(",", ":"))
+            record["instance"] = heartbeat.instance
+        beat = json.dumps(record, separators=(",", ":"))
         for _ in range(3):
             await self.lease.renew_if_due(deadline)
             lease = await self._bound_lease(deadline)

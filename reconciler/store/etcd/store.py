@@ -139,24 +139,15 @@ class EtcdStore(Store):
         return await self.lease.ensure(deadline)
 
     def _lease_gone(self, lease: int) -> None:
-        """etcd said `lease` expired. (A twin's lease: its next heartbeat finds out itself,
-        "lease not found", and grants anew.)"""
-        self.lease.drop(lease)
+        self.lease.drop(lease)  # (a twin's lease: the twin's next heartbeat finds out itself)
 
     def _ensure_watch(self) -> None:
         if self.twin_of is None:
             self.watch.ensure()
 
     async def wait(self, timeout: float) -> None:
-        """Return when the store changed after the last read(), or after `timeout` seconds.
-
-        A background watch (started by the first publish, read or wait) reports changes:
-        claims, statuses and deletions (lease expiry) wake it, and so do a new node and a
-        changed digest (both rewrite the node's status); a heartbeat counter alone does not.
-        When its member fails, the watch resumes on another endpoint from the revision after
-        the last event it delivered, so no change is lost. Raises StoreError (at the end of
-        `timeout`) if the watch has been down for longer than `self.timeout`.
-        """
+        """Return when the store changed after the last read(), or after `timeout` seconds;
+        StoreError if the watch is down (Watch.wait)."""
         if self.twin_of is not None:
             raise self.conn.error("wait", "a renewal twin has no watch")
         await self.watch.wait(timeout)

@@ -42,9 +42,16 @@ class Watch:
         return self._watching
 
     async def wait(self, timeout: float) -> None:
-        """EtcdStore.wait: return when the store changed after the last read, or after
-        `timeout` seconds; StoreError (at the end of `timeout`) if the watch has been down
-        for longer than the connection's timeout."""
+        """EtcdStore.wait: return when the store changed after the last read (note_read), or
+        after `timeout` seconds.
+
+        The background watch (started by the store's first publish, read or wait) reports
+        changes: claims, statuses and deletions (lease expiry) wake it, and so do a new node
+        and a changed digest (both rewrite the node's status); a heartbeat counter alone does
+        not. When its member fails, the watch resumes on another endpoint from the revision
+        after the last event it delivered, so no change is lost. Raises StoreError (at the end
+        of `timeout`) if the watch has been down for longer than the connection's timeout.
+        """
         loop = asyncio.get_running_loop()
         if self._conn.closed:
             raise self._conn.error("wait", "store closed")

@@ -1,7 +1,7 @@
 """The etcd store's mirror and lease renewal, on real etcd.
 
 read() right after publish() answers from a mirror that the publish transaction itself brought
-up to the publish's revision (reconciler/store/etcd.py, EtcdStore.read). These tests check it
+up to the publish's revision (reconciler/store/etcd/store.py, EtcdStore._read). These tests check it
 against linearizable reads by a store that never publishes (its every read() ranges over etcd):
 other clients' heartbeats, statuses, claims and deletions, lease expiry, compaction, a killed
 member, a dead watch, a failed publish; that a Snapshot never changes once returned; and that
@@ -25,6 +25,7 @@ from aetcd import rpc
 from reconciler.published import EMPTY, GroupStatus, NodeStatus
 from reconciler.store import Claim, Heartbeat, StoreError, records
 from reconciler.store.etcd import mirror as etcdmirror
+from reconciler.store.etcd import values
 from reconciler.store.etcd import EtcdStore
 
 
@@ -200,12 +201,12 @@ def test_own_lease_revoked_behind_its_back_is_granted_again(etcd_single):
         await a.claim("web", "na")
         channel, _, lease_stub = await kv_stub(etcd_single.endpoint(0))
         try:
-            await lease_stub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=a._lease), timeout=2)
+            await lease_stub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=a.lease.id), timeout=2)
         finally:
             await channel.close()
-        old = a._lease
+        old = a.lease.id
         snap = await publish_read(a, "na", 2, status=S(x=1))  # "lease not found" on the put: a new lease
-        assert a._lease != old
+        assert a.lease.id != old
         assert snap.claims == {} and snap.members["na"].status == S(x=1)
         assert snap == await c.read()
 
@@ -225,7 +226,7 @@ def test_compaction_keeps_reads_exact_and_a_compacted_watch_wakes_wait(etcd_sing
             counter += 1
             await b.publish(Heartbeat(node="nb", counter=counter))
             assert await publish_read(a, "na", counter) == await c.read()
-        while not a._watching:
+        while not a.watch.watching:
             await a.wait(0.05)
         await compact_now(etcd_single.endpoint(0))  # the live watch does not mind
         held = await b.claim("web", "nb")
@@ -236,8 +237,8 @@ def test_compaction_keeps_reads_exact_and_a_compacted_watch_wakes_wait(etcd_sing
             assert snap == await c.read() and snap.claims == {"web": held}
         # The watch goes away; meanwhile a claim goes and the revisions it would resume from
         # are compacted. wait() opens it again, learns of the compaction, and returns at once.
-        a._watch_task.cancel()
-        await asyncio.wait({a._watch_task})
+        a.watch.task.cancel()
+        await asyncio.wait({a.watch.task})
         assert await b.release(held)
         compacted = await compact_now(etcd_single.endpoint(0))
         t0 = time.monotonic()
@@ -247,10 +248,10 @@ def test_compaction_keeps_reads_exact_and_a_compacted_watch_wakes_wait(etcd_sing
         snap = await publish_read(a, "na", counter)
         assert snap == await c.read() and snap.claims == {}
         t0 = time.monotonic()
-        while not a._watching:  # open again after the compaction, from the compaction on
+        while not a.watch.watching:  # open again after the compaction, from the compaction on
             await a.wait(0.1)
             assert time.monotonic() - t0 < 3
-        assert min(a._watch_from) >= compacted
+        assert min(a.watch.resume_from) >= compacted
         task = asyncio.create_task(b.claim("web", "nb"))
         t0 = time.monotonic()
         await a.wait(5)
@@ -273,9 +274,9 @@ def test_watch_member_killed_then_compaction_reads_stay_exact(etcd_cluster3):
         c = stores.new("etcd://" + cluster.endpoint(leader))
         counter = 1
         assert await publish_read(a, "na", counter) == await c.read()
-        while not a._watching:
+        while not a.watch.watching:
             await a.wait(0.05)
-        assert a._idx == 0
+        assert a.conn.idx == 0
         cluster.kill(follower)  # a's watch (and its connection) breaks
         held = await b.claim("web", "nb")
         await b.publish(Heartbeat(node="nb", counter=1, status=S(s=1)))
@@ -295,9 +296,9 @@ def test_watch_member_killed_then_compaction_reads_stay_exact(etcd_cluster3):
         for _ in range(5):
             counter += 1
             assert await publish_read(a, "na", counter) == await c.read()
-        assert a._idx != 0
+        assert a.conn.idx != 0
         t0 = time.monotonic()
-        while not a._watching:
+        while not a.watch.watching:
             await a.wait(0.1)
             assert time.monotonic() - t0 < 5
         task = asyncio.create_task(b.release(held))
@@ -320,7 +321,7 @@ def test_killing_the_connected_member_keeps_reads_exact_and_the_lease_alive(etcd
         c = stores.new("etcd://" + cluster.endpoint(leader))
         await a.publish(Heartbeat(node="na", counter=0))
         mine = await a.claim("mine", "na")
-        lease = a._lease
+        lease = a.lease.id
         errors, counter = 0, 0
         t_end = time.monotonic() + 4
         killed = False
@@ -340,7 +341,7 @@ def test_killing_the_connected_member_keeps_reads_exact_and_the_lease_alive(etcd
             assert snap == await c.read(), counter
             await asyncio.sleep(0.1)
         assert killed and errors <= 3
-        assert a._lease == lease  # renewed across the failover: its claim is still there
+        assert a.lease.id == lease  # renewed across the failover: its claim is still there
         assert (await c.read()).claims["mine"] == mine
         assert a.mirror_reads > 20
 
@@ -356,13 +357,13 @@ def test_reads_are_exact_without_a_watch(etcd_single, monkeypatch):
         async def no_watch():
             await asyncio.sleep(3600)
 
-        monkeypatch.setattr(a, "_watch_loop", no_watch)
+        monkeypatch.setattr(a.watch, "run", no_watch)
         for counter in range(1, 6):
             await b.publish(Heartbeat(node="nb", counter=counter))
             if counter == 3:
                 await b.claim("web", "nb")
             assert await publish_read(a, "na", counter) == await c.read()
-        assert a.mirror_reads == 5 and not a._watching
+        assert a.mirror_reads == 5 and not a.watch.watching
         with pytest.raises(StoreError):
             await a.wait(0.4)  # but wait() says that the watch is down
 
@@ -438,7 +439,7 @@ def test_new_node_and_digest_change_wake_wait_a_counter_does_not(etcd_single):
     async def body():
         a, b = stores.new(), stores.new()
         await publish_read(a, "na", 1)
-        while not a._watching:
+        while not a.watch.watching:
             await a.wait(0.05)
         await publish_read(a, "na", 2)
 
@@ -466,17 +467,17 @@ def test_lease_renewed_every_quarter_ttl_not_every_heartbeat(etcd_single, lease_
     async def body():
         a, c = stores.new(lease_ttl=lease_ttl), stores.new()
         renewals = []
-        keepalive = a._keepalive
+        keepalive = a.lease.keepalive
 
         async def counted(lease, deadline):
             renewals.append(time.monotonic())
             return await keepalive(lease, deadline)
 
-        a._keepalive = counted
+        a.lease.keepalive = counted
         await a.publish(Heartbeat(node="na", counter=0))
         held = await a.claim("web", "na")
-        lease = a._lease
-        assert a._renew_every <= min(a.ttl / 4, a.ttl - lease_ttl - 0.5)
+        lease = a.lease.id
+        assert a.lease.renew_every <= min(a.ttl / 4, a.ttl - lease_ttl - 0.5)
         t0 = time.monotonic()
         counter = 0
         while time.monotonic() - t0 < 2 * a.ttl:  # well past the TTL
@@ -484,11 +485,11 @@ def test_lease_renewed_every_quarter_ttl_not_every_heartbeat(etcd_single, lease_
             await a.publish(Heartbeat(node="na", counter=counter))
             await asyncio.sleep(0.1)
         elapsed = time.monotonic() - t0
-        assert a._lease == lease and (await c.read()).claims == {"web": held}
+        assert a.lease.id == lease and (await c.read()).claims == {"web": held}
         # Due every _renew_every, done at the next heartbeat (100 ms apart) after that.
-        assert elapsed / (a._renew_every + 0.25) - 1 <= len(renewals) <= elapsed / a._renew_every + 1, len(renewals)
+        assert elapsed / (a.lease.renew_every + 0.25) - 1 <= len(renewals) <= elapsed / a.lease.renew_every + 1, len(renewals)
         gaps = [b - x for x, b in zip(renewals, renewals[1:])]
-        assert max(gaps) < a._renew_every + 0.35
+        assert max(gaps) < a.lease.renew_every + 0.35
 
     stores.run(body)
 
@@ -519,13 +520,12 @@ def test_blocking_publish_runs_a_twin_that_holds_the_lease_for_claims(etcd_singl
 
     async def body():
         main, other = stores.new(lease=0.4), stores.new(lease=0.4)
+        assert (await asyncio.to_thread(main.read_blocking)).members == {}  # makes the twin, which has no lease yet
         with pytest.raises(StoreError, match="no etcd lease yet"):
-            main._twin = EtcdStore(etcd_single.url, prefix=stores.prefix)  # a twin that has not published
             await main.claim("early", "na")
-        main._twin = None
         await asyncio.to_thread(main.publish_blocking, Heartbeat(node="na", counter=1))
-        twin = main._twin
-        assert twin is not None and twin._lease and twin._main is main
+        twin = main.twin
+        assert twin is not None and twin.lease.id and twin.twin_of is main and not main.lease.id
         mine = await main.claim("web", "na")
         assert mine is not None
         snap = await asyncio.to_thread(main.read_blocking)
@@ -551,7 +551,7 @@ def test_blocking_publish_runs_a_twin_that_holds_the_lease_for_claims(etcd_singl
         # The claim is bound to the twin's lease: revoking that lease removes it.
         channel, _kv, lease = await kv_stub(etcd_single.endpoint(0))
         try:
-            await lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=twin._lease), timeout=2)
+            await lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=twin.lease.id), timeout=2)
         finally:
             await channel.close()
         assert "web" not in (await fresh_read(other)).claims
@@ -583,7 +583,7 @@ def status_value(status: NodeStatus) -> bytes:
 def record_txns(store: EtcdStore) -> list:
     """Every publish transaction of `store` from now on: (its operations, its answer)."""
     seen = []
-    txn = store._txn
+    txn = store.conn.txn
 
     async def recorded(what, compare, success, failure, deadline, attempts=None):
         resp = await txn(what, compare, success, failure, deadline, attempts)
@@ -591,7 +591,7 @@ def record_txns(store: EtcdStore) -> list:
             seen.append((list(success), resp))
         return resp
 
-    store._txn = recorded
+    store.conn.txn = recorded
     return seen
 
 
@@ -690,7 +690,7 @@ def test_an_old_format_heartbeat_without_a_hash_still_gets_its_status(etcd_singl
         # The node is upgraded: its heartbeat names the hash from now on.
         value = status_value(S(v="new"))
         await put_raw(endpoint, stores.prefix, {"status/nold": value, "nodes/nold": json.dumps(
-            {"node": "nold", "counter": 9, "digest": "d", "status_hash": etcdmirror.status_hash(value)})})
+            {"node": "nold", "counter": 9, "digest": "d", "status_hash": values.status_hash(value)})})
         snap = await publish_read(a, "na", 9)
         assert snap.members["nold"].status == S(v="new") and snap == await c.read()
         assert a.mirror_reads == 8
@@ -715,7 +715,7 @@ def test_many_changed_statuses_and_deletions_behind_the_heartbeats_back(etcd_sin
                 value = status_value(S(n=n, c=counter))
                 beat = {"node": n, "counter": counter, "digest": "d"}
                 if hashed:
-                    beat["status_hash"] = etcdmirror.status_hash(value)
+                    beat["status_hash"] = values.status_hash(value)
                 puts[f"nodes/{n}"], puts[f"status/{n}"] = json.dumps(beat), value
             await put_raw(endpoint, stores.prefix, puts)
 

@@ -104,6 +104,32 @@ def test_status_rewritten_only_when_changed_is_invisible(backend):
     backend.run(body)
 
 
+def test_blocking_publish_and_read_from_another_thread(backend):
+    """The pair the agent renews its lease with, from a thread of its own: what
+    publish_blocking wrote, read_blocking and read() (of this store and of another) show,
+    and read_blocking shows the claims made on the event loop."""
+
+    async def body():
+        a, b = backend.new(), backend.new()
+        hb = Heartbeat(node="n1", counter=1, digest="d1", wall=1000.5, instance="a" * 16)
+        await asyncio.to_thread(a.publish_blocking, hb)
+        assert (await asyncio.to_thread(a.read_blocking)).members == {"n1": hb}
+        assert (await a.read()).members == {"n1": hb}
+        assert (await b.read()).members == {"n1": hb}
+        held = await a.claim("web", "n1")
+        assert held is not None
+        for counter in range(2, 5):
+            hb = Heartbeat(node="n1", counter=counter, digest=f"d{counter}", instance="a" * 16)
+            await asyncio.to_thread(a.publish_blocking, hb)
+            snap = await asyncio.to_thread(a.read_blocking)
+            assert snap.members == {"n1": hb} and snap.claims == {"web": held}
+            assert (await b.read()).members["n1"] == hb
+        await b.publish(Heartbeat(node="n2", counter=1))  # another node's, seen by the blocking read
+        assert set((await asyncio.to_thread(a.read_blocking)).members) == {"n1", "n2"}
+
+    backend.run(body)
+
+
 # --- claims -------------------------------------------------------------------------------
 
 
@@ -233,13 +259,17 @@ def test_wait_returns_early_on_claim_change_or_by_timeout(backend):
     backend.run(body)
 
 
-def test_unreachable_store_raises_store_error(backend, tmp_path):
+def unreachable(backend: Backend, tmp_path) -> Backend:
+    """A backend of the same kind whose store cannot be reached."""
     if backend.kind == "dir":
         blocker = tmp_path / "a-file"
         blocker.write_text("not a directory")
-        backend = Backend("dir", f"dir:{blocker}", create=False)
-    else:
-        backend = etcd_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.3)
+        return Backend("dir", f"dir:{blocker}", create=False)
+    return etcd_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=0.3)
+
+
+def test_unreachable_store_raises_store_error(backend, tmp_path):
+    backend = unreachable(backend, tmp_path)
 
     async def body():
         s = backend.new()
@@ -254,6 +284,25 @@ def test_unreachable_store_raises_store_error(backend, tmp_path):
             t0 = time.monotonic()
             with pytest.raises(StoreError) as info:
                 await call
+            assert time.monotonic() - t0 < 2
+            message = str(info.value)
+            assert "\n" not in message and backend.url in message
+
+    backend.run(body)
+
+
+def test_unreachable_store_blocking_pair_raises_store_error(backend, tmp_path):
+    """publish_blocking and read_blocking, from a thread other than the event loop's, raise
+    StoreError (and no other exception) naming the store, in one line, when it is unreachable."""
+    backend = unreachable(backend, tmp_path)
+
+    async def body():
+        s = backend.new()
+        for call in (lambda: s.publish_blocking(Heartbeat(node="n1", counter=1)), s.read_blocking) * 2:
+            t0 = time.monotonic()
+            with pytest.raises(Exception) as info:
+                await asyncio.to_thread(call)
+            assert isinstance(info.value, StoreError), repr(info.value)
             assert time.monotonic() - t0 < 2
             message = str(info.value)
             assert "\n" not in message and backend.url in message
@@ -350,15 +399,15 @@ def test_etcd_watch_resumes_without_losing_a_claim_deletion(etcd_cluster3):
         b = backend.new("etcd://" + cluster.endpoint(leader))
         held = await b.claim("web", "nb")
         await a.read()
-        while not a._watching:
+        while not a.watch.watching:
             await a.wait(0.05)
-        assert a._idx == 0
+        assert a.conn.idx == 0
         cluster.kill(follower)  # a's watch stream breaks
         assert await b.break_claim(held) is True
         t0 = time.monotonic()
         await a.wait(10)  # resumes on another member from the last revision: sees the delete
         assert time.monotonic() - t0 < 3
-        assert a._idx != 0 and a._watching
+        assert a.conn.idx != 0 and a.watch.watching
         assert (await a.read()).claims == {}
 
     backend.run(body)
@@ -380,10 +429,10 @@ def _plant(backend, store, entries: dict[str, bytes | str]):
                 else:
                     full.write_bytes(value)
             return
-        from reconciler.store.etcd import store as etcdmod
+        from reconciler.store.etcd.conn import put_op
 
-        ops = [etcdmod._put(store._key(*path.split("/", 1)), value) for path, value in entries.items()]
-        await store._txn("plant", [], ops, [], store._deadline())
+        ops = [put_op(store.conn.key(*path.split("/", 1)), value) for path, value in entries.items()]
+        await store.conn.txn("plant", [], ops, [], store.conn.deadline())
 
     return plant()
 

@@ -36,12 +36,10 @@ from reconciler.spec import redact_url  # noqa: E402
 
 
 class Store(abc.ABC):
-    """A backend. Every method is a coroutine; every I/O failure raises StoreError."""
+    """A backend. Every method but the blocking pair (publish_blocking, read_blocking) is a
+    coroutine; every I/O failure raises StoreError."""
 
     url: str = ""
-    # True if publish_blocking() works from any thread (the agent then renews from a thread
-    # of its own: reconciler/renewal.py); False if the backend's I/O belongs to the event loop.
-    blocking_publish: bool = False
     # Entries a read skipped as malformed or stray, summed over every read (each read of a
     # bad entry counts: the metric reconciler_store_entries_skipped_total keeps rising while
     # one is there); each entry is also logged, once.
@@ -56,21 +54,31 @@ class Store(abc.ABC):
         be trusted.
         """
 
+    # The agent renews its lease from a thread of its own (reconciler/cluster/renewal.py), so
+    # that a busy or stalled event loop never delays a heartbeat: every backend offers this
+    # blocking pair beside publish() and read().
+
+    @abc.abstractmethod
     def publish_blocking(self, heartbeat: Heartbeat) -> None:
         """publish(), called from a thread other than the event loop's; blocks until done.
 
-        The same guarantees as publish(). There is no timeout: a call that hangs simply
-        renews nothing, and the lease runs out. Only where `blocking_publish` is True.
+        The same guarantees as publish(): atomic, durable when it returns, and on error
+        (StoreError, and only StoreError, for every I/O failure) nothing is assumed renewed.
+        What it wrote is seen by the next read_blocking(), and by read() on the event loop,
+        of this store and of every other. There is no timeout: a call that hangs simply
+        renews nothing, and the lease runs out. Call it, and read_blocking, from one thread
+        at a time.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_blocking(self) -> Snapshot:
         """read(), called from a thread other than the event loop's; blocks until done.
 
-        Only where `blocking_publish` is True. No timeout: the agent notices a read that
-        does not come back on its own.
+        The same guarantees as read(): as current as a fresh read (it shows what this
+        store's publish_blocking() and its claims on the event loop wrote), StoreError and
+        only StoreError for I/O failures. No timeout: the agent notices a read that does
+        not come back on its own.
         """
-        raise NotImplementedError
 
     @abc.abstractmethod
     async def publish(self, heartbeat: Heartbeat) -> None:

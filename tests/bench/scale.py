@@ -187,32 +187,31 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
         async def one_round(c: int) -> None:
             def work() -> None:
                 for n in names:
-                    store._publish(Heartbeat(node=n, counter=c, digest=digest, status=status))
+                    store.publish_blocking(Heartbeat(node=n, counter=c, digest=digest, status=status))
             await asyncio.to_thread(work)
     else:
-        from reconciler.store.etcd import store as etcdmod
-
-        from reconciler.store.etcd import mirror as etcdmirror
+        from reconciler.store.etcd import values as etcdvalues
+        from reconciler.store.etcd.conn import put_op
 
         written: set[str] = set()  # nodes whose status is written under the current lease
         status_json = records.status_text(status)
-        status_hash = etcdmirror.status_hash(status_json.encode())  # as EtcdStore.publish names it
+        status_hash = etcdvalues.status_hash(status_json.encode())  # as EtcdStore.publish names it
 
         async def one_round(c: int) -> None:
-            deadline = store._deadline()
-            lease_id = store._lease
-            if lease_id and not await store._keepalive(lease_id, deadline):
-                store._drop_lease(lease_id)
+            deadline = store.conn.deadline()
+            lease_id = store.lease.id
+            if lease_id and not await store.lease.keepalive(lease_id, deadline):
+                store.lease.drop(lease_id)
                 written.clear()
-            lease_id = await store._ensure_lease(deadline)
+            lease_id = await store.lease.ensure(deadline)
             for k in range(0, len(names), 50):  # <= 100 operations per transaction (etcd allows 128)
                 ops = []
                 for n in names[k:k + 50]:
-                    ops.append(etcdmod._put(store._key("nodes", n), json.dumps({"node": n, "counter": c, "digest": digest, "status_hash": status_hash}), lease_id))
+                    ops.append(put_op(store.conn.key("nodes", n), json.dumps({"node": n, "counter": c, "digest": digest, "status_hash": status_hash}), lease_id))
                     if n not in written:
-                        ops.append(etcdmod._put(store._key("status", n), status_json, lease_id))
+                        ops.append(put_op(store.conn.key("status", n), status_json, lease_id))
                         written.add(n)
-                await store._txn("publish", [], ops, [], deadline)
+                await store.conn.txn("publish", [], ops, [], deadline)
 
     async def report() -> None:
         while True:

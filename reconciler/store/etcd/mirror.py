@@ -11,7 +11,7 @@ its heartbeat, so a status changed only where a heartbeat changed. The mirror co
 changed heartbeat's hash with that of the status it holds; a status that differs is *stale*,
 and so is the key set of a kind whose count shows deletions. fetch_ops reads exactly what is
 stale, at the mirror's revision, in one more round trip (read() does it before it answers; see
-EtcdStore.read for why the result is exactly a read at that revision).
+EtcdStore._read for why the result is exactly a read at that revision).
 
 A heartbeat without a status_hash (written by an older version) cannot tell: the statuses of
 such nodes are ranged over in the delta itself (modified since the mirror's revision only), as
@@ -19,16 +19,13 @@ every status used to be.
 
 A dict that a Snapshot holds is never changed again: the mirror copies it first (the *_shared
 flags). Heartbeats, statuses and claims are parsed only when their key's value changed, through
-reconciler/store/records.py: a malformed value (or a key that is not a valid name) is left out
-of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
-
-(Over ~400 lines: the mirror's revision bookkeeping and its record checks, one job.)
+reconciler/store/records.py (by values.py): a malformed value (or a key that is not a valid name)
+is left out of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+from typing import Any
 
 import attrs
 from aetcd import rpc
@@ -36,16 +33,12 @@ from aetcd.utils import prefix_range_end
 
 from reconciler.published import EMPTY, NodeStatus
 from reconciler.store import Claim, Heartbeat, Snapshot, records
+from reconciler.store.etcd import values
 
 KINDS = ("nodes", "status", "claims")
 # At most this many statuses are ranged over one key each (etcd allows 128 operations in a
 # transaction); more: one range over status/.
 EACH = 32
-
-
-def status_hash(value: bytes) -> str:
-    """The hash a heartbeat names of its node's status value."""
-    return hashlib.blake2b(value, digest_size=12).hexdigest()
 
 
 @attrs.frozen
@@ -206,16 +199,15 @@ class Mirror:
         """Ranges for a read-only transaction that read what the mirror lacks, at its revision."""
         # Serializable: the keys at a given revision are the same on every member that has
         # applied it (the one that answered the delta has; another answers "future revision").
-        at = dict(revision=self.rev, serializable=True)
+        at: dict[str, Any] = dict(revision=self.rev, serializable=True)
         kinds = tuple(k for k in ("nodes", "claims") if k in self.resync)
         ops = [_range(self.prefix[k], keys_only=True, **at) for k in kinds]
-        stale: dict | None = dict(self.stale)
         if "status" in self.resync or len(self.stale) > EACH:
-            stale = None
             ops.append(_range(self.prefix["status"], **at))
-        else:
-            ops += [_range(self.prefix["status"] + n.encode(), single=True, min_mod_revision=mod, **at)
-                    for n, mod in stale.items()]
+            return Fetch(version=self.version, rev=self.rev, kinds=kinds, stale=None, ops=ops)
+        stale = dict(self.stale)
+        ops += [_range(self.prefix["status"] + n.encode(), single=True, min_mod_revision=mod, **at)
+                for n, mod in stale.items()]
         return Fetch(version=self.version, rev=self.rev, kinds=kinds, stale=stale, ops=ops)
 
     def apply_fetch(self, fetch: Fetch, responses) -> bool:
@@ -232,10 +224,10 @@ class Mirror:
             self.resync.discard(kind)
         ranges = ranges[len(fetch.kinds):]
         if fetch.stale is None:
-            values = {self._name("status", kv.key): kv.value for kv in ranges[0].kvs}
-            for name in [n for n in self.status if n not in values]:
+            found = {self._name("status", kv.key): kv.value for kv in ranges[0].kvs}
+            for name in [n for n in self.status if n not in found]:
                 self._drop_status(name)
-            for name, value in values.items():
+            for name, value in found.items():
                 self._set_status(name, value)
             self.resync.discard("status")
             self.stale.clear()
@@ -267,16 +259,16 @@ class Mirror:
         for kv in kvs:
             if kv.key.startswith(sp):
                 name = self._name("status", kv.key)
-                known = self.status.get(name)
-                status[name] = st = known if known is not None and known[0] == kv.value else _status(kv.value)
+                held = self.status.get(name)
+                status[name] = st = held if held is not None and held[0] == kv.value else values.parse_status(kv.value)
                 if st[3]:
                     bad[f"status/{name}"] = st[3]
             elif kv.key.startswith(cp):
                 name = self._name("claims", kv.key)
                 raw["claims"][name] = kv.value
-                c = self.claims.get(name)
-                if c is None or c.token != str(kv.create_revision) or self.raw["claims"].get(name) != kv.value:
-                    c = _claim(name, kv)
+                c: Claim | str | None = self.claims.get(name)
+                if not isinstance(c, Claim) or c.token != str(kv.create_revision) or self.raw["claims"].get(name) != kv.value:
+                    c = values.parse_claim_key(name, kv)
                 if isinstance(c, str):
                     bad[f"claims/{name}"] = c
                 else:
@@ -292,11 +284,11 @@ class Mirror:
                 if known is not None and known.status is doc:
                     members[name] = known
                     continue
-                beat = _json(value)
+                beat = values.parse_json(value)
             else:
-                beat = _json(value)
-                announced[name] = _announced(beat)
-            hb = _heartbeat(name, beat, doc)
+                beat = values.parse_json(value)
+                announced[name] = values.announced_hash(beat)
+            hb = values.parse_heartbeat(name, beat, doc)
             if isinstance(hb, str):
                 bad[f"nodes/{name}"] = hb
             else:
@@ -323,10 +315,10 @@ class Mirror:
         if have.get(name) == kv.value and name in self.announced:
             return
         have[name] = kv.value
-        beat = _json(kv.value)
-        self.announced[name] = _announced(beat)
+        beat = values.parse_json(kv.value)
+        self.announced[name] = values.announced_hash(beat)
         known = self.status.get(name)
-        hb = _heartbeat(name, beat, known[1] if known is not None else EMPTY)
+        hb = values.parse_heartbeat(name, beat, known[1] if known is not None else EMPTY)
         self._mark(f"nodes/{name}", hb if isinstance(hb, str) else "")
         if not isinstance(hb, str):
             self.members_w()[name] = hb
@@ -334,11 +326,11 @@ class Mirror:
             del self.members_w()[name]
 
     def _put_claim(self, name: str, kv) -> None:
-        c = self.claims.get(name)
-        if c is not None and c.token == str(kv.create_revision) and self.raw["claims"].get(name) == kv.value:
+        known = self.claims.get(name)
+        if known is not None and known.token == str(kv.create_revision) and self.raw["claims"].get(name) == kv.value:
             return
         self.raw["claims"][name] = kv.value
-        c = _claim(name, kv)
+        c = values.parse_claim_key(name, kv)
         self._mark(f"claims/{name}", c if isinstance(c, str) else "")
         if not isinstance(c, str):
             self.claims_w()[name] = c
@@ -364,7 +356,7 @@ class Mirror:
         known = self.status.get(name)
         if known is not None and known[0] == value:
             return
-        self.status[name] = st = _status(value)
+        self.status[name] = st = values.parse_status(value)
         self._mark(f"status/{name}", st[3])
         if (hb := self.members.get(name)) is not None:
             self.members_w()[name] = attrs.evolve(hb, status=st[1])
@@ -393,55 +385,3 @@ def _range(key: bytes, single: bool = False, **options):
     """A range over the keys under `key` (or that one key) as a transaction operation."""
     end = b"" if single else prefix_range_end(key)
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end, **options))
-
-
-def _status(value: bytes) -> tuple[bytes, NodeStatus, str, str]:
-    """A status value, parsed (published.EMPTY if malformed), with its hash and why it is
-    malformed ("" if it is not)."""
-    doc = records.parse_status(value)
-    if isinstance(doc, str):
-        return value, EMPTY, status_hash(value), doc
-    return value, doc, status_hash(value), ""
-
-
-def _announced(beat) -> str | None:
-    h = beat.get("status_hash") if isinstance(beat, dict) else None
-    return h if isinstance(h, str) else None
-
-
-def _heartbeat(node: str, beat, status: NodeStatus) -> Heartbeat | str:
-    """A parsed nodes/NODE value as a Heartbeat carrying `status`; why not, if malformed."""
-    why = records.check_name(node, "node")
-    if why:
-        return why
-    if not isinstance(beat, dict):
-        return "heartbeat is not a JSON object"
-    fields = records.beat_fields(beat.get("counter"), beat.get("wall"), beat.get("digest"), beat.get("instance"))
-    if isinstance(fields, str):
-        return fields
-    counter, wall, digest, instance = fields
-    return Heartbeat(node=node, counter=counter, digest=digest, status=status, wall=wall, instance=instance)
-
-
-def _claim(group: str, kv) -> Claim | str:
-    """A claims/GROUP key as a Claim; why not, if malformed."""
-    why = records.check_name(group, "group")
-    if why:
-        return why
-    parsed = records.parse_claim(kv.value.decode(errors="replace"))
-    if isinstance(parsed, str):
-        return parsed
-    return Claim(group=group, node=parsed[0], generation=parsed[1], token=str(kv.create_revision))
-
-
-def _json(raw: bytes):
-    try:
-        return json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def parse_claim(raw: bytes) -> tuple[str, int]:
-    """"NODE:GENERATION" -> (NODE, GENERATION); ("", 0) if malformed."""
-    parsed = records.parse_claim(raw.decode(errors="replace"))
-    return ("", 0) if isinstance(parsed, str) else parsed

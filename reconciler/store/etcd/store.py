@@ -2,45 +2,34 @@
 
 Layout under the prefix (default /reconciler; a URL path, etcd://HOST:PORT/ha1, replaces it):
     nodes/NODE           heartbeat {node, counter, digest, status_hash, wall}; bound to the
-                         node's lease; status_hash: etcdmirror.status_hash of status/NODE's value
+                         node's lease; status_hash: values.status_hash of status/NODE's value
     status/NODE          published status; written only together with nodes/NODE, when it (or
                          the digest) changed and with the first heartbeat under each lease;
                          bound to the lease
     claims/GROUP         "NODE:GENERATION"; created only if absent, bound to the claimer's lease
     generations/GROUP    the last generation handed out for GROUP (no lease: it only grows)
 
-Each store instance holds one etcd lease, kept alive by `publish` (every `_renew_every`
-seconds, not every heartbeat). When a node stops renewing, etcd deletes its heartbeat, status
-and claims once the lease TTL has run out by the etcd leader's clock. The TTL is
-ceil(lease_ttl) + 1 whole seconds, and a heartbeat is never written to a lease renewed longer
-than TTL - lease_ttl - 0.5 s before, so a claim outlives its owner's own self-demotion
-deadline (the start of its last successful publish + lease_ttl) by at least half a second.
+Each store instance holds one etcd lease (lease.py), kept alive by `publish` (every
+`lease.renew_every` seconds, not every heartbeat). When a node stops renewing, etcd deletes
+its heartbeat, status and claims once the lease TTL has run out by the etcd leader's clock.
+The TTL is ceil(lease_ttl) + 1 whole seconds, and a heartbeat is never written to a lease
+renewed longer than TTL - lease_ttl - 0.5 s before, so a claim outlives its owner's own
+self-demotion deadline (the start of its last successful publish + lease_ttl) by at least
+half a second. A claim instance is identified by its key's create revision (claims.py).
 
-A claim instance is identified by the create revision of its key (Claim.token). Release and
-break delete the key in a transaction comparing that revision, so exactly one caller ends an
-instance and nobody ever removes a successor (a re-created key has a new create revision).
-
-Reading rides along with publishing. The store keeps a *mirror* (etcdmirror.Mirror) of the
-heartbeats, statuses and claims at one revision; each publish transaction, after its puts,
-also ranges over the nodes/ and claims/ keys modified since the mirror's revision and counts
-the keys of nodes/, status/ and claims/, so its one round trip brings the mirror to the
-publish's own revision (see `read` for why that is exact). It never ranges over status/: etcd
-reads every key of such a range before it filters, and status documents are large. A status
-changes only with its heartbeat, which names its hash: the read() right after a publish
-fetches the statuses whose hash changed (and, after deletions, the key names of the kind that
-lost keys), and otherwise returns the mirror without another round trip. Heartbeats, statuses
-and claims are parsed only when their key changed, and an idle cluster's delta is one
-heartbeat per live node. A background watch (etcdwatch: claims/ and status/, and deletions
-under nodes/) wakes `wait`; peers' heartbeat counters never reach it, so it costs nothing
-while the cluster idles.
+Reading rides along with publishing: each publish transaction also brings the store's
+*mirror* (mirror.py) of the heartbeats, statuses and claims up to its own revision, so the
+read() right after a publish usually costs no round trip of its own (`_read` says why that is
+exact). A background watch (watch.py: claims/ and status/, and deletions under nodes/) wakes
+`wait`; peers' heartbeat counters never reach it, so it costs nothing while the cluster idles.
 
 Talks gRPC through aetcd's generated stubs (aetcd.Client lacks TLS, per-call deadlines,
 failover and resumable watches). Every call has a deadline (`timeout`, default 1 s); within it
 a call moves on to the next endpoint after UNAVAILABLE or a timed-out attempt, after it raises
 StoreError. Use one instance from one event loop.
 
-(Over ~400 lines: the claim transactions and the verified parsing of what etcd returns;
-the connection is etcdconn.py, the mirror etcdmirror.py, the watch etcdwatch.py.)
+The store composes its parts, each given what it needs when it is made: conn.py, lease.py,
+watch.py, mirror.py, claims.py and twin.py; values.py parses what etcd holds.
 """
 
 from __future__ import annotations
@@ -48,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from types import SimpleNamespace
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -59,30 +48,35 @@ from aetcd.utils import prefix_range_end
 from reconciler.published import NodeStatus
 from reconciler.spec import redact_url
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
-from reconciler.store.etcd import mirror as etcdmirror
-from reconciler.store.etcd.conn import ConnectionMixin, LeaseGone
-from reconciler.store.etcd.watch import WatchMixin
+from reconciler.store.etcd import values
+from reconciler.store.etcd.claims import Claims
+from reconciler.store.etcd.conn import Connection, LeaseGone, put_op
+from reconciler.store.etcd.lease import Lease
+from reconciler.store.etcd.mirror import Mirror
+from reconciler.store.etcd.twin import Twin
+from reconciler.store.etcd.watch import Watch
 
-class EtcdStore(ConnectionMixin, WatchMixin, Store):
+
+class EtcdStore(Store):
     """`url`: etcd://HOST[:PORT],HOST[:PORT]... or etcds://... (TLS with `ca`, `cert`, `key`).
 
     `lease_ttl` (alias `lease`): the agent's lease in seconds; `timeout`: the per-call deadline;
     `user`/`password`: etcd authentication. `mirror_reads` and `full_reads` count how read()
     calls were answered (from the last publish, or by a read of their own); `fetches` the
-    round trips that fetched what a delta left out (see read).
+    round trips that fetched what a delta left out (see read). `twin_of` is for this class
+    only: the instance a renewal twin renews for (see publish_blocking).
     """
 
     def __init__(self, url: str, *, prefix: str = "/reconciler", lease_ttl: float | None = None,
                  lease: float | None = None, timeout: float = 1.0, ca: str | None = None,
                  cert: str | None = None, key: str | None = None, user: str | None = None,
-                 password: str | None = None):
-        self._args = (url, dict(prefix=prefix, lease_ttl=lease_ttl, lease=lease, timeout=timeout, ca=ca, cert=cert,
-                                key=key, user=user, password=password))
+                 password: str | None = None, twin_of: EtcdStore | None = None):
+        options: dict[str, Any] = dict(prefix=prefix, lease_ttl=lease_ttl, lease=lease, timeout=timeout, ca=ca,
+                                       cert=cert, key=key, user=user, password=password)
         # The renewal twin (see publish_blocking): this instance's heartbeat, lease and reads
-        # on a thread and event loop of their own; `_main` is set on the twin.
-        self._twin: EtcdStore | None = None
-        self._main: EtcdStore | None = None
-        self._tloop: asyncio.AbstractEventLoop | None = None
+        # on a thread and event loop of their own; `twin_of` is set on the twin.
+        self._renewal: Twin[EtcdStore] = Twin(lambda: EtcdStore(url, **options, twin_of=self))
+        self.twin_of = twin_of
         parts = urlsplit(url)
         hosts = [h.strip() for h in parts.netloc.rpartition("@")[2].split(",") if h.strip()]
         shown = redact_url(url)  # the URL in every message and in .url: never its password
@@ -95,42 +89,69 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         self.prefix = (parts.path if parts.path.strip("/") else prefix).rstrip("/")
         seconds = max(0.0, lease_ttl if lease_ttl is not None else lease if lease is not None else 1.0)
         self.ttl = max(1, math.ceil(seconds) + 1)
-        # Renew the etcd lease only this often (at most every TTL/4). A heartbeat written at t
-        # finds the lease renewed after t - _renew_every, so etcd keeps the node's keys and
-        # claims until after t + TTL - _renew_every >= t + lease_ttl + 0.5 s: past the owner's
-        # lease deadline and its keeper's kill slack. (TTL >= lease_ttl + 1, so >= 0.25 s.)
-        self._renew_every = min(self.ttl / 4, self.ttl - seconds - 0.5)
         self.timeout = timeout
-        self._tls = (ca, cert, key) if parts.scheme == "etcds" else None
-        self._auth = (user, password) if user is not None else None
-        self._stubs_by_idx: dict[int, SimpleNamespace] = {}
-        self._tokens: dict[int, str] = {}  # endpoint -> auth token
-        self._idx = 0  # the endpoint in use; moves on when it fails
-        self._lease, self._lease_lock = 0, asyncio.Lock()
-        self._renewed_at = float("-inf")  # loop time the last keepalive or grant of _lease was sent
-        self._ka: tuple[SimpleNamespace, object] | None = None  # (stubs, open LeaseKeepAlive stream)
-        self._last_status: dict[str, tuple[str, str]] = {}  # node -> (status hash, digest) written under the current lease
+        self.conn = Connection(url=shown, endpoints=self.endpoints, prefix=self.prefix, timeout=timeout,
+                               tls=(ca, cert, key) if parts.scheme == "etcds" else None,
+                               auth=(user, password) if user is not None and password is not None else None)
+        # Renew the etcd lease only this often (at most every TTL/4). A heartbeat written at t
+        # finds the lease renewed after t - renew_every, so etcd keeps the node's keys and
+        # claims until after t + TTL - renew_every >= t + lease_ttl + 0.5 s: past the owner's
+        # lease deadline and its keeper's kill slack. (TTL >= lease_ttl + 1, so >= 0.25 s.)
+        self.lease = Lease(self.conn, ttl=self.ttl, renew_every=min(self.ttl / 4, self.ttl - seconds - 0.5))
+        # A twin's reads count for the watch of the instance it renews for, which serves
+        # wait(); the twin runs no watch of its own.
+        self.watch: Watch = Watch(self.conn) if twin_of is None else twin_of.watch
+        self._claims = Claims(self.conn)
+        # node -> (lease, status hash, digest) last written: a status is written again under
+        # a new lease (its keys went with the old one) and when it or the digest changed.
+        self._last_status: dict[str, tuple[int, str, str]] = {}
         self._status_json: dict[str, tuple[NodeStatus, bytes, str]] = {}  # node -> (status, its JSON, hash) last published
-        self._gens: dict[str, tuple[int, int]] = {}  # group -> (generation, its key's mod revision)
-        self._closed = False
-        self._init_watch()
         # The revision of the last publish if read() may still answer with the mirror at it
         # (0: read etcd), and the latest revision this store wrote (publish, claim, release,
         # break) or saw a claim at: a read must show it.
         self._fresh = 0
-        self._floor = 0
+        self.floor = 0
         self.mirror_reads = self.full_reads = self.fetches = 0
         self._base = f"{self.prefix}/".encode()
         # (named without credentials: the log shows the endpoints and the prefix only)
         self._skips = records.Skips(f"{parts.scheme}://{','.join(self.endpoints)}{self.prefix}")
-        self._mirror = etcdmirror.Mirror(self._base, self._skips)
+        self._mirror = Mirror(self._base, self._skips)
         self._written: dict[str, bytes] = {}  # node -> the heartbeat value this store put last
         self._displaced: dict[str, Heartbeat] = {}  # see Snapshot.displaced
 
     @property
     def skipped_total(self) -> int:  # type: ignore[override]
         """Skipped entries counted by this instance's reads and by its renewal twin's."""
-        return self._skips.total + (self._twin._skips.total if self._twin is not None else 0)
+        twin = self._renewal.store
+        return self._skips.total + (twin.skipped_total if twin is not None else 0)
+
+    @property
+    def twin(self) -> EtcdStore | None:
+        """The renewal twin, once publish_blocking or read_blocking has made it."""
+        return self._renewal.store
+
+    async def _bound_lease(self, deadline: float) -> int:
+        """The lease this instance's keys bind to: its own, granted if need be, or once it
+        has a renewal twin, the twin's (the node's one lease, which the twin keeps alive)."""
+        if (twin := self._renewal.store) is not None:
+            if not twin.lease.id:
+                raise self.conn.error("claim", "no etcd lease yet (the heartbeat has not been published)")
+            return twin.lease.id
+        return await self.lease.ensure(deadline)
+
+    def _lease_gone(self, lease: int) -> None:
+        self.lease.drop(lease)  # (a twin's lease: the twin's next heartbeat finds out itself)
+
+    def _ensure_watch(self) -> None:
+        if self.twin_of is None:
+            self.watch.ensure()
+
+    async def wait(self, timeout: float) -> None:
+        """Return when the store changed after the last read(), or after `timeout` seconds;
+        StoreError if the watch is down (Watch.wait)."""
+        if self.twin_of is not None:
+            raise self.conn.error("wait", "a renewal twin has no watch")
+        await self.watch.wait(timeout)
 
     # --- heartbeat ------------------------------------------------------------------------
 
@@ -138,19 +159,19 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         """Write this node's heartbeat (and its status if that or the digest changed), keep
         the lease alive, and bring the mirror up to this write.
 
-        Renews the etcd lease if `_renew_every` seconds have passed since it was last renewed
-        or granted (see __init__ for why that keeps the TTL guarantee), then puts the
+        Renews the etcd lease if `lease.renew_every` seconds have passed since it was last
+        renewed or granted (see __init__ for why that keeps the TTL guarantee), then puts the
         heartbeat and any changed status in one transaction bound to the lease: readers see
         the old or the new record, never a torn one. The heartbeat names the hash of the
-        status (etcdmirror.status_hash), which is only ever written together with it. If etcd
+        status (values.status_hash), which is only ever written together with it. If etcd
         says the lease has expired (on the keepalive, or "lease not found" on the put), grants
         a new one and writes both keys again. The same transaction reads what changed since
         the mirror's revision (see read). Returns once the etcd quorum has committed it.
         Raises StoreError if no endpoint answers within `timeout`; then nothing is assumed
         renewed.
 
-        The status is serialized again only if it is not the very record published last (the
-        agent builds a new one when it changes).
+        The status is serialized again only if it is not the very dict published last: treat
+        a published status as read-only (the agent builds a new one when it changes).
         """
         self._fresh = 0  # until this publish has succeeded (also if it is cancelled)
         loop = asyncio.get_running_loop()
@@ -158,51 +179,46 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         cached = self._status_json.get(node)
         if cached is None or cached[0] is not heartbeat.status:
             value = records.status_text(heartbeat.status).encode()
-            cached = self._status_json[node] = (heartbeat.status, value, etcdmirror.status_hash(value))
+            cached = self._status_json[node] = (heartbeat.status, value, values.status_hash(value))
         _, status, shash = cached
-        beat = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest, "status_hash": shash}
+        record: dict[str, object] = {"node": node, "counter": heartbeat.counter, "digest": heartbeat.digest,
+                                     "status_hash": shash}
         if heartbeat.wall is not None:
-            beat["wall"] = round(heartbeat.wall, 3)
+            record["wall"] = round(heartbeat.wall, 3)
         if heartbeat.instance:
-            beat["instance"] = heartbeat.instance
-        beat = json.dumps(beat, separators=(",", ":"))
-        written = (shash, heartbeat.digest)
+            record["instance"] = heartbeat.instance
+        beat = json.dumps(record, separators=(",", ":"))
         for _ in range(3):
-            lease = self._lease
-            if lease and (sent := loop.time()) - self._renewed_at >= self._renew_every:
-                if await self._keepalive(lease, deadline):
-                    if self._lease == lease:
-                        self._renewed_at = max(self._renewed_at, sent)
-                else:
-                    self._drop_lease(lease)
-            lease = await self._ensure_lease(deadline)
+            await self.lease.renew_if_due(deadline)
+            lease = await self._bound_lease(deadline)
             # prev_kv: the record this put replaces (Snapshot.displaced: a twin's, if not ours)
-            ops = [_put(self._key("nodes", node), beat, lease, prev_kv=bool(heartbeat.instance))]
+            ops = [put_op(self.conn.key("nodes", node), beat, lease, prev_kv=bool(heartbeat.instance))]
             # A new digest rewrites the status too: its watch is what wakes the peers.
+            written = (lease, shash, heartbeat.digest)
             put_status = self._last_status.get(node) != written
             if put_status:
-                ops.append(_put(self._key("status", node), status, lease))
+                ops.append(put_op(self.conn.key("status", node), status, lease))
             delta = self._mirror.delta_ops()  # its ranges see the puts above
             try:
-                resp = await self._txn("publish", [], ops + delta.ops, [], deadline)
+                resp = await self.conn.txn("publish", [], ops + delta.ops, [], deadline)
             except LeaseGone:
-                self._drop_lease(lease)
+                self._lease_gone(lease)
                 continue
-            if self._lease == lease:
+            if self.lease.id == lease:
                 self._last_status[node] = written
             if heartbeat.instance:
                 self._note_displaced(node, resp.responses[0].response_put.prev_kv.value, beat.encode())
             rev = resp.header.revision
-            self._floor = max(self._floor, rev)
+            self.floor = max(self.floor, rev)
             if self._mirror.advance(delta, rev, resp.responses[len(ops):], {node: status} if put_status else None):
                 self._fresh = rev
             self._ensure_watch()
             return
-        raise self._error("publish", "the lease keeps expiring")
+        raise self.conn.error("publish", "the lease keeps expiring")
 
     def _note_displaced(self, node: str, prev: bytes, mine: bytes) -> None:
         last, self._written[node] = self._written.get(node), mine
-        hb = etcdmirror._heartbeat(node, etcdmirror._json(prev), {}) if prev and prev != last else None
+        hb = values.parse_heartbeat(node, values.parse_json(prev), {}) if prev and prev != last else None
         if isinstance(hb, Heartbeat):
             self._displaced[node] = hb
         else:
@@ -254,24 +270,24 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
         before it changes it); heartbeats, statuses and claims that did not change are the
         same objects as in earlier snapshots: treat them as read-only.
         """
-        if self._closed:
-            raise self._error("read", "store closed")
+        if self.conn.closed:
+            raise self.conn.error("read", "store closed")
         fresh, self._fresh = self._fresh, 0
-        floor = max(self._floor, self._main._floor if self._main is not None else 0)  # the main's claims too
-        deadline = self._deadline()
+        floor = max(self.floor, self.twin_of.floor if self.twin_of is not None else 0)  # the main's claims too
+        deadline = self.conn.deadline()
         try:
             if fresh and fresh == self._mirror.rev and floor <= fresh and await self._settle(deadline):
                 self.mirror_reads += 1
-                self._note_read(fresh)
+                self.watch.note_read(fresh)
                 return self._mirror.snapshot()
             self.full_reads += 1
             if self._mirror.rev:
                 delta = self._mirror.delta_ops()
-                resp = await self._txn("read", [], delta.ops, [], deadline)
+                resp = await self.conn.txn("read", [], delta.ops, [], deadline)
                 rev = resp.header.revision
                 if self._mirror.advance(delta, rev, resp.responses) and await self._settle(deadline) \
                         and self._mirror.rev == rev:
-                    self._note_read(rev)
+                    self.watch.note_read(rev)
                     return self._mirror.snapshot()
             return await self._read_full(deadline)
         finally:
@@ -295,7 +311,7 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
                         return None
                     raise
 
-            resp = await self._call("read", call, deadline)
+            resp = await self.conn.call("read", call, deadline)
             self.fetches += 1
             if resp is None or not self._mirror.apply_fetch(fetch, resp.responses):
                 return False
@@ -304,143 +320,82 @@ class EtcdStore(ConnectionMixin, WatchMixin, Store):
     async def _read_full(self, deadline: float) -> Snapshot:
         """The linearizable read: one range over the prefix; it replaces the mirror if newer."""
         request = rpc.RangeRequest(key=self._base, range_end=prefix_range_end(self._base))
-        resp = await self._call("read", lambda s, t, md: s.kv.Range(request, timeout=t, metadata=md), deadline)
+        resp = await self.conn.call("read", lambda s, t, md: s.kv.Range(request, timeout=t, metadata=md), deadline)
         rev = resp.header.revision
-        self._note_read(rev)
+        self.watch.note_read(rev)
         parsed = self._mirror.parse_all(resp.kvs)
         if rev < self._mirror.rev:  # a publish answered meanwhile moved the mirror past this read
             return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])))
         self._mirror.install(rev, parsed)
         return self._mirror.snapshot()
 
-    # --- claims ---------------------------------------------------------------------------
+    # --- claims (claims.py) ----------------------------------------------------------------
 
     async def claim(self, group: str, node: str) -> Claim | None:
-        """Create the claim on `group` for `node` if absent, bound to this store's lease.
-
-        One transaction compares that the claim key does not exist and that generations/GROUP
-        is unchanged since we read it, then bumps the generation and creates the claim: among
-        concurrent claimers exactly one succeeds, and generations only grow. Returns None if a
-        claim exists. If an attempt of this call timed out but was applied (the claim carries
-        this store's lease and `node`), returns that claim. Raises StoreError if no endpoint
-        answers within `timeout`. The next read() shows the claim made or found.
+        """Create the claim on `group` for `node` if absent, bound to this store's lease
+        (Claims.claim). Returns None if a claim exists, or the claim an attempt of this call
+        made that timed out but was applied. Raises StoreError if no endpoint answers within
+        `timeout`. The next read() shows the claim made or found.
         """
-        deadline = self._deadline()
-        ckey, gkey = self._key("claims", group), self._key("generations", group)
+        deadline = self.conn.deadline()
         attempts: list[str] = []
         while True:
-            lease = await self._ensure_lease(deadline)
-            gen, mod = self._gens.get(group, (0, 0))
-            compare = [_cmp(ckey, "CREATE", create_revision=0), _cmp(gkey, "MOD", mod_revision=mod)]
-            success = [_put(gkey, str(gen + 1)), _put(ckey, f"{node}:{gen + 1}", lease)]
-            failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k in (ckey, gkey)]
+            lease = await self._bound_lease(deadline)
             try:
-                resp = await self._txn(f"claim {group}", compare, success, failure, deadline, attempts)
+                made, rev = await self._claims.claim(group, node, lease=lease, deadline=deadline, attempts=attempts)
             except LeaseGone:
-                self._drop_lease(lease)
+                self._lease_gone(lease)
                 continue
-            if resp.succeeded:
-                rev = resp.header.revision  # both keys were written at this revision
-                self._floor = max(self._floor, rev)
-                self._gens[group] = (gen + 1, rev)
-                return Claim(group=group, node=node, generation=gen + 1, token=str(rev))
-            current, gens = (r.response_range.kvs for r in resp.responses)
-            last = gens[0].value if gens else b"0"
-            if not (last.isdigit() and len(last) < 20):  # read as 0, the fencing token would go backwards
-                raise self._error(f"claim {group}", f"generations/{group} holds {last[:20]!r}, not a generation: "
-                                  "claims of it are refused until it is repaired")
-            self._gens[group] = (int(last), gens[0].mod_revision if gens else 0)
-            if current:
-                self._floor = max(self._floor, current[0].mod_revision)
-                owner, cgen = etcdmirror.parse_claim(current[0].value)
-                if attempts and owner == node and current[0].lease == lease:
-                    return Claim(group=group, node=node, generation=cgen, token=str(current[0].create_revision))
-                return None
-            # The generation moved on and the claim is gone again: retry with the new number.
+            self.floor = max(self.floor, rev)
+            return made
 
     async def release(self, claim: Claim) -> bool:
-        """The owner deletes its claim instance. True if this call removed it.
-
-        One transaction deletes the key only if its create revision is the claim's token and
-        its value is unchanged, so a stale owner never removes a successor's claim. Raises
-        StoreError if no endpoint answers within `timeout`.
-        """
+        """The owner deletes its claim instance (Claims.end): True if this call removed it; a
+        stale owner never removes a successor's claim. Raises StoreError if no endpoint
+        answers within `timeout`."""
         return await self._end("release", claim)
 
     async def break_claim(self, claim: Claim) -> bool:
-        """Another node deletes a dead owner's claim instance. True if this call won.
-
-        The same compare-and-delete transaction as `release`: among concurrent breakers of one
-        instance exactly one succeeds, and a replaced instance is never touched. Raises
-        StoreError if no endpoint answers within `timeout`.
-        """
+        """Another node deletes a dead owner's claim instance (Claims.end): among concurrent
+        breakers of one instance exactly one succeeds, and a replaced instance is never
+        touched. Raises StoreError if no endpoint answers within `timeout`."""
         return await self._end("break", claim)
 
     async def _end(self, what: str, claim: Claim) -> bool:
-        if not claim.token.isdigit():
-            return False
-        ckey = self._key("claims", claim.group)
-        compare = [_cmp(ckey, "CREATE", create_revision=int(claim.token)),
-                   _cmp(ckey, "VALUE", value=f"{claim.node}:{claim.generation}".encode())]
-        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=ckey))
-        resp = await self._txn(f"{what} {claim.group}", compare, [delete], [], self._deadline())
-        if resp.succeeded:  # the next read() must not show the claim any more
-            self._floor = max(self._floor, resp.header.revision)
-        return bool(resp.succeeded)
+        ended, rev = await self._claims.end(what, claim)
+        self.floor = max(self.floor, rev)  # the next read() must not show the claim any more
+        return ended
 
     # --- renewal off the event loop ---------------------------------------------------------
 
-    blocking_publish = True
-
     def publish_blocking(self, heartbeat: Heartbeat) -> None:
-        """publish() from the agent's renewal thread (reconciler/renewal.py).
+        """publish() from the agent's renewal thread (reconciler/cluster/renewal.py).
 
         A gRPC channel belongs to the event loop it was made on, so the calling thread gets
-        a twin of this store on an event loop of its own; the twin holds the node's etcd
-        lease and keeps it alive, and this instance's claims bind to that lease (a claim
+        a twin of this store on an event loop of its own (twin.py); the twin holds the node's
+        etcd lease and keeps it alive, and this instance's claims bind to that lease (a claim
         before the first heartbeat fails with StoreError). Call it, and read_blocking, from
         one thread at a time.
         """
         self._in_twin(lambda twin: twin.publish(heartbeat))
 
     def read_blocking(self) -> Snapshot:
-        """read() from the renewal thread, by the twin (see publish_blocking)."""
+        """read() from the renewal thread, by the twin (see publish_blocking): it shows the
+        claims this instance made as well."""
         return self._in_twin(lambda twin: twin.read())
 
     def _in_twin(self, call):
-        if self._closed:
-            raise self._error("publish", "store closed")
-        if self._tloop is None:
-            self._tloop = asyncio.new_event_loop()
-        if self._twin is None:
-            url, options = self._args
-            twin = EtcdStore(url, **options)
-            twin._main = self
-            self._twin = twin
-        return self._tloop.run_until_complete(call(self._twin))
+        if self.conn.closed:
+            raise self.conn.error("publish", "store closed")
+        return self._renewal.run(call)
 
     async def close(self) -> None:
         """Stop the watch and close the connections. The lease is not revoked: the node's
         heartbeat and claims are left to expire with it."""
-        if self._twin is not None and self._tloop is not None:
-            # The twin's loop is idle by now (the renewal thread has stopped): run its close
-            # on a worker thread, as this thread already runs a loop.
-            twin, tloop = self._twin, self._tloop
-            await asyncio.to_thread(lambda: (tloop.run_until_complete(twin.close()), tloop.close()))
-            self._twin = self._tloop = None
-        self._closed = True
-        await self._stop_watch()
-        self._drop_keepalive()
-        for stubs in self._stubs_by_idx.values():
-            await stubs.channel.close()
-        self._stubs_by_idx.clear()
-
-
-def _put(key: bytes, value: str | bytes, lease: int = 0, prev_kv: bool = False):
-    value = value.encode() if isinstance(value, str) else value
-    return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease, prev_kv=prev_kv))
-
-
-def _cmp(key: bytes, target: str, **value):
-    return rpc.Compare(key=key, target=getattr(rpc.Compare, target), result=rpc.Compare.EQUAL, **value)
+        await self._renewal.close(lambda twin: twin.close())
+        self.conn.refuse()
+        if self.twin_of is None:
+            await self.watch.stop()  # (a twin's is the main instance's)
+        self.lease.close()
+        await self.conn.close()
 

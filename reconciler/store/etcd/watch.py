@@ -1,8 +1,8 @@
 """The etcd store's watch: what wakes EtcdStore.wait().
 
 One gRPC stream carries the _WATCHES (watch i has id i + 1); each resumes, on whichever
-endpoint the store uses, from the revision after the last event it delivered, so no change is
-lost when a member fails. Heartbeat puts are left out (every live node writes one every
+endpoint the connection uses, from the revision after the last event it delivered, so no change
+is lost when a member fails. Heartbeat puts are left out (every live node writes one every
 heartbeat): a new node writes its status with its first heartbeat and a changed status or
 digest rewrites it, so those still wake wait(). Reads never depend on the watch; a broken
 watch only costs latency.
@@ -16,37 +16,46 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from reconciler.store.etcd.conn import Connection, describe
+
 # The watches wait() relies on: (kind, filters).
 _WATCHES = (("claims", ()), ("status", ()), ("nodes", (rpc.WatchCreateRequest.NOPUT,)))
 
 
-class WatchMixin:
-    """wait() and the background watch behind it, for EtcdStore (which provides _stubs,
-    _metadata, _rotate, _key, _error, endpoints, timeout, _idx, _main and _closed)."""
+class Watch:
+    """The background watch behind wait(), over `conn`; the store tells it of its reads
+    (note_read) so that wait() reports only changes a read has not shown yet."""
 
-    def _init_watch(self) -> None:
+    def __init__(self, conn: Connection):
+        self._conn = conn
         self._read_rev = 0  # revision of the last read()
         self._event_rev = 0  # revision of the last change that should wake wait()
-        self._watch_from = [0] * len(_WATCHES)  # per watch: next revision it must deliver (0: from now)
-        self._watch_task: asyncio.Task | None = None
-        self._watching, self._watch_down_since, self._watch_error = False, 0.0, "no watch yet"
+        self.resume_from = [0] * len(_WATCHES)  # per watch: next revision it must deliver (0: from now)
+        self.task: asyncio.Task | None = None
+        self._watching, self._down_since, self._error = False, 0.0, "no watch yet"
         self._created: set[int] = set()  # the watches created on the current stream
         self._changed = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:
-        """Return when the store changed after the last read(), or after `timeout` seconds.
+    @property
+    def watching(self) -> bool:
+        """True while every watch is open."""
+        return self._watching
 
-        A background watch (started by the first publish, read or wait) reports changes:
-        claims, statuses and deletions (lease expiry) wake it, and so do a new node and a
-        changed digest (both rewrite the node's status); a heartbeat counter alone does not.
-        When its member fails, the watch resumes on another endpoint from the revision after
-        the last event it delivered, so no change is lost. Raises StoreError (at the end of
-        `timeout`) if the watch has been down for longer than `self.timeout`.
+    async def wait(self, timeout: float) -> None:
+        """EtcdStore.wait: return when the store changed after the last read (note_read), or
+        after `timeout` seconds.
+
+        The background watch (started by the store's first publish, read or wait) reports
+        changes: claims, statuses and deletions (lease expiry) wake it, and so do a new node
+        and a changed digest (both rewrite the node's status); a heartbeat counter alone does
+        not. When its member fails, the watch resumes on another endpoint from the revision
+        after the last event it delivered, so no change is lost. Raises StoreError (at the end
+        of `timeout`) if the watch has been down for longer than the connection's timeout.
         """
         loop = asyncio.get_running_loop()
-        if self._closed:
-            raise self._error("wait", "store closed")
-        self._ensure_watch()
+        if self._conn.closed:
+            raise self._conn.error("wait", "store closed")
+        self.ensure()
         end = loop.time() + timeout
         while self._event_rev <= self._read_rev and (remaining := end - loop.time()) > 0:
             self._changed.clear()
@@ -54,49 +63,52 @@ class WatchMixin:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 break
-        if not self._watching and loop.time() - self._watch_down_since >= self.timeout:
-            raise self._error("watch", self._watch_error)
+        if not self._watching and loop.time() - self._down_since >= self._conn.timeout:
+            raise self._conn.error("watch", self._error)
 
-    def _ensure_watch(self) -> None:
-        if self._main is not None:
-            return  # the twin only renews and reads: the main instance's watch serves wait()
-        if self._closed or (self._watch_task is not None and not self._watch_task.done()):
+    def ensure(self) -> None:
+        """Start the watch if it is not running (on the running loop)."""
+        if self._conn.closed or (self.task is not None and not self.task.done()):
             return
-        self._watch_down_since = asyncio.get_running_loop().time()
-        self._watch_task = asyncio.create_task(self._watch_loop())
+        self._down_since = asyncio.get_running_loop().time()
+        self.task = asyncio.create_task(self.run())
 
-    async def _watch_loop(self) -> None:
+    def note_read(self, revision: int) -> None:
+        """A read at `revision` happened: wait() need not report changes up to it."""
+        self._read_rev = max(self._read_rev, revision)
+
+    async def run(self) -> None:
         """Keep the _WATCHES open on one stream (watch i has id i + 1), each resuming from
         its own next revision."""
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            idx, call, self._created = self._idx, None, set()
+        conn, loop = self._conn, asyncio.get_running_loop()
+        while not conn.closed:
+            idx, call, self._created = conn.idx, None, set()
             try:
-                stubs = await self._stubs(idx, self.timeout)
+                stubs = await conn.stubs(idx, conn.timeout)
                 # "hasleader": the member cancels the watch when it loses its leader.
-                call = stubs.watch.Watch(metadata=self._metadata(idx, ("hasleader", "true")))
+                call = stubs.watch.Watch(metadata=conn.metadata(idx, ("hasleader", "true")))
                 for i, (kind, filters) in enumerate(_WATCHES):
-                    if not self._watch_from[i] and self._read_rev:
-                        self._watch_from[i] = self._read_rev + 1
-                    key = self._key(kind)
+                    if not self.resume_from[i] and self._read_rev:
+                        self.resume_from[i] = self._read_rev + 1
+                    key = conn.key(kind)
                     await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                        key=key, range_end=prefix_range_end(key), start_revision=self._watch_from[i],
+                        key=key, range_end=prefix_range_end(key), start_revision=self.resume_from[i],
                         filters=filters, watch_id=i + 1)))
-                resp = await asyncio.wait_for(call.read(), self.timeout)
-                while resp is not grpc.aio.EOF and not self._on_watch(resp):
+                resp = await asyncio.wait_for(call.read(), conn.timeout)
+                while resp is not grpc.aio.EOF and not self._on_response(resp):
                     resp = await call.read()
-                self._watch_error = f"{self.endpoints[idx]}: watch ended"
+                self._error = f"{conn.endpoints[idx]}: watch ended"
             except (grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
-                self._watch_error = f"{self.endpoints[idx]}: {describe(exc) or 'watch not created in time'}"
+                self._error = f"{conn.endpoints[idx]}: {describe(exc) or 'watch not created in time'}"
             finally:
                 if call is not None:
                     call.cancel()
                 if self._watching:
-                    self._watching, self._watch_down_since = False, loop.time()
-            self._rotate(idx)
+                    self._watching, self._down_since = False, loop.time()
+            conn.rotate(idx)
             await asyncio.sleep(0.05)
 
-    def _on_watch(self, resp) -> bool:
+    def _on_response(self, resp) -> bool:
         """Take in one watch response; True if the server canceled a watch (the loop then
         opens them all again)."""
         i = resp.watch_id - 1
@@ -105,12 +117,12 @@ class WatchMixin:
         if resp.created and not resp.canceled:
             self._created.add(i)
             self._watching = len(self._created) == len(_WATCHES)
-            self._watch_from[i] = self._watch_from[i] or resp.header.revision + 1
+            self.resume_from[i] = self.resume_from[i] or resp.header.revision + 1
         if resp.compact_revision:  # events before it are gone: assume everything changed
-            self._watch_from[i] = resp.compact_revision
+            self.resume_from[i] = resp.compact_revision
             self._wake(resp.compact_revision)
         for ev in resp.events:
-            self._watch_from[i] = max(self._watch_from[i], ev.kv.mod_revision + 1)
+            self.resume_from[i] = max(self.resume_from[i], ev.kv.mod_revision + 1)
             self._wake(ev.kv.mod_revision)
         return resp.canceled
 
@@ -118,24 +130,10 @@ class WatchMixin:
         self._event_rev = max(self._event_rev, revision)
         self._changed.set()
 
-    def _note_read(self, revision: int) -> None:
-        """A read at `revision` happened: wait() need not report changes up to it. (A twin's
-        reads count for its main instance, whose watch serves wait().)"""
-        self._read_rev = max(self._read_rev, revision)
-        if self._main is not None:
-            self._main._read_rev = max(self._main._read_rev, revision)
-
-    async def _stop_watch(self) -> None:
-        if self._watch_task is not None:
+    async def stop(self) -> None:
+        if self.task is not None:
             # Cancel until done: Python 3.11's asyncio.wait_for can swallow a cancel.
-            while not self._watch_task.done():
-                self._watch_task.cancel()
-                await asyncio.wait({self._watch_task}, timeout=0.1)
-            await asyncio.gather(self._watch_task, return_exceptions=True)
-
-
-def describe(exc: Exception) -> str:
-    """A gRPC or OS error in one line."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{exc.strerror or exc} ({exc.filename})" if isinstance(exc, OSError) else str(exc)
+            while not self.task.done():
+                self.task.cancel()
+                await asyncio.wait({self.task}, timeout=0.1)
+            await asyncio.gather(self.task, return_exceptions=True)

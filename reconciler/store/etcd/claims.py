@@ -1,0 +1,77 @@
+"""The etcd store's claim transactions.
+
+claims/GROUP holds "NODE:GENERATION", bound to the claimer's lease; generations/GROUP the last
+generation handed out (no lease: it only grows). A claim instance is identified by the create
+revision of its key (Claim.token). Claiming creates the key only if absent, in the transaction
+that bumps the generation; release and break delete it in a transaction comparing that
+revision, so exactly one caller ends an instance and nobody ever removes a successor (a
+re-created key has a new create revision).
+
+Each call returns, with its result, the latest revision it wrote or saw a claim at (0: none),
+which the store's next read must show.
+"""
+
+from __future__ import annotations
+
+from aetcd import rpc
+
+from reconciler.store import Claim
+from reconciler.store.etcd import values
+from reconciler.store.etcd.conn import Connection, compare_op, put_op
+
+
+class Claims:
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._gens: dict[str, tuple[int, int]] = {}  # group -> (generation, its key's mod revision)
+
+    async def claim(self, group: str, node: str, *, lease: int, deadline: float,
+                    attempts: list[str]) -> tuple[Claim | None, int]:
+        """Create the claim on `group` for `node` if absent, bound to `lease`.
+
+        One transaction compares that the claim key does not exist and that generations/GROUP
+        is unchanged since we read it, then bumps the generation and creates the claim: among
+        concurrent claimers exactly one succeeds, and generations only grow. None if a claim
+        exists; but if an earlier attempt (`attempts`: those that timed out, kept across the
+        caller's retries) was applied, the claim it made (it carries `lease` and `node`).
+        Raises LeaseGone if etcd no longer knows `lease`, StoreError at the deadline.
+        """
+        conn = self._conn
+        ckey, gkey = conn.key("claims", group), conn.key("generations", group)
+        while True:
+            gen, mod = self._gens.get(group, (0, 0))
+            compare = [compare_op(ckey, "CREATE", create_revision=0), compare_op(gkey, "MOD", mod_revision=mod)]
+            success = [put_op(gkey, str(gen + 1)), put_op(ckey, f"{node}:{gen + 1}", lease)]
+            failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k)) for k in (ckey, gkey)]
+            resp = await conn.txn(f"claim {group}", compare, success, failure, deadline, attempts)
+            if resp.succeeded:
+                rev = resp.header.revision  # both keys were written at this revision
+                self._gens[group] = (gen + 1, rev)
+                return Claim(group=group, node=node, generation=gen + 1, token=str(rev)), rev
+            current, gens = (r.response_range.kvs for r in resp.responses)
+            last = gens[0].value if gens else b"0"
+            if not (last.isdigit() and len(last) < 20):  # read as 0, the fencing token would go backwards
+                raise conn.error(f"claim {group}", f"generations/{group} holds {last[:20]!r}, not a generation: "
+                                 "claims of it are refused until it is repaired")
+            self._gens[group] = (int(last), gens[0].mod_revision if gens else 0)
+            if current:
+                owner, cgen = values.claim_owner(current[0].value)
+                if attempts and owner == node and current[0].lease == lease:
+                    found = Claim(group=group, node=node, generation=cgen, token=str(current[0].create_revision))
+                    return found, current[0].mod_revision
+                return None, current[0].mod_revision
+            # The generation moved on and the claim is gone again: retry with the new number.
+
+    async def end(self, what: str, claim: Claim) -> tuple[bool, int]:
+        """Delete this claim instance ("release" by its owner, "break" by another node):
+        True if this call removed it. The key goes only if its create revision is the claim's
+        token and its value is unchanged, so among concurrent callers exactly one succeeds and
+        a replaced instance is never touched."""
+        if not claim.token.isdigit():
+            return False, 0
+        ckey = self._conn.key("claims", claim.group)
+        compare = [compare_op(ckey, "CREATE", create_revision=int(claim.token)),
+                   compare_op(ckey, "VALUE", value=f"{claim.node}:{claim.generation}".encode())]
+        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=ckey))
+        resp = await self._conn.txn(f"{what} {claim.group}", compare, [delete], [], self._conn.deadline())
+        return bool(resp.succeeded), resp.header.revision if resp.succeeded else 0

@@ -247,6 +247,7 @@ def log_events(env: Env) -> list[str]:
 # --- run modes ------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_every_runmode_env_and_logs(env, agents):
     env.write(
         group("g")
@@ -303,6 +304,7 @@ def test_every_runmode_env_and_logs(env, agents):
     assert st["entries"]["server"]["state"] == "running" and st["entries"]["server"]["pid"] == new
 
 
+@pytest.mark.integration  # starts agents
 def test_failed_test_halts_the_group(env, agents):
     env.write(
         group("g")
@@ -331,6 +333,7 @@ def test_failed_test_halts_the_group(env, agents):
 # --- runlevels ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_minimal_runlevel_transition(env, agents):
     env.write(
         group("g")
@@ -370,6 +373,7 @@ def test_minimal_runlevel_transition(env, agents):
 # --- respawn backoff and stop escalation ----------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_respawn_backoff_grows_and_never_gives_up(env, agents):
     env.write(group("g") + entry("flap", "respawn", "exit 7"))
     agents()
@@ -403,6 +407,7 @@ def test_respawn_backoff_grows_and_never_gives_up(env, agents):
     wait_for(lambda: env.record("flap")["respawns"] > n, 6, "another attempt")
 
 
+@pytest.mark.integration  # starts agents
 def test_stop_escalates_to_sigkill(env, agents):
     # The shell survives SIGTERM (its trap only notes the time) and so does every `sleep` it
     # runs next; the stop must end it with SIGKILL stop_timeout after the SIGTERM.
@@ -422,6 +427,7 @@ def test_stop_escalates_to_sigkill(env, agents):
     wait_for(lambda: not env.marked("sleep 0.1"), 5, "the whole process group gone")
 
 
+@pytest.mark.integration  # starts agents
 def test_process_ignoring_sigterm_is_killed(env, agents):
     env.write(group("g") + entry("deaf", "respawn", 'trap "" TERM; sleep 100', extra='stop_timeout = "1s"'))
     agents()
@@ -441,6 +447,7 @@ def test_process_ignoring_sigterm_is_killed(env, agents):
 LONG_LEASE = '[cluster.timing]\nheartbeat = "1s"\nlease = "30s"\ndead_after = "40s"\n'
 
 
+@pytest.mark.integration  # starts agents
 def test_adoption_after_agent_sigkill(env, agents):
     env.write(group("g") + entry("srv", "respawn", ["sleep", "101"]), timing=LONG_LEASE)
     first = agents()
@@ -459,6 +466,7 @@ def test_adoption_after_agent_sigkill(env, agents):
     assert len(env.marked("sleep 101")) == 1 and new != pid
 
 
+@pytest.mark.integration  # starts keepers
 def test_a_second_keeper_steps_aside(tmp_path):
     """Two keepers for one node (the agent started one while the first was starting up):
     the second exits at once, so that at expiry the first does not find it among the
@@ -490,6 +498,7 @@ def test_a_second_keeper_steps_aside(tmp_path):
                 p.kill()
 
 
+@pytest.mark.integration  # starts agents
 def test_keeper_kills_processes_when_agent_dies(env, agents):
     env.write(group("g") + entry("srv", "respawn", ["sleep", "102"]), timing="")  # the default lease: 400ms
     a = agents()
@@ -508,6 +517,7 @@ def test_keeper_kills_processes_when_agent_dies(env, agents):
 # --- spec edits ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_hot_reload(env, agents):
     body = group("g") + entry("one", "respawn", ["sleep", "103"])
     env.write(body)
@@ -521,6 +531,7 @@ def test_hot_reload(env, agents):
     assert env.running("one") == pid and not a.exited()
 
 
+@pytest.mark.integration  # starts agents
 def test_bad_edit_keeps_last_good(env, agents):
     body = group("g") + entry("one", "respawn", ["sleep", "105"])
     env.write(body)
@@ -551,6 +562,7 @@ def test_bad_edit_keeps_last_good(env, agents):
     assert "one" in p.stdout and "two" in p.stdout
 
 
+@pytest.mark.integration  # starts agents
 def test_removed_group_is_stopped_gracefully(env, agents):
     keep = group("g") + entry("stay", "respawn", ["sleep", "107"])
     gone = group("h") + entry("leave", "respawn", f'trap "touch {{w}}/got-term; exit 0" TERM; sleep 100 & wait', group="h")
@@ -568,6 +580,7 @@ def test_removed_group_is_stopped_gracefully(env, agents):
     wait_for(lambda: not (env.store / "claims" / "h").exists(), 5, "claim on h released")
 
 
+@pytest.mark.integration  # starts agents
 def test_sigterm_stops_everything_gracefully_and_exits_0(env, agents):
     trap = 'trap "touch {w}/term.$RECONCILER_TAG; exit 0" TERM; sleep 100 & wait'
     env.write(group("g") + entry("a", "respawn", trap) + entry("b", "respawn", trap) + group("h") + entry("c", "respawn", trap, group="h"))
@@ -647,6 +660,7 @@ def test_tell_exit_codes_and_comments(env):
     assert 'runlevel = "stop"   # keep this comment' in env.spec_file.read_text()
 
 
+@pytest.mark.integration  # starts agents
 def test_dry_run_exit_codes(env, agents):
     env.write("", raw=COMMENTED)
     a = agents()
@@ -666,6 +680,7 @@ def test_dry_run_exit_codes(env, agents):
     assert p.stderr.startswith(f"reconcile: {env.spec_file}: groups.g.entries[0].mode:")
 
 
+@pytest.mark.integration  # starts agents
 def test_status_json_shape(env, agents):
     env.write(group("g") + entry("s", "respawn", ["sleep", "109"]) + entry("t", "once", "true"))
     agents()
@@ -685,6 +700,7 @@ def test_status_json_shape(env, agents):
     assert "GROUP" in p.stdout and f"pid {pid}" in p.stdout
 
 
+@pytest.mark.integration  # starts agents
 def test_status_after_a_bad_edit_shows_what_the_nodes_publish(env, agents):
     """A spec edit that does not load: the agent keeps its last good spec, and `reconcile
     status` still shows every group the nodes publish (with their desired runlevel), names

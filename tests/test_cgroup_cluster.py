@@ -22,7 +22,7 @@ import pytest
 
 from cluster import GUARD, Cluster, wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare, mount and cgroups")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "mount", "cgroup2")]
 
 FAILOVER = 3.0
 # Long enough that a restarted agent renews the lease before the keeper acts.

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -23,7 +22,7 @@ from reconciler import spec as specmod
 from reconciler.act import process
 from reconciler.host import procfs
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups, users and /proc/PID/environ need root")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "cgroup2", "mount")]  # cgroups, users, /proc/PID/environ
 
 # A daemon: the leader's child calls setsid() and double-forks; the leader itself execs sleep.
 DAEMON = "(setsid sh -c 'sleep 300 & echo $! > {pidfile}; wait' &); exec sleep 301"
@@ -467,16 +466,3 @@ def test_the_table_lists_a_new_pid_only_once_it_runs_the_command(harness):
 
     run(go())
 
-
-def test_the_loader_reads_user_and_group(tmp_path):
-    spec_dir = tmp_path / "spec"
-    spec_dir.mkdir()
-    os.chmod(spec_dir, 0o755)
-    (spec_dir / "spec.toml").write_text(
-        '[cluster]\nname = "t"\nstore = "dir:../store"\nstate_dir = "../state"\n'
-        '[groups.g]\nrunlevel = "run"\n'
-        '[[groups.g.entries]]\ntag = "id"\nmode = "once"\nrunlevels = ["run"]\ncommand = "id"\nuser = "nobody"\ngroup = "daemon"\n'
-    )
-    os.chmod(spec_dir / "spec.toml", 0o644)
-    e = specmod.load(str(spec_dir)).entry("g", "id")
-    assert (e.user, e.group) == ("nobody", "daemon")

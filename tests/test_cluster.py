@@ -15,7 +15,7 @@ import pytest
 
 from cluster import Cluster, wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAILOVER = 3.0  # generous bound for one failover on a loaded 2-core CI machine

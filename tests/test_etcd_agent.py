@@ -10,7 +10,6 @@ namespace, joined by veth links into a bridge in one more namespace; addresses c
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
@@ -18,10 +17,7 @@ import pytest
 
 from cluster import Cluster, wait_until
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare and ip netns"),
-    pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd (apt-get install etcd-server)"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "ip", "etcd")]
 
 FAILOVER = 3.0  # bound for one failover at default timing on a loaded 2-core machine
 GROUPS = ("g1", "g2", "g3")

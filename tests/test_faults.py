@@ -51,7 +51,7 @@ import pytest
 from cluster import Cluster, wait_until
 from faultrun import CLASSIC, CONVERGE, GROUPS, IMPAIRING, LOCAL, NODES, Run, converged, plan_faults
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare, mount and nsenter")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "mount", "nsenter")]
 
 
 def test_randomized_faults_never_run_a_group_twice(tmp_path):

@@ -320,10 +320,8 @@ def test_round_trip_spec_is_accepted(tmp_path):
     assert active(loaded, "rt", "start") == {"toucher", "sleeper"}
 
 
+@pytest.mark.integration  # runs an agent
 def test_round_trip_runs_under_the_agent(tmp_path):
-    # Skips until the agent lands (and while a half-written one does not import yet).
-    pytest.importorskip("reconciler.agent", exc_type=ImportError)
-    pytest.importorskip("reconciler.cli", exc_type=ImportError)
     text, _ = convert(small_cltab(tmp_path), "rt start\n")
     specdir = tmp_path / "spec"
     write_spec(specdir, text)

@@ -23,7 +23,7 @@ from reconciler import keeper
 from reconciler.host import leaserecord
 from reconciler.host import procfs
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unshare, mount)")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "mount", "nsenter")]
 FAILOVER = 3.0
 
 

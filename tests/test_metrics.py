@@ -37,6 +37,8 @@ PROMETHEUS = shutil.which("prometheus")
 GROUPS = ("alpha", "beta")
 DEAD_AFTER = 0.65  # the default cluster.timing.dead_after
 
+pytestmark = pytest.mark.integration  # every test starts agents
+
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -224,7 +226,7 @@ def agent(single):
 # --- a. the live exporter ------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
+@pytest.mark.needs("promtool")
 def test_live_exposition_is_lint_clean_and_sane(agent):
     a = agent.start("--log-format", "json")
     s = wait_for(a.converged, 15, "both groups claimed and running")
@@ -325,7 +327,7 @@ def test_dashboard_and_alerts_query_only_live_metrics(agent):
 # --- c. failover metrics on the node that takes over ------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare")
+@pytest.mark.needs("root", "unshare")
 def test_failover_metrics_on_the_new_owner(tmp_path):
     log = str(tmp_path / "guard.log")
     fence_log = tmp_path / "fence.log"
@@ -399,7 +401,7 @@ def test_failover_metrics_on_the_new_owner(tmp_path):
 # --- d. a real Prometheus server scrapes an agent ------------------------------------------------------
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (apt-get install prometheus)")
+@pytest.mark.needs("prometheus")
 def test_prometheus_scrapes_the_agent_and_answers_a_query(agent, tmp_path):
     a = agent.start()
     wait_for(a.converged, 15, "both groups claimed and running")

@@ -14,9 +14,6 @@ HERE = Path(__file__).resolve().parent
 RULES = HERE.parent / "contrib" / "prometheus"
 PROMTOOL = shutil.which("promtool")
 
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
-
-
 def dashboard_test():
     """The exporter's metric names are kept in one place: test_grafana_dashboard.METRICS."""
     spec = importlib.util.spec_from_file_location("_dashboard_test", HERE / "test_grafana_dashboard.py")
@@ -29,14 +26,16 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PROMTOOL, *args], cwd=RULES, capture_output=True, text=True, timeout=120)
 
 
-@needs_promtool
+@pytest.mark.integration
+@pytest.mark.needs("promtool")
 def test_rules_are_valid():
     done = promtool("check", "rules", "alerts.yml")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
 
 
-@needs_promtool
+@pytest.mark.integration
+@pytest.mark.needs("promtool")
 def test_rule_unit_tests_pass():
     done = promtool("test", "rules", "alerts_test.yml")
     assert done.returncode == 0, done.stdout + done.stderr

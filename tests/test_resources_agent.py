@@ -33,10 +33,7 @@ FAILOVER = 3.0  # the failover goal: address and guard up on the new node within
 VIP = "198.51.100.100"
 VIP_CIDR = f"{VIP}/24"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "unshare", "nsenter", "umount")),
-    reason="needs root, ip(8), unshare(1), nsenter(1) and umount(8)",
-)
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "ip", "unshare", "nsenter", "mount")]
 _ids = itertools.count()
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from test_agent import HEADER, TEST_TIMING, agents, entry, env, group, wait_for  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.integration  # every test starts an agent
 
 
 def test_an_emptied_spec_keeps_the_group_running(env, agents):

@@ -7,14 +7,13 @@ in 6 s). Now every agent refuses the edit, reports it, and keeps its last good s
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 
 from cluster import Cluster, wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
 
 
 def test_an_unsafe_timing_edit_is_refused_and_nothing_runs_twice(make_cluster, tmp_path):

@@ -13,10 +13,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from cluster import Cluster, wait_until
 from test_resources_agent import addresses, lab, mounted  # noqa: F401 (lab: the fixture)
 
 VIP = "198.51.100.20/24"
+
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "ip", "unshare", "nsenter", "mount")]
 
 
 def test_a_full_state_directory_applies_no_address_and_no_mount(lab, tmp_path):  # noqa: F811

@@ -7,6 +7,7 @@ prove something does NOT happen) sleeps and says so in a comment.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import socket
 import subprocess
@@ -64,12 +65,32 @@ def alive(pid: int | None) -> bool:
     return bool(pid) and procfs.start_ticks(pid, live=True) is not None
 
 
+def handles(pid: int, sig: int) -> bool:
+    """The process catches or ignores `sig` (a shell has set its trap): /proc/PID/status."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+    except OSError:
+        return False
+    mask = int(fields.get("SigCgt", "0"), 16) | int(fields.get("SigIgn", "0"), 16)
+    return bool(mask & (1 << (sig - 1)))
+
+
 def read_pid(path: Path) -> int | None:
     """The pid a process wrote to `path`, or None until it has written it whole."""
     try:
         return int(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def load_test_module(name: str) -> Any:
+    """Another test file's module, by its name (for its constants: not collected twice)."""
+    spec = importlib.util.spec_from_file_location(f"_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def kill_and_reap(pid: int) -> None:

@@ -10,6 +10,7 @@ inherit the agent's environment), keeper included.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ import pytest
 from reconciler.host import leaserecord
 from reconciler.host import procfs
 
+from helpers import READ_ERRORS, alive, handles, wait_until
+
 NODE = "n1"
 MARK = "RECONCILER_TEST_MARK"
 
@@ -31,29 +34,8 @@ MARK = "RECONCILER_TEST_MARK"
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def wait_for(fn, timeout: float = 5.0, what: str = "", interval: float = 0.02):
-    """Poll fn() until it returns something truthy; transient read errors count as not yet."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            last_exc = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}" + (f" (last error: {last_exc})" if last_exc else ""))
-        time.sleep(interval)
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+# wait_for(fn, timeout, what): transient read errors (a file being written) count as not yet
+wait_for = functools.partial(wait_until, tolerate=READ_ERRORS)
 
 
 def reconcile(*args: str, check: int | None = None, **kw) -> subprocess.CompletedProcess:
@@ -294,7 +276,7 @@ def test_every_runmode_env_and_logs(env, agents):
     assert env.record("server")["respawns"] >= 1
     assert len(env.marked("sleep 100")) == 1
 
-    # once ran once, off never ran (a tick later still)
+    # once ran once, off never ran (a tick later still: the time passing is the test)
     time.sleep(1.2)
     assert env.file("once.count").read_text() == "ran\n"
     assert not env.file("OFF").exists()
@@ -319,7 +301,7 @@ def test_failed_test_halts_the_group(env, agents):
     wait_for(lambda: env.entry_status("g", "check")["state"] == "failed", 10, "check failed")
     wait_for(lambda: env.entry_status("h", "gate")["state"] == "failed", 5, "gate failed")
     assert env.running("before")
-    time.sleep(0.8)
+    time.sleep(0.8)  # nothing after the failed test starts meanwhile: the time passing is the test
     assert not env.file("LATE").exists() and not env.file("H").exists()
     assert "late" not in env.records() and "hsrv" not in env.records()
     st = env.status()["groups"]
@@ -415,7 +397,7 @@ def test_stop_escalates_to_sigkill(env, agents):
     env.write(group("g") + entry("stubborn", "respawn", stubborn, extra='stop_timeout = "1s"'))
     agents()
     pid = wait_for(lambda: env.running("stubborn"), 10, "stubborn running")
-    time.sleep(0.2)  # let the shell set its trap
+    wait_for(lambda: handles(pid, signal.SIGTERM), 5, "the shell's trap")
     reconcile("tell", "g", "stop", "--spec", str(env.spec_dir), check=0)
     wait_for(lambda: not alive(pid), 10, "stubborn gone")
     gone = time.time()
@@ -432,7 +414,7 @@ def test_process_ignoring_sigterm_is_killed(env, agents):
     env.write(group("g") + entry("deaf", "respawn", 'trap "" TERM; sleep 100', extra='stop_timeout = "1s"'))
     agents()
     pid = wait_for(lambda: env.running("deaf"), 10, "deaf running")
-    time.sleep(0.2)
+    wait_for(lambda: handles(pid, signal.SIGTERM), 5, "the shell ignoring TERM")
     t0 = time.monotonic()
     reconcile("tell", "g", "stop", "--spec", str(env.spec_dir), check=0)
     wait_for(lambda: not alive(pid), 10, "deaf gone")
@@ -503,7 +485,7 @@ def test_keeper_kills_processes_when_agent_dies(env, agents):
     env.write(group("g") + entry("srv", "respawn", ["sleep", "102"]), timing="")  # the default lease: 400ms
     a = agents()
     pid = wait_for(lambda: env.running("srv"), 10, "srv running")
-    time.sleep(0.3)
+    wait_for(lambda: (env.state / "keeper.pid").exists(), 5, "the keeper to have read the lease")
     os.kill(a.pid, signal.SIGKILL)
     t0 = time.monotonic()
     wait_for(lambda: not alive(pid), 5, "keeper killed srv")
@@ -543,7 +525,7 @@ def test_bad_edit_keeps_last_good(env, agents):
     )
     assert f"{env.spec_file}: not valid TOML" in line
     assert wait_for(lambda: env.status()["spec_error"], 5, "spec_error published").startswith(f"{env.spec_file}: ")
-    time.sleep(0.5)
+    time.sleep(0.5)  # the bad edit changes nothing meanwhile: the time passing is the test
     assert env.running("one") == pid and not a.exited()
     # `reconcile status` needs the spec to find the store: it names the bad line, exit 1
     p = reconcile("status", "--spec", str(env.spec_dir), "--json")
@@ -570,7 +552,7 @@ def test_removed_group_is_stopped_gracefully(env, agents):
     agents()
     stay = wait_for(lambda: env.running("stay"), 10, "stay running")
     leave = wait_for(lambda: env.running("leave"), 5, "leave running")
-    time.sleep(0.2)
+    wait_for(lambda: handles(leave, signal.SIGTERM), 5, "the shell's trap")
     env.write(keep)
     wait_for(lambda: not alive(leave), 5, "leave gone")
     wait_for(lambda: env.file("got-term").exists(), 5, "TERM trapped")
@@ -586,7 +568,8 @@ def test_sigterm_stops_everything_gracefully_and_exits_0(env, agents):
     env.write(group("g") + entry("a", "respawn", trap) + entry("b", "respawn", trap) + group("h") + entry("c", "respawn", trap, group="h"))
     a = agents()
     pids = [wait_for(lambda: env.running(t), 10, f"{t} running") for t in "abc"]
-    time.sleep(0.2)
+    for pid in pids:
+        wait_for(lambda: handles(pid, signal.SIGTERM), 5, "the shells' traps")
     a.signal(signal.SIGTERM)
     assert a.wait(10) == 0
     for t in "abc":
@@ -665,7 +648,7 @@ def test_dry_run_exit_codes(env, agents):
     env.write("", raw=COMMENTED)
     a = agents()
     wait_for(lambda: env.running("s"), 10, "s running")
-    time.sleep(0.2)
+    wait_for(lambda: env.entry_status("g", "s")["state"] == "running", 5, "s running in the published status")
     p = reconcile("--dry-run", "--spec", str(env.spec_dir), "--node", NODE)
     assert p.returncode == 0, (p.stdout, p.stderr)  # converged
     assert "converged" in p.stdout

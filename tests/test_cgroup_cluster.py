@@ -20,7 +20,8 @@ import time
 import psutil
 import pytest
 
-from cluster import GUARD, Cluster, wait_until
+from cluster import GUARD, Cluster
+from helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "mount", "cgroup2")]
 

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "ip", "etcd")]
 

@@ -48,7 +48,8 @@ import time
 
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 from faultrun import CLASSIC, CONVERGE, GROUPS, IMPAIRING, LOCAL, NODES, Run, converged, plan_faults
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "mount", "nsenter")]

@@ -18,7 +18,8 @@ import urllib.request
 import psutil
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import free_port, reconcile, wait_until
 from reconciler import spec as specmod
 from reconciler.decide import identity
 from reconciler.act import fence as fencemod
@@ -172,10 +173,6 @@ def test_fence_refuses_a_name_that_would_be_an_option(tmp_path):
 # --- the CLI and the lock -----------------------------------------------------------------------
 
 
-def reconcile(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reconciler.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
 def small_spec(tmp_path) -> str:
     spec = tmp_path / "spec"
     spec.mkdir(mode=0o755)
@@ -188,7 +185,7 @@ def small_spec(tmp_path) -> str:
 @pytest.mark.parametrize("node", ["", "--all", "-x", ".", "bad name"])
 def test_invalid_node_names_are_refused(tmp_path, node):
     spec = small_spec(tmp_path)
-    done = reconcile("run", "--spec", spec, f"--node={node}", "--metrics-address", "off")
+    done = reconcile("run", "--spec", spec, f"--node={node}", "--metrics-address", "off", timeout=20)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--node" in lines[0] and "not a valid node name" in lines[0], done.stderr
@@ -272,8 +269,6 @@ def test_an_incumbent_that_sees_a_twin_keeps_running_claims_nothing_and_says_so(
     """A writer that breaks the newcomer's rule (an older version, a stale read): the agent
     that was there first keeps its group, claims nothing, and reports the twin in its log,
     its status and its metrics until the other stops."""
-    from etcd_cluster import free_port
-
     port = free_port()
     c = make_cluster(nodes=("n1",), metrics={"n1": f"127.0.0.1:{port}"})
     c.write("groups.toml", Cluster.guard_group("web", c.guard_log))

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 from reconciler import keeper
 from reconciler.host import leaserecord
 from reconciler.host import procfs

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import wait_until
+from helpers import wait_until
 from reconciler.act import logs
 
 KIB = 1024

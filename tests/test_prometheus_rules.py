@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -10,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_test_module
+
 HERE = Path(__file__).resolve().parent
 RULES = HERE.parent / "contrib" / "prometheus"
 PROMTOOL = shutil.which("promtool")
-
-def dashboard_test():
-    """The exporter's metric names are kept in one place: test_grafana_dashboard.METRICS."""
-    spec = importlib.util.spec_from_file_location("_dashboard_test", HERE / "test_grafana_dashboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PROMTOOL, *args], cwd=RULES, capture_output=True, text=True, timeout=120)
@@ -64,7 +57,7 @@ def test_rules_use_only_exported_metrics():
     # every reconciler_* word in the file: expressions, and metrics the annotations point to
     used = set(re.findall(r"\breconciler_[a-z_]+", (RULES / "alerts.yml").read_text()))
     assert len(used) >= 8
-    metrics = dashboard_test()
+    metrics = load_test_module("test_grafana_dashboard")
     assert {metrics.base_name(m) for m in used} <= metrics.METRICS
 
 

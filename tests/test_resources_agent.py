@@ -25,7 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 IP = shutil.which("ip") or "/usr/sbin/ip"
@@ -229,6 +230,21 @@ class Poller(threading.Thread):
 # --- one agent: mount -> address -> process ----------------------------------------------
 
 
+def data_and_address(group: str, target: Path, cidr: str) -> str:
+    """Two entries of `group`: GROUP-data, a 1 MiB tmpfs on `target`, and GROUP-vip, `cidr` on ha0."""
+    return f"""
+[[groups.{group}.entries]]
+tag = "{group}-data"
+runlevels = ["run"]
+mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
+
+[[groups.{group}.entries]]
+tag = "{group}-vip"
+runlevels = ["run"]
+address = {{ ip = "{cidr}", interface = "ha0" }}
+"""
+
+
 def web_group(target: Path, probe_ip: str = "198.51.100.10") -> str:
     # The process records whether the mount and the address were there when it started.
     script = (
@@ -236,20 +252,7 @@ def web_group(target: Path, probe_ip: str = "198.51.100.10") -> str:
         f'a=no; {IP} -o addr show dev ha0 | grep -q " {probe_ip}/24 " && a=yes; '
         f'echo "mount=$m address=$a" > {target}/proof; exec sleep 600'
     )
-    return f"""
-[groups.web]
-runlevel = "run"
-
-[[groups.web.entries]]
-tag = "web-data"
-runlevels = ["run"]
-mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
-
-[[groups.web.entries]]
-tag = "web-vip"
-runlevels = ["run"]
-address = {{ ip = "{probe_ip}/24", interface = "ha0" }}
-
+    return '\n[groups.web]\nrunlevel = "run"\n' + data_and_address("web", target, f"{probe_ip}/24") + f"""
 [[groups.web.entries]]
 tag = "web-app"
 runlevels = ["run"]
@@ -396,17 +399,7 @@ def test_bad_cidr_is_refused_by_check(tmp_path):
 def vip_cluster(lab: Lab, tmp_path: Path) -> tuple[Cluster, dict[str, str], Path]:
     nets = lab.lan("n1", "n2")
     target = tmp_path / "shared"
-    entries = f"""
-[[groups.vipg.entries]]
-tag = "vipg-data"
-runlevels = ["run"]
-mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
-
-[[groups.vipg.entries]]
-tag = "vipg-vip"
-runlevels = ["run"]
-address = {{ ip = "{VIP_CIDR}", interface = "ha0" }}
-"""
+    entries = data_and_address("vipg", target, VIP_CIDR)
     c = lab.cluster(nodes=("n1", "n2"), groups=Cluster.guard_group("vipg", str(tmp_path / "guard.log"), entries=entries),
                     netns=nets)
     c.start()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Cluster, wait_until
-from test_resources_agent import addresses, lab, mounted  # noqa: F401 (lab: the fixture)
+from cluster import Cluster
+from helpers import wait_until
+from test_resources_agent import addresses, data_and_address, lab, mounted  # noqa: F401 (lab: the fixture)
 
 VIP = "198.51.100.20/24"
 
@@ -37,17 +38,7 @@ def test_a_full_state_directory_applies_no_address_and_no_mount(lab, tmp_path): 
                           capture_output=True, timeout=20)
     assert b"No space left" in fill.stderr, fill.stderr
 
-    entries = f"""
-[[groups.web.entries]]
-tag = "web-data"
-runlevels = ["run"]
-mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
-
-[[groups.web.entries]]
-tag = "web-vip"
-runlevels = ["run"]
-address = {{ ip = "{VIP}", interface = "ha0" }}
-"""
+    entries = data_and_address("web", target, VIP)
     c.write("groups.toml", Cluster.guard_group("web", log, entries=entries))
     listed = Path(f"/proc/{node.agent_pid}/root{state}/resources.json")
     want = f"cannot record mount {target} in {state}/resources.json: No space left on device: not applied"

@@ -56,13 +56,13 @@ def test_a_full_state_directory_applies_no_address_and_no_mount(lab, tmp_path): 
     c.write("groups.toml", Cluster.guard_group("web", log, entries=only_vip))
     want = f"cannot record {VIP} in {state}/resources.json: No space left on device: not applied"
     wait_until(lambda: want in node.log.read_text(), 5, what="the address refused")
-    time.sleep(1.0)
+    time.sleep(1.0)  # retries: still refused (the time passing is the test)
     assert VIP not in addresses(ns)
 
     # The agent paused: its lease lapses, the keeper fires; nothing of it remains.
     node.pause()
     wait_until(lambda: c.running("web") == set(), 5, what="the keeper to stop the guard")
-    time.sleep(0.5)
+    time.sleep(0.5)  # the keeper's removals follow its kills: a moment for the last of them
     assert VIP not in addresses(ns) and mounted(node.agent_pid, target) == []
     node.resume()
 

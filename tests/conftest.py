@@ -1,22 +1,22 @@
 """Shared pytest fixtures, and what each test needs.
 
 A test is either a unit test (no root, namespaces, etcd, keepalived, Prometheus, supervisord
-or spawned agents: `pytest -m "not integration"` runs them alone, as any user, in seconds) or
-marked `integration`. An integration test names what it needs, `@pytest.mark.needs("root",
-"etcd")` (REQUIREMENTS below; the etcd and multi-node fixtures imply theirs, FIXTURE_NEEDS),
-and fails before it starts, with one line naming what is missing and how to install it,
-when a requirement is not met: it never skips silently (CI, .ci/run, installs everything).
+or spawned agents: `pytest -m "not integration"` runs them alone, as any user) or marked
+`integration`. An integration test names what it needs, `@pytest.mark.needs("root", "etcd")`
+(REQUIREMENTS in tests/helpers.py; the etcd and multi-node fixtures imply theirs:
+FIXTURE_NEEDS below), and fails before it starts, with one line naming what is missing and
+how to install it, when a requirement is not met: it never skips silently (.ci/run installs
+everything).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
-import shutil
-from typing import Callable
 
 import pytest
+
+from helpers import REQUIREMENTS, require
 
 _TESTS = itertools.count(1)
 
@@ -24,54 +24,12 @@ _TESTS = itertools.count(1)
 # --- what tests need -------------------------------------------------------------------------
 
 
-def _which(tool: str) -> Callable[[], bool]:
-    return lambda: shutil.which(tool) is not None
-
-
-def _cgroup2() -> bool:
-    from reconciler.host import cgroups
-
-    found = cgroups.mount()
-    return found is not None and os.access(found[0], os.W_OK)
-
-
-def _loop() -> bool:
-    return os.path.exists("/dev/loop-control") and shutil.which("mkfs.ext4") is not None
-
-
-def _accept_untracked_na() -> bool:
-    return os.path.exists("/proc/sys/net/ipv6/conf/all/accept_untracked_na")
-
-
-# name -> (is it there?, how to get it)
-REQUIREMENTS: dict[str, tuple[Callable[[], bool], str]] = {
-    "root": (lambda: os.geteuid() == 0, "run pytest as root"),
-    "unshare": (_which("unshare"), "apt-get install util-linux"),
-    "nsenter": (_which("nsenter"), "apt-get install util-linux"),
-    "ip": (_which("ip"), "apt-get install iproute2"),
-    "mount": (lambda: shutil.which("mount") is not None and shutil.which("umount") is not None, "apt-get install mount"),
-    "etcd": (lambda: shutil.which("etcd") is not None and importlib.util.find_spec("aetcd") is not None,
-             "apt-get install etcd-server and pip install -e '.[etcd]'"),
-    "keepalived": (_which("keepalived"), "apt-get install keepalived"),
-    "promtool": (_which("promtool"), "apt-get install prometheus"),
-    "prometheus": (_which("prometheus"), "apt-get install prometheus"),
-    "supervisord": (_which("supervisord"), "pip install -e '.[test]' (the supervisor package)"),
-    "cgroup2": (_cgroup2, "a writable cgroup2 hierarchy (mount -t cgroup2 none /sys/fs/cgroup; as root)"),
-    "loop": (_loop, "loop devices (modprobe loop) and mkfs.ext4 (apt-get install e2fsprogs)"),
-    "accept_untracked_na": (_accept_untracked_na, "Linux 5.18 or later (net.ipv6.conf.*.accept_untracked_na)"),
-}
-
 # fixture -> what a test using it needs (the fixtures below)
 FIXTURE_NEEDS: dict[str, tuple[str, ...]] = {
     "etcd_single": ("etcd",),
     "etcd_cluster3": ("etcd",),
     "make_cluster": ("root", "unshare"),
 }
-
-
-def missing(*needs: str) -> list[str]:
-    """'NAME (how to install it)' for each requirement that is not met."""
-    return [f"{n} ({REQUIREMENTS[n][1]})" for n in needs if not REQUIREMENTS[n][0]()]
 
 
 def _needs(item: pytest.Item) -> list[str]:
@@ -98,9 +56,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(tryfirst=True)  # before any fixture starts what the test needs
 def pytest_runtest_setup(item):
-    absent = missing(*dict.fromkeys(_needs(item)))
-    if absent:
-        pytest.fail("missing requirement: " + "; ".join(absent), pytrace=False)
+    require(*dict.fromkeys(_needs(item)))
 
 
 # --- fixtures ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,59 @@ import pytest
 
 from reconciler import spec as specmod
 from reconciler.host import procfs
+
+# --- what tests need (tests/conftest.py: the needs(...) marker) -----------------------------------
+
+
+def _which(tool: str) -> Callable[[], bool]:
+    return lambda: shutil.which(tool) is not None
+
+
+def _cgroup2() -> bool:
+    from reconciler.host import cgroups
+
+    found = cgroups.mount()
+    return found is not None and os.access(found[0], os.W_OK)
+
+
+def _loop() -> bool:
+    return os.path.exists("/dev/loop-control") and shutil.which("mkfs.ext4") is not None
+
+
+def _accept_untracked_na() -> bool:
+    return os.path.exists("/proc/sys/net/ipv6/conf/all/accept_untracked_na")
+
+
+# name -> (is it there?, how to get it)
+REQUIREMENTS: dict[str, tuple[Callable[[], bool], str]] = {
+    "root": (lambda: os.geteuid() == 0, "run pytest as root"),
+    "unshare": (_which("unshare"), "apt-get install util-linux"),
+    "nsenter": (_which("nsenter"), "apt-get install util-linux"),
+    "ip": (_which("ip"), "apt-get install iproute2"),
+    "mount": (lambda: shutil.which("mount") is not None and shutil.which("umount") is not None, "apt-get install mount"),
+    "etcd": (lambda: shutil.which("etcd") is not None and importlib.util.find_spec("aetcd") is not None,
+             "apt-get install etcd-server and pip install -e '.[etcd]'"),
+    "keepalived": (_which("keepalived"), "apt-get install keepalived"),
+    "promtool": (_which("promtool"), "apt-get install prometheus"),
+    "prometheus": (_which("prometheus"), "apt-get install prometheus"),
+    "supervisord": (_which("supervisord"), "pip install -e '.[test]' (the supervisor package)"),
+    "reconcile": (_which("reconcile"), "pip install -e . and put the venv's bin on PATH"),
+    "cgroup2": (_cgroup2, "a writable cgroup2 hierarchy (mount -t cgroup2 none /sys/fs/cgroup; as root)"),
+    "loop": (_loop, "loop devices (modprobe loop) and mkfs.ext4 (apt-get install e2fsprogs)"),
+    "accept_untracked_na": (_accept_untracked_na, "Linux 5.18 or later (net.ipv6.conf.*.accept_untracked_na)"),
+}
+
+def missing(*needs: str) -> list[str]:
+    """'NAME (how to install it)' for each requirement that is not met."""
+    return [f"{n} ({REQUIREMENTS[n][1]})" for n in needs if not REQUIREMENTS[n][0]()]
+
+
+def require(*needs: str) -> None:
+    """Fail the test at once, naming what is missing and how to install it (never a skip)."""
+    absent = missing(*needs)
+    if absent:
+        pytest.fail("missing requirement: " + "; ".join(absent), pytrace=False)
+
 
 # What reading a file another process is writing may raise before it is complete.
 READ_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError)

@@ -25,7 +25,7 @@ import pytest
 from reconciler.host import leaserecord
 from reconciler.host import procfs
 
-from helpers import READ_ERRORS, alive, handles, wait_until
+from helpers import READ_ERRORS, alive, handles, require, wait_until
 
 NODE = "n1"
 MARK = "RECONCILER_TEST_MARK"
@@ -153,6 +153,7 @@ class Agent:
 
 @pytest.fixture
 def env(tmp_path):
+    require("reconcile")  # the console script, as an operator runs it
     return Env(tmp_path)
 
 

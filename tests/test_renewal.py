@@ -24,6 +24,8 @@ from reconciler.agent import loop as agentmod
 from reconciler.store import StoreError
 from reconciler.host import leaserecord
 
+pytestmark = pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
+
 SPEC = """
 [cluster]
 store = "dir:{root}/store"

@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 
 import safety
+from helpers import wait_until  # noqa: F401 (also imported from here)
 
 HERE = Path(__file__).resolve().parent
 GUARD = str(HERE / "guard.py")
@@ -99,17 +100,6 @@ def _read_store(spec_dir: str) -> dict:
                 "members": {n: hb.counter for n, hb in snap.members.items()}}
 
     return asyncio.run(read())
-
-
-def wait_until(cond, timeout: float, step: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
 
 
 class Node:

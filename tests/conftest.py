@@ -1,4 +1,13 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and what each test needs.
+
+A test is either a unit test (no root, namespaces, etcd, keepalived, Prometheus, supervisord
+or spawned agents: `pytest -m "not integration"` runs them alone, as any user) or marked
+`integration`. An integration test names what it needs, `@pytest.mark.needs("root", "etcd")`
+(REQUIREMENTS in tests/helpers.py; the etcd and multi-node fixtures imply theirs:
+FIXTURE_NEEDS below), and fails before it starts, with one line naming what is missing and
+how to install it, when a requirement is not met: it never skips silently (.ci/run installs
+everything).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,50 @@ import os
 
 import pytest
 
+from helpers import REQUIREMENTS, require
+
 _TESTS = itertools.count(1)
+
+
+# --- what tests need -------------------------------------------------------------------------
+
+
+# fixture -> what a test using it needs (the fixtures below)
+FIXTURE_NEEDS: dict[str, tuple[str, ...]] = {
+    "etcd_single": ("etcd",),
+    "etcd_cluster3": ("etcd",),
+    "make_cluster": ("root", "unshare"),
+}
+
+
+def _needs(item: pytest.Item) -> list[str]:
+    return [n for mark in item.iter_markers("needs") for n in mark.args]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the markers added here count
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        implied = {n for fixture, needs in FIXTURE_NEEDS.items() if fixture in item.fixturenames for n in needs}
+        # a parametrized store backend (test_store_contract.py): its etcd case needs etcd
+        if getattr(item, "callspec", None) is not None and item.callspec.params.get("backend") == "etcd":
+            implied.add("etcd")
+        if implied:
+            item.add_marker(pytest.mark.needs(*sorted(implied)))
+            item.add_marker(pytest.mark.integration)
+        needs = _needs(item)
+        unknown = sorted(set(needs) - set(REQUIREMENTS))
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: unknown requirement(s) {unknown}; known: {sorted(REQUIREMENTS)}")
+        if needs and item.get_closest_marker("integration") is None:
+            raise pytest.UsageError(f"{item.nodeid}: needs{tuple(needs)} but is not marked integration")
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture starts what the test needs
+def pytest_runtest_setup(item):
+    require(*dict.fromkeys(_needs(item)))
+
+
+# --- fixtures ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)

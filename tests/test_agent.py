@@ -10,6 +10,7 @@ inherit the agent's environment), keeper included.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ import pytest
 from reconciler.host import leaserecord
 from reconciler.host import procfs
 
+from helpers import READ_ERRORS, alive, handles, require, wait_until
+
 NODE = "n1"
 MARK = "RECONCILER_TEST_MARK"
 
@@ -31,29 +34,8 @@ MARK = "RECONCILER_TEST_MARK"
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def wait_for(fn, timeout: float = 5.0, what: str = "", interval: float = 0.02):
-    """Poll fn() until it returns something truthy; transient read errors count as not yet."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            last_exc = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}" + (f" (last error: {last_exc})" if last_exc else ""))
-        time.sleep(interval)
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+# wait_for(fn, timeout, what): transient read errors (a file being written) count as not yet
+wait_for = functools.partial(wait_until, tolerate=READ_ERRORS)
 
 
 def reconcile(*args: str, check: int | None = None, **kw) -> subprocess.CompletedProcess:
@@ -171,6 +153,7 @@ class Agent:
 
 @pytest.fixture
 def env(tmp_path):
+    require("reconcile")  # the console script, as an operator runs it
     return Env(tmp_path)
 
 
@@ -247,6 +230,7 @@ def log_events(env: Env) -> list[str]:
 # --- run modes ------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_every_runmode_env_and_logs(env, agents):
     env.write(
         group("g")
@@ -293,7 +277,7 @@ def test_every_runmode_env_and_logs(env, agents):
     assert env.record("server")["respawns"] >= 1
     assert len(env.marked("sleep 100")) == 1
 
-    # once ran once, off never ran (a tick later still)
+    # once ran once, off never ran (a tick later still: the time passing is the test)
     time.sleep(1.2)
     assert env.file("once.count").read_text() == "ran\n"
     assert not env.file("OFF").exists()
@@ -303,6 +287,7 @@ def test_every_runmode_env_and_logs(env, agents):
     assert st["entries"]["server"]["state"] == "running" and st["entries"]["server"]["pid"] == new
 
 
+@pytest.mark.integration  # starts agents
 def test_failed_test_halts_the_group(env, agents):
     env.write(
         group("g")
@@ -317,7 +302,7 @@ def test_failed_test_halts_the_group(env, agents):
     wait_for(lambda: env.entry_status("g", "check")["state"] == "failed", 10, "check failed")
     wait_for(lambda: env.entry_status("h", "gate")["state"] == "failed", 5, "gate failed")
     assert env.running("before")
-    time.sleep(0.8)
+    time.sleep(0.8)  # nothing after the failed test starts meanwhile: the time passing is the test
     assert not env.file("LATE").exists() and not env.file("H").exists()
     assert "late" not in env.records() and "hsrv" not in env.records()
     st = env.status()["groups"]
@@ -331,6 +316,7 @@ def test_failed_test_halts_the_group(env, agents):
 # --- runlevels ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_minimal_runlevel_transition(env, agents):
     env.write(
         group("g")
@@ -370,6 +356,7 @@ def test_minimal_runlevel_transition(env, agents):
 # --- respawn backoff and stop escalation ----------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_respawn_backoff_grows_and_never_gives_up(env, agents):
     env.write(group("g") + entry("flap", "respawn", "exit 7"))
     agents()
@@ -403,6 +390,7 @@ def test_respawn_backoff_grows_and_never_gives_up(env, agents):
     wait_for(lambda: env.record("flap")["respawns"] > n, 6, "another attempt")
 
 
+@pytest.mark.integration  # starts agents
 def test_stop_escalates_to_sigkill(env, agents):
     # The shell survives SIGTERM (its trap only notes the time) and so does every `sleep` it
     # runs next; the stop must end it with SIGKILL stop_timeout after the SIGTERM.
@@ -410,7 +398,7 @@ def test_stop_escalates_to_sigkill(env, agents):
     env.write(group("g") + entry("stubborn", "respawn", stubborn, extra='stop_timeout = "1s"'))
     agents()
     pid = wait_for(lambda: env.running("stubborn"), 10, "stubborn running")
-    time.sleep(0.2)  # let the shell set its trap
+    wait_for(lambda: handles(pid, signal.SIGTERM), 5, "the shell's trap")
     reconcile("tell", "g", "stop", "--spec", str(env.spec_dir), check=0)
     wait_for(lambda: not alive(pid), 10, "stubborn gone")
     gone = time.time()
@@ -422,11 +410,12 @@ def test_stop_escalates_to_sigkill(env, agents):
     wait_for(lambda: not env.marked("sleep 0.1"), 5, "the whole process group gone")
 
 
+@pytest.mark.integration  # starts agents
 def test_process_ignoring_sigterm_is_killed(env, agents):
     env.write(group("g") + entry("deaf", "respawn", 'trap "" TERM; sleep 100', extra='stop_timeout = "1s"'))
     agents()
     pid = wait_for(lambda: env.running("deaf"), 10, "deaf running")
-    time.sleep(0.2)
+    wait_for(lambda: handles(pid, signal.SIGTERM), 5, "the shell ignoring TERM")
     t0 = time.monotonic()
     reconcile("tell", "g", "stop", "--spec", str(env.spec_dir), check=0)
     wait_for(lambda: not alive(pid), 10, "deaf gone")
@@ -441,6 +430,7 @@ def test_process_ignoring_sigterm_is_killed(env, agents):
 LONG_LEASE = '[cluster.timing]\nheartbeat = "1s"\nlease = "30s"\ndead_after = "40s"\n'
 
 
+@pytest.mark.integration  # starts agents
 def test_adoption_after_agent_sigkill(env, agents):
     env.write(group("g") + entry("srv", "respawn", ["sleep", "101"]), timing=LONG_LEASE)
     first = agents()
@@ -459,6 +449,7 @@ def test_adoption_after_agent_sigkill(env, agents):
     assert len(env.marked("sleep 101")) == 1 and new != pid
 
 
+@pytest.mark.integration  # starts keepers
 def test_a_second_keeper_steps_aside(tmp_path):
     """Two keepers for one node (the agent started one while the first was starting up):
     the second exits at once, so that at expiry the first does not find it among the
@@ -490,11 +481,12 @@ def test_a_second_keeper_steps_aside(tmp_path):
                 p.kill()
 
 
+@pytest.mark.integration  # starts agents
 def test_keeper_kills_processes_when_agent_dies(env, agents):
     env.write(group("g") + entry("srv", "respawn", ["sleep", "102"]), timing="")  # the default lease: 400ms
     a = agents()
     pid = wait_for(lambda: env.running("srv"), 10, "srv running")
-    time.sleep(0.3)
+    wait_for(lambda: (env.state / "keeper.pid").exists(), 5, "the keeper to have read the lease")
     os.kill(a.pid, signal.SIGKILL)
     t0 = time.monotonic()
     wait_for(lambda: not alive(pid), 5, "keeper killed srv")
@@ -508,6 +500,7 @@ def test_keeper_kills_processes_when_agent_dies(env, agents):
 # --- spec edits ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # starts agents
 def test_hot_reload(env, agents):
     body = group("g") + entry("one", "respawn", ["sleep", "103"])
     env.write(body)
@@ -521,6 +514,7 @@ def test_hot_reload(env, agents):
     assert env.running("one") == pid and not a.exited()
 
 
+@pytest.mark.integration  # starts agents
 def test_bad_edit_keeps_last_good(env, agents):
     body = group("g") + entry("one", "respawn", ["sleep", "105"])
     env.write(body)
@@ -532,7 +526,7 @@ def test_bad_edit_keeps_last_good(env, agents):
     )
     assert f"{env.spec_file}: not valid TOML" in line
     assert wait_for(lambda: env.status()["spec_error"], 5, "spec_error published").startswith(f"{env.spec_file}: ")
-    time.sleep(0.5)
+    time.sleep(0.5)  # the bad edit changes nothing meanwhile: the time passing is the test
     assert env.running("one") == pid and not a.exited()
     # `reconcile status` needs the spec to find the store: it names the bad line, exit 1
     p = reconcile("status", "--spec", str(env.spec_dir), "--json")
@@ -551,6 +545,7 @@ def test_bad_edit_keeps_last_good(env, agents):
     assert "one" in p.stdout and "two" in p.stdout
 
 
+@pytest.mark.integration  # starts agents
 def test_removed_group_is_stopped_gracefully(env, agents):
     keep = group("g") + entry("stay", "respawn", ["sleep", "107"])
     gone = group("h") + entry("leave", "respawn", f'trap "touch {{w}}/got-term; exit 0" TERM; sleep 100 & wait', group="h")
@@ -558,7 +553,7 @@ def test_removed_group_is_stopped_gracefully(env, agents):
     agents()
     stay = wait_for(lambda: env.running("stay"), 10, "stay running")
     leave = wait_for(lambda: env.running("leave"), 5, "leave running")
-    time.sleep(0.2)
+    wait_for(lambda: handles(leave, signal.SIGTERM), 5, "the shell's trap")
     env.write(keep)
     wait_for(lambda: not alive(leave), 5, "leave gone")
     wait_for(lambda: env.file("got-term").exists(), 5, "TERM trapped")
@@ -568,12 +563,14 @@ def test_removed_group_is_stopped_gracefully(env, agents):
     wait_for(lambda: not (env.store / "claims" / "h").exists(), 5, "claim on h released")
 
 
+@pytest.mark.integration  # starts agents
 def test_sigterm_stops_everything_gracefully_and_exits_0(env, agents):
     trap = 'trap "touch {w}/term.$RECONCILER_TAG; exit 0" TERM; sleep 100 & wait'
     env.write(group("g") + entry("a", "respawn", trap) + entry("b", "respawn", trap) + group("h") + entry("c", "respawn", trap, group="h"))
     a = agents()
     pids = [wait_for(lambda: env.running(t), 10, f"{t} running") for t in "abc"]
-    time.sleep(0.2)
+    for pid in pids:
+        wait_for(lambda: handles(pid, signal.SIGTERM), 5, "the shells' traps")
     a.signal(signal.SIGTERM)
     assert a.wait(10) == 0
     for t in "abc":
@@ -647,11 +644,12 @@ def test_tell_exit_codes_and_comments(env):
     assert 'runlevel = "stop"   # keep this comment' in env.spec_file.read_text()
 
 
+@pytest.mark.integration  # starts agents
 def test_dry_run_exit_codes(env, agents):
     env.write("", raw=COMMENTED)
     a = agents()
     wait_for(lambda: env.running("s"), 10, "s running")
-    time.sleep(0.2)
+    wait_for(lambda: env.entry_status("g", "s")["state"] == "running", 5, "s running in the published status")
     p = reconcile("--dry-run", "--spec", str(env.spec_dir), "--node", NODE)
     assert p.returncode == 0, (p.stdout, p.stderr)  # converged
     assert "converged" in p.stdout
@@ -666,6 +664,7 @@ def test_dry_run_exit_codes(env, agents):
     assert p.stderr.startswith(f"reconcile: {env.spec_file}: groups.g.entries[0].mode:")
 
 
+@pytest.mark.integration  # starts agents
 def test_status_json_shape(env, agents):
     env.write(group("g") + entry("s", "respawn", ["sleep", "109"]) + entry("t", "once", "true"))
     agents()
@@ -685,6 +684,7 @@ def test_status_json_shape(env, agents):
     assert "GROUP" in p.stdout and f"pid {pid}" in p.stdout
 
 
+@pytest.mark.integration  # starts agents
 def test_status_after_a_bad_edit_shows_what_the_nodes_publish(env, agents):
     """A spec edit that does not load: the agent keeps its last good spec, and `reconcile
     status` still shows every group the nodes publish (with their desired runlevel), names

@@ -20,9 +20,10 @@ import time
 import psutil
 import pytest
 
-from cluster import GUARD, Cluster, wait_until
+from cluster import GUARD, Cluster
+from helpers import wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare, mount and cgroups")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "mount", "cgroup2")]
 
 FAILOVER = 3.0
 # Long enough that a restarted agent renews the lease before the keeper acts.
@@ -126,7 +127,7 @@ def test_a_lost_process_table_leaves_no_second_copy(make_cluster, tmp_path, cgro
         table.write_text(text[: len(text) // 2])
 
     restart_agent(c, "n1", tmp_path / "go-n1", before=truncate)
-    time.sleep(3.0)  # the restarted agent's start-up and many reconcile passes
+    time.sleep(3.0)  # the restarted agent's start-up and many reconcile passes: no second copy meanwhile
     assert guards("n1", "g1") == old, "the old guard alone: no second copy"
     assert "adopted g1/g1-svc" in agent_log(c, "n1")
     assert guards("n2", "g1") == set()
@@ -168,10 +169,10 @@ def test_a_full_state_directory_loses_no_process(make_cluster, tmp_path, cgroups
 
     errors = wait_until(state_errors, 5, what="the failed save shown in n1's status")
     assert any("cannot save" in e and "No space left on device" in e for e in errors), errors
-    time.sleep(0.5)
+    time.sleep(0.5)  # a few more passes with the disk full: the scenario, not a synchronisation
     # the operator frees the disk and the agent restarts: the table is stale, the cgroup is not
     restart_agent(c, "n1", tmp_path / "go-n1", before=lambda: in_node(f"rm -f {state}/fill"))
-    time.sleep(3.0)
+    time.sleep(3.0)  # the restarted agent's start-up and many reconcile passes: no second copy meanwhile
     assert guards("n1", "g1") == new, "the respawned guard adopted, no second copy"
     assert "cannot save the process table" in agent_log(c, "n1")
     assert "adopted g1/g1-svc" in agent_log(c, "n1")
@@ -184,7 +185,7 @@ def test_a_full_state_directory_loses_no_process(make_cluster, tmp_path, cgroups
         assert guards("n1", "g1") == set()
     finally:
         os.kill(agent, signal.SIGCONT)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the resumed agent runs nothing twice: the time passing is the test
     assert c.violations() == []
 
 
@@ -223,22 +224,22 @@ def test_a_daemon_is_stopped_with_its_group_and_not_left_behind_at_a_failover(ma
     for g in ("d1", "d2"):
         wait_until(lambda: c.runs_on_one(g) == "n1", 15, what=f"{g} on n1")
     c.start("n2")
-    time.sleep(0.5)
+    wait_until(lambda: "n2" in c.members(), 10, what="n2 publishing")  # a peer to take over
     assert_tracking(c, cgroups)
     agent = agent_of(c.nodes["n1"])
     os.kill(agent, signal.SIGSTOP)
     try:
         for g in ("d1", "d2"):
             wait_until(lambda: c.runs_on_one(g) == "n2", FAILOVER * 2, what=f"{g} taken over by n2")
-        time.sleep(1.0)
+        time.sleep(1.0)  # nothing of the paused node comes back: the time passing is the test
         assert guards("n1", "d1") == set() and guards("n1", "d2") == set()
     finally:
         os.kill(agent, signal.SIGCONT)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the resumed agent runs nothing twice: the time passing is the test
     assert c.violations() == []
     for g in ("d1", "d2"):
         assert c.runs_on_one(g) == "n2"
     c.write("groups.toml", daemon_groups(log, level="stop"))
     wait_until(lambda: not guards("n2", "d1") and not guards("n2", "d2"), 10, what="the daemons stopped with their groups")
-    time.sleep(0.5)
+    time.sleep(0.5)  # and none comes back: the time passing is the test
     assert not (guards("n1", "d1") | guards("n1", "d2") | guards("n2", "d1") | guards("n2", "d2"))

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAILOVER = 3.0  # generous bound for one failover on a loaded 2-core CI machine
@@ -31,7 +32,7 @@ def test_each_group_runs_once_fails_over_and_stays(make_cluster, tmp_path):
     c.start()
     for g in ("g1", "g2", "g3"):
         wait_until(lambda: c.runs_on_one(g), 10, what=f"{g} on one node")
-    time.sleep(1.0)
+    time.sleep(1.0)  # and stays so: the time passing is the test
     for g in ("g1", "g2", "g3"):
         assert len(c.running(g)) == 1
     victim = c.runs_on_one("g1")
@@ -60,7 +61,7 @@ def test_each_group_runs_once_fails_over_and_stays(make_cluster, tmp_path):
     owners = {g: c.runs_on_one(g) for g in ("g1", "g2", "g3")}
     # The dead node returns: nothing moves back (failback is off by default).
     c.nodes[victim].start()
-    time.sleep(2.5)
+    time.sleep(2.5)  # the time passing is the test
     assert {g: c.runs_on_one(g) for g in ("g1", "g2", "g3")} == owners
     assert c.owner("g1") == new
     st = c.status()
@@ -98,7 +99,7 @@ command = 'test "$RECONCILER_NODE" != n1'
     wait_until(lambda: c.runs_on_one("back") == "n2", FAILOVER, what="back to n2")
     c.nodes["n1"].start()
     wait_until(lambda: c.runs_on_one("back") == "n1", 10, what="back to fail back to n1")
-    time.sleep(1.0)
+    time.sleep(1.0)  # the others stay: the time passing is the test
     assert c.runs_on_one("stay") == "n2"
     assert c.runs_on_one("picky") == "n2"
     # the failing test never let picky run on n1, not even for a moment
@@ -114,7 +115,7 @@ def test_paused_owner_without_fence_never_overlaps(make_cluster, tmp_path):
     new = wait_until(lambda: (n := c.runs_on_one("g1")) and n != owner and n, FAILOVER, what="takeover from paused owner")
     time.sleep(1.0)  # well past dead_after
     c.nodes[owner].resume()
-    time.sleep(2.0)
+    time.sleep(2.0)  # the resumed owner takes nothing back: the time passing is the test
     assert c.runs_on_one("g1") == new
     assert c.violations() == []
     keeper_log = tmp_path / "state" / owner / "keeper.log"
@@ -162,7 +163,7 @@ def test_failing_fence_blocks_takeover(make_cluster, tmp_path):
     owner = wait_until(lambda: c.runs_on_one("g1"), 10, what="g1 running")
     c.nodes[owner].pause()
     wait_until(lambda: calls.exists(), FAILOVER, what="fence hook call")
-    time.sleep(1.5)
+    time.sleep(1.5)  # no takeover while the fence fails: the time passing is the test
     assert c.running("g1") == set(), "no takeover while fencing fails (and the keeper stopped the owner's copy)"
     assert set(calls.read_text().split()) == {owner}
     notes = c.status()["groups"]["g1"]["notes"]
@@ -200,7 +201,7 @@ def test_hpc_membership_moves_groups_and_quorum_loss_stops(make_cluster, tmp_pat
     (tmp_path / "hpc" / "nodes" / owner / "status").write_text("1\n")
     wait_until(lambda: (n := c.runs_on_one("g1")) and n != owner, FAILOVER, what="g1 to move off the down node")
     (tmp_path / "hpc" / "nodes" / owner / "status").write_text("3\n")
-    time.sleep(0.5)
+    time.sleep(0.5)  # the owner up again for a few ticks before the others go down: the scenario
     # Two of three down: whoever is left has no quorum and stops everything.
     survivors = [n for n in ("1", "2", "3")]
     keep = survivors[0]
@@ -221,7 +222,7 @@ def test_lost_claim_is_claimed_back_without_a_restart_or_a_second_copy(make_clus
     first = [r for r in __import__("safety")._runs(log) if r["group"] == "g1"]
     os.unlink(c.store / "claims" / "g1")
     wait_until(lambda: c.owner("g1") is not None, 5, what="g1 claimed again")
-    time.sleep(1.0)
+    time.sleep(1.0)  # no restart, no second copy meanwhile: the time passing is the test
     assert c.owner("g1") == owner
     runs = [r for r in __import__("safety")._runs(log) if r["group"] == "g1"]
     assert len(runs) == len(first) == 1, runs  # the same process all along, on one node

@@ -71,7 +71,8 @@ def test_a_store_that_disappears_is_unreachable_not_empty(tmp_path, missing):
     assert set(run(s.read()).claims) == {"web"}
 
 
-@pytest.mark.parametrize("how", ["world-writable", "group-writable", "foreign owner"])
+@pytest.mark.parametrize("how", ["world-writable", "group-writable",
+                                 pytest.param("foreign owner", marks=[pytest.mark.integration, pytest.mark.needs("root")])])
 def test_a_store_others_could_write_to_is_refused(tmp_path, how):
     s = new_store(tmp_path)
     root = tmp_path / "store"

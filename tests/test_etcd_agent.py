@@ -10,18 +10,15 @@ namespace, joined by veth links into a bridge in one more namespace; addresses c
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare and ip netns"),
-    pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd (apt-get install etcd-server)"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "ip", "etcd")]
 
 FAILOVER = 3.0  # bound for one failover at default timing on a loaded 2-core machine
 GROUPS = ("g1", "g2", "g3")
@@ -105,7 +102,7 @@ def test_each_group_runs_once_and_fails_over(etcd_cluster3, make_cluster, tmp_pa
     c = make_cluster(store=etcd_cluster3.url, groups=guard_groups(str(tmp_path / "guard.log")))
     c.start()
     before = all_running(c)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the time passing is the test
     assert placement(c) == before, "nothing moves or restarts while everything is healthy"
     assert {g: c.owner(g) for g in GROUPS} == {g: n for g, (n, _pid) in before.items()}
     victim = before["g1"][0]
@@ -123,7 +120,7 @@ def test_each_group_runs_once_and_fails_over(etcd_cluster3, make_cluster, tmp_pa
     last = c.members().get(victim, -1)  # etcd keeps a dead node's key until its lease ends
     c.nodes[victim].start()
     wait_until(lambda: c.members().get(victim, -1) > last, 10, what=f"{victim} to rejoin")
-    time.sleep(1.5)
+    time.sleep(1.5)  # the rejoined node takes nothing back: the time passing is the test
     assert placement(c) == after
     assert took < FAILOVER
 
@@ -136,7 +133,7 @@ def test_etcd_leader_loss_stops_nothing(etcd_cluster3, make_cluster, tmp_path):
     c = make_cluster(store=etcd.url, groups=guard_groups(str(tmp_path / "guard.log")), cluster_extra=ROBUST)
     c.start()
     before = all_running(c)
-    time.sleep(0.5)
+    time.sleep(0.5)  # a settled cluster (all_running saw it quiet) stays quiet before the baseline
     baseline = starts_and_stops(c)
     for _round in range(2):  # the first leader, then (after it returns) its successor
         leader = etcd.leader()
@@ -186,7 +183,7 @@ def test_partitioned_owner_demotes_before_takeover_and_rejoins_quietly(topology,
         before = all_running(c, ("g1", "g2"))
         owner, old_pid = before["g1"]
         assert c.owner("g1") == owner
-        time.sleep(0.3)
+        time.sleep(0.3)  # the owner renewing a while before the cut: the scenario
         cut_at = time.monotonic()
         topology.cut(owner)
         new = wait_until(lambda: (n := c.runs_on_one("g1")) and n != owner and n, ROBUST_DEAD_AFTER + 4,
@@ -224,7 +221,7 @@ def _pause_etcd(etcd, seconds: float) -> None:
     for p in procs:
         os.kill(p.pid, signal.SIGSTOP)
     try:
-        time.sleep(seconds)
+        time.sleep(seconds)  # the outage: its length is the test
     finally:
         for p in procs:
             os.kill(p.pid, signal.SIGCONT)
@@ -236,7 +233,7 @@ def test_etcd_outage_within_budget_stops_nothing_longer_stops_and_restarts_once(
     c = make_cluster(store=etcd.url, groups=guard_groups(str(tmp_path / "guard.log"), names), cluster_extra=ROBUST)
     c.start()
     before = all_running(c, names)
-    time.sleep(0.5)
+    time.sleep(0.5)  # a settled cluster (all_running saw it quiet) stays quiet before the baseline
     baseline = starts_and_stops(c)
     # Every member paused for less than lease - demote_margin - heartbeat: nothing stops.
     _pause_etcd(etcd, SURVIVED - 0.6)
@@ -251,7 +248,7 @@ def test_etcd_outage_within_budget_stops_nothing_longer_stops_and_restarts_once(
     stopped = [r for r in records(c.guard_log, "stop") if r[0] > down_at]
     assert {r[3] for r in stopped} == set(names)
     assert all(r[0] - down_at < 2.0 for r in stopped), "each owner demoted before its lease ran out"
-    time.sleep(max(0.0, down_at + 4.0 - time.monotonic()))
+    time.sleep(max(0.0, down_at + 4.0 - time.monotonic()))  # a 4 s outage: its length is the test
     # etcd returns from the same data directories: each group comes back exactly once.
     back_at = time.monotonic()
     for i in range(etcd.size):

@@ -48,10 +48,11 @@ import time
 
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 from faultrun import CLASSIC, CONVERGE, GROUPS, IMPAIRING, LOCAL, NODES, Run, converged, plan_faults
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare, mount and nsenter")
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "mount", "nsenter")]
 
 
 def test_randomized_faults_never_run_a_group_twice(tmp_path):
@@ -99,14 +100,14 @@ def test_randomized_faults_never_run_a_group_twice(tmp_path):
                     down[victim] = now + rng.uniform(0.0, 0.5)
                 history.append(f"{now:.3f} {kind} {victim}")
                 done += 1
-            time.sleep(rng.uniform(0.05, 0.4))
+            time.sleep(rng.uniform(0.05, 0.4))  # random gaps between faults: the schedule is the test
         for n in paused:
             c.nodes[n].resume()
         for n in down:
             c.nodes[n].start()
         for g in GROUPS:
             wait_until(lambda: c.runs_on_one(g), 15, what=f"{g} running exactly once after the faults")
-        time.sleep(1.0)
+        time.sleep(1.0)  # and stays so: the time passing is the test
         for g in GROUPS:
             assert len(c.running(g)) == 1, (g, c.running(g))
     finally:
@@ -142,7 +143,7 @@ def test_randomized_local_state_faults_never_run_a_group_twice(tmp_path):
                 run.check_nodes()
                 delay = start + s.at - time.monotonic()
                 if delay > 0:
-                    time.sleep(delay)
+                    time.sleep(delay)  # the next fault at its scheduled time
                 try:
                     run.apply(s)
                 except (ProcessLookupError, FileNotFoundError) as exc:  # its node died on its own meanwhile
@@ -155,7 +156,7 @@ def test_randomized_local_state_faults_never_run_a_group_twice(tmp_path):
         run.check_nodes()
         try:
             wait_until(lambda: not converged(c), CONVERGE, step=0.2, what="every group running exactly once")
-            time.sleep(1.0)
+            time.sleep(1.0)  # and stays so: the time passing is the test
         except AssertionError:
             pass
         problems = converged(c)

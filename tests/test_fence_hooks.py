@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -226,7 +225,6 @@ esac
 """
 
 
-@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs timeout(1)")
 @pytest.mark.parametrize("mode", ["ok", "stuck"])
 def test_fence_ipmi_against_a_fake_ipmitool(tmp_path, mode):
     bindir = tmp_path / "bin"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -128,7 +127,8 @@ def test_every_exported_metric_is_shown():
     assert METRICS - used == set()
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+@pytest.mark.integration
+@pytest.mark.needs("promtool")
 def test_expressions_are_valid_promql(tmp_path):
     # promtool has no offline query parser, but it parses rule expressions: make each one a
     # recording rule, with Grafana's variables replaced by values Prometheus accepts.

@@ -18,7 +18,8 @@ import urllib.request
 import psutil
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import free_port, reconcile, wait_until
 from reconciler import spec as specmod
 from reconciler.decide import identity
 from reconciler.act import fence as fencemod
@@ -172,10 +173,6 @@ def test_fence_refuses_a_name_that_would_be_an_option(tmp_path):
 # --- the CLI and the lock -----------------------------------------------------------------------
 
 
-def reconcile(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reconciler.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
 def small_spec(tmp_path) -> str:
     spec = tmp_path / "spec"
     spec.mkdir(mode=0o755)
@@ -188,7 +185,7 @@ def small_spec(tmp_path) -> str:
 @pytest.mark.parametrize("node", ["", "--all", "-x", ".", "bad name"])
 def test_invalid_node_names_are_refused(tmp_path, node):
     spec = small_spec(tmp_path)
-    done = reconcile("run", "--spec", spec, f"--node={node}", "--metrics-address", "off")
+    done = reconcile("run", "--spec", spec, f"--node={node}", "--metrics-address", "off", timeout=20)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--node" in lines[0] and "not a valid node name" in lines[0], done.stderr
@@ -257,14 +254,14 @@ def test_a_second_agent_under_the_same_name_on_another_machine_runs_nothing(make
     (victim,) = guard_pids(c, "web")
     victim.kill()
     wait_until(lambda: guard_starts(c, "n1") == starts + 1, 10, what="web respawned on n1")
-    time.sleep(1.0)
+    time.sleep(1.0)  # and only once: the time passing is the test
     assert guard_starts(c, "n1") == starts + 1 and guard_starts(c, "n1@b") == 0
     assert len(guard_pids(c, "web")) == 1
     # the incumbent's machine dies: its groups come back exactly once (n2, or the agent that
     # takes the name over); the checker (make_cluster) proves they never ran twice
     c.nodes["n1"].crash()
     wait_until(lambda: c.runs_on_one("web") and c.runs_on_one("db"), 20, what="both groups running again")
-    time.sleep(1.0)
+    time.sleep(1.0)  # and only once: the time passing is the test
     assert len(c.running("web")) == 1 and len(c.running("db")) == 1
 
 
@@ -272,8 +269,6 @@ def test_an_incumbent_that_sees_a_twin_keeps_running_claims_nothing_and_says_so(
     """A writer that breaks the newcomer's rule (an older version, a stale read): the agent
     that was there first keeps its group, claims nothing, and reports the twin in its log,
     its status and its metrics until the other stops."""
-    from etcd_cluster import free_port
-
     port = free_port()
     c = make_cluster(nodes=("n1",), metrics={"n1": f"127.0.0.1:{port}"})
     c.write("groups.toml", Cluster.guard_group("web", c.guard_log))
@@ -289,7 +284,7 @@ def test_an_incumbent_that_sees_a_twin_keeps_running_claims_nothing_and_says_so(
             while not stop.is_set():
                 counter += 1
                 await store.publish(Heartbeat(node="n1", counter=counter, instance="f" * 16))
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the intruder's heartbeat period
             await store.close()
 
         asyncio.run(go())
@@ -303,7 +298,7 @@ def test_an_incumbent_that_sees_a_twin_keeps_running_claims_nothing_and_says_so(
         wait_until(lambda: 'reconciler_node_twin{node="n1"} 1.0' in scrape(), 10, what="twin metric")
         doc = c.nodes["n1"].run("status", "--spec", str(c.spec_dir), "--node", "n1")
         assert "twin: another agent publishes under this node's name" in doc.stdout, doc.stdout + doc.stderr
-        time.sleep(1.5)
+        time.sleep(1.5)  # the time passing is the test
         assert c.running("web") == {"n1"} and c.running("api") == set()  # keeps web, claims nothing
         assert c.owner("api") is None
     finally:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from hypothesis import strategies as st
 
 from reconciler import spec
 from reconciler.spec.importer import CltabError, command_value, convert
+
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,10 +321,8 @@ def test_round_trip_spec_is_accepted(tmp_path):
     assert active(loaded, "rt", "start") == {"toucher", "sleeper"}
 
 
+@pytest.mark.integration  # runs an agent
 def test_round_trip_runs_under_the_agent(tmp_path):
-    # Skips until the agent lands (and while a half-written one does not import yet).
-    pytest.importorskip("reconciler.agent", exc_type=ImportError)
-    pytest.importorskip("reconciler.cli", exc_type=ImportError)
     text, _ = convert(small_cltab(tmp_path), "rt start\n")
     specdir = tmp_path / "spec"
     write_spec(specdir, text)
@@ -336,10 +335,7 @@ def test_round_trip_runs_under_the_agent(tmp_path):
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "touched").exists()
-        deadline = time.monotonic() + 5
-        while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert pidfile.exists(), "the respawn entry did not start"
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 5, what="the respawn entry to start")
         assert not (tmp_path / "off-ran").exists()
         assert not (tmp_path / "level2-ran").exists()
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import wait_until
+from helpers import wait_until
 from reconciler.act import logs
 
 KIB = 1024
@@ -63,7 +63,8 @@ def test_keep_zero_only_truncates(tmp_path):
     assert os.listdir(tmp_path) == ["g.t.log"] and (tmp_path / "g.t.log").stat().st_size == 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unshare, mount)")
+@pytest.mark.integration
+@pytest.mark.needs("root", "unshare", "mount")
 def test_a_full_disk_truncates_without_a_copy(tmp_path):
     """On a tmpfs with no room for the copy: the copy is dropped (no partial file left), the
     live file truncated anyway, the problem reported, nothing raised."""
@@ -99,7 +100,6 @@ command = 'while :; do head -c 50000 /dev/zero | tr "\\\\0" x; echo; sleep 0.05;
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (unshare)")
 def test_a_chatty_entry_cannot_fill_the_state_directory(make_cluster, tmp_path):
     """About 1 MB/s of output, RECONCILER_LOG_MAX_BYTES=256K, RECONCILER_LOG_KEEP=2: the
     entry's logs stay within about three times the size plus a tick's output, the same
@@ -122,7 +122,7 @@ def test_a_chatty_entry_cannot_fill_the_state_directory(make_cluster, tmp_path):
     while time.monotonic() - t0 < 4.0:
         used = sum(f.stat().st_blocks * 512 for f in d.iterdir() if f.name.startswith("chat.talk.log"))
         peak = max(peak, used)
-        time.sleep(0.05)
+        time.sleep(0.05)  # sampling the peak over 4 s of output: the time passing is the test
     # Written meanwhile: ~4 MB. Kept: live + 2 copies of <= 256K + one tick (~1 MB) each.
     assert peak < 3 * 1024 * KIB, peak
     assert not (d / "chat.talk.log.3").exists()

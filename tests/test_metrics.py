@@ -9,7 +9,7 @@ that takes over.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
 import os
 import re
@@ -28,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import Cluster
+from helpers import READ_ERRORS, free_port, load_test_module, wait_until
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -37,29 +38,14 @@ PROMETHEUS = shutil.which("prometheus")
 GROUPS = ("alpha", "beta")
 DEAD_AFTER = 0.65  # the default cluster.timing.dead_after
 
+pytestmark = pytest.mark.integration  # every test starts agents
+
 
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last})" if last else ""))
-        time.sleep(step)
+# wait_for(fn, timeout, what): a scrape or a file read that fails counts as not yet
+wait_for = functools.partial(wait_until, step=0.05, tolerate=READ_ERRORS)
 
 
 def scrape_text(address: str) -> str:
@@ -106,13 +92,6 @@ class Scrape:
 
 def scrape(address: str) -> Scrape:
     return Scrape(scrape_text(address))
-
-
-def load_test_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SPEC = """\
@@ -224,7 +203,7 @@ def agent(single):
 # --- a. the live exporter ------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
+@pytest.mark.needs("promtool")
 def test_live_exposition_is_lint_clean_and_sane(agent):
     a = agent.start("--log-format", "json")
     s = wait_for(a.converged, 15, "both groups claimed and running")
@@ -325,7 +304,7 @@ def test_dashboard_and_alerts_query_only_live_metrics(agent):
 # --- c. failover metrics on the node that takes over ------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare")
+@pytest.mark.needs("root", "unshare")
 def test_failover_metrics_on_the_new_owner(tmp_path):
     log = str(tmp_path / "guard.log")
     fence_log = tmp_path / "fence.log"
@@ -399,7 +378,7 @@ def test_failover_metrics_on_the_new_owner(tmp_path):
 # --- d. a real Prometheus server scrapes an agent ------------------------------------------------------
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (apt-get install prometheus)")
+@pytest.mark.needs("prometheus")
 def test_prometheus_scrapes_the_agent_and_answers_a_query(agent, tmp_path):
     a = agent.start()
     wait_for(a.converged, 15, "both groups claimed and running")

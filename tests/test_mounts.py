@@ -8,7 +8,6 @@ host's mount table is never touched.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,6 @@ from reconciler.spec import Mount
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = Path(__file__).resolve().parent / "resource_mount_scenarios.py"
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
-
 
 def run_scenario(name: str, work: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -33,7 +30,8 @@ def run_scenario(name: str, work: Path) -> None:
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
 
 
-@needs_root
+@pytest.mark.integration
+@pytest.mark.needs("root", "unshare", "mount")
 @pytest.mark.parametrize("scenario", ["tmpfs", "bind", "options", "busy", "bad_input"])
 def test_scenario(scenario: str, tmp_path: Path) -> None:
     before = Path("/proc/self/mountinfo").read_text()
@@ -42,8 +40,8 @@ def test_scenario(scenario: str, tmp_path: Path) -> None:
     assert before.count("\n") == Path("/proc/self/mountinfo").read_text().count("\n")
 
 
-@needs_root
-@pytest.mark.skipif(not (os.path.exists("/dev/loop-control") and shutil.which("mkfs.ext4")), reason="no loop devices")
+@pytest.mark.integration
+@pytest.mark.needs("root", "unshare", "mount", "loop")
 def test_loop_scenario(tmp_path: Path) -> None:
     run_scenario("loop", tmp_path)
 

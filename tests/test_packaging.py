@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,9 +23,14 @@ def test_version_is_single_sourced_and_printed():
 
 
 def test_sdist_carries_docs_contrib_specs_and_license(tmp_path):
-    # setuptools' PEP 517 backend, in process in a child (no network, no isolated build env)
+    # setuptools' PEP 517 backend, in process in a child (no network, no isolated build env),
+    # on a copy of the tree: the build writes its egg-info next to the sources, and the
+    # checkout may not be ours to write (the unit tests run as any user)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build", "dist", "__pycache__",
+                                                              ".hypothesis", ".pytest_cache"))
     code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=src)
     assert out.returncode == 0, out.stderr[-2000:]
     name = out.stdout.strip().splitlines()[-1]
     with tarfile.open(tmp_path / name) as tar:

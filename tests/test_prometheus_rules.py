@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -10,33 +9,26 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_test_module
+
 HERE = Path(__file__).resolve().parent
 RULES = HERE.parent / "contrib" / "prometheus"
 PROMTOOL = shutil.which("promtool")
-
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
-
-
-def dashboard_test():
-    """The exporter's metric names are kept in one place: test_grafana_dashboard.METRICS."""
-    spec = importlib.util.spec_from_file_location("_dashboard_test", HERE / "test_grafana_dashboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PROMTOOL, *args], cwd=RULES, capture_output=True, text=True, timeout=120)
 
 
-@needs_promtool
+@pytest.mark.integration
+@pytest.mark.needs("promtool")
 def test_rules_are_valid():
     done = promtool("check", "rules", "alerts.yml")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
 
 
-@needs_promtool
+@pytest.mark.integration
+@pytest.mark.needs("promtool")
 def test_rule_unit_tests_pass():
     done = promtool("test", "rules", "alerts_test.yml")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -65,7 +57,7 @@ def test_rules_use_only_exported_metrics():
     # every reconciler_* word in the file: expressions, and metrics the annotations point to
     used = set(re.findall(r"\breconciler_[a-z_]+", (RULES / "alerts.yml").read_text()))
     assert len(used) >= 8
-    metrics = dashboard_test()
+    metrics = load_test_module("test_grafana_dashboard")
     assert {metrics.base_name(m) for m in used} <= metrics.METRICS
 
 

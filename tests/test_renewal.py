@@ -33,6 +33,8 @@ from reconciler.store import StoreError
 from reconciler.store.directory import DirectoryStore
 from reconciler.host import leaserecord
 
+pytestmark = pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
+
 SPEC = """
 [cluster]
 store = "dir:{root}/store"

@@ -25,7 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import Cluster, wait_until
+from cluster import Cluster
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 IP = shutil.which("ip") or "/usr/sbin/ip"
@@ -33,10 +34,7 @@ FAILOVER = 3.0  # the failover goal: address and guard up on the new node within
 VIP = "198.51.100.100"
 VIP_CIDR = f"{VIP}/24"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "unshare", "nsenter", "umount")),
-    reason="needs root, ip(8), unshare(1), nsenter(1) and umount(8)",
-)
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "ip", "unshare", "nsenter", "mount")]
 _ids = itertools.count()
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
@@ -232,6 +230,21 @@ class Poller(threading.Thread):
 # --- one agent: mount -> address -> process ----------------------------------------------
 
 
+def data_and_address(group: str, target: Path, cidr: str) -> str:
+    """Two entries of `group`: GROUP-data, a 1 MiB tmpfs on `target`, and GROUP-vip, `cidr` on ha0."""
+    return f"""
+[[groups.{group}.entries]]
+tag = "{group}-data"
+runlevels = ["run"]
+mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
+
+[[groups.{group}.entries]]
+tag = "{group}-vip"
+runlevels = ["run"]
+address = {{ ip = "{cidr}", interface = "ha0" }}
+"""
+
+
 def web_group(target: Path, probe_ip: str = "198.51.100.10") -> str:
     # The process records whether the mount and the address were there when it started.
     script = (
@@ -239,20 +252,7 @@ def web_group(target: Path, probe_ip: str = "198.51.100.10") -> str:
         f'a=no; {IP} -o addr show dev ha0 | grep -q " {probe_ip}/24 " && a=yes; '
         f'echo "mount=$m address=$a" > {target}/proof; exec sleep 600'
     )
-    return f"""
-[groups.web]
-runlevel = "run"
-
-[[groups.web.entries]]
-tag = "web-data"
-runlevels = ["run"]
-mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
-
-[[groups.web.entries]]
-tag = "web-vip"
-runlevels = ["run"]
-address = {{ ip = "{probe_ip}/24", interface = "ha0" }}
-
+    return '\n[groups.web]\nrunlevel = "run"\n' + data_and_address("web", target, f"{probe_ip}/24") + f"""
 [[groups.web.entries]]
 tag = "web-app"
 runlevels = ["run"]
@@ -399,17 +399,7 @@ def test_bad_cidr_is_refused_by_check(tmp_path):
 def vip_cluster(lab: Lab, tmp_path: Path) -> tuple[Cluster, dict[str, str], Path]:
     nets = lab.lan("n1", "n2")
     target = tmp_path / "shared"
-    entries = f"""
-[[groups.vipg.entries]]
-tag = "vipg-data"
-runlevels = ["run"]
-mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
-
-[[groups.vipg.entries]]
-tag = "vipg-vip"
-runlevels = ["run"]
-address = {{ ip = "{VIP_CIDR}", interface = "ha0" }}
-"""
+    entries = data_and_address("vipg", target, VIP_CIDR)
     c = lab.cluster(nodes=("n1", "n2"), groups=Cluster.guard_group("vipg", str(tmp_path / "guard.log"), entries=entries),
                     netns=nets)
     c.start()
@@ -429,7 +419,7 @@ def test_crashed_owner_address_and_guard_move_never_on_both(lab, tmp_path):
     poller = Poller([nets["n1"], nets["n2"]], VIP)
     lab.pollers.append(poller)
     poller.begin()
-    time.sleep(0.1)
+    wait_until(lambda: len(poller.samples) >= 5, 5, what="the poller's first samples")
 
     t0 = time.monotonic()
     c.nodes[owner].crash()
@@ -441,7 +431,7 @@ def test_crashed_owner_address_and_guard_move_never_on_both(lab, tmp_path):
     wait_until(lambda: VIP_CIDR in addresses(nets[other]) and c.runs_on_one("vipg") == other, FAILOVER,
                step=0.01, what="address and guard on the other node")
     took = time.monotonic() - t0
-    time.sleep(0.2)
+    time.sleep(0.2)  # the old owner adds nothing back: the time passing is the test
     poller.stop()
     assert poller.error is None, poller.error
     assert took < FAILOVER
@@ -463,7 +453,7 @@ def test_paused_owner_keeper_removes_the_address_before_the_peer_adds_it(lab, tm
     poller = Poller([nets["n1"], nets["n2"]], VIP)
     lab.pollers.append(poller)
     poller.begin()
-    time.sleep(0.1)
+    wait_until(lambda: len(poller.samples) >= 5, 5, what="the poller's first samples")
 
     t0 = time.monotonic()
     node.pause()  # the agent stops, its keeper does not: at the lease deadline it cleans up
@@ -481,7 +471,7 @@ def test_paused_owner_keeper_removes_the_address_before_the_peer_adds_it(lab, tm
 
     # The paused agent wakes up: it must notice it lost the group and add nothing back.
     node.resume()
-    time.sleep(1.5)
+    time.sleep(1.5)  # the time passing is the test
     poller.stop()
     assert poller.error is None, poller.error
     assert poller.both() == []

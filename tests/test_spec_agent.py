@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from test_agent import HEADER, TEST_TIMING, agents, entry, env, group, wait_for  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.integration  # every test starts an agent
 
 
 def test_an_emptied_spec_keeps_the_group_running(env, agents):
@@ -24,7 +28,7 @@ def test_an_emptied_spec_keeps_the_group_running(env, agents):
         f"{env.spec_dir}: groups: would stop every group that runs (g) by removing it: refused, the last good spec stays;"
         ' to stop them all, set stop_all = true in [cluster] (or each group\'s runlevel to "stop")'
     ), error
-    time.sleep(1.0)  # several reconcile passes: the group is still wanted
+    time.sleep(1.0)  # several reconcile passes: the group is still wanted (the time passing is the test)
     assert env.running("srv") == pid
     assert env.status()["groups"]["g"]["desired"] == "run"
 

@@ -19,26 +19,12 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from reconciler import spec as specmod
 from reconciler.spec import SpecError
 
+from helpers import good_spec, spec_error as error_of, write_file as write
+
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def write(path: Path, text: str | bytes, mode: int = 0o644) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    os.chmod(path, mode)
-    return path
-
-
-def error_of(path: Path) -> str:
-    with pytest.raises(SpecError) as info:
-        specmod.load(path)
-    return str(info.value)
 
 
 def assert_one_line(message: str, file: Path | str) -> None:
@@ -234,19 +220,7 @@ def test_arbitrary_bytes_give_one_line_error(tmp_path, data):
 
 # --- each documented error, by hand -------------------------------------------------------------------
 
-GOOD = """\
-[cluster]
-name = "t"
-
-[groups.web]
-runlevel = "run"
-
-[[groups.web.entries]]
-tag = "server"
-mode = "respawn"
-runlevels = ["run", "maint"]
-command = ["sleep", "100"]
-"""
+GOOD = good_spec(mode="respawn", runlevels=("run", "maint"))
 
 
 def test_good_spec_loads(tmp_path):
@@ -356,6 +330,8 @@ def test_other_writable_file_refused(tmp_path, mode):
     assert msg == f"{f}: writable by others (mode {mode:o}): refused"
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # chown
 def test_group_writable_file_refused_whatever_the_group(tmp_path):
     # Issue 12: like OpenSSH's StrictModes, a group-writable spec is refused even when the
     # group is root (it used to be accepted: anyone in group 0 could add a command).
@@ -384,10 +360,26 @@ def test_writable_directory_of_a_spec_file_refused(tmp_path):
     assert error_of(f) == f"{d}: writable by others (mode 757): refused"
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # chown
 def test_file_owned_by_someone_else_refused(tmp_path):
     f = write(tmp_path / "s.toml", GOOD)
     os.chown(f, 4321, -1)
     assert error_of(f).startswith(f"{f}: owned by uid 4321")
+
+
+def test_the_loader_reads_user_and_group(tmp_path):
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    os.chmod(spec_dir, 0o755)
+    (spec_dir / "spec.toml").write_text(
+        '[cluster]\nname = "t"\nstore = "dir:../store"\nstate_dir = "../state"\n'
+        '[groups.g]\nrunlevel = "run"\n'
+        '[[groups.g.entries]]\ntag = "id"\nmode = "once"\nrunlevels = ["run"]\ncommand = "id"\nuser = "nobody"\ngroup = "daemon"\n'
+    )
+    os.chmod(spec_dir / "spec.toml", 0o644)
+    e = specmod.load(str(spec_dir)).entry("g", "id")
+    assert (e.user, e.group) == ("nobody", "daemon")
 
 
 def test_missing_path_and_empty_directory(tmp_path):

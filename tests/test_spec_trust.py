@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,21 +24,12 @@ from reconciler.spec import edit
 from reconciler.spec import loader
 from reconciler.spec import SpecError
 
+from helpers import good_spec, reconcile, spec_error as error_of, write_file
+
 NOBODY = 65534
 PROBE_PYTHON = "/usr/bin/python3"  # one nobody may run (the venv's lives under /root)
 
-GOOD = """\
-[cluster]
-name = "t"
-
-[groups.web]
-runlevel = "run"
-
-[[groups.web.entries]]
-tag = "server"
-runlevels = ["run", "maint"]
-command = ["id"]
-"""
+GOOD = good_spec(runlevels=("run", "maint"), command=("id",))
 
 
 @pytest.fixture
@@ -54,35 +44,28 @@ def base():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def mkdir(path: Path, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Path:
+def mkdir(path: Path, mode: int = 0o755, uid: int | None = None, gid: int | None = None) -> Path:
+    """A directory owned by uid:gid (default: ours, root when the test runs as root)."""
     path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, uid, gid)
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
     os.chmod(path, mode)
     return path
 
 
-def write(path: Path, text: str = GOOD, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Path:
-    path.write_text(text)
-    os.chown(path, uid, gid)
-    os.chmod(path, mode)
-    return path
-
-
-def error_of(path: Path) -> str:
-    with pytest.raises(SpecError) as info:
-        specmod.load(path)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    return msg
+def write(path: Path, text: str = GOOD, mode: int = 0o644, uid: int | None = None, gid: int | None = None) -> Path:
+    return write_file(path, text, mode, uid=uid, gid=gid)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reconciler.cli", *args], capture_output=True, text=True, timeout=60)
+    return reconcile(*args, timeout=60)
 
 
 # --- item 8: permissions through links and ancestors ------------------------------------------------
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_symlinked_spec_into_a_directory_owned_by_nobody_refused(base):
     """Item 8: the link's own directory was checked, never where it leads."""
     evil = mkdir(base / "home-nobody", uid=NOBODY, gid=NOBODY)
@@ -97,12 +80,16 @@ def test_symlinked_spec_into_a_directory_owned_by_nobody_refused(base):
     assert error_of(etc) == f"{evil}: owned by uid {NOBODY}, not by root or uid 0: refused"
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_symlink_to_a_file_owned_by_nobody_refused(base):
     write(base / "real.toml", uid=NOBODY)
     (base / "spec.toml").symlink_to(base / "real.toml")
     assert error_of(base / "spec.toml") == f"{base / 'real.toml'}: owned by uid {NOBODY}, not by root or uid 0: refused"
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_group_writable_ancestor_refused(base):
     """Item 8: only the direct parent was checked; any ancestor can swap the whole subtree."""
     a = mkdir(base / "a", mode=0o775, gid=0)
@@ -117,6 +104,8 @@ def test_group_writable_ancestor_refused(base):
     specmod.load(b)
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_symlinked_spec_directory_refused_when_its_target_is_not_trusted(base):
     target = mkdir(base / "nobody-cfg", uid=NOBODY, gid=NOBODY)
     write(target / "spec.toml")
@@ -129,6 +118,8 @@ def test_symlinked_spec_directory_refused_when_its_target_is_not_trusted(base):
     assert list(specmod.load(base / "reconciler").groups) == ["web"]
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_link_chain_checks_every_link_on_the_way(base):
     """spec.toml -> nobody's dir/hop -> a trusted file: the middle link's directory counts."""
     good = mkdir(base / "good")
@@ -146,6 +137,8 @@ def test_a_link_loop_is_an_error(base):
     assert msg.startswith(f"{base}/"), msg
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_root_sticky_ancestor_accepted_but_not_as_the_spec_directory(base):
     sticky = mkdir(base / "tmp", mode=0o1777)
     d = mkdir(sticky / "cfg")
@@ -197,6 +190,8 @@ dir_modes = st.sampled_from([0o755] * 6 + [0o1777, 0o1777, 0o711, 0o775, 0o777, 
 file_modes = st.sampled_from([0o644] * 4 + [0o600, 0o664, 0o666, 0o646])
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     dirs=st.lists(st.tuples(owners, owners, dir_modes), min_size=1, max_size=3),
@@ -240,6 +235,8 @@ def test_nobody_cannot_change_an_accepted_spec(base, dirs, file, link, as_direct
     assert json.loads(p.stdout) == [], f"accepted {path}, yet nobody could: {p.stdout}"
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_the_trusted_tree_is_accepted_and_the_probe_works(base):
     """The property above is not vacuous: the probe does catch what nobody can do, and a
     tree of root's is accepted."""
@@ -355,6 +352,8 @@ def test_password_file_refused(tmp_path, mode, content, words):
     assert words in msg and "s3cret" not in msg, msg
 
 
+@pytest.mark.integration
+@pytest.mark.needs("root")  # files of root and of nobody, run as nobody
 def test_password_file_in_an_untrusted_place_or_with_a_password_refused(base):
     d = mkdir(base / "nobody", uid=NOBODY, gid=NOBODY)
     pw = write(d / "etcd.pw", "s3cret\n", mode=0o600)

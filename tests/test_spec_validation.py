@@ -21,26 +21,11 @@ from reconciler import spec as specmod
 from reconciler.spec import loader
 from reconciler.spec import ENTRY_RANGES, GROUP_RANGES, TIMING_RANGES, Cluster, Spec, SpecError, Timing
 
+from helpers import good_spec, reconcile, spec_error, write_file as write
+
 ROOT = Path(__file__).resolve().parent.parent
 
-GOOD = """\
-[cluster]
-name = "t"
-
-[groups.web]
-runlevel = "run"
-
-[[groups.web.entries]]
-tag = "server"
-runlevels = ["run"]
-command = ["sleep", "100"]
-"""
-
-
-def write(path: Path, text: str, mode: int = 0o644) -> Path:
-    path.write_text(text, encoding="utf-8")
-    os.chmod(path, mode)
-    return path
+GOOD = good_spec()
 
 
 def with_timing(table: str) -> str:
@@ -48,15 +33,13 @@ def with_timing(table: str) -> str:
 
 
 def error_of(path: Path) -> str:
-    with pytest.raises(SpecError) as info:
-        specmod.load(path)
-    msg = str(info.value)
-    assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
+    msg = spec_error(path)
+    assert msg.startswith(f"{path}: "), msg
     return msg
 
 
 def check(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reconciler.cli", "check", "--spec", str(path)], capture_output=True, text=True, timeout=30)
+    return reconcile("check", "--spec", str(path))
 
 
 # --- item 1, reproduced --------------------------------------------------------------------------

@@ -13,10 +13,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from cluster import Cluster, wait_until
-from test_resources_agent import addresses, lab, mounted  # noqa: F401 (lab: the fixture)
+import pytest
+
+from cluster import Cluster
+from helpers import wait_until
+from test_resources_agent import addresses, data_and_address, lab, mounted  # noqa: F401 (lab: the fixture)
 
 VIP = "198.51.100.20/24"
+
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "ip", "unshare", "nsenter", "mount")]
 
 
 def test_a_full_state_directory_applies_no_address_and_no_mount(lab, tmp_path):  # noqa: F811
@@ -33,17 +38,7 @@ def test_a_full_state_directory_applies_no_address_and_no_mount(lab, tmp_path): 
                           capture_output=True, timeout=20)
     assert b"No space left" in fill.stderr, fill.stderr
 
-    entries = f"""
-[[groups.web.entries]]
-tag = "web-data"
-runlevels = ["run"]
-mount = {{ source = "rtest", target = "{target}", fstype = "tmpfs", options = "size=1m" }}
-
-[[groups.web.entries]]
-tag = "web-vip"
-runlevels = ["run"]
-address = {{ ip = "{VIP}", interface = "ha0" }}
-"""
+    entries = data_and_address("web", target, VIP)
     c.write("groups.toml", Cluster.guard_group("web", log, entries=entries))
     listed = Path(f"/proc/{node.agent_pid}/root{state}/resources.json")
     want = f"cannot record mount {target} in {state}/resources.json: No space left on device: not applied"
@@ -61,13 +56,13 @@ address = {{ ip = "{VIP}", interface = "ha0" }}
     c.write("groups.toml", Cluster.guard_group("web", log, entries=only_vip))
     want = f"cannot record {VIP} in {state}/resources.json: No space left on device: not applied"
     wait_until(lambda: want in node.log.read_text(), 5, what="the address refused")
-    time.sleep(1.0)
+    time.sleep(1.0)  # retries: still refused (the time passing is the test)
     assert VIP not in addresses(ns)
 
     # The agent paused: its lease lapses, the keeper fires; nothing of it remains.
     node.pause()
     wait_until(lambda: c.running("web") == set(), 5, what="the keeper to stop the guard")
-    time.sleep(0.5)
+    time.sleep(0.5)  # the keeper's removals follow its kills: a moment for the last of them
     assert VIP not in addresses(ns) and mounted(node.agent_pid, target) == []
     node.resume()
 

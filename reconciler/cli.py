@@ -240,7 +240,8 @@ def tell(ctx, group, runlevel, spec_path) -> None:
 def status(ctx, spec_path, node, as_json) -> None:
     """Show every node and every group: owner, runlevels, entries, pending takeovers."""
     from reconciler.agent import status as statusmod
-    from reconciler.store import StoreError, open_store
+    from reconciler.store import StoreError
+    from reconciler.store.factory import open_store
 
     from reconciler.spec import loader
 

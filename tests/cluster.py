@@ -76,7 +76,7 @@ def _read_store(spec_dir: str) -> dict:
     import asyncio
 
     from reconciler import spec as specmod
-    from reconciler.store import open_store
+    from reconciler.store.factory import open_store
 
     spec = specmod.load(spec_dir)
     c = spec.cluster

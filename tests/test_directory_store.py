@@ -16,7 +16,8 @@ import pytest
 
 from cluster import Cluster, wait_until
 from reconciler.published import EMPTY, NodeStatus
-from reconciler.store import Heartbeat, StoreError, StoreRefused, open_store
+from reconciler.store import Heartbeat, StoreError, StoreRefused
+from reconciler.store.factory import open_store
 
 
 def S(**marks) -> NodeStatus:

@@ -25,7 +25,7 @@ from reconciler.decide import identity
 from reconciler.act import fence as fencemod
 from reconciler.decide.identity import Foreign, Observations, Verdict, decide, observe, watch_until
 from reconciler.model import NAME_RE, Heartbeat, valid_name
-from reconciler.store import open_store
+from reconciler.store.factory import open_store
 
 D, HB = 0.65, 0.1  # dead_after, heartbeat
 ME, OTHER = "5" * 16, "a" * 16  # ME < OTHER: ME resumes first after both yielded

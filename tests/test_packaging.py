@@ -47,7 +47,8 @@ def test_directory_store_runs_without_the_etcd_client():
     code = """
 import sys
 sys.modules["aetcd"] = None
-from reconciler.store import StoreError, open_store
+from reconciler.store import StoreError
+from reconciler.store.factory import open_store
 assert type(open_store("dir:" + sys.argv[1])).__name__ == "DirectoryStore"
 try:
     open_store("etcd://127.0.0.1:2379")

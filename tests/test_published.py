@@ -14,7 +14,8 @@ from reconciler.decide.plan import Plan
 from reconciler.model import Claim, ClusterView, EntryState, Member, Observed
 from reconciler.published import EMPTY, EntryStatus, GroupStatus, MemberStatus, NodeStatus, StatusError
 from reconciler.spec import Cluster, Entry, Group, Spec
-from reconciler.store import Heartbeat, Snapshot, open_store
+from reconciler.store import Heartbeat, Snapshot
+from reconciler.store.factory import open_store
 
 NOW = 500.0
 

@@ -16,7 +16,8 @@ import pytest
 
 from etcd_cluster import free_port
 from reconciler.published import EMPTY, EntryStatus, GroupStatus, NodeStatus
-from reconciler.store import Claim, Heartbeat, StoreError, open_store
+from reconciler.store import Claim, Heartbeat, StoreError
+from reconciler.store.factory import open_store
 
 
 def S(**marks) -> NodeStatus:

@@ -22,7 +22,8 @@ from reconciler.act import book as bookmod
 from reconciler.act import process, resources
 from reconciler.decide import ownership
 from reconciler.observe import EntryState, Observed
-from reconciler.store import Claim, ClusterView, Member, Snapshot, directory, open_store
+from reconciler.store import Claim, ClusterView, Member, Snapshot, directory
+from reconciler.store.factory import open_store
 from reconciler.cluster import hpc as hpcmod
 from reconciler.cluster import liveness
 

@@ -38,7 +38,8 @@ from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
 from reconciler.agent.metrics import Metrics
 from reconciler.agent.upkeep import Upkeep
-from reconciler.store import ClusterView, Store, StoreError, StoreRefused, open_store
+from reconciler.store import ClusterView, Store, StoreError, StoreRefused
+from reconciler.store.factory import open_store
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)

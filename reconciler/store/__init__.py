@@ -14,7 +14,6 @@ Decisions (who claims, when to break a claim) live in `plan`; backends only do I
 from __future__ import annotations
 
 import abc
-from typing import Any
 
 
 
@@ -32,7 +31,6 @@ class StoreRefused(StoreError):
 
 
 from reconciler.model import Claim, ClusterView, Heartbeat, Member, Snapshot  # noqa: E402,F401
-from reconciler.spec import redact_url  # noqa: E402
 
 
 class Store(abc.ABC):
@@ -132,19 +130,3 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the node's heartbeat is left to go stale."""
-
-
-def open_store(url: str, **options: Any) -> Store:
-    """Build the backend for `url` ("dir:PATH" or "etcd://HOST:PORT,..."). Options: etcd TLS/auth."""
-    if url.startswith("dir:"):
-        from reconciler.store import directory
-
-        return directory.DirectoryStore(url[4:])
-    if url.startswith(("etcd://", "etcds://")):
-        try:
-            from reconciler.store import etcd
-        except ImportError as exc:  # the etcd client is an optional extra (it brings grpcio)
-            raise StoreError(f"{redact_url(url)}: etcd support is not installed ({exc.name}): pip install 'reconciler[etcd]'") from None
-
-        return etcd.EtcdStore(url, **options)
-    raise StoreError(f"{redact_url(url)}: unknown store (use dir:PATH or etcd://HOST:PORT)")

@@ -128,7 +128,8 @@ def pct(values: list[float], q: float) -> float:
 
 async def generate(url: str, prefix: str, members: int, interval: float, digest: str, stats: str, lease: float) -> None:
     from reconciler.published import NodeStatus
-    from reconciler.store import Heartbeat, StoreError, open_store
+    from reconciler.store import Heartbeat, StoreError
+    from reconciler.store.factory import open_store
 
     if url.startswith("dir:"):
         stores = [open_store(url)]
@@ -172,7 +173,8 @@ async def generate_batch(url: str, prefix: str, members: int, interval: float, d
     each heartbeat (status once), all in one worker thread per round. etcd: one lease kept
     alive per round and one transaction per 50 nodes (the keys and values publish writes)."""
     from reconciler.published import NodeStatus
-    from reconciler.store import Heartbeat, open_store, records
+    from reconciler.store import Heartbeat, records
+    from reconciler.store.factory import open_store
 
     names = [f"s{i:04d}" for i in range(members)]
     status = NodeStatus()  # small: no per-group section

@@ -32,8 +32,8 @@ from reconciler.cluster.watch import Watch
 from reconciler.store import StoreError
 from reconciler.store.directory import DirectoryStore
 from reconciler.host import leaserecord
+from reconciler.published import EMPTY
 
-pytestmark = pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
 
 SPEC = """
 [cluster]
@@ -102,7 +102,7 @@ class Parts:
                            instance=self.instance, clock=self.clock)
         self.pulse = Pulse(self.clock)
         self.posts: list[bool] = []
-        self.publisher = Publisher("n1", instance=self.instance, digest=lambda: "", status=lambda: {})
+        self.publisher = Publisher("n1", instance=self.instance, digest=lambda: "", status=lambda: EMPTY)
         self.renewer = Renewer(lease=self.lease, watch=self.watch, instance=self.instance, store=self.store,
                                publisher=self.publisher, pulse=self.pulse, post=self.posts.append,
                                timing=lambda: self.timing, clock=self.clock)
@@ -262,6 +262,7 @@ def _run(tmp_path: Path, scenario) -> agentmod.Agent:
     return a
 
 
+@pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
 def test_a_busy_loop_keeps_the_lease(tmp_path, caplog):
     """The loop blocked for 1.2 s (three leases): the lease file keeps moving, nothing lapses."""
     deadlines = []
@@ -294,6 +295,7 @@ def test_a_busy_loop_keeps_the_lease(tmp_path, caplog):
     assert "lease lapsed" not in caplog.text
 
 
+@pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
 def test_a_wedged_loop_loses_the_lease(tmp_path, caplog):
     """A loop that does not run for longer than the renewer's bound loses the lease (the
     keeper then stops its processes), and the agent re-arbitrates when it comes back."""
@@ -318,6 +320,7 @@ def test_a_wedged_loop_loses_the_lease(tmp_path, caplog):
     assert "lease lapsed" in caplog.text and "re-arbitrating web" in caplog.text
 
 
+@pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
 def test_a_failing_publish_marks_the_store_unreachable_and_lapses(tmp_path, caplog):
     """publish_blocking failing: no renewal, the view says the store is unreachable, the
     node demotes; once it succeeds again the lapse goes through the loop (claims stale)."""
@@ -337,6 +340,7 @@ def test_a_failing_publish_marks_the_store_unreachable_and_lapses(tmp_path, capl
     assert "lease lapsed" in caplog.text
 
 
+@pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
 def test_an_idle_loop_sleeps_through_the_renewals(tmp_path):
     """Idle, the loop plans once a tick: renewals (ten a second) neither post to it nor
     wake it, although its plan's earliest deadline is the self-demotion one of a lease
@@ -357,6 +361,7 @@ def test_an_idle_loop_sleeps_through_the_renewals(tmp_path):
     _run(tmp_path, scenario)
 
 
+@pytest.mark.integration  # a real Agent in-process, its entries real processes, real time
 def test_a_hung_renewal_demotes_at_the_deadline(tmp_path, caplog):
     """The renewer stuck in the store (a hung publish): the loop, which otherwise sleeps
     through renewals, wakes at lease_until - demote_margin on its own and stops the group

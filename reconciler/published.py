@@ -260,12 +260,12 @@ def structure(doc: Any) -> NodeStatus:
 def unstructure(status: NodeStatus) -> dict[str, Any]:
     """The JSON-able document of `status` (what structure() reads back)."""
     # cast: an attrs instance unstructures to a dict (cattrs types every result Any)
-    return cast(dict[str, Any], _conv.unstructure(status))
+    return cast("dict[str, Any]", _conv.unstructure(status))
 
 
 def entry_doc(entry: EntryStatus) -> dict[str, Any]:
     """One entry's JSON-able document (for `reconcile status`)."""
-    return cast(dict[str, Any], _conv.unstructure(entry))  # a dict, as above
+    return cast("dict[str, Any]", _conv.unstructure(entry))  # a dict, as above
 
 
 def dumps(status: NodeStatus) -> str:

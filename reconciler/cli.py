@@ -21,6 +21,7 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import click  # noqa: E402
 
@@ -38,7 +39,7 @@ def default_node() -> str:
     return os.environ.get("RECONCILER_NODE") or socket.gethostname().split(".")[0]
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"reconcile: {message}", err=True)
     sys.exit(code)
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 import attrs
 
 from reconciler.published import EMPTY, NodeStatus
-from reconciler.terms import NAME_RE, STATES, valid_name  # noqa: F401 (model.NAME_RE, .STATES, .valid_name)
+# Re-exported (the `as` form makes it explicit): the spec, observe/, act/fence, the cli and the
+# store's records read these words from here, next to the values they describe.
+from reconciler.terms import NAME_RE as NAME_RE
+from reconciler.terms import STATES as STATES
+from reconciler.terms import valid_name as valid_name
 
 
 @attrs.frozen

@@ -15,13 +15,18 @@ Pure: no I/O; only the values, their (un)structuring and the JSON text.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from reconciler.terms import STATES, valid_name
+
+_T = TypeVar("_T")
+# A structure hook as cattrs calls it: (the JSON value, the type asked for) -> the value.
+_Hook = Callable[[Any, Any], Any]
 
 __all__ = ["EMPTY", "EntryStatus", "GroupStatus", "MemberStatus", "NodeStatus", "StatusError", "dumps", "loads"]
 
@@ -123,7 +128,7 @@ def _float(value: Any, _t: Any = None) -> float:
     return float(value)
 
 
-def _optional(hook):
+def _optional(hook: Callable[[Any], _T]) -> Callable[[Any, Any], _T | None]:
     return lambda value, _t: None if value is None else hook(value)
 
 
@@ -145,29 +150,30 @@ def _names(value: Any, _t: Any = None) -> tuple[str, ...]:
 
 
 def _state(value: Any, _t: Any = None) -> str:
-    if _str(value) not in STATES:
-        raise _Bad(f"{value[:40]!r} is not a state ({', '.join(STATES)})")
-    return value
+    state = _str(value)
+    if state not in STATES:
+        raise _Bad(f"{state[:40]!r} is not a state ({', '.join(STATES)})")
+    return state
 
 
 # A status is parsed again whenever it changes, and most of its entries are as they were:
 # (key, type, value) of each field of an entry's document -> its EntryStatus (the types, so
 # that 1 and true and 1.0 never share a record). Bounded.
-_LEAVES: dict[tuple, Any] = {}
+_LEAVES: dict[tuple[Any, ...], Any] = {}
 
 
-def _table(cls: type, *, leaf: bool = False):
+def _table(cls: type[Any], *, leaf: bool = False) -> Callable[[Any, Any], dict[str, Any]]:
     """A JSON object of valid name -> `cls`: errors below it carry `.NAME`. `leaf`: `cls`
     holds only scalars, and its records are memoised."""
 
     def structure(value: Any, _t: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise _Bad(f"must be an object, not {_type_name(value)}")
-        out = {}
+        out: dict[str, Any] = {}
         for name, item in value.items():
             if not valid_name(name):
                 raise _Bad(f"{str(name)[:40]!r} is not a valid name")
-            key = None
+            key: tuple[Any, ...] | None = None
             if leaf and isinstance(item, dict):
                 key = (cls, *((k, type(v), v) for k, v in item.items()))
                 try:
@@ -193,10 +199,11 @@ def _table(cls: type, *, leaf: bool = False):
 _conv = cattrs.Converter(forbid_extra_keys=True)
 
 
-def _register(cls: type, **fields: Any) -> None:
-    _conv.register_structure_hook(
-        cls, make_dict_structure_fn(cls, _conv, _cattrs_forbid_extra_keys=True, **{k: override(struct_hook=h) for k, h in fields.items()})
-    )
+def _register(cls: type[Any], **fields: _Hook) -> None:
+    # Typed Any, not AttributeOverride: mypy would check a **dict's values against every
+    # keyword make_dict_structure_fn has (its _cattrs_* flags too), not only its **kwargs.
+    overrides: dict[str, Any] = {k: override(struct_hook=h) for k, h in fields.items()}
+    _conv.register_structure_hook(cls, make_dict_structure_fn(cls, _conv, _cattrs_forbid_extra_keys=True, **overrides))
 
 
 _register(EntryStatus, state=_state, pid=_optional(_int), exit_code=_optional(_int), message=_str, retry_in=_optional(_float))
@@ -209,7 +216,7 @@ _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store
 _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatus, _conv, _cattrs_omit_if_default=True))
 
 
-def _structure(value: Any, cls: type) -> Any:
+def _structure(value: Any, cls: type[_T]) -> _T:
     """`value` as a `cls`, or _Bad naming the field path below it."""
     if not isinstance(value, dict):
         raise _Bad(f"must be an object, not {_type_name(value)}")
@@ -252,12 +259,13 @@ def structure(doc: Any) -> NodeStatus:
 
 def unstructure(status: NodeStatus) -> dict[str, Any]:
     """The JSON-able document of `status` (what structure() reads back)."""
-    return _conv.unstructure(status)
+    # cast: an attrs instance unstructures to a dict (cattrs types every result Any)
+    return cast("dict[str, Any]", _conv.unstructure(status))
 
 
 def entry_doc(entry: EntryStatus) -> dict[str, Any]:
     """One entry's JSON-able document (for `reconcile status`)."""
-    return _conv.unstructure(entry)
+    return cast("dict[str, Any]", _conv.unstructure(entry))  # a dict, as above
 
 
 def dumps(status: NodeStatus) -> str:

@@ -52,10 +52,11 @@ PERMANENT_ERRNOS = {errno.EINVAL, errno.ENODEV, errno.EPERM, errno.EACCES, errno
 
 
 def _spec(entry: Entry | Address) -> Address:
-    a = entry.address if isinstance(entry, Entry) else entry
-    if a is None:
+    if not isinstance(entry, Entry):
+        return entry
+    if entry.address is None:
         raise ValueError(f"{entry.tag}: not an address entry")
-    return a
+    return entry.address
 
 
 def _connect(netns: str | None):

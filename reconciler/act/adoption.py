@@ -75,7 +75,7 @@ def adopt(sup) -> list[Record]:
     adopted = []
     table = {}
     for raw in raws:
-        rec = Record(**{k: raw.get(k) for k in _SAVED if k in raw})
+        rec = Record(**{k: raw[k] for k in _SAVED if k in raw})
         table[(rec.group, rec.tag)] = rec
     for key in [*table, *(k for k in found if k not in table)]:
         rec = table.get(key) or Record(group=key[0], tag=key[1], state="running", message="")

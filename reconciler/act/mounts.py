@@ -45,10 +45,11 @@ TRANSIENT = ("busy", "temporarily unavailable", "timed out", "interrupted", "can
 
 
 def _spec(entry: Entry | Mount) -> Mount:
-    m = entry.mount if isinstance(entry, Entry) else entry
-    if m is None:
+    if not isinstance(entry, Entry):
+        return entry
+    if entry.mount is None:
         raise ValueError(f"{entry.tag}: not a mount entry")
-    return m
+    return entry.mount
 
 
 def _permanent(message: str) -> bool:

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 from reconciler.host import cgroups
 from reconciler.host import notify
@@ -35,6 +35,7 @@ from reconciler.act import adoption
 from reconciler.act.records import _SAVED, TRANSITIONS, Record, table_records  # noqa: F401 (re-exported)
 from reconciler.act.syscalls import MARK_DIR, MARK_ENTRY, Sys, credentials, joining, pgid_of, start_ticks  # process.Sys: the seam tests subclass
 from reconciler.host import procfs
+from reconciler.observe import EntryState
 
 log = logging.getLogger("reconciler.process")
 ORPHAN_GRACE = 1.0  # an unknown child still a zombie this long after SIGCHLD has no waiter: reap it
@@ -223,8 +224,9 @@ class Supervisor:
         rec = self.records[(group, entry.tag)]
         if not entry.foreground:
             return popen.pid
+        exited = cast("asyncio.Future[int | None]", rec.exited)  # _spawn gave it one; nothing takes it away
         try:
-            return await asyncio.wait_for(asyncio.shield(rec.exited), entry.timeout)
+            return await asyncio.wait_for(asyncio.shield(exited), entry.timeout)
         except TimeoutError:
             await self.stop(group, entry.tag, sig=entry.stop_signal, timeout=entry.stop_timeout)
             rec.message = f"timed out after {entry.timeout:g}s"
@@ -253,7 +255,8 @@ class Supervisor:
                 creds=creds, cgroup_fd=cgroup_fd, cgroup_path=self.tree.path(group, entry.tag) if self.tree else "",
             )
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
-            rec.start_failed(f"cannot start {entry.command[0]}: {getattr(exc, 'strerror', None) or exc}", now)
+            argv0 = cast(tuple[str, ...], entry.command)[0]  # a process entry: the loader requires its command
+            rec.start_failed(f"cannot start {argv0}: {getattr(exc, 'strerror', None) or exc}", now)
             self.dirty = True
             raise StartError(rec.message) from None
         finally:
@@ -304,14 +307,16 @@ class Supervisor:
         if rec.state == "running":
             rec.move("stopping", time.monotonic())
             self.dirty = True
-            self.sys.killpg(rec.pgid or rec.pid, sig)
+            # cast: a running (or stopping) record has a pid: _spawn, adoption and _follow set
+            # one; only adoption clears it, of a record that no longer runs
+            self.sys.killpg(cast(int, rec.pgid or rec.pid), sig)
         kill_at = time.monotonic() + timeout
         if deadline is not None:
             kill_at = min(kill_at, deadline)
         try:
             await asyncio.wait_for(asyncio.shield(rec.exited), max(0.0, kill_at - time.monotonic()))
         except TimeoutError:
-            self.sys.killpg(rec.pgid or rec.pid, signal.SIGKILL)
+            self.sys.killpg(cast(int, rec.pgid or rec.pid), signal.SIGKILL)  # (has a pid: above)
             self.kill_entry(group, tag)
             try:
                 await asyncio.wait_for(asyncio.shield(rec.exited), 10.0)

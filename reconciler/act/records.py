@@ -46,7 +46,7 @@ class Record:
     min_uptime: float = 1.0
     respawns: int = 0
     popen: subprocess.Popen | None = attrs.field(default=None, repr=False)
-    exited: asyncio.Future | None = attrs.field(default=None, repr=False)
+    exited: asyncio.Future[int | None] | None = attrs.field(default=None, repr=False)  # its exit code
     pidfd: int | None = attrs.field(default=None, repr=False)
 
     def move(self, state: str, now: float) -> None:

@@ -102,9 +102,6 @@ class Sys:
             stdin = cgroup_fd
         log = open_log(log_path)
         try:
-            kw = {}
-            if creds is not None:
-                kw = {"user": creds.uid, "group": creds.gid, "extra_groups": list(creds.groups)}
             return subprocess.Popen(
                 argv,
                 env=env,
@@ -114,7 +111,10 @@ class Sys:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop signals reach the whole tree
                 close_fds=True,
-                **kw,
+                # None: Popen's defaults (the agent's own credentials)
+                user=None if creds is None else creds.uid,
+                group=None if creds is None else creds.gid,
+                extra_groups=None if creds is None else list(creds.groups),
             )
         finally:
             os.close(log)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Mapping
+from wsgiref.simple_server import WSGIServer
 
 import prometheus_client as prom
 
@@ -195,7 +196,7 @@ class Metrics:
         return prom.generate_latest(self.registry)
 
 
-def serve(metrics: Metrics, address: str) -> object:
+def serve(metrics: Metrics, address: str) -> WSGIServer:
     """Serve /metrics on HOST:PORT in a thread; returns the server (shutdown() to stop)."""
     host, _, port = address.rpartition(":")
     server, _thread = prom.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)

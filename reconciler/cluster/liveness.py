@@ -39,9 +39,8 @@ class Liveness:
             if prev is None or prev[0] != hb.counter:
                 self._seen[name] = (hb.counter, now)
         for name, (counter, changed) in self._seen.items():
-            hb = snap.members.get(name)
             up = True if hpc is None else name in hpc.up
-            members[name] = Member(name=name, last_change=changed, heartbeat=hb, up=up)
+            members[name] = Member(name=name, last_change=changed, heartbeat=snap.members.get(name), up=up)
         # Unchanged claims (the store hands back the same dict) and groups: nothing to do.
         if snap.claims is not self._last[0] or groups != self._last[1]:
             self._last = (snap.claims, groups)

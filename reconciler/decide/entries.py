@@ -18,7 +18,9 @@ _test_tags = placement.leading_tags  # the tags of the group's leading tests (me
 
 def group_states(group: str, obs: Observed) -> Sequence[EntryState]:
     """The group's entry states (read-only: the index's own list)."""
-    by_group = getattr(obs, "by_group", None)
+    # plan's index of `obs` (plan._Indexed, a subclass of Observed that this module cannot
+    # import without a circle), or None for a plain Observed
+    by_group: dict[str, list[EntryState]] | None = getattr(obs, "by_group", None)
     if by_group is not None:
         return by_group.get(group, ())
     return [st for (gname, _), st in obs.entries.items() if gname == group]
@@ -117,6 +119,7 @@ def plan_entries(
     known = shape.known
     states = group_states(name, obs)
     gone: list[EntryState] = []
+    st: EntryState | None  # below, a record looked up by key may be absent
     for st in states:
         if st.tag not in known:
             gone.append(st)

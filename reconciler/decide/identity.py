@@ -146,8 +146,9 @@ def decide(obs: Observations, now: float, *, dead_after: float, heartbeat: float
     if not published and f is not None and now - f.last_change < dead_after:
         # Another instance's record appeared during the watch: it must stand still long enough.
         return Verdict("watch", publish=False, claim=False, run=True, twin="", wake_at=f.last_change + dead_after)
-    if not published:  # the watch is over: publish, and hold claims (below) from then on
+    published_at = obs.published_at  # None: not published (tested so, mypy narrows it)
+    if published_at is None:  # the watch is over: publish, and hold claims (below) from then on
         return Verdict("hold", publish=True, claim=False, run=True, twin="")
-    if now < obs.published_at + HOLD * heartbeat:
-        return Verdict("hold", publish=True, claim=False, run=True, twin="", wake_at=obs.published_at + HOLD * heartbeat)
+    if now < published_at + HOLD * heartbeat:
+        return Verdict("hold", publish=True, claim=False, run=True, twin="", wake_at=published_at + HOLD * heartbeat)
     return Verdict("ok", publish=True, claim=True, run=True, twin="")

@@ -17,7 +17,9 @@ import attrs
 from reconciler.decide import entries
 from reconciler.decide import placement
 from reconciler import spec as specmod
-from reconciler.decide.intent import KINDS, Action, Plan  # noqa: F401 (plan.Action, plan.Plan: the planner's interface)
+# Re-exported (explicitly, the `as` form): plan.Action and plan.Plan are the planner's interface.
+from reconciler.decide.intent import Action as Action
+from reconciler.decide.intent import Plan as Plan
 from reconciler.decide.intent import Part as _Part, earliest as _earliest, noted as _noted
 from reconciler.model import Claim, ClusterView, EntryState, Observed
 

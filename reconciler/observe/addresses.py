@@ -122,14 +122,14 @@ def observe(
 
     One netlink dump serves all entries. `group_of` maps tag -> group ("" when absent).
     """
-    entries = [e for e in entries if e.address is not None]
-    if not entries:
+    addressed = [(e, e.address) for e in entries if e.address is not None]
+    if not addressed:
         return {}
     if snap is None:
         snap = snapshot(netns)
     group_of = group_of or {}
     out = {}
-    for e in entries:
-        state, message = check(e.address, snap)
+    for e, address in addressed:
+        state, message = check(address, snap)
         out[e.tag] = EntryState(group=group_of.get(e.tag, ""), tag=e.tag, kind="address", state=state, message=message)
     return out

@@ -65,7 +65,7 @@ def fingerprint(spec_path: str) -> tuple[tuple[object, ...], ...]:
     return tuple(out)
 
 
-def start(dirs: tuple[str, ...], names: frozenset[str], *, changed: Callable[[], None], stop: threading.Event) -> threading.Thread:
+def start(dirs: tuple[str, ...], names: frozenset[str], *, changed: Callable[[], object], stop: threading.Event) -> threading.Thread:
     """Call `changed` (from the watching thread) after each burst of changes to `names` in
     `dirs`, until `stop` is set. A daemon thread never joined keeps shutdown instant."""
     import watchfiles

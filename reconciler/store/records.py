@@ -69,8 +69,8 @@ def parse_wall(value: object) -> float | None | bool:
     """A heartbeat's wall time: a finite number, None if absent; False if malformed."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        return False
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False  # (float() of anything else is a TypeError: malformed all the same)
     try:
         wall = float(value)
     except (TypeError, ValueError):

@@ -45,7 +45,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler.published import NodeStatus
+from reconciler.published import EMPTY, NodeStatus
 from reconciler.spec import redact_url
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.etcd import values
@@ -218,7 +218,7 @@ class EtcdStore(Store):
 
     def _note_displaced(self, node: str, prev: bytes, mine: bytes) -> None:
         last, self._written[node] = self._written.get(node), mine
-        hb = values.parse_heartbeat(node, values.parse_json(prev), {}) if prev and prev != last else None
+        hb = values.parse_heartbeat(node, values.parse_json(prev), EMPTY) if prev and prev != last else None
         if isinstance(hb, Heartbeat):
             self._displaced[node] = hb
         else:

@@ -1,9 +1,10 @@
 """The spec: TOML -> Spec (frozen attrs), the first stage of the flow.
 
     model.py        the value classes (Spec, Group, Entry, Timing, ...) and small value types
-    loader.py       files -> Spec: the converter, validation, includes, replacement checks
+    loader.py       files -> Spec: the converter, includes, replacement checks
+    rules.py        the cross-field rules (ranges, the timing's safety, unique tags)
     strictmodes.py  who may write a spec that runs commands; secrets read from files
-    edit.py         `reconcile set`: one group's runlevel changed in its file
+    edit.py         `reconcile tell`: one group's runlevel changed in its file
     importer.py     `reconcile import`: an OpenMosix::HA inittab -> TOML
     watch.py        where the spec really is on disk, watched for edits
 

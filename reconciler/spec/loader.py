@@ -10,7 +10,6 @@ replace the running one: `check_replacement`.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -22,11 +21,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 
 from reconciler.spec.model import (
-    ENTRY_RANGES,
-    GROUP_RANGES,
-    MODES,
     STOP,
-    TIMING_RANGES,
     Address,
     Cluster,
     Entry,
@@ -37,12 +32,11 @@ from reconciler.spec.model import (
     Timing,
     _FieldError,
     _name,
-    control_char,
-    format_duration,
     no_control,
     parse_duration,
     parse_signal,
 )
+from reconciler.spec.rules import validate
 from reconciler.spec.strictmodes import check_permissions, read_secret
 
 __all__ = ["check_permissions", "check_replacement", "load", "peek", "spec_files", "validate"]
@@ -274,52 +268,6 @@ def load(path: str | os.PathLike[str]) -> Spec:
     return spec
 
 
-def validate(spec: Spec, cluster_file: str) -> None:
-    """Cross-field rules that a type cannot express."""
-    t = spec.cluster.timing
-    for fld, (least, most) in TIMING_RANGES.items():
-        _in_range(getattr(t, fld), least, most, file=cluster_file, field=f"cluster.timing.{fld}", plain=fld == "clock_slack")
-    if not 0 <= t.demote_margin < t.lease:
-        raise SpecError("must be at least 0 and less than lease", file=cluster_file, field="cluster.timing.demote_margin")
-    if t.heartbeat * 2 > t.lease:
-        raise SpecError("must be at most half of lease, so one lost renewal is survived", file=cluster_file, field="cluster.timing.heartbeat")
-    if not t.safe():
-        raise SpecError(
-            f"{format_duration(t.dead_after)} is unsafe: a peer could take over before a paused owner has stopped;"
-            f" it must exceed (lease + kill_slack + heartbeat) x (1 + clock_slack) = {t.minimum_dead_after() * 1000:.0f}ms",
-            file=cluster_file,
-            field="cluster.timing.dead_after",
-        )
-    m = spec.cluster.membership
-    if m != "store" and not (m.startswith("hpc:") and len(m) > 4):
-        raise SpecError('must be "store" or "hpc:/path/to/proc/hpc"', file=cluster_file, field="cluster.membership")
-    s = spec.cluster.store
-    if not (s.startswith("dir:") and len(s) > 4) and not re.match(r"^etcds?://[^/]+", s):
-        raise SpecError('must be "dir:PATH" or "etcd://HOST:PORT[,HOST:PORT...]"', file=cluster_file, field="cluster.store")
-    tags: dict[str, str] = {}
-    for g in spec.groups.values():
-        for i, e in enumerate(g.entries):
-            _validate_entry(g, i, e, tags)
-        levels = g.levels()
-        if g.runlevel != STOP and g.runlevel not in levels:
-            known = ", ".join(levels) or "none"
-            raise SpecError(
-                f"{g.runlevel!r} is not a runlevel of any entry (known: {known}) nor 'stop'", file=g.source, field=f"groups.{g.name}.runlevel"
-            )
-        for fld, (least, most) in GROUP_RANGES.items():
-            _in_range(getattr(g, fld), least, most, file=g.source, field=f"groups.{g.name}.{fld}")
-        if g.fence and not any("{node}" in a for a in g.fence):
-            raise SpecError('must pass the dead node, e.g. ["/usr/local/sbin/fence", "{node}"]', file=g.source, field=f"groups.{g.name}.fence")
-
-
-def _in_range(value: float, least: float, most: float, *, file: str, field: str, plain: bool = False) -> None:
-    """A value within its documented range (NaN is not: every comparison with it fails)."""
-    if least <= value <= most:
-        return
-    show = (lambda v: f"{v:g}") if plain else format_duration
-    raise SpecError(f"{show(value)} is out of range: must be at least {show(least)} and at most {show(most)}", file=file, field=field)
-
-
 def _password_from_file(cluster: Cluster, base: str, cluster_file: str) -> Cluster:
     """`etcd_password_file`, relative to the spec's directory: read the password at load."""
     name = cluster.etcd_password_file
@@ -330,59 +278,6 @@ def _password_from_file(cluster: Cluster, base: str, cluster_file: str) -> Clust
         raise SpecError("set etcd_password or etcd_password_file, not both", file=cluster_file, field=field)
     path = name if os.path.isabs(name) else os.path.join(base, name)
     return attrs.evolve(cluster, etcd_password=read_secret(path, file=cluster_file, field=field))
-
-
-def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
-    path = f"groups.{g.name}.entries[{i}]"
-
-    def fail(field: str, msg: str) -> None:
-        raise SpecError(msg, file=g.source, field=f"{path}.{field}")
-
-    try:
-        _name(e.tag, "tag")
-    except _FieldError as exc:
-        fail("tag", str(exc))
-    if e.tag in tags:
-        fail("tag", f"{e.tag!r} is already used by {tags[e.tag]}")
-    tags[e.tag] = f"{path} in {g.source}" if g.source else path
-    if e.mode not in MODES:
-        fail("mode", f"must be one of {', '.join(MODES)}")
-    kinds = [k for k in ("command", "mount", "address") if getattr(e, k) is not None]
-    if len(kinds) != 1:
-        fail("command", "each entry needs exactly one of command, mount, address" + (f" (has {', '.join(kinds)})" if kinds else ""))
-    if not e.runlevels:
-        fail("runlevels", "must list at least one runlevel")
-    for lvl in e.runlevels:
-        if lvl == STOP:
-            fail("runlevels", "'stop' means nothing runs; it cannot be an entry's runlevel")
-        try:
-            _name(lvl, "runlevel")
-        except _FieldError as exc:
-            fail("runlevels", str(exc))
-    if e.kind != "process" and e.mode not in ("once", "respawn", "off"):
-        fail("mode", f"a {e.kind} entry is kept present: mode must be once, respawn or off")
-    for fld, (least, most) in ENTRY_RANGES.items():
-        value = getattr(e, fld)
-        if value is not None:
-            _in_range(value, least, most, file=g.source, field=f"{path}.{fld}")
-    for fld in ("user", "group"):  # the converter refuses them already; this covers specs built in code
-        value = getattr(e, fld, None)
-        if isinstance(value, str) and control_char(value) is not None:
-            fail(fld, f"contains the control character {control_char(value)}: refused")
-    if e.mount is not None:
-        if not e.mount.target.startswith("/"):
-            fail("mount.target", "must be an absolute path")
-        if not e.mount.source:
-            fail("mount.source", "must not be empty")
-    if e.address is not None:
-        try:
-            ipaddress.ip_interface(e.address.ip)
-        except ValueError:
-            fail("address.ip", f"{e.address.ip!r} is not an address with a prefix, like 192.0.2.10/24")
-        if "/" not in e.address.ip:
-            fail("address.ip", f"{e.address.ip!r} needs a prefix length, like 192.0.2.10/24")
-        if not re.match(r"^[A-Za-z0-9_.:@-]{1,15}\Z", e.address.interface):
-            fail("address.interface", f"{e.address.interface!r} is not an interface name")
 
 
 def peek(path: str | os.PathLike[str]) -> Spec:

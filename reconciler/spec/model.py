@@ -221,7 +221,7 @@ class Group:
 
 
 # The documented range of each duration, in seconds: (least, most), both inclusive. Outside
-# them a spec is refused (`loader.validate`), whatever the safety inequality says: a budget
+# them a spec is refused (`rules.validate`), whatever the safety inequality says: a budget
 # must also be one the agent can keep (`retest = "0s"` re-ran a failing test thousands of
 # times a second; `clock_slack` below 0 shrank the inequality's right-hand side). docs/spec.md
 # shows this table; tests/test_spec_validation.py checks the two agree.

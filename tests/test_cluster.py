@@ -10,11 +10,14 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from cluster import Cluster
 from helpers import wait_until
+
+from reconciler import published
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
 
@@ -220,9 +223,23 @@ def test_lost_claim_is_claimed_back_without_a_restart_or_a_second_copy(make_clus
     c.start()
     owner = wait_until(lambda: c.runs_on_one("g1"), 10, what="g1 running")
     first = [r for r in __import__("safety")._runs(log) if r["group"] == "g1"]
+    # The scenario is a claim vanishing under a group its peers know runs: the owner must have
+    # published that it runs, and the peers read it (they read the store every heartbeat).
+    wait_until(lambda: _reports_active(c.store, owner, "g1"), 5, what=f"{owner} to publish g1 running")
+    time.sleep(0.3)  # three heartbeats: every peer's reads since have seen it (no peer shows what it read)
     os.unlink(c.store / "claims" / "g1")
     wait_until(lambda: c.owner("g1") is not None, 5, what="g1 claimed again")
     time.sleep(1.0)  # no restart, no second copy meanwhile: the time passing is the test
     assert c.owner("g1") == owner
     runs = [r for r in __import__("safety")._runs(log) if r["group"] == "g1"]
     assert len(runs) == len(first) == 1, runs  # the same process all along, on one node
+
+
+def _reports_active(store: Path, node: str, group: str) -> bool:
+    """The status `node` last published says entries of `group` run there."""
+    try:
+        status = published.loads((store / "status" / f"{node}.json").read_bytes())
+    except (OSError, published.StatusError):
+        return False
+    g = status.groups.get(group)
+    return g is not None and g.active

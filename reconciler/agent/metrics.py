@@ -118,10 +118,9 @@ class Metrics:
         for gone in self._known_groups - groups.keys():
             self._group_values.pop(gone, None)
             for s in STATES:
-                self.entries.remove(n, gone, s) if (n, gone, s) in self.entries._metrics else None
+                _remove(self.entries, n, gone, s)
             for gauge in (self.group_running, self.group_desired):
-                if (n, gone) in gauge._metrics:
-                    gauge.remove(n, gone)
+                _remove(gauge, n, gone)
         self._known_groups = set(groups)
         states: dict[str, list[str]] = {}
         for st in observed.entries.values():
@@ -194,6 +193,14 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return prom.generate_latest(self.registry)
+
+
+def _remove(metric: prom.Gauge, *labels: str) -> None:
+    """Drop one labelled child of `metric`, if it has one (a group removed from the spec)."""
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass  # never set for these labels
 
 
 def serve(metrics: Metrics, address: str) -> WSGIServer:

@@ -22,6 +22,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from reconciler import fielderrors
 from reconciler.terms import STATES, valid_name
 
 _T = TypeVar("_T")
@@ -91,12 +92,7 @@ EMPTY = NodeStatus()  # a node that published no status (yet), or one that did n
 # --- the converter: private, strict --------------------------------------------------------
 
 
-class _Bad(Exception):
-    """A leaf error: `msg` about the value at `sub` below the current path."""
-
-    def __init__(self, msg: str, sub: str = ""):
-        super().__init__(msg)
-        self.sub = sub
+_Bad = fielderrors.FieldError  # a leaf error: `msg` about the value at `sub` below the current path
 
 
 def _type_name(value: Any) -> str:
@@ -225,28 +221,8 @@ def _structure(value: Any, cls: type[_T]) -> _T:
     except _Bad:
         raise
     except Exception as exc:  # cattrs wraps what the hooks raise; find the first leaf
-        sub, msg = _leaf(exc)
+        sub, msg = fielderrors.first_error(exc, brief=True)
         raise _Bad(msg, sub) from None
-
-
-def _leaf(exc: BaseException, path: str = "") -> tuple[str, str]:
-    if isinstance(exc, cattrs.errors.ForbiddenExtraKeysError):
-        keys = ", ".join(sorted(str(k)[:40] for k in exc.extra_fields))
-        return path, f"unknown field{'s' if len(exc.extra_fields) > 1 else ''} {keys}"
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            seg = ""
-            for note in getattr(sub, "__notes__", []):
-                note = str(note)
-                if "@ attribute " in note:
-                    seg = "." + note.rsplit("@ attribute ", 1)[1].strip()
-            return _leaf(sub, path + seg)
-    if isinstance(exc, _Bad):
-        return path + exc.sub, str(exc)
-    if isinstance(exc, KeyError):
-        key = f".{exc.args[0]}"  # the attribute's note may have named it already
-        return (path if path.endswith(key) else path + key), "is required"
-    return path, f"invalid value ({str(exc)[:80]})"
 
 
 def structure(doc: Any) -> NodeStatus:

@@ -20,6 +20,7 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, override
 
+from reconciler import fielderrors
 from reconciler.spec.model import (
     STOP,
     Address,
@@ -150,39 +151,13 @@ _dur_fields(Mount)
 _dur_fields(Address)
 
 
-def _first_error(exc: BaseException, path: str) -> tuple[str, str]:
-    """Walk a cattrs exception group to its first leaf; return (field path, message)."""
-    if isinstance(exc, cattrs.errors.ForbiddenExtraKeysError):
-        keys = ", ".join(sorted(exc.extra_fields))
-        return path, f"unknown field{'s' if len(exc.extra_fields) > 1 else ''} {keys}"
-    if isinstance(exc, (cattrs.ClassValidationError, cattrs.IterableValidationError, ExceptionGroup)):
-        for sub in exc.exceptions:
-            seg = ""
-            for note in getattr(sub, "__notes__", []):
-                note = str(note)
-                if "@ attribute " in note:
-                    seg = "." + note.rsplit("@ attribute ", 1)[1].strip()
-                elif "@ index " in note:
-                    seg = f"[{note.rsplit('@ index ', 1)[1].strip()}]"
-            return _first_error(sub, path + seg)
-    if isinstance(exc, KeyError):
-        key = f".{exc.args[0]}"  # cattrs' note usually named the attribute already
-        return (path if path.endswith(key) else path + key), "is required"
-    if isinstance(exc, _FieldError):
-        return path + exc.sub, str(exc)
-    if isinstance(exc, TypeError) and "missing" in str(exc):
-        missing = re.findall(r"'(\w+)'", str(exc))
-        return (path + "." + missing[0]) if missing else path, "is required"
-    return path, f"invalid value ({exc})"
-
-
 def _structure(raw: Any, cls: type, path: str, file: str) -> Any:
     if not isinstance(raw, dict):
         raise SpecError(f"must be a table, not {_tname(raw)}", file=file, field=path)
     try:
         return _conv.structure(raw, cls)
     except Exception as exc:  # cattrs wraps everything; report the first leaf as one line
-        field, msg = _first_error(exc, path)
+        field, msg = fielderrors.first_error(exc, path)
         raise SpecError(msg, file=file, field=field) from None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from reconciler.fielderrors import FieldError
 from reconciler.model import NAME_RE as NAME_RE  # spec.NAME_RE: the one name pattern, shared with the store's checks
 
 MODES = ("wait", "once", "respawn", "test", "off")
@@ -43,13 +44,7 @@ class SpecError(Exception):
         super().__init__(redact_url(": ".join([*parts, message])).translate(_ONE_LINE))
 
 
-class _FieldError(ValueError):
-    """Raised inside structure hooks; the converter adds the field path (`sub`: a further
-    path segment inside the value, like `[2]` of an argv or `.NAME` of an env table)."""
-
-    def __init__(self, message: str, *, sub: str = ""):
-        super().__init__(message)
-        self.sub = sub
+_FieldError = FieldError  # raised inside structure hooks; the converter adds the field path
 
 
 # Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: refused

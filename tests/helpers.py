@@ -54,6 +54,8 @@ REQUIREMENTS: dict[str, tuple[Callable[[], bool], str]] = {
     "etcd": (lambda: shutil.which("etcd") is not None and importlib.util.find_spec("aetcd") is not None,
              "apt-get install etcd-server and pip install -e '.[etcd]'"),
     "keepalived": (_which("keepalived"), "apt-get install keepalived"),
+    "fence-agents": (lambda: os.access("/usr/sbin/fence_ipmilan", os.X_OK),
+                     "apt-get install --no-install-recommends fence-agents"),
     "promtool": (_which("promtool"), "apt-get install prometheus"),
     "prometheus": (_which("prometheus"), "apt-get install prometheus"),
     "supervisord": (_which("supervisord"), "pip install -e '.[test]' (the supervisor package)"),

@@ -36,6 +36,8 @@ METRICS = frozenset(
         "reconciler_respawns_total",
         "reconciler_node_twin",
         "reconciler_store_entries_skipped_total",
+        "reconciler_store_round_trip_age_seconds",
+        "reconciler_lease_remaining_seconds",
     }
 )
 HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds"})

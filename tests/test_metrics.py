@@ -277,6 +277,33 @@ def test_live_exposition_is_lint_clean_and_sane(agent):
     assert any(d["level"] == "error" and "keeping the last good spec" in d["message"] for d in docs)
 
 
+def test_store_health_while_the_store_goes_away_and_comes_back(agent):
+    a = agent.start()
+    s = wait_for(a.converged, 15, "both groups claimed and running")
+    lease = 0.4  # the default cluster.timing.lease
+    assert 0 <= s.value("reconciler_store_round_trip_age_seconds", node=NODE) < 1.0
+    assert 0 < s.value("reconciler_lease_remaining_seconds", node=NODE) <= lease
+
+    store = a.root / "store"
+    os.rename(store, a.root / "store-away")  # the directory store: unreachable, not empty
+    gone = time.monotonic()
+    s = wait_for(lambda: (x := a.scrape()).value("reconciler_store_round_trip_age_seconds", node=NODE) > 2.0 and x,
+                 15, "the round-trip age to grow past 2s")
+    # computed at scrape time: it keeps growing, however seldom the loop runs
+    assert s.value("reconciler_store_round_trip_age_seconds", node=NODE) <= time.monotonic() - gone + 1.0
+    assert s.value("reconciler_lease_remaining_seconds", node=NODE) == 0, "no renewal without the store"
+    later = wait_for(lambda: (x := a.scrape()).value("reconciler_store_round_trip_age_seconds", node=NODE)
+                     > s.value("reconciler_store_round_trip_age_seconds", node=NODE) + 0.5 and x, 10, "the age to grow")
+    assert later.value("reconciler_lease_remaining_seconds", node=NODE) == 0
+
+    os.rename(a.root / "store-away", store)
+    s = wait_for(lambda: (x := a.scrape()).value("reconciler_store_round_trip_age_seconds", node=NODE) < 1.0 and x,
+                 15, "the round-trip age to drop once the store is back")
+    wait_for(lambda: 0 < a.scrape().value("reconciler_lease_remaining_seconds", node=NODE) <= lease, 10,
+             "the lease renewed again")
+    wait_for(a.converged, 15, "both groups running again")
+
+
 # --- b. the names the dashboard and the alerts use -----------------------------------------------
 
 

@@ -95,6 +95,8 @@ class Agent:
         ) if not self.spec.store_url.startswith("dir:") else open_store(self.spec.store_url)
         self.watch = watchmod.Watch(self.node, spec=lambda: self.spec, store_url=self.store.url, lease=self.lease,
                                     instance=self.instance)
+        # (read_at only moves on a read whose heartbeat publish before it succeeded too)
+        self.metrics.follow_store(round_trip_at=lambda: self.watch.read_at, lease_until=lambda: self.lease.until)
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
         self.book = ResourceBook(node=self.node, resource_file=None if self.once else self.node_dir / "resources.json")
         # The executor's events are metrics', except that a claim won or ended goes straight to

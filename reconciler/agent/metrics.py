@@ -8,7 +8,7 @@ or messages. Each agent has its own registry, so tests can run several in one pr
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client as prom
@@ -63,6 +63,15 @@ class Metrics:
             "reconciler_store_entries_skipped", "Malformed or stray store entries skipped, counted at every read.", L,
             registry=r,
         )
+        self.store_age = prom.Gauge(
+            "reconciler_store_round_trip_age_seconds",
+            "Seconds since this node last published its heartbeat and read the store back (counted from the agent's start "
+            "until the first round trip).", L, registry=r,
+        )
+        self.lease_left = prom.Gauge(
+            "reconciler_lease_remaining_seconds", "Seconds until this node's lease runs out (0: lapsed, or none held).", L,
+            registry=r,
+        )
         self._skipped_seen = 0
         self._known_groups: set[str] = set()
         self._group_values: dict[str, tuple] = {}  # group -> what its gauges were last set to
@@ -90,6 +99,18 @@ class Metrics:
         self.spec_valid.labels(self.node).set(1 if ok else 0)
         if spec is not None:
             self.spec_info.labels(self.node).info({"digest": spec.digest()})
+
+    def follow_store(
+        self, *, round_trip_at: Callable[[], float], lease_until: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Compute the store-health gauges from `round_trip_at` (when the last publish + read
+        came back) and `lease_until`, both on `clock`. At scrape time rather than in tick():
+        the renewer thread moves both, and an outage must show as a growing age even while
+        no reconcile pass runs."""
+        started = clock()
+        self.store_age.labels(self.node).set_function(lambda: clock() - max(round_trip_at(), started))
+        self.lease_left.labels(self.node).set_function(lambda: max(0.0, lease_until() - clock()))
 
     def tick_failed(self, seconds: float) -> None:
         """A reconcile pass that raised."""

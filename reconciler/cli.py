@@ -1,7 +1,8 @@
 """The `reconcile` command line (click).
 
-Exit codes: 0 success (dry run: converged), 1 error (one line on stderr naming the file
-and field), 2 dry run with changes pending.
+Exit codes (docs/cli.md has the table and why): 0 success (dry run: converged), 1 error (one
+line on stderr naming the file and field), 2 dry run with changes pending, 64 usage error
+(sysexits' EX_USAGE: click's own 2 would read as "changes pending").
 """
 
 from __future__ import annotations
@@ -18,17 +19,70 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
 import click  # noqa: E402
+from click.core import ParameterSource  # noqa: E402
+from click.shell_completion import CompletionItem  # noqa: E402
 
 import reconciler  # noqa: E402
 from reconciler import spec as specmod  # noqa: E402
 
 SPEC_HELP = "spec file or directory [default: $RECONCILER_SPEC, then /etc/reconciler/]"
+EX_USAGE = 64
+EXIT_CODES = "Exit codes: 0 success, 1 error, 2 changes pending (--dry-run), 64 usage error (docs/cli.md)."
+
+
+def epilog(*examples: str) -> str:
+    # "\b": click keeps the paragraph's lines as they are
+    return "\b\nExamples:\n" + "\n".join(f"  {e}" for e in examples) + "\n\n" + EXIT_CODES
+
+
+def usage_error(exc: click.UsageError) -> NoReturn:
+    """One line, like every other error, and EX_USAGE (64) rather than click's 2, which
+    `--dry-run` has meant "changes pending" since before usage errors were distinguished."""
+    where = exc.ctx.command_path.replace(exc.ctx.find_root().info_name or "", "reconcile", 1) if exc.ctx else "reconcile"
+    fail(f"{exc.format_message()} (see: {where} --help)", EX_USAGE)
+
+
+class _Cli(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            usage_error(exc)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # the subcommands' parsing, and ctx.fail in a callback
+            usage_error(exc)
+
+
+def given(ctx: click.Context, *names: str) -> list[str]:
+    """The options among `names` (parameter names) given on the command line, by their long names."""
+    spelt = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    return [spelt[n] for n in names if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
+
+
+def completer(kind: str):
+    """A shell_complete callback offering the spec's `kind` names (spec/summary.py `names`):
+    the spec of --spec if typed, else the default; a bad spec completes nothing."""
+
+    def complete(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+        from reconciler.spec import summary
+
+        path = ctx.params.get("spec_path") or ctx.find_root().params.get("spec_path") or default_spec()
+        return [CompletionItem(n) for n in summary.names(path)[kind] if n.startswith(incomplete)]
+
+    return complete
+
+
+complete_group, complete_node, complete_entry = completer("groups"), completer("nodes"), completer("entries")
 
 
 def default_spec() -> str:
@@ -76,16 +130,16 @@ def setup_logging(fmt: str, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def print_plan(plan, *, node: str) -> None:
-    if plan.empty:
-        click.echo(f"{node}: converged, nothing to do")
-    for a in plan.actions:
-        click.echo(("URGENT " if a.urgent else "") + a.describe())
-    for g, note in plan.notes.items():
+def print_plan(doc: dict) -> None:
+    if doc["converged"]:
+        click.echo(f"{doc['node']}: converged, nothing to do")
+    for a in doc["actions"]:
+        click.echo(("URGENT " if a["urgent"] else "") + a["describe"])
+    for g, note in doc["notes"].items():
         click.echo(f"  ({g}: {note})")
 
 
-def dry_run(spec_path: str, node: str, down: tuple[str, ...]) -> None:
+def dry_run(spec_path: str, node: str, down: tuple[str, ...], *, as_json: bool = False) -> NoReturn:
     from reconciler.agent import dryrun
     from reconciler.store import StoreError
 
@@ -96,43 +150,91 @@ def dry_run(spec_path: str, node: str, down: tuple[str, ...]) -> None:
         fail(str(exc))
     except OSError as exc:
         fail(f"{spec.shown_store_url}: {exc}")
-    print_plan(plan, node=node)
+    doc = dryrun.plan_doc(plan, node)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print_plan(doc)
     sys.exit(0 if plan.empty else 2)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+# Which of the group's options each command reads (any other given is refused, not ignored).
+USES = {"run": {"spec_path", "node", "node_down"}, "status": {"spec_path", "node"}, "check": {"spec_path"},
+        "tell": {"spec_path"}, "logs": {"spec_path", "node"}, "import": set()}
+
+
+@click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=epilog("reconcile --dry-run --node-down n2    # what this node would do if n2 died",
+                           "reconcile --dry-run --json", "eval \"$(_RECONCILE_COMPLETE=bash_source reconcile)\"    # completion"))
 @click.version_option(reconciler.__version__, "-V", "--version", prog_name="reconcile", message="%(prog)s %(version)s")
-@click.option("--dry-run", is_flag=True, help="print what `run` would do now, with a reason per action")
+@click.option("--dry-run", is_flag=True, help="print what `run` would do now, with a reason per action; exit 2 if anything would")
 @click.option("--spec", "spec_path", default=default_spec, help=SPEC_HELP)
-@click.option("--node", default=default_node, help="this node's name [default: $RECONCILER_NODE, then the hostname]")
-@click.option("--node-down", multiple=True, help="with --dry-run: plan as if this node had died (repeatable)")
+@click.option("--node", default=default_node, help="this node's name [default: $RECONCILER_NODE, then the hostname]",
+              shell_complete=complete_node)
+@click.option("--node-down", multiple=True, help="with --dry-run: plan as if this node had died (repeatable)",
+              shell_complete=complete_node)
+@click.option("--json", "as_json", is_flag=True, help="with --dry-run: the plan as JSON")
 @click.pass_context
-def main(ctx: click.Context, dry_run: bool, spec_path: str, node: str, node_down: tuple[str, ...]) -> None:
+def main(ctx: click.Context, dry_run: bool, spec_path: str, node: str, node_down: tuple[str, ...], as_json: bool) -> None:
     """High availability for a cluster of Linux machines, declared in TOML."""
     ctx.ensure_object(dict)
-    ctx.obj.update(spec=spec_path, node=node)
-    if ctx.invoked_subcommand is None:
+    ctx.obj.update(spec=spec_path, node=node, node_down=node_down, given=set(given(ctx, "spec_path", "node")))
+    sub = ctx.invoked_subcommand
+    if sub != "run":  # only the agent keeps the signals that came early (see EARLY_SIGNALS)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in EARLY_SIGNALS:
+            signal.raise_signal(signum)
+    if sub is not None:
         if dry_run:
-            globals()["dry_run"](spec_path, node, node_down)
+            ctx.fail(f"--dry-run is not an option of `{sub}`: use `reconcile --dry-run` or `reconcile run --dry-run`")
+        if as_json:
+            ctx.fail(f"--json goes after the command: `reconcile {sub} --json`")
+        unused = given(ctx, *sorted({"spec_path", "node", "node_down"} - USES.get(sub, set())))
+        if unused:
+            ctx.fail(f"{', '.join(unused)}: not used by `{sub}`")
+        return
+    if not dry_run:
+        if node_down or as_json:
+            ctx.fail(f"{'--node-down' if node_down else '--json'} needs --dry-run")
         click.echo(ctx.get_help())
+        return
+    globals()["dry_run"](spec_path, node, node_down, as_json=as_json)
 
 
-@main.command()
+def own(ctx: click.Context, name: str, value):
+    """A command's own --spec/--node, else the group's; both given and different is refused."""
+    if value is None:
+        return ctx.obj[name]
+    if f"--{name}" in ctx.obj["given"] and ctx.obj[name] != value:
+        ctx.fail(f"--{name} given twice ({ctx.obj[name]} and {value})")
+    return value
+
+
+@main.command(epilog=epilog("reconcile run --spec /etc/reconciler --node n1", "reconcile run --dry-run --json --node-down n2"))
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
-@click.option("--node", default=None, help="this node's name")
+@click.option("--node", default=None, help="this node's name", shell_complete=complete_node)
 @click.option("--once", is_flag=True, help="converge once and exit, leaving processes running (no keeper: single node only)")
-@click.option("--dry-run", "dry", is_flag=True, help="print the plan, execute nothing")
-@click.option("--node-down", multiple=True, help="with --dry-run: plan as if this node had died (repeatable)")
+@click.option("--dry-run", "dry", is_flag=True, help="print the plan, execute nothing; exit 2 if anything would be done")
+@click.option("--node-down", multiple=True, help="with --dry-run: plan as if this node had died (repeatable)",
+              shell_complete=complete_node)
+@click.option("--json", "as_json", is_flag=True, help="with --dry-run: the plan as JSON")
 @click.option("--metrics-address", default="127.0.0.1:9735", show_default=True, help="HOST:PORT for /metrics; 'off' disables")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
-def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format, verbose) -> None:
+def run(ctx, spec_path, node, once, dry, node_down, as_json, metrics_address, log_format, verbose) -> None:
     """Run the agent in the foreground."""
-    spec_path = spec_path or ctx.obj["spec"]
-    node = ctx.obj["node"] if node is None else node  # (--node "" is refused below, not the hostname)
+    spec_path = own(ctx, "spec", spec_path)
+    node = own(ctx, "node", node)  # (--node "" is refused below, not the hostname)
+    node_down = ctx.obj["node_down"] + node_down
     if dry:
-        dry_run(spec_path, node, node_down)
+        agent_only = given(ctx, "once", "metrics_address", "log_format", "verbose")
+        if agent_only:
+            ctx.fail(f"{', '.join(agent_only)}: not used with --dry-run (nothing runs)")
+        dry_run(spec_path, node, node_down, as_json=as_json)
+    if node_down or as_json:
+        ctx.fail(f"{'--node-down' if node_down else '--json'} needs --dry-run")
     setup_logging(log_format, verbose)
     from reconciler.agent import loop as agentmod
     from reconciler.agent import metrics as metricsmod
@@ -161,61 +263,26 @@ def run(ctx, spec_path, node, once, dry, node_down, metrics_address, log_format,
         fail(str(exc))
 
 
-@main.command()
+@main.command(epilog=epilog("reconcile check --spec /etc/reconciler", "reconcile check --json | jq '.groups[].worst_failover'"))
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (the same facts)")
 @click.pass_context
-def check(ctx, spec_path) -> None:
+def check(ctx, spec_path, as_json) -> None:
     """Validate the spec and summarise it, with each group's worst-case failover time."""
-    spec_path = spec_path or ctx.obj["spec"]
-    spec = load_or_fail(spec_path)
-    problems = []
-    for g in spec.groups.values():
-        for i, e in enumerate(g.entries):
-            if e.command and e.mode != "off":
-                exe = e.command[0]
-                found = os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None
-                if not found:
-                    problems.append(f"{g.source}: groups.{g.name}.entries[{i}].command: {exe}: command not found")
-        if g.fence:
-            exe = g.fence[0]
-            if not (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe)):
-                problems.append(f"{g.source}: groups.{g.name}.fence: {exe}: command not found")
-    t = spec.cluster.timing
-    click.echo(f"spec {spec_path}: {len(spec.groups)} groups, digest {spec.digest()}, store {spec.shown_store_url}")
-    click.echo(
-        f"timing: heartbeat {specmod.format_duration(t.heartbeat)}, lease {specmod.format_duration(t.lease)}, "
-        f"dead_after {specmod.format_duration(t.dead_after)} (safe: must exceed {t.minimum_dead_after() * 1000:.0f}ms)"
-    )
-    for g in spec.groups.values():
-        worst = t.worst_failover()
-        parts = [f"detect <= {worst:.2f}s"]
-        if g.fence:
-            parts.append(f"fence <= {specmod.format_duration(g.fence_timeout)}")
-        fg = [e for e in g.entries if e.foreground and e.active_at(g.runlevel)]
-        bounded = all(e.timeout is not None for e in fg)
-        start = sum(e.timeout or 0 for e in fg)
-        parts.append(f"start <= {start:.2f}s + spawn" if bounded else "start: foreground entries without timeout")
-        total = worst + (g.fence_timeout if g.fence else 0) + start
-        where = ", ".join(g.nodes) if g.nodes else "any node"
-        click.echo(
-            f"  {g.name}: runlevel {g.runlevel}, {len(g.entries)} entries, on {where}; "
-            f"worst-case failover {total:.2f}s{'' if bounded else '+'} ({'; '.join(parts)})"
-        )
-    # What a running agent does with an empty spec (loader.check_replacement), said beforehand.
-    if spec.cluster.stop_all:
-        click.echo(f"reconcile: warning: {spec_path}: cluster.stop_all: true: agents apply this spec even where it stops every group", err=True)
-    elif not spec.groups:
-        click.echo(
-            f"reconcile: warning: {spec_path}: groups: no groups: a running agent refuses this spec, which would stop every"
-            " group that runs, and keeps its last good one; set stop_all = true in [cluster] to stop them all", err=True,
-        )
-    for p in problems:
+    spec_path = own(ctx, "spec", spec_path)
+    from reconciler.spec import summary
+
+    doc = summary.summary(load_or_fail(spec_path), spec_path)
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else "\n".join(summary.render(doc)))
+    for w in doc["warnings"]:
+        click.echo(f"reconcile: warning: {w}", err=True)
+    for p in doc["problems"]:
         click.echo(f"reconcile: {p}", err=True)
-    sys.exit(1 if problems else 0)
+    sys.exit(1 if doc["problems"] else 0)
 
 
-@main.command()
-@click.argument("group")
+@main.command(epilog=epilog("reconcile tell web stop", "reconcile tell web run --spec /etc/reconciler/web.toml"))
+@click.argument("group", shell_complete=complete_group)
 @click.argument("runlevel")
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
 @click.pass_context
@@ -223,7 +290,7 @@ def tell(ctx, group, runlevel, spec_path) -> None:
     """Set GROUP's desired RUNLEVEL in the spec (comments survive); running agents converge."""
     from reconciler.spec import edit
 
-    spec_path = spec_path or ctx.obj["spec"]
+    spec_path = own(ctx, "spec", spec_path)
     try:
         path = edit.tell(spec_path, group, runlevel)
     except specmod.SpecError as exc:
@@ -233,9 +300,9 @@ def tell(ctx, group, runlevel, spec_path) -> None:
     click.echo(f"{group}: runlevel {runlevel} (written to {path})")
 
 
-@main.command()
+@main.command(epilog=epilog("reconcile status", "reconcile status --json | jq '.groups'"))
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
-@click.option("--node", default=None, help="whose view of heartbeat ages to show")
+@click.option("--node", default=None, help="whose view of heartbeat ages to show", shell_complete=complete_node)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def status(ctx, spec_path, node, as_json) -> None:
@@ -246,7 +313,7 @@ def status(ctx, spec_path, node, as_json) -> None:
 
     from reconciler.spec import loader
 
-    path = spec_path or ctx.obj["spec"]
+    path = own(ctx, "spec", spec_path)
     spec_error = None
     try:
         spec = specmod.load(path)
@@ -288,7 +355,55 @@ def status(ctx, spec_path, node, as_json) -> None:
         fail(f"{spec_error} (shown: what the nodes publish; they keep their last good spec)")
 
 
-@main.command(name="import")
+@main.command(epilog=epilog("reconcile logs web/httpd -n 50", "reconcile logs web/httpd -f"))
+@click.argument("entry", metavar="GROUP/TAG", shell_complete=complete_entry)
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=None, help="only the last N lines [default: all]")
+@click.option("-f", "--follow", is_flag=True, help="keep printing lines as they are written, across rotations")
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--node", default=None, help="whose logs (this machine's state directory)", shell_complete=complete_node)
+@click.pass_context
+def logs(ctx, entry, lines, follow, spec_path, node) -> None:
+    """Show an entry's output (stdout and stderr), oldest first, across its rotated copies.
+
+    A segment's lines are headed by the time it was last written (the child writes straight
+    to the file, so a line has no time of its own); with -f, each new line carries the time it
+    was seen (within 0.2s).
+    """
+    from reconciler.act import logs as logsmod
+
+    group, sep, tag = entry.partition("/")
+    if not (sep and group and tag):
+        ctx.fail(f"{entry!r}: expected GROUP/TAG")
+    spec_path, node = own(ctx, "spec", spec_path), own(ctx, "node", node)
+    spec = load_or_fail(spec_path)
+    g = spec.groups.get(group)
+    if g is None or tag not in {e.tag for e in g.entries}:
+        known = ", ".join(f"{x.name}/{e.tag}" for x in spec.groups.values() for e in x.entries) or "none"
+        fail(f"{spec_path}: no entry {entry} (known: {known})")
+    path = Path(spec.state_dir) / node / "logs" / f"{group}.{tag}.log"
+    segments = logsmod.tail(path, lines)
+    if not segments and not follow and not path.parent.is_dir():
+        fail(f"{path.parent}: no logs here (is {node} the node that ran {entry}? --node names another)")
+    for seg in segments:
+        click.echo(f"-- {seg.path.name}: last written {stamp(seg.mtime)} --")
+        for line in seg.lines:
+            click.echo(line)
+    if follow:
+        follower = logsmod.Follower(path)
+        try:
+            while True:
+                for line in follower.poll():
+                    click.echo(f"{stamp(time.time())} {line}")
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+
+
+def stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+@main.command(name="import", epilog=epilog("reconcile import /etc/mosix/cltab /etc/mosix/hactl > /etc/reconciler/cluster.toml"))
 @click.argument("cltab", type=click.Path(dir_okay=False))
 @click.argument("hactl", type=click.Path(dir_okay=False), required=False)
 def import_(cltab, hactl) -> None:

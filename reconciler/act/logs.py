@@ -173,3 +173,114 @@ class Rotator:
             self._thread = threading.Thread(target=rotate_all, args=(self.directory, self.policy, names),
                                              name="log-rotation", daemon=True)
             self._thread.start()
+
+
+# --- reading: `reconcile logs` ----------------------------------------------------------------
+# The child writes its output straight to the file (no pipe through the agent: an entry
+# outlives the agent that started it, across restarts and `run --once`), so a line carries no
+# time of its own. What is known: when each rotation segment was last written (its mtime),
+# and, when following, when a line appeared (read within a poll interval).
+
+
+@attrs.frozen
+class Segment:
+    path: Path
+    mtime: float  # when it was last written
+    lines: tuple[str, ...]
+
+
+def segments(path: Path) -> list[Path]:
+    """The log's segments, oldest first: GROUP.TAG.log.N ... .1, then the live file (those that exist)."""
+    rotated = []
+    for p in path.parent.glob(f"{path.name}.*"):
+        suffix = p.name[len(path.name) + 1:]
+        if suffix.isdigit():
+            rotated.append((int(suffix), p))
+    out = [p for _, p in sorted(rotated, reverse=True)]
+    return out + ([path] if path.exists() else [])
+
+
+def tail(path: Path, n: int | None) -> list[Segment]:
+    """The last `n` lines (None: all) across the segments, oldest first, grouped by segment."""
+    out: list[Segment] = []
+    wanted = n
+    for seg in reversed(segments(path)):
+        if wanted is not None and wanted <= 0:
+            break
+        try:
+            with open(seg, "rb") as fh:
+                mtime = os.fstat(fh.fileno()).st_mtime
+                lines = fh.read().decode("utf-8", "replace").splitlines()
+        except FileNotFoundError:
+            continue  # rotated away while we read: its lines are in the next older one
+        if wanted is not None:
+            lines = lines[max(0, len(lines) - wanted):]
+            wanted -= len(lines)
+        if lines:
+            out.append(Segment(path=seg, mtime=mtime, lines=tuple(lines)))
+    return out[::-1]
+
+
+class Follower:
+    """The lines appended to a live log since the last poll, across copytruncate rotations:
+    when the file has become shorter than what was read, the rest of what was read from it
+    is in GROUP.TAG.log.1 (the copy taken before the truncation), and is read from there first.
+    A new .1 (each rotation renames a fresh copy into place) tells a rotation too, should the
+    live file have grown past the old offset again between two polls."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.copy = path.with_name(f"{path.name}.1")
+        try:
+            self.offset = path.stat().st_size
+        except FileNotFoundError:
+            self.offset = 0
+        self._copy_id = _identity(self.copy)
+        self._partial = b""
+
+    def poll(self) -> list[str]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        data = b""
+        copy_id = _identity(self.copy)
+        if size < self.offset or copy_id != self._copy_id:  # rotated: finish the copy, then the live file from 0
+            self._copy_id = copy_id
+            rest = _read_from(self.copy, self.offset)
+            data += rest
+            copied = self.offset + len(rest)
+            # The copy in place but the live file not truncated yet (the rotation is running:
+            # the live file still begins as the copy does): read on from the copy's end; the
+            # truncation then brings the offset back to 0.
+            self.offset = copied if size >= copied and _same_start(self.path, self.copy, min(copied, 4096)) else 0
+        chunk = _read_from(self.path, self.offset)
+        self.offset += len(chunk)
+        data = self._partial + data + chunk
+        *lines, self._partial = data.split(b"\n")
+        return [line.decode("utf-8", "replace") for line in lines]
+
+
+def _same_start(a: Path, b: Path, n: int) -> bool:
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read(n) == fb.read(n)
+    except FileNotFoundError:
+        return False
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read()
+    except FileNotFoundError:
+        return b""

@@ -132,3 +132,16 @@ def after_claims(spec: specmod.Spec, observed: Observed, view: ClusterView, now:
         if a.group in won and a.kind not in ("claim", "takeover", "release")
     )
     return attrs.evolve(first, actions=first.actions + then)
+
+
+def plan_doc(plan: planmod.Plan, node: str) -> dict:
+    """The plan as `reconcile --dry-run` shows it: its text and its --json are both made from this."""
+    return {
+        "node": node,
+        "converged": plan.empty,
+        "actions": [
+            {"kind": a.kind, "group": a.group, "tag": a.tag, "reason": a.reason, "urgent": a.urgent, "describe": a.describe()}
+            for a in plan.actions
+        ],
+        "notes": dict(plan.notes),
+    }

@@ -1,34 +1,26 @@
 """`reconcile tell`: change one group's desired runlevel in the spec file that defines it.
 
-Only the value of that group's `runlevel` key is rewritten (rendered by tomli-w), so the
-operator's comments and layout survive; the result is parsed again and must differ from the
-original in exactly that one value before it replaces the file (atomically, same mode and
-owner, fsynced). A symbolic link is written through (its target is replaced, the link
-stays); a file without the owner's write bit is refused.
+The file is edited as a TOML document (tomlkit), so any valid layout works (a
+`[groups.web]` header, dotted keys `groups.web.runlevel = "run"`, inline tables, a
+`[groups]` table with `web.runlevel = ...`) and the operator's comments and layout survive.
+The result is parsed again and must differ from the original in exactly that one value
+before it replaces the file (atomically, same mode and owner, fsynced). A symbolic link is
+written through (its target is replaced, the link stays); a file without the owner's write
+bit is refused.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
 import tempfile
 import tomllib
+from typing import Any
 
-import tomli_w
+import tomlkit
+import tomlkit.exceptions
 
 from reconciler import spec as specmod
-
-_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
-_KEY = re.compile(r"^(\s*runlevel\s*=\s*)(\"[^\"]*\"|'[^']*')(\s*(#.*)?)$")
-
-
-def _header_name(line: str) -> str | None:
-    m = _HEADER.match(line)
-    if not m:
-        return None
-    parts = [p.strip().strip('"').strip("'") for p in m.group(1).split(".")]
-    return ".".join(parts)
 
 
 def tell(spec_path: str, group: str, runlevel: str) -> str:
@@ -53,7 +45,7 @@ def tell(spec_path: str, group: str, runlevel: str) -> str:
         )
     with open(real, encoding="utf-8") as fh:
         text = fh.read()
-    new_text = _rewrite(text, group, tomli_w.dumps({"runlevel": runlevel}).split("=", 1)[1].strip(), path)
+    new_text = _rewrite(text, group, runlevel, path)
     before, after = tomllib.loads(text), tomllib.loads(new_text)
     before["groups"][group]["runlevel"] = runlevel
     if before != after:
@@ -87,27 +79,12 @@ def _replace(path: str, text: str, st: os.stat_result) -> None:
         os.close(dfd)
 
 
-def _rewrite(text: str, group: str, value: str, path: str) -> str:
-    lines = text.splitlines(keepends=True)
-    target = f"groups.{group}"
-    in_table = False
-    header_at = None
-    for i, line in enumerate(lines):
-        name = _header_name(line) if line.lstrip().startswith("[") else None
-        if name is not None:
-            if in_table:
-                break
-            in_table = name == target and not line.lstrip().startswith("[[")
-            if in_table:
-                header_at = i
-            continue
-        if in_table:
-            m = _KEY.match(line.rstrip("\n"))
-            if m:
-                end = "\n" if line.endswith("\n") else ""
-                lines[i] = f"{m.group(1)}{value}{m.group(3)}{end}"
-                return "".join(lines)
-    if header_at is None:
-        raise specmod.SpecError(f"no [{target}] table header to edit", file=path, field=f"groups.{group}.runlevel")
-    lines.insert(header_at + 1, f"runlevel = {value}\n")
-    return "".join(lines)
+def _rewrite(text: str, group: str, runlevel: str, path: str) -> str:
+    field = f"groups.{group}.runlevel"
+    try:
+        doc = tomlkit.parse(text)
+        table: Any = doc["groups"][group]
+        table["runlevel"] = runlevel
+        return tomlkit.dumps(doc)
+    except (tomlkit.exceptions.TOMLKitError, KeyError, TypeError) as exc:
+        raise specmod.SpecError(f"cannot edit this file's layout ({exc}); edit it by hand", file=path, field=field) from None

@@ -164,18 +164,18 @@ def test_cluster_status_reads_the_records():
     spec, obs, view, plan = inputs()
     mine = statusmod.node_status(spec, obs, view, plan, NOW, digest=spec.digest())
     peer = NodeStatus(twin="another agent", groups={"db": GroupStatus(desired="run", note="not allowed")},
-                      members={"n1": MemberStatus(alive=True)})
+                      members={"n1": MemberStatus(alive=False)})
     snap = Snapshot(members={"n1": Heartbeat(node="n1", counter=1, digest=spec.digest(), status=mine),
                              "n2": Heartbeat(node="n2", counter=1, digest="old", status=peer)},
                     claims={"web": Claim(group="web", node="n1", generation=4)})
-    # n1's counter stood still while status looked: not live, whatever n2 publishes about it
-    doc = statusmod.cluster_status(spec, Look(snapshot=snap, ended=NOW, advanced=frozenset({"n2"}), silent={"n1": 9.0}), now=0.0)
-    assert doc.nodes["n1"].live is False and doc.nodes["n2"].live is True
+    # n1's counter moved while status looked: live, whatever n2 publishes about it; n2's stood still
+    doc = statusmod.cluster_status(spec, Look(snapshot=snap, ended=NOW, advanced=frozenset({"n1"}), silent={"n2": 9.0}), now=0.0)
+    assert doc.nodes["n1"].live is True and doc.nodes["n2"].live is False
     assert doc.nodes["n2"].twin == "another agent" and doc.nodes["n2"].spec_differs is True
     assert doc.nodes["n1"].state_errors == () and doc.nodes["n1"].store_skipped == ("claims/-x",)
     assert overview.to_json(doc)["groups"]["web"]["entries"] == WIRE["groups"]["web"]["entries"]
     assert doc.groups["web"].actual == "run" and doc.groups["web"].owner == "n1"
-    assert doc.groups["web"].state == "unowned"  # its owner is not live
+    assert doc.groups["web"].state == "degraded"  # r waits out its backoff
     assert doc.groups["db"].actual == "stop"
     assert doc.groups["db"].notes == {"n1": "not allowed here (nodes = n2)", "n2": "not allowed"}
     assert "web" in overview.render(doc, now=0.0)

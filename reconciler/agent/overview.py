@@ -195,10 +195,10 @@ def entry_detail(e: EntryStatus) -> str:
 
 
 def table(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[str]:
-    """Columns as wide as their widest cell (the last one unpadded)."""
+    """Columns as wide as their widest cell (the last one unpadded), two spaces apart."""
     rows = [header, *rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return [" ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
+    return ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in rows]
 
 
 def summary_line(s: Summary) -> str:
@@ -235,14 +235,12 @@ def render(doc: Overview, *, now: float) -> str:
     out.append(lines[0])
     for line, (name, g) in zip(lines[1:], doc.groups.items()):
         out.append(line)
-        tags = [*g.entries, *(f.tag for f in g.failures if f.node != g.owner)]
-        width = max((len(t) for t in tags), default=0)
-        for tag, e in g.entries.items():
-            out.append(f"  {tag.ljust(width)} {e.state} {entry_detail(e)}".rstrip())
-        for f in g.failures:
-            if f.node != g.owner:
-                when = "" if f.since is None else f", {ago(max(0.0, now - f.since))}"
-                out.append(f"  {f.tag.ljust(width)} failed on {f.node}{_exit(f.exit_code)}{when}")
+        # Its entries as its owner reports them, then its tests that failed elsewhere.
+        rows = [(tag, e.state, entry_detail(e)) for tag, e in g.entries.items()]
+        rows.extend((f.tag, "failed", f"on {f.node}{_exit(f.exit_code)}" + ("" if f.since is None else f", {ago(max(0.0, now - f.since))}"))
+                    for f in g.failures if f.node != g.owner)
+        if rows:
+            out.extend("  " + ln for ln in table(("", "", ""), rows)[1:])
         for node, note in g.notes.items():
             out.append(f"  [{node}] {note}")
     out.append("")

@@ -148,14 +148,19 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
         may_run = [n for n in live if g is None or placement.allowed(g, n)]
         failed_everywhere = bool(failures) and bool(may_run) and all(
             (r := reports.get(n)) is not None and r.eligible is False for n in may_run)
+        owner_live = claim is not None and claim.node in live
+        if claim is not None and not owner_live:
+            # A dead owner's last word is stale: its keeper has stopped what it ran (dead_after
+            # outlasts its lease), so nothing of the group runs.
+            owner_doc = None
         entries = owner_doc.entries if owner_doc is not None else {}
         groups[name] = overview.GroupRow(
             desired=desired,
             owner=claim.node if claim else None,
             generation=claim.generation if claim else None,
-            actual=owner_doc.actual if owner_doc is not None else specmod.STOP if claim is None else "unknown",
+            actual=owner_doc.actual if owner_doc is not None else specmod.STOP if claim is None or not owner_live else "unknown",
             state=overview.group_state(
-                desired=desired, owner=claim.node if claim else None, owner_live=claim is not None and claim.node in live,
+                desired=desired, owner=claim.node if claim else None, owner_live=owner_live,
                 actual=owner_doc.actual if owner_doc is not None else None, entries=entries.values(),
                 failed_everywhere=failed_everywhere,
             ),

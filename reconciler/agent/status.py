@@ -166,7 +166,7 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
             ),
             entries=dict(entries),
             failures=failures,
-            notes={n: r.note for n, r in reports.items() if r is not None and r.note},
+            notes={n: r.note for n, r in reports.items() if r is not None and r.note and n in live},
         )
     return overview.Overview(nodes=nodes, groups=groups, summary=overview.summary(nodes, groups),
                              problems=overview.problems(nodes, groups))

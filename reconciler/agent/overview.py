@@ -18,8 +18,7 @@ import cattrs
 
 from reconciler import published
 from reconciler.published import EntryStatus
-
-STOP = "stop"  # the runlevel that runs nothing (spec.STOP)
+from reconciler.spec import STOP
 
 # A group's state, judged from its owner's published status and the nodes alive.
 RUNNING = "running"  # its owner is alive and runs it at the desired runlevel

@@ -213,3 +213,46 @@ def test_a_crash_looping_entry_makes_its_group_degraded_and_its_line_says_why_on
     text = overview.render(doc, now=0.0)
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("svc"))
     assert line == "  svc  exited  exit 3; respawning too rapidly, next try in 2.00s"
+
+
+# --- the look itself (cluster/survey.py), against a store that counts ----------------------
+
+
+class CountingStore:
+    """Reads as a store would: `live` members' counters advance with every read; the others
+    stand still, their last heartbeat published `silent_for` seconds ago (wall time)."""
+
+    def __init__(self, live: tuple[str, ...], silent_for: dict[str, float]):
+        self.live, self.silent_for, self.reads = live, silent_for, 0
+
+    async def read(self) -> Snapshot:
+        import time
+
+        self.reads += 1
+        members = {n: Heartbeat(node=n, counter=self.reads, wall=time.time()) for n in self.live}
+        members.update({n: Heartbeat(node=n, counter=1, wall=time.time() - age) for n, age in self.silent_for.items()})
+        return Snapshot(members=members)
+
+
+def look(store: CountingStore, dead_after: float = 0.3) -> tuple[Look, float]:
+    import asyncio
+    import time
+
+    from reconciler.cluster import survey
+
+    t0 = time.monotonic()
+    seen = asyncio.run(survey.look(store, heartbeat=0.02, dead_after=dead_after))  # type: ignore[arg-type]
+    return seen, time.monotonic() - t0
+
+
+def test_a_look_at_a_live_cluster_ends_at_the_first_read_after_the_first():
+    seen, _took = look(store := CountingStore(("n1", "n2"), {}))
+    assert seen.advanced == {"n1", "n2"} and seen.silent == {} and store.reads == 2
+
+
+def test_a_look_waits_out_dead_after_for_a_counter_that_just_stopped_but_not_for_one_long_silent():
+    seen, took = look(CountingStore(("n1",), {"n2": 60.0}), dead_after=10.0)
+    assert seen.advanced == {"n1"} and seen.silent["n2"] >= 60.0
+    assert took < 10.0  # its wall time says long silent: LOOK_HEARTBEATS heartbeats suffice
+    seen, took = look(CountingStore(("n1",), {"n2": 0.0}))
+    assert seen.advanced == {"n1"} and seen.silent["n2"] >= 0.3 and took >= 0.3

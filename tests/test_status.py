@@ -241,7 +241,7 @@ def look(store: CountingStore, dead_after: float = 0.3) -> tuple[Look, float]:
     from reconciler.cluster import survey
 
     t0 = time.monotonic()
-    seen = asyncio.run(survey.look(store, heartbeat=0.02, dead_after=dead_after))  # type: ignore[arg-type]
+    seen = asyncio.run(survey.look(store, heartbeat=0.02, dead_after=dead_after))
     return seen, time.monotonic() - t0
 
 

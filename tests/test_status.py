@@ -256,3 +256,22 @@ def test_a_look_waits_out_dead_after_for_a_counter_that_just_stopped_but_not_for
     assert took < 10.0  # its wall time says long silent: LOOK_HEARTBEATS heartbeats suffice
     seen, took = look(CountingStore(("n1",), {"n2": 0.0}))
     assert seen.advanced == {"n1"} and seen.silent["n2"] >= 0.3 and took >= 0.3
+
+
+def test_a_failure_is_published_with_its_wall_time_the_same_on_every_pass():
+    from reconciler.decide.plan import Plan
+    from reconciler.model import ClusterView, EntryState, Observed
+
+    s = spec()
+    obs = Observed(node="n1", entries={
+        ("picky", "fit"): EntryState(group="picky", tag="fit", state="failed", exit_code=4, since=100.0, message="test failed: exit 4"),
+        ("web", "svc"): EntryState(group="web", tag="svc", state="running", pid=5, since=90.0),
+    })
+    first = statusmod.node_status(s, obs, ClusterView(node="n1"), Plan(), 200.0, digest="d")
+    again = statusmod.node_status(s, obs, ClusterView(node="n1"), Plan(), 260.0, digest="d")
+    fit = first.groups["picky"].entries["fit"]
+    import time
+
+    assert fit.since is not None and abs(fit.since - (time.time() - (time.monotonic() - 100.0))) < 1.0  # wall time
+    assert again == first  # an idle node publishes the same record
+    assert first.groups["web"].entries["svc"].since is None  # only failures carry a time

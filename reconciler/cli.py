@@ -34,7 +34,8 @@ from reconciler import spec as specmod  # noqa: E402
 
 SPEC_HELP = "spec file or directory [default: $RECONCILER_SPEC, then /etc/reconciler/]"
 EX_USAGE = 64
-EXIT_CODES = "Exit codes: 0 success, 1 error, 2 changes pending (--dry-run), 64 usage error (docs/cli.md)."
+EXIT_CODES = ("Exit codes: 0 success, 1 error, 2 changes pending (--dry-run), 3 not as desired (status --check),"
+              " 64 usage error (docs/cli.md).")
 
 
 def epilog(*examples: str) -> str:
@@ -300,16 +301,37 @@ def tell(ctx, group, runlevel, spec_path) -> None:
     click.echo(f"{group}: runlevel {runlevel} (written to {path})")
 
 
-@main.command(epilog=epilog("reconcile status", "reconcile status --json | jq '.groups'"))
+STATUS_NOT_AS_DESIRED = 3  # `status --check`: something is not as desired
+
+
+@main.command(epilog=epilog("reconcile status", "reconcile status --check --json > status.json || alert \"cluster: $?\""))
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
-@click.option("--node", default=None, help="whose view of heartbeat ages to show", shell_complete=complete_node)
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--node", default=None, hidden=True, help="ignored: liveness is judged from the store (kept for scripts)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (the same facts)")
+@click.option("--check", is_flag=True, help=f"exit {STATUS_NOT_AS_DESIRED} if anything is not as desired (for scripts and monitoring)")
 @click.pass_context
-def status(ctx, spec_path, node, as_json) -> None:
-    """Show every node and every group: owner, runlevels, entries, pending takeovers."""
+def status(ctx, spec_path, node, as_json, check) -> None:
+    """Show every node and every group: liveness, owner, runlevels, state, entries, failed
+    tests, and a summary line.
+
+    A node is live if its heartbeat counter moves while status looks (a heartbeat or so; up
+    to dead_after while one stands still), as the agents judge it: any machine that reaches
+    the store can run this, member or not. A group is running, starting, stopping,
+    degraded (an entry crash-loops or is in error), failed (its tests failed on its owner or
+    on every live node that may run it), stopped, unowned (desired to run, but no live node
+    holds it) or unknown.
+
+    With --check it exits 3 when a node is not live or a group is not in its desired state
+    (degraded, failed, unowned, starting, stopping ...), naming each on stderr.
+    """
+    import time
+
+    import attrs
+
+    from reconciler.agent import overview
     from reconciler.agent import status as statusmod
+    from reconciler.cluster import survey
     from reconciler.store import StoreError
-    from reconciler.store.factory import open_store
 
     from reconciler.spec import loader
 
@@ -324,35 +346,21 @@ def status(ctx, spec_path, node, as_json) -> None:
             spec = loader.peek(path)
         except specmod.SpecError:
             fail(spec_error)
-    c = spec.cluster
-
-    async def read():
-        from reconciler.store import Snapshot, directory
-
-        if spec.store_url.startswith("dir:") and directory.never_set_up(spec.store_url[4:]):
-            return Snapshot()  # no agent has started yet (the first one sets the store up)
-        store = open_store(spec.store_url) if spec.store_url.startswith("dir:") else open_store(
-            spec.store_url, prefix=c.etcd_prefix, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
-            password=c.etcd_password, lease=c.timing.lease,
-        )
-        try:
-            return await store.read()
-        finally:
-            await store.close()
-
     try:
-        snap = asyncio.run(read())
+        look = asyncio.run(survey.look_at(spec))
     except StoreError as exc:
         # After a bad edit the store's address may be a guess: the spec error comes first.
         fail(f"{spec_error} (and the store: {exc})" if spec_error is not None else str(exc))
-    doc = statusmod.cluster_status(
-        spec, snap, node=node or ctx.obj["node"], dead_after=c.timing.dead_after, published_groups=spec_error is not None
-    )
+    doc = statusmod.cluster_status(spec, look, now=time.time(), published_groups=spec_error is not None)
     if spec_error is not None:
-        doc["spec_error"] = spec_error
-    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else statusmod.render(doc))
+        doc = attrs.evolve(doc, spec_error=spec_error)
+    click.echo(json.dumps(overview.to_json(doc), indent=2, sort_keys=True) if as_json else overview.render(doc, now=time.time()))
     if spec_error is not None:
         fail(f"{spec_error} (shown: what the nodes publish; they keep their last good spec)")
+    if check and doc.problems:
+        for p in doc.problems:
+            click.echo(f"reconcile: {p}", err=True)
+        sys.exit(STATUS_NOT_AS_DESIRED)
 
 
 @main.command(epilog=epilog("reconcile logs web/httpd -n 50", "reconcile logs web/httpd -f"))

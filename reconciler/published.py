@@ -45,6 +45,9 @@ class EntryStatus:
     exit_code: int | None = None
     message: str = ""
     retry_in: float | None = None  # seconds until the next attempt (backoff), if one is due
+    # The publisher's wall time it entered this state, for failures (failed, exited, error)
+    # only: fixed while the state lasts, so an idle node's record stays the same. For people.
+    since: float | None = None
 
 
 @attrs.frozen
@@ -202,7 +205,8 @@ def _register(cls: type[Any], **fields: _Hook) -> None:
     _conv.register_structure_hook(cls, make_dict_structure_fn(cls, _conv, _cattrs_forbid_extra_keys=True, **overrides))
 
 
-_register(EntryStatus, state=_state, pid=_optional(_int), exit_code=_optional(_int), message=_str, retry_in=_optional(_float))
+_register(EntryStatus, state=_state, pid=_optional(_int), exit_code=_optional(_int), message=_str, retry_in=_optional(_float),
+          since=_optional(_float))
 _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional(_int), mine=_bool, actual=_str,
           eligible=_optional(_bool), active=_bool, note=_str, entries=_table(EntryStatus, leaf=True))
 _register(MemberStatus, alive=_optional(_bool), up=_bool)

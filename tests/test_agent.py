@@ -672,12 +672,12 @@ def test_status_json_shape(env, agents):
     wait_for(lambda: env.entry_status("g", "s").get("pid") == pid, 5, "status published")
     p = reconcile("status", "--spec", str(env.spec_dir), "--node", NODE, "--json", check=0)
     doc = json.loads(p.stdout)
-    assert set(doc) == {"nodes", "groups"}
+    assert set(doc) == {"nodes", "groups", "summary", "problems", "spec_error"}
     n = doc["nodes"][NODE]
     assert n["live"] is True and isinstance(n["heartbeat_age"], float) and n["spec_differs"] is False and n["spec_error"] == ""
     g = doc["groups"]["g"]
-    assert set(g) == {"desired", "owner", "generation", "actual", "entries", "notes"}
-    assert g["desired"] == "run" and g["owner"] == NODE and g["generation"] >= 1 and g["actual"] == "run"
+    assert set(g) == {"desired", "owner", "generation", "actual", "state", "entries", "failures", "notes"}
+    assert g["desired"] == "run" and g["owner"] == NODE and g["generation"] >= 1 and g["actual"] == "run" and g["state"] == "running"
     assert g["entries"]["s"] == {"state": "running", "pid": pid}
     assert g["entries"]["t"]["state"] in ("running", "done")
     p = reconcile("status", "--spec", str(env.spec_dir), "--node", NODE, check=0)

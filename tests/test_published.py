@@ -9,7 +9,9 @@ import logging
 import pytest
 
 from reconciler import published
+from reconciler.agent import overview
 from reconciler.agent import status as statusmod
+from reconciler.cluster.survey import Look
 from reconciler.decide.plan import Plan
 from reconciler.model import Claim, ClusterView, EntryState, Member, Observed
 from reconciler.published import EMPTY, EntryStatus, GroupStatus, MemberStatus, NodeStatus, StatusError
@@ -166,15 +168,17 @@ def test_cluster_status_reads_the_records():
     snap = Snapshot(members={"n1": Heartbeat(node="n1", counter=1, digest=spec.digest(), status=mine),
                              "n2": Heartbeat(node="n2", counter=1, digest="old", status=peer)},
                     claims={"web": Claim(group="web", node="n1", generation=4)})
-    doc = statusmod.cluster_status(spec, snap, node="n2", dead_after=1.0)
-    assert doc["nodes"]["n1"]["live"] is False  # what n2 concluded
-    assert doc["nodes"]["n2"]["twin"] == "another agent" and doc["nodes"]["n2"]["spec_differs"] is True
-    assert doc["nodes"]["n1"]["state_errors"] == [] and doc["nodes"]["n1"]["store_skipped"] == ["claims/-x"]
-    assert doc["groups"]["web"]["entries"] == WIRE["groups"]["web"]["entries"]
-    assert doc["groups"]["web"]["actual"] == "run" and doc["groups"]["web"]["owner"] == "n1"
-    assert doc["groups"]["db"]["actual"] == "stop"
-    assert doc["groups"]["db"]["notes"] == {"n1": "not allowed here (nodes = n2)", "n2": "not allowed"}
-    assert "web" in statusmod.render(doc)
+    # n1's counter moved while status looked: live, whatever n2 publishes about it; n2's stood still
+    doc = statusmod.cluster_status(spec, Look(snapshot=snap, ended=NOW, advanced=frozenset({"n1"}), silent={"n2": 9.0}), now=0.0)
+    assert doc.nodes["n1"].live is True and doc.nodes["n2"].live is False
+    assert doc.nodes["n2"].twin == "another agent" and doc.nodes["n2"].spec_differs is True
+    assert doc.nodes["n1"].state_errors == () and doc.nodes["n1"].store_skipped == ("claims/-x",)
+    assert overview.to_json(doc)["groups"]["web"]["entries"] == WIRE["groups"]["web"]["entries"]
+    assert doc.groups["web"].actual == "run" and doc.groups["web"].owner == "n1"
+    assert doc.groups["web"].state == "degraded"  # r waits out its backoff
+    assert doc.groups["db"].actual == "stop"
+    assert doc.groups["db"].notes == {"n1": "not allowed here (nodes = n2)"}  # n2's, not live, is stale
+    assert "web" in overview.render(doc, now=0.0)
 
 
 def test_a_memoised_entry_never_stands_for_a_value_of_another_type():

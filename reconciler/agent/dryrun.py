@@ -1,8 +1,8 @@
 """`reconcile --dry-run`: what this node's agent would do now, executing nothing.
 
 It observes exactly what the agent observes (the recorded processes, checked against the
-kernel; mounts; addresses), reads the store twice a heartbeat apart to see which peers are
-alive, and calls the same pure `plan`. Whose a mount or address is comes from the same rule
+kernel; mounts; addresses), looks at the store as `reconcile status` does to see which
+peers are alive (cluster/survey.py), and calls the same pure `plan`. Whose a mount or address is comes from the same rule
 as the agent's (decide/ownership.py), given what the running agent's resource book lists
 (resources.json; nothing when no agent ran). `--node-down NODE` shows what would happen if
 those nodes died: the decentralised counterpart of Pacemaker's crm_simulate.
@@ -22,10 +22,9 @@ from reconciler.act import book as bookmod
 from reconciler.act import process, resources
 from reconciler.decide import ownership
 from reconciler.observe import EntryState, Observed
-from reconciler.store import Claim, ClusterView, Member, Snapshot, directory
-from reconciler.store.factory import open_store
+from reconciler.store import Claim, ClusterView, Member
 from reconciler.cluster import hpc as hpcmod
-from reconciler.cluster import liveness
+from reconciler.cluster import liveness, survey
 
 
 def observe(spec: specmod.Spec, node: str) -> Observed:
@@ -48,38 +47,19 @@ def observe(spec: specmod.Spec, node: str) -> Observed:
 
 async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> ClusterView:
     t = spec.cluster.timing
-    store = open_store(spec.store_url) if spec.store_url.startswith("dir:") else open_store(
-        spec.store_url, prefix=spec.cluster.etcd_prefix, ca=spec.cluster.etcd_ca, cert=spec.cluster.etcd_cert,
-        key=spec.cluster.etcd_key, user=spec.cluster.etcd_user, password=spec.cluster.etcd_password, lease=t.lease,
-    )
-    try:
-        live = liveness.Liveness(node)
-        # Before any agent ever started (which sets the store up): an empty cluster.
-        fresh = spec.store_url.startswith("dir:") and directory.never_set_up(spec.store_url[4:])
-        first = Snapshot() if fresh else await store.read()
-        start = time.monotonic()
-        live.update(first, start, groups=list(spec.groups), lease_until=0)
-        await asyncio.sleep(t.heartbeat * 2.5)
-        snap = Snapshot() if fresh else await store.read()
-    finally:
-        await store.close()
-    now = time.monotonic()
+    look = await survey.look_at(spec)
+    now = look.ended
     hpc = None
     if spec.cluster.membership.startswith("hpc:"):
         hpc = hpcmod.read(spec.path(spec.cluster.membership[4:]))
-    view = live.update(snap, now, groups=list(spec.groups), lease_until=now + t.lease, hpc=hpc)
+    view = liveness.Liveness(node).update(look.snapshot, now, groups=list(spec.groups), lease_until=now + t.lease, hpc=hpc)
     members = dict(view.members)
-    for n, m in members.items():
-        if m.last_change < now and m.heartbeat is not None:
-            # Silent during this look: how long it has really been silent can only be
-            # estimated, from the wall time it last published (informational, dry run only).
-            wall = m.heartbeat.wall
-            age = max(now - start, time.time() - wall) if isinstance(wall, (int, float)) else now - start
-            members[n] = attrs.evolve(m, last_change=now - age)
-    mine = members.get(node)
-    if mine is not None and mine.last_change >= now:
+    for n, silent in look.silent.items():
+        if n in members:
+            # Silent throughout the look: for at least that long (survey.py).
+            members[n] = attrs.evolve(members[n], last_change=now - silent)
+    if node in look.advanced:
         view = attrs.evolve(view, lease_until=float("inf"))  # an agent runs here and renews
-    members = dict(view.members)
     for n in down:
         # "Just died": silent for exactly dead_after. (Longer would also let the fallback
         # candidates act, which only happens when the best one does not.)

@@ -1,11 +1,12 @@
-"""Status documents: what a node publishes about itself, and how `reconcile status` shows
-the whole cluster from the store."""
+"""Status documents: what a node publishes about itself, and the overview `reconcile status`
+shows of the whole cluster (agent/overview.py) from what the nodes publish."""
 
 from __future__ import annotations
 
 import time
 
-from reconciler import published
+from reconciler.agent import overview
+from reconciler.cluster.survey import Look
 from reconciler import spec as specmod
 from reconciler.decide import placement
 from reconciler.published import EntryStatus, GroupStatus, MemberStatus, NodeStatus
@@ -14,7 +15,12 @@ from reconciler.decide.plan import Plan
 from reconciler.store import ClusterView
 
 
-# (state, pid, exit_code, message, retry_in) -> its EntryStatus. This runs for every entry on
+# Monotonic -> wall time, fixed once: a failure's time is published as the same number for as
+# long as it lasts (a fresh offset on every pass would jitter it, and rewrite the record).
+_WALL_OFFSET = time.time() - time.monotonic()
+FAILURES = frozenset({"failed", "exited", "error"})  # states whose time is published
+
+# (state, pid, exit_code, message, retry_in, since) -> its EntryStatus. This runs for every entry on
 # every pass and most entries look the same as at the last one: the very same record comes
 # back, cheaper to find than to build and to compare (== stops at identity). Bounded.
 _ENTRIES: dict[tuple, EntryStatus] = {}
@@ -53,6 +59,7 @@ def node_status(
             entries[e.tag] = _entry_status(
                 st.state, st.pid or None, st.exit_code, st.message,
                 round(st.retry_at - now, 3) if st.retry_at is not None and st.retry_at > now else None,
+                round(st.since + _WALL_OFFSET, 3) if st.state in FAILURES and st.since else None,
             )
         # A failed test halts its group here: nothing after it starts (plan._advance).
         failed = any(
@@ -92,87 +99,74 @@ def node_status(
     )
 
 
-def cluster_status(spec: specmod.Spec, snap, *, node: str, dead_after: float, published_groups: bool = False) -> dict:
-    """Merge every node's published status into one document (for `reconcile status`).
+def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_groups: bool = False) -> overview.Overview:
+    """Every node's published status, with which nodes are alive (`look`, cluster/survey.py),
+    as one overview for `reconcile status`. `now`: this machine's wall time.
 
     `published_groups`: the spec on disk does not load (a bad edit; `spec` holds only its
     [cluster] table): list the groups the nodes publish, with the desired runlevel they run.
     """
-    now_wall = time.time()
+    snap = look.snapshot
     nodes = {}
-    reporter = snap.members.get(node) or next(iter(snap.members.values()), None)
-    seen = reporter.status.members if reporter else {}
     for name, hb in sorted(snap.members.items()):
-        # The age is the publisher's wall clock against ours (for people: clocks may differ);
-        # "live" is what a running agent concluded from the heartbeat counter, if one reports.
-        age = max(0.0, now_wall - hb.wall) if hb.wall is not None else None
-        member = seen.get(name)
-        nodes[name] = {
-            "live": member.alive if member is not None and member.alive is not None else age is not None and age < dead_after,
-            "heartbeat_age": round(age, 3) if age is not None else None,
-            "digest": hb.digest,
-            "spec_differs": not published_groups and hb.digest != spec.digest(),
-            "spec_error": hb.status.spec_error,
-            "twin": hb.status.twin,
-            "state_errors": list(hb.status.state_errors),
-            "store_skipped": list(hb.status.store_skipped),
-        }
-    groups = {}
+        # Alive: its heartbeat counter moved while we looked, as the agents judge it. The age
+        # is the publisher's wall clock against ours: for people (clocks may differ).
+        age = max(0.0, now - hb.wall) if hb.wall is not None else None
+        nodes[name] = overview.NodeRow(
+            live=name in look.advanced,
+            heartbeat_age=round(age, 3) if age is not None else None,
+            digest=hb.digest,
+            spec_differs=not published_groups and hb.digest != spec.digest(),
+            spec_error=hb.status.spec_error,
+            twin=hb.status.twin,
+            state_errors=hb.status.state_errors,
+            store_skipped=hb.status.store_skipped,
+        )
+    live = [n for n, row in nodes.items() if row.live]
     names = list(spec.groups)
     if published_groups:
         for _n, hb in sorted(snap.members.items()):
             names.extend(g for g in hb.status.groups if g not in names)
+    groups = {}
     for name in names:
         g = spec.groups.get(name)
         claim = snap.claims.get(name)
-        owner_doc = None
-        if claim is not None and claim.node in snap.members:
-            owner_doc = snap.members[claim.node].status.groups.get(name)
-        reports = {n: hb.status.groups.get(name) for n, hb in snap.members.items()}
-        notes = {n: r.note for n, r in reports.items() if r is not None and r.note}
+        reports = {n: hb.status.groups.get(name) for n, hb in sorted(snap.members.items())}
+        owner_doc = reports.get(claim.node) if claim is not None else None
         if g is not None:
             desired = g.runlevel
         else:
             desired = owner_doc.desired if owner_doc is not None and owner_doc.desired else next(
                 (r.desired for r in reports.values() if r is not None and r.desired), "unknown")
-        groups[name] = {
-            "desired": desired,
-            "owner": claim.node if claim else None,
-            "generation": claim.generation if claim else None,
-            "actual": owner_doc.actual if owner_doc is not None else specmod.STOP if claim is None else "unknown",
-            "entries": {tag: published.entry_doc(e) for tag, e in owner_doc.entries.items()} if owner_doc is not None else {},
-            "notes": notes,
-        }
-    return {"nodes": nodes, "groups": groups}
-
-
-def render(doc: dict) -> str:
-    lines = ["NODE                 LIVE  HEARTBEAT  SPEC"]
-    for name, n in doc["nodes"].items():
-        age = "-" if n["heartbeat_age"] is None else f"{n['heartbeat_age']:.2f}s ago"
-        spec = n["digest"] + (" (differs)" if n["spec_differs"] else "") + (f" error: {n['spec_error']}" if n["spec_error"] else "")
-        lines.append(f"{name:<20} {'yes' if n['live'] else 'NO':<5} {age:<10} {spec}")
-        if n.get("twin"):
-            lines.append(f"  twin: {n['twin']}")
-        for error in n.get("state_errors", []):
-            lines.append(f"  local state: {error}")
-        if n.get("store_skipped"):
-            lines.append(f"  store entries skipped: {', '.join(n['store_skipped'][:10])}")
-    lines.append("")
-    lines.append("GROUP                DESIRED    ACTUAL     OWNER                GEN")
-    for name, g in doc["groups"].items():
-        gen = "-" if g["generation"] is None else str(g["generation"])
-        lines.append(f"{name:<20} {g['desired']:<10} {g['actual']:<10} {g['owner'] or '-':<20} {gen}")
-        for tag, e in g["entries"].items():
-            extra = " ".join(
-                str(x) for x in (
-                    f"pid {e['pid']}" if "pid" in e else "",
-                    f"exit {e['exit_code']}" if "exit_code" in e and e["state"] != "running" else "",
-                    f"retry in {e['retry_in']}s" if "retry_in" in e else "",
-                    e.get("message", "") if e.get("message", "") != f"exit {e.get('exit_code')}" else "",
-                ) if x
-            )
-            lines.append(f"  {tag:<18} {e['state']:<10} {extra}")
-        for node, note in g["notes"].items():
-            lines.append(f"  [{node}] {note}")
-    return "\n".join(lines)
+        failures = tuple(
+            overview.Failure(node=n, tag=tag, exit_code=e.exit_code, since=e.since)
+            for n in live if (r := reports.get(n)) is not None
+            for tag, e in r.entries.items() if e.state == "failed"
+        )
+        # Its tests failed on every live node that may run it (the others publish "not
+        # eligible" too: not allowed there).
+        may_run = [n for n in live if g is None or placement.allowed(g, n)]
+        failed_everywhere = bool(failures) and bool(may_run) and all(
+            (r := reports.get(n)) is not None and r.eligible is False for n in may_run)
+        owner_live = claim is not None and claim.node in live
+        if claim is not None and not owner_live:
+            # A dead owner's last word is stale: its keeper has stopped what it ran (dead_after
+            # outlasts its lease), so nothing of the group runs.
+            owner_doc = None
+        entries = owner_doc.entries if owner_doc is not None else {}
+        groups[name] = overview.GroupRow(
+            desired=desired,
+            owner=claim.node if claim else None,
+            generation=claim.generation if claim else None,
+            actual=owner_doc.actual if owner_doc is not None else specmod.STOP if claim is None or not owner_live else "unknown",
+            state=overview.group_state(
+                desired=desired, owner=claim.node if claim else None, owner_live=owner_live,
+                actual=owner_doc.actual if owner_doc is not None else None, entries=entries.values(),
+                failed_everywhere=failed_everywhere,
+            ),
+            entries=dict(entries),
+            failures=failures,
+            notes={n: r.note for n, r in reports.items() if r is not None and r.note and n in live},
+        )
+    return overview.Overview(nodes=nodes, groups=groups, summary=overview.summary(nodes, groups),
+                             problems=overview.problems(nodes, groups))

@@ -8,6 +8,7 @@ renewal -> ClusterView.
     instance.py   node identity: this agent's instance id, what it saw of its own record
     watch.py      the current ClusterView, and whether a read should wake the loop
     renewal.py    the renewer thread: publish, extend the lease, read into the watch
+    survey.py     a look from outside an agent (status, dry run): which members are alive
 
 The decisions they need (stale claims, an overdue read, a stalled loop, quorum) are pure
 functions in reconciler/decide/view.py.

@@ -110,3 +110,28 @@ def fingerprint(view: ClusterView, now: float, *, dead_after: float) -> object:
     alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
     eligible = {n: m.heartbeat.status.eligible_groups for n, m in view.members.items() if m.heartbeat is not None}
     return (alive, eligible, view.claims, view.store_ok, view.quorum, view.twin, view.may_claim, view.may_run)
+
+
+# --- a look from outside the agent (`reconcile status`, `reconcile --dry-run`) ---------------
+# A command has no history of the heartbeats: it reads the store again and again, a fraction
+# of a heartbeat apart, and times the counters on its own clock as the agents do.
+
+LOOK_HEARTBEATS = 2.5  # the least a look lasts while a member stands still
+
+
+def silence(looked: float, wall_age: float | None) -> float:
+    """How long a member whose counter stood still through a look of `looked` seconds has
+    been silent, at the least: the look, or longer by the wall time it last published
+    (`wall_age`, another machine's clock against ours: an estimate, never a verdict alone)."""
+    return looked if wall_age is None else max(looked, wall_age)
+
+
+def look_done(looked: float, silences: Iterable[float], *, heartbeat: float, dead_after: float) -> bool:
+    """May a look end? At once when every member's counter moved (`silences`: those of the
+    members that stood still); otherwise after LOOK_HEARTBEATS heartbeats, once every member
+    that stood still throughout has been silent for dead_after (dead, as the agents judge),
+    which a look of dead_after always ends."""
+    still = list(silences)
+    if not still:
+        return True
+    return looked >= LOOK_HEARTBEATS * heartbeat and all(s >= dead_after for s in still)

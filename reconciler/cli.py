@@ -1,8 +1,12 @@
 """The `reconcile` command line (click).
 
 Exit codes (docs/cli.md has the table and why): 0 success (dry run: converged), 1 error (one
-line on stderr naming the file and field), 2 dry run with changes pending, 64 usage error
-(sysexits' EX_USAGE: click's own 2 would read as "changes pending").
+line on stderr naming the file and field), 2 dry run with changes pending, 3 `status --check`
+found something not as desired, 64 usage error (sysexits' EX_USAGE: click's own 2 would read
+as "changes pending").
+
+(Over the house's ~400 lines: one function per command, each only argv -> calls; what a
+command computes lives in the package (spec/summary.py, agent/overview.py, agent/dryrun.py).)
 """
 
 from __future__ import annotations

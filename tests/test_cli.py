@@ -155,7 +155,6 @@ def test_completion_of_groups_nodes_and_entries(spec, monkeypatch):
     assert completions(["--spec", str(spec), "tell"], "") == ["web", "db"]
     assert completions(["--spec", str(spec), "tell"], "w") == ["web"]
     assert completions(["--spec", str(spec), "--dry-run", "--node-down"], "n") == ["n1", "n2", "n3"]
-    assert completions(["status", "--spec", str(spec), "--node"], "") == ["n1", "n2", "n3"]
     assert completions(["--spec", str(spec), "logs"], "") == ["web/server", "db/pg"]
     monkeypatch.setenv("RECONCILER_SPEC", str(spec))  # no --spec typed: the default's
     assert completions(["tell"], "d") == ["db"]

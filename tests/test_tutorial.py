@@ -397,3 +397,28 @@ def _follow(blocks: dict[str, Block], machines: dict[str, Machine]) -> None:
     assert "node1" in out, out
     assert claims(node3)["db"][0] == "node2", "failback = false: db stays on node2"
     assert node2.has_address("192.0.2.20") and not node1.has_address("192.0.2.20")
+
+
+# --- links between the documents ------------------------------------------------------------
+
+_LINK = re.compile(r"\]\(([\w.-]+\.md)(?:#([\w-]+))?\)")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+@pytest.mark.parametrize("doc", ["tutorial.md", "concepts.md", "faq.md"])
+def test_links_between_documents_resolve(doc):
+    docs = ROOT / "docs"
+    links = _LINK.findall((docs / doc).read_text())
+    for target, anchor in links:
+        assert (docs / target).exists(), f"docs/{doc}: link to missing {target}"
+        if anchor:
+            assert anchor in _anchors(docs / target), f"docs/{doc}: no heading #{anchor} in {target}"

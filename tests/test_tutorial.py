@@ -22,6 +22,7 @@ each group (read from etcd) and where the addresses are.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -49,7 +50,7 @@ _RUN = re.compile(r"^(?P<name>[\w-]+) on (?P<nodes>[\w,]+)(?P<bg> background)?$"
 
 
 class Block:
-    def __init__(self, name: str, nodes: list[str], background: bool, code: str):
+    def __init__(self, name: str, *, nodes: list[str], background: bool, code: str):
         self.name, self.nodes, self.background, self.code = name, nodes, background, code
 
 
@@ -63,7 +64,7 @@ def tutorial_blocks(text: str) -> list[Block]:
         assert m, f"docs/tutorial.md: bad marker 'run: {what}' (NAME on NODE[,NODE] [background])"
         nodes = m["nodes"].split(",")
         assert set(nodes) <= set(ADDRESSES), f"docs/tutorial.md: {what}: unknown node"
-        out.append(Block(m["name"], nodes, bool(m["bg"]), code))
+        out.append(Block(m["name"], nodes=nodes, background=bool(m["bg"]), code=code))
     return out
 
 
@@ -135,7 +136,7 @@ while True:
 
 
 class Machine:
-    def __init__(self, root: Path, name: str, netns: str, cgroup: str | None, *, shared: dict[str, Path]):
+    def __init__(self, root: Path, name: str, *, netns: str, cgroup: str | None, shared: dict[str, Path]):
         self.name, self.netns = name, netns
         self.dir = root / name
         self.cgroup = None
@@ -185,7 +186,7 @@ class Machine:
         return subprocess.run(self._argv(code), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                               env=self._env(), **self._cgroup_kw())
 
-    def run_until(self, code: str, cond, timeout: float = 30, what: str = "") -> subprocess.CompletedProcess:
+    def run_until(self, code: str, cond, *, timeout: float = 30, what: str = "") -> subprocess.CompletedProcess:
         """Run `code` again until cond(result) holds (a reader repeating a command until it
         shows what the tutorial says)."""
         last: list[subprocess.CompletedProcess] = []
@@ -245,8 +246,6 @@ def store(machine: Machine) -> dict:
     out = subprocess.run(["ip", "netns", "exec", machine.netns, sys.executable, "-c", code, str(Path(__file__).parent),
                           str(machine.dir / "etc-reconciler")], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    import json
-
     return json.loads(out.stdout)
 
 
@@ -289,7 +288,7 @@ def test_tutorial_runs(tmp_path):
     machines: dict[str, Machine] = {}
     try:
         for name, ip in ADDRESSES.items():
-            machines[name] = Machine(tmp_path, name, topo.add(name, ip), cgroup, shared={"/dev/disk": tmp_path / "dev-disk"})
+            machines[name] = Machine(tmp_path, name, netns=topo.add(name, ip), cgroup=cgroup, shared={"/dev/disk": tmp_path / "dev-disk"})
         _follow(blocks, machines)
     except BaseException:
         print("\n".join(m.logs() for m in machines.values()))

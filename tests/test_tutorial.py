@@ -266,7 +266,7 @@ STEPS = ("hello-spec", "hello-dry-run", "hello-agent", "hello-status", "hello-te
 
 
 @pytest.mark.integration
-@pytest.mark.needs("root", "unshare", "nsenter", "ip", "etcd", "loop", "mount")
+@pytest.mark.needs("root", "unshare", "nsenter", "ip", "etcd", "loop", "mount", "curl")
 def test_tutorial_runs(tmp_path):
     from cluster import cgroup_base, remove_cgroup_tree
     from netns import Topology

@@ -262,7 +262,7 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", re.M)
 STEPS = ("hello-spec", "hello-dry-run", "hello-agent", "hello-status", "hello-tell", "hello-tell-back", "hello-remove",
          "etcd-node1", "etcd-node2", "etcd-node3", "etcd-health", "webdb-spec", "webdb-site", "webdb-fence",
          "webdb-check", "agent-node1", "agent-node2", "agent-node3", "webdb-status", "webdb-rehearse",
-         "drill-kill", "drill-watch", "drill-return", "drill-after")
+         "web-maint", "web-maint-check", "web-run", "drill-kill", "drill-watch", "drill-return", "drill-after")
 
 
 @pytest.mark.integration
@@ -373,6 +373,15 @@ def _follow(blocks: dict[str, Block], machines: dict[str, Machine]) -> None:
     m, code = step("webdb-rehearse")
     out = _ok(m.run(code)).stdout
     assert "takeover db" in out and "exit status 2" in out, out
+
+    for m, code in _on(blocks, "web-maint", machines):
+        assert _ok(m.run(code)).stdout == "web: runlevel maint (written to /etc/reconciler/web.toml)\n"
+    m, code = step("web-maint-check")
+    m.run_until(code, lambda r: r.stdout == "down for maintenance\n", what="the maintenance page")
+    for m, code in _on(blocks, "web-run", machines):
+        _ok(m.run(code))
+    node3.run_until("curl -s http://192.0.2.10:8080/", lambda r: r.stdout == "hello from webdb\n", what="the site back")
+    assert claims(node3)["web"] == held["web"], "web stayed on node2, same claim"
 
     # --- part 4: the drill
     m, code = step("drill-kill")

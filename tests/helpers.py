@@ -51,6 +51,7 @@ REQUIREMENTS: dict[str, tuple[Callable[[], bool], str]] = {
     "nsenter": (_which("nsenter"), "apt-get install util-linux"),
     "ip": (_which("ip"), "apt-get install iproute2"),
     "mount": (lambda: shutil.which("mount") is not None and shutil.which("umount") is not None, "apt-get install mount"),
+    "curl": (_which("curl"), "apt-get install curl"),
     "etcd": (lambda: shutil.which("etcd") is not None and importlib.util.find_spec("aetcd") is not None,
              "apt-get install etcd-server and pip install -e '.[etcd]'"),
     "keepalived": (_which("keepalived"), "apt-get install keepalived"),

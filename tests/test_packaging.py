@@ -37,6 +37,7 @@ def test_sdist_carries_docs_contrib_specs_and_license(tmp_path):
         members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
     for wanted in ("LICENSE", "CHANGELOG.md", "README.md", "docs/design.md", "docs/operations.md",
                    "contrib/systemd/reconciler.service", "contrib/prometheus/alerts.yml", "specs/example.toml",
+                   "specs/examples/webdb/db.toml", "specs/examples/openmosix/cltab", "docs/tutorial.md",
                    "reconciler/keeper.py"):
         assert wanted in members, f"{wanted} missing from {name}"
     assert not any("__pycache__" in m or m.endswith(".pyc") for m in members)

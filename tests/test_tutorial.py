@@ -18,6 +18,9 @@ hardware: the shared disk (a loop device labelled webdb-data that every namespac
 What the tutorial shows as output is an illustration (digests, times and pids differ); the
 test checks the facts its prose states: exit statuses, what the services answer, who owns
 each group (read from etcd) and where the addresses are.
+
+(Over ~400 lines: the machines' set-up and the walk through the tutorial's steps belong
+together; the step list must match the page, which one unit test checks.)
 """
 
 from __future__ import annotations

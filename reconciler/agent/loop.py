@@ -20,9 +20,10 @@ from pathlib import Path
 
 import attrs
 
-from reconciler import published
+from reconciler import __version__, published
 from reconciler import spec as specmod
 from reconciler.host import cgroups
+from reconciler.host.notify import StatusLine
 from reconciler.cluster import instance as instancemod
 from reconciler.cluster.instance import AlreadyRunning, identity_lock  # noqa: F401 (agent.AlreadyRunning: the CLI's)
 from reconciler.cluster import lease as leasemod
@@ -30,6 +31,7 @@ from reconciler.cluster import watch as watchmod
 from reconciler.spec import loader
 from reconciler.observe.observer import Observer
 from reconciler.decide import plan as planmod
+from reconciler.decide import transitions
 from reconciler.cluster import renewal
 from reconciler.spec import watch as specwatch
 from reconciler.agent import status as statusmod
@@ -43,6 +45,7 @@ from reconciler.store.factory import open_store
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
+LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
 
 
 class Agent:
@@ -82,6 +85,8 @@ class Agent:
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
         self._planned_lease = float("-inf")  # the lease_until the last plan was made with
         self._last_pass = 0.0  # seconds the last reconcile pass took
+        self._seen = transitions.Seen()  # what the last planning view said (the log tells what changed)
+        self._status_line: StatusLine | None = None  # systemd's STATUS=, once ready
         self.metrics.spec_loaded(self.spec, ok=True)
 
     # --- setup --------------------------------------------------------------------------
@@ -139,6 +144,8 @@ class Agent:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        log.info("reconciler %s starting: node %s, store %s, spec %s (digest %s)", __version__, self.node,
+                 self.spec.shown_store_url, self.spec_path, self._digest(self.spec))
         # The lock first: a second agent under this name must touch nothing (state, cgroups).
         self.node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = identity_lock(self.node, self.node_dir / "agent.lock")  # one agent per node name here
@@ -184,7 +191,12 @@ class Agent:
                                              name="store-watch"))
         if not self.once:
             self._start_spec_watch()
-        self.upkeep.ready()
+        ready = transitions.summary(self.watch.planning_view(), time.monotonic(), self._timing().dead_after)
+        self.upkeep.ready(ready)
+        if self.notify:
+            self._status_line = StatusLine(send=self.notify.status)
+            self._status_line.sent(ready)
+        log.info("ready: %s", ready)
         try:
             return await self._main()
         finally:
@@ -302,6 +314,7 @@ class Agent:
             observed = self.observer.observe(now)
             view = self.watch.planning_view()
             self._planned_lease = view.lease_until
+            self._tell(view, now)
             p = planmod.plan(spec, observed, view, now)
             self.last_plan = p
             by_group: dict[str, list[planmod.Action]] = {}
@@ -333,6 +346,17 @@ class Agent:
         except Exception:
             log.exception("reconcile failed")
             self.metrics.tick_failed(time.monotonic() - started)
+
+    def _tell(self, view: ClusterView, now: float) -> None:
+        """Log what changed since the last pass's view (decide/transitions.py), each change
+        once; offer systemd the summary line."""
+        dead_after = self.spec.cluster.timing.dead_after
+        self._seen, changes = transitions.step(self._seen, view, now=now, dead_after=dead_after)
+        for c in changes:
+            about = {"group": c.subject} if c.kind.startswith("claim") else {"node": c.subject} if c.subject else {}
+            log.log(LEVELS[transitions.SEVERITY[c.kind]], "%s", transitions.describe(c, node=self.node), extra=about)
+        if self._status_line is not None:
+            self._status_line.offer(transitions.summary(view, now, dead_after))
 
     async def _run_group(self, spec, group, actions, generation, previous: asyncio.Task | None) -> None:
         if previous is not None:

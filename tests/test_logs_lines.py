@@ -113,6 +113,8 @@ def test_every_change_has_a_line_and_a_severity():
         assert tr.describe(tr.Change(k, "x", detail="d", seconds=1.0, generation=2), node=ME)
     assert tr.describe(tr.Change(tr.CLAIM_LOST, "web", generation=4, detail="n2"), node=ME) == \
         "claim lost: web (generation 4): now n2's"
+    assert tr.severity(tr.Change(tr.CLAIM_LOST, "web", generation=4, detail="n2")) == "warning"  # taken
+    assert tr.severity(tr.Change(tr.CLAIM_LOST, "web", generation=4)) == "info"  # released
     assert tr.describe(tr.Change(tr.MEMBERSHIP_FAILED, detail=MEMBERSHIP), node=ME) == \
         f"membership cannot be read: {MEMBERSHIP}"
 

@@ -144,8 +144,6 @@ class Agent:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        log.info("reconciler %s starting: node %s, store %s, spec %s (digest %s)", __version__, self.node,
-                 self.spec.shown_store_url, self.spec_path, self._digest(self.spec))
         # The lock first: a second agent under this name must touch nothing (state, cgroups).
         self.node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = identity_lock(self.node, self.node_dir / "agent.lock")  # one agent per node name here
@@ -159,6 +157,9 @@ class Agent:
             raise
         except StoreError as exc:
             log.warning("store setup: %s (publishing waits for it)", exc)
+        # (After the checks that refuse to start: their one line says why on its own.)
+        log.info("reconciler %s starting: node %s, store %s, spec %s (digest %s)", __version__, self.node,
+                 self.spec.shown_store_url, self.spec_path, self._digest(self.spec))
         sup = self.supervisor
         log.info("processes tracked by %s", f"cgroups under {sup.tree.root}" if sup.tree else f"the table and environment markers: {sup.cgroup_note}")
         if sup.tree and not cgroups.favors_dynmods():
@@ -354,7 +355,7 @@ class Agent:
         self._seen, changes = transitions.step(self._seen, view, now=now, dead_after=dead_after)
         for c in changes:
             about = {"group": c.subject} if c.kind.startswith("claim") else {"node": c.subject} if c.subject else {}
-            log.log(LEVELS[transitions.SEVERITY[c.kind]], "%s", transitions.describe(c, node=self.node), extra=about)
+            log.log(LEVELS[transitions.severity(c)], "%s", transitions.describe(c, node=self.node), extra=about)
         if self._status_line is not None:
             self._status_line.offer(transitions.summary(view, now, dead_after))
 

@@ -160,6 +160,13 @@ SEVERITY = {
 }
 
 
+def severity(change: Change) -> str:
+    """A claim this node released is news, not a warning; one a peer took is."""
+    if change.kind == CLAIM_LOST and not change.detail:
+        return "info"
+    return SEVERITY[change.kind]
+
+
 def summary(view: ClusterView, now: float, dead_after: float) -> str:
     """One line for systemd's STATUS=: "owning 3 groups, 5 members live" (+ what is wrong)."""
     owned = sum(1 for c in view.claims.values() if c.node == view.node)

@@ -23,7 +23,6 @@ import attrs
 from reconciler import __version__, published
 from reconciler import spec as specmod
 from reconciler.host import cgroups
-from reconciler.host.notify import StatusLine
 from reconciler.cluster import instance as instancemod
 from reconciler.cluster.instance import AlreadyRunning, identity_lock  # noqa: F401 (agent.AlreadyRunning: the CLI's)
 from reconciler.cluster import lease as leasemod
@@ -31,7 +30,6 @@ from reconciler.cluster import watch as watchmod
 from reconciler.spec import loader
 from reconciler.observe.observer import Observer
 from reconciler.decide import plan as planmod
-from reconciler.decide import transitions
 from reconciler.cluster import renewal
 from reconciler.spec import watch as specwatch
 from reconciler.agent import status as statusmod
@@ -39,13 +37,13 @@ from reconciler.act import executor as executormod
 from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
 from reconciler.agent.metrics import Metrics
+from reconciler.agent.narrator import Narrator
 from reconciler.agent.upkeep import Upkeep
 from reconciler.store import ClusterView, Store, StoreError, StoreRefused
 from reconciler.store.factory import open_store
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
-LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
 
 
 class Agent:
@@ -85,8 +83,9 @@ class Agent:
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
         self._planned_lease = float("-inf")  # the lease_until the last plan was made with
         self._last_pass = 0.0  # seconds the last reconcile pass took
-        self._seen = transitions.Seen()  # what the last planning view said (the log tells what changed)
-        self._status_line: StatusLine | None = None  # systemd's STATUS=, once ready
+        # What changed between two planning views, in the log; the summary, to systemd.
+        self.narrator = Narrator(node, dead_after=lambda: self._timing().dead_after,
+                                 send_status=notify.status if notify else None)
         self.metrics.spec_loaded(self.spec, ok=True)
 
     # --- setup --------------------------------------------------------------------------
@@ -192,12 +191,7 @@ class Agent:
                                              name="store-watch"))
         if not self.once:
             self._start_spec_watch()
-        ready = transitions.summary(self.watch.planning_view(), time.monotonic(), self._timing().dead_after)
-        self.upkeep.ready(ready)
-        if self.notify:
-            self._status_line = StatusLine(send=self.notify.status)
-            self._status_line.sent(ready)
-        log.info("ready: %s", ready)
+        self.upkeep.ready(self.narrator.ready(self.watch.planning_view(), time.monotonic()))
         try:
             return await self._main()
         finally:
@@ -315,7 +309,7 @@ class Agent:
             observed = self.observer.observe(now)
             view = self.watch.planning_view()
             self._planned_lease = view.lease_until
-            self._tell(view, now)
+            self.narrator.tell(view, now)
             p = planmod.plan(spec, observed, view, now)
             self.last_plan = p
             by_group: dict[str, list[planmod.Action]] = {}
@@ -347,17 +341,6 @@ class Agent:
         except Exception:
             log.exception("reconcile failed")
             self.metrics.tick_failed(time.monotonic() - started)
-
-    def _tell(self, view: ClusterView, now: float) -> None:
-        """Log what changed since the last pass's view (decide/transitions.py), each change
-        once; offer systemd the summary line."""
-        dead_after = self.spec.cluster.timing.dead_after
-        self._seen, changes = transitions.step(self._seen, view, now=now, dead_after=dead_after)
-        for c in changes:
-            about = {"group": c.subject} if c.kind.startswith("claim") else {"node": c.subject} if c.subject else {}
-            log.log(LEVELS[transitions.severity(c)], "%s", transitions.describe(c, node=self.node), extra=about)
-        if self._status_line is not None:
-            self._status_line.offer(transitions.summary(view, now, dead_after))
 
     async def _run_group(self, spec, group, actions, generation, previous: asyncio.Task | None) -> None:
         if previous is not None:

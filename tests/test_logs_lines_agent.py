@@ -16,17 +16,9 @@ import pytest
 import reconciler
 from cluster import Cluster
 from helpers import wait_until
+from test_directory_store import LONG  # a lease long enough that an outage of a second or two is no lapse
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
-
-# A lease long enough that an outage of a second or two is an outage, not a lapse.
-LONG = """
-[cluster.timing]
-heartbeat = "100ms"
-lease = "3s"
-demote_margin = "500ms"
-dead_after = "4s"
-"""
 
 
 def lines(c: Cluster, node: str, pattern: str) -> list[str]:
@@ -65,7 +57,7 @@ def test_a_peer_that_dies_and_returns_is_named_with_its_silence(make_cluster):
     c.nodes["n2"].crash()
     dead = wait_until(lambda: lines(c, "n1", r"WARNING reconciler.agent: peer n2 dead \(heartbeat stopped, silent for ([\d.]+)s\)$"),
                       10, what="n2's death said")
-    assert float(dead[0]) >= 4.0, dead  # dead_after
+    assert float(dead[0]) >= 4.0, dead  # LONG's dead_after
     c.nodes["n2"].start()
     back = wait_until(lambda: lines(c, "n1", r"INFO reconciler.agent: peer n2 alive again after ([\d.]+)s of silence$"),
                       15, what="n2's return said")

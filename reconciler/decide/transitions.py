@@ -10,7 +10,7 @@ seconds, this node's clock).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 
@@ -123,33 +123,28 @@ def step(seen: Seen, view: ClusterView, *, now: float, dead_after: float) -> tup
     return new, tuple(changes)
 
 
+def _silence(c: Change) -> str:
+    return f", silent for {_duration(c.seconds)}" if c.seconds is not None else ""
+
+
+# Each change's words: (the change, the node that saw it) -> the log line.
+_LINES: dict[str, Callable[[Change, str], str]] = {
+    STORE_LOST: lambda c, node: f"store unreachable: {c.detail}",
+    STORE_BACK: lambda c, node: f"store reachable again after {_duration(c.seconds)}",
+    MEMBERSHIP_FAILED: lambda c, node: f"membership cannot be read: {c.detail}",
+    MEMBERSHIP_OK: lambda c, node: "membership readable again",
+    PEER_DEAD: lambda c, node: f"peer {c.subject} dead ({c.detail or 'heartbeat stopped'}{_silence(c)})",
+    PEER_BACK: lambda c, node: f"peer {c.subject} alive again after {_duration(c.seconds)} of silence",
+    PEER_NEW: lambda c, node: f"peer {c.subject} joined",
+    CLAIM_HELD: lambda c, node: f"claim on {c.subject} held by {node} (generation {c.generation})",
+    CLAIM_WON: lambda c, node: f"claim won: {c.subject} (generation {c.generation})",
+    CLAIM_LOST: lambda c, node: f"claim lost: {c.subject} (generation {c.generation})" + (f": now {c.detail}'s" if c.detail else ""),
+}
+
+
 def describe(change: Change, *, node: str) -> str:
     """The log line's text for `change` (seen from `node`)."""
-    k, s = change.kind, change.subject
-    if k == STORE_LOST:
-        return f"store unreachable: {change.detail}"
-    if k == STORE_BACK:
-        return f"store reachable again after {_duration(change.seconds)}"
-    if k == MEMBERSHIP_FAILED:
-        return f"membership cannot be read: {change.detail}"
-    if k == MEMBERSHIP_OK:
-        return "membership readable again"
-    if k == PEER_DEAD:
-        why = change.detail or "heartbeat stopped"
-        silent = f", silent for {_duration(change.seconds)}" if change.seconds is not None else ""
-        return f"peer {s} dead ({why}{silent})"
-    if k == PEER_BACK:
-        return f"peer {s} alive again after {_duration(change.seconds)} of silence"
-    if k == PEER_NEW:
-        return f"peer {s} joined"
-    if k == CLAIM_HELD:
-        return f"claim on {s} held by {node} (generation {change.generation})"
-    if k == CLAIM_WON:
-        return f"claim won: {s} (generation {change.generation})"
-    if k == CLAIM_LOST:
-        to = f": now {change.detail}'s" if change.detail else ""
-        return f"claim lost: {s} (generation {change.generation}){to}"
-    raise ValueError(f"unknown change {k!r}")
+    return _LINES[change.kind](change, node)
 
 
 # What each change is worth in the log: an outage and a death are warnings, recoveries info.

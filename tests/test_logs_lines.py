@@ -192,3 +192,20 @@ def test_the_respawn_backoff_steps_up_a_dozen_times_then_stays():
     assert steps == list(range(4, 4 + len(steps)))  # the free exits (delay 0) are no step
     assert backoff.RESPAWN.delay(steps[-1]) == backoff.RESPAWN.cap
     assert len(steps) == 9  # 0.25 s .. 60 s: one warning each, not one per respawn
+
+
+# --- the membership's errors name the file ----------------------------------------------------------
+
+def test_a_membership_error_names_the_missing_file(tmp_path):
+    from reconciler.cluster import hpc
+
+    (tmp_path / "admin").mkdir()
+    with pytest.raises(hpc.MembershipError) as info:
+        hpc.read(tmp_path)
+    assert str(info.value) == f"{tmp_path}/admin/mospe: No such file or directory"
+    (tmp_path / "admin" / "mospe").write_text("1\n")
+    with pytest.raises(hpc.MembershipError) as info:
+        hpc.read(tmp_path)
+    assert str(info.value) == f"{tmp_path}/nodes: No such file or directory"
+    (tmp_path / "nodes" / "1").mkdir(parents=True)
+    assert hpc.read(tmp_path).me == "1"

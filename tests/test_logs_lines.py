@@ -171,17 +171,14 @@ def test_journal_stream_must_be_stderr_itself(tmp_path):
 # --- STATUS= --------------------------------------------------------------------------------------
 
 def test_status_line_is_sent_when_it_changes_at_most_once_a_second():
-    sent, clock = [], [0.0]
-    line = notify.StatusLine(send=lambda t: sent.append(t) or True, clock=lambda: clock[0])
-    line.sent("owning 0 groups, 1 member live")  # with READY=1
-    assert not line.offer("owning 0 groups, 1 member live")
-    clock[0] = 0.5
-    assert not line.offer("owning 1 group, 1 member live")  # too soon: a later offer sends it
-    clock[0] = 1.0
-    assert line.offer("owning 1 group, 1 member live")
-    clock[0] = 5.0
-    assert not line.offer("owning 1 group, 1 member live")  # unchanged
-    assert line.offer("owning 1 group, 2 members live")
+    sent: list[str] = []
+    line = notify.StatusLine(send=lambda t: sent.append(t) or True)
+    line.sent("owning 0 groups, 1 member live", 0.0)  # with READY=1
+    assert not line.offer("owning 0 groups, 1 member live", 0.0)
+    assert not line.offer("owning 1 group, 1 member live", 0.5)  # too soon: a later offer sends it
+    assert line.offer("owning 1 group, 1 member live", 1.0)
+    assert not line.offer("owning 1 group, 1 member live", 5.0)  # unchanged
+    assert line.offer("owning 1 group, 2 members live", 5.0)
     assert sent == ["owning 1 group, 1 member live", "owning 1 group, 2 members live"]
 
 
@@ -209,3 +206,25 @@ def test_a_membership_error_names_the_missing_file(tmp_path):
     assert str(info.value) == f"{tmp_path}/nodes: No such file or directory"
     (tmp_path / "nodes" / "1").mkdir(parents=True)
     assert hpc.read(tmp_path).me == "1"
+
+
+# --- the narrator: the loop's side ------------------------------------------------------------------
+
+def test_the_narrator_logs_each_change_once_at_its_level_and_offers_the_summary(caplog):
+    from reconciler.agent.narrator import Narrator
+
+    sent: list[str] = []
+    n = Narrator(ME, dead_after=lambda: DEAD_AFTER, send_status=lambda t: sent.append(t) or True)
+    caplog.set_level(logging.DEBUG, logger="reconciler")
+    assert n.ready(view(), NOW) == "owning 0 groups, 1 member live"
+    down = view(store_ok=False, store_error="dir:/s: missing")
+    for _ in range(3):
+        n.tell(down, NOW)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("INFO", "ready: owning 0 groups, 1 member live"), ("WARNING", "store unreachable: dir:/s: missing")]
+    assert sent == []  # a change within a second of READY=1 waits for a later offer
+    n.tell(down, NOW + 1.5)
+    assert sent == ["owning 0 groups, 0 members live; store unreachable: dir:/s: missing"]  # (its lease: NOW + 1)
+    n.tell(view(claims={"web": (ME, 2)}), NOW + 2)
+    assert [(r.levelname, r.getMessage(), getattr(r, "group", None)) for r in caplog.records[2:]] == [
+        ("INFO", "store reachable again after 2.0s", None), ("INFO", "claim won: web (generation 2)", "web")]

@@ -34,7 +34,7 @@ class Narrator:
         """Start-up is done: the ready line, and the summary that goes with READY=1."""
         text = transitions.summary(view, now, self._dead_after())
         if self._status_line is not None:
-            self._status_line.sent(text)
+            self._status_line.sent(text, now)
         log.info("ready: %s", text)
         return text
 
@@ -46,4 +46,4 @@ class Narrator:
             about = {"group": c.subject} if c.kind.startswith("claim") else {"node": c.subject} if c.subject else {}
             log.log(LEVELS[transitions.severity(c)], "%s", transitions.describe(c, node=self.node), extra=about)
         if self._status_line is not None:
-            self._status_line.offer(transitions.summary(view, now, dead_after))
+            self._status_line.offer(transitions.summary(view, now, dead_after), now)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
@@ -84,23 +83,21 @@ def status(text: str) -> bool:
 class StatusLine:
     """STATUS= whenever the text changes, at most once per `every` seconds: the agent offers
     its summary after every pass (many a second while busy); a change that comes too soon
-    after the last one sent is sent by a later offer (at least one a tick)."""
+    after the last one sent is sent by a later offer (at least one a tick). `now`: monotonic
+    seconds, the caller's."""
 
-    def __init__(self, *, every: float = 1.0, send: Callable[[str], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, *, every: float = 1.0, send: Callable[[str], bool] | None = None):
         self._every = every
         self._send = send if send is not None else status
-        self._clock = clock
         self.text = ""  # the last text sent
         self._sent_at = float("-inf")
 
-    def sent(self, text: str) -> None:
+    def sent(self, text: str, now: float) -> None:
         """`text` went out another way (with READY=1)."""
-        self.text, self._sent_at = text, self._clock()
+        self.text, self._sent_at = text, now
 
-    def offer(self, text: str) -> bool:
+    def offer(self, text: str, now: float) -> bool:
         """Send `text` if it is new and the last send is `every` seconds old; True if sent."""
-        now = self._clock()
         if text == self.text or now - self._sent_at < self._every:
             return False
         self._send(text)

@@ -53,7 +53,7 @@ def load_or_fail(path: str) -> specmod.Spec:
 
 
 class _Json(logging.Formatter):
-    FIELDS = ("group", "tag", "node", "reason", "result")
+    FIELDS = ("group", "tag", "node", "peer", "reason", "result")
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}

@@ -228,3 +228,7 @@ def test_the_narrator_logs_each_change_once_at_its_level_and_offers_the_summary(
     n.tell(view(claims={"web": (ME, 2)}), NOW + 2)
     assert [(r.levelname, r.getMessage(), getattr(r, "group", None)) for r in caplog.records[2:]] == [
         ("INFO", "store reachable again after 2.0s", None), ("INFO", "claim won: web (generation 2)", "web")]
+    n.tell(view(claims={"web": (ME, 2)}, peers={"n2": -3.0}), NOW + 3)  # (its heartbeat moved at NOW + 3)
+    joined = caplog.records[-1]
+    assert (joined.getMessage(), joined.peer) == ("peer n2 joined", "n2")
+    assert '"peer": "n2"' in cli._Json().format(joined)

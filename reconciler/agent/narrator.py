@@ -43,7 +43,8 @@ class Narrator:
         dead_after = self._dead_after()
         self._seen, changes = transitions.step(self._seen, view, now=now, dead_after=dead_after)
         for c in changes:
-            about = {"group": c.subject} if c.kind.startswith("claim") else {"node": c.subject} if c.subject else {}
+            # (`node` in a JSON line is the agent's own, as in the action lines: a peer is `peer`)
+            about = {"group": c.subject} if c.kind.startswith("claim") else {"peer": c.subject} if c.subject else {}
             log.log(LEVELS[transitions.severity(c)], "%s", transitions.describe(c, node=self.node), extra=about)
         if self._status_line is not None:
             self._status_line.offer(transitions.summary(view, now, dead_after), now)

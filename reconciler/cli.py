@@ -112,7 +112,7 @@ def load_or_fail(path: str) -> specmod.Spec:
 
 
 class _Json(logging.Formatter):
-    FIELDS = ("group", "tag", "node", "reason", "result")
+    FIELDS = ("group", "tag", "node", "peer", "reason", "result")
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
@@ -124,10 +124,48 @@ class _Json(logging.Formatter):
         return json.dumps(doc)
 
 
+class _Journal(logging.Formatter):
+    """For stderr connected to journald: a syslog priority prefix on every line (sd-daemon(3))
+    and no timestamp (the journal stamps each line itself)."""
+
+    PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{next((p for level, p in self.PRIORITY if record.levelno >= level), 7)}>"
+        # Each line is a journal entry of its own: a traceback's lines keep the priority too.
+        return "\n".join(prefix + line for line in super().format(record).splitlines() or [""])
+
+
+def under_journal(environ, stderr_stat: os.stat_result | None) -> bool:
+    """Is stderr the journal's stream? systemd sets JOURNAL_STREAM=DEVICE:INODE of the stream
+    it connected; a child whose stderr was redirected elsewhere inherits the variable but not
+    the stream (systemd.exec(5))."""
+    value = environ.get("JOURNAL_STREAM", "")
+    if not value or stderr_stat is None:
+        return False
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+    except ValueError:
+        return False
+    return (stderr_stat.st_dev, stderr_stat.st_ino) == (dev, ino)
+
+
+def _stderr_stat() -> os.stat_result | None:
+    try:
+        return os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def setup_logging(fmt: str, verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_Json())
+    elif under_journal(os.environ, _stderr_stat()):
+        handler.setFormatter(_Journal())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("reconciler")

@@ -127,6 +127,9 @@ class ClusterView:
     may_run: bool = True
     may_claim: bool = True  # False while watching this node's record at start-up, or with a twin
     skipped: tuple[str, ...] = ()  # the last read's skipped store entries (Snapshot.skipped)
+    # Why the membership (hpc) could not be read ("": read, or none configured). Such a view
+    # is also not store_ok (nothing is taken over without it), with this as its store_error.
+    membership_error: str = ""
 
     def alive(self, name: str, now: float, dead_after: float) -> bool:
         if name == self.node:

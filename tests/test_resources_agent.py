@@ -302,6 +302,7 @@ def test_group_starts_in_order_is_restored_and_stops_in_reverse(lab, tmp_path):
     wait_until(lambda: addresses(ns) == {"198.51.100.10/24"}, 3, what="the address to be restored")
     assert len(sleepers(pid)) == 1
     assert len(re.findall(r"start web/web-app: .* -> ok", node.log.read_text())) == 1, "the process kept running"
+    assert "web/web-app exited" not in node.log.read_text(), "the process kept running"  # (respawns: process.py logs them)
 
     # Runlevel stop: process, then address, then mount (the reverse of file order, even
     # though the mount and the address were restored after the process started).

@@ -82,7 +82,9 @@ class Executor:
                 ok, msg = False, f"{type(exc).__name__}: {exc}"
             result = "ok" if ok else "error"
             self.events.action(a, result, time.monotonic() - started)
-            level = logging.INFO if ok else logging.WARNING
+            # A respawn that worked is the supervisor's to report (act/process.py: once per
+            # backoff step of a crash loop, not at every restart).
+            level = logging.WARNING if not ok else logging.DEBUG if a.reason.startswith("respawn:") else logging.INFO
             log.log(level, "%s -> %s%s", a.describe(), result, f" ({msg})" if msg else "",
                     extra={"group": a.group, "tag": a.tag, "node": self.node, "reason": a.reason, "result": result})
             if not ok:

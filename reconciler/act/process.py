@@ -32,6 +32,7 @@ from reconciler.host import cgroups
 from reconciler.host import notify
 from reconciler import spec as specmod
 from reconciler.act import adoption
+from reconciler.decide import backoff
 from reconciler.act.records import _SAVED, TRANSITIONS, Record, table_records  # noqa: F401 (re-exported)
 from reconciler.act.syscalls import MARK_DIR, MARK_ENTRY, Sys, credentials, joining, pgid_of, start_ticks  # process.Sys: the seam tests subclass
 from reconciler.host import procfs
@@ -153,10 +154,27 @@ class Supervisor:
                 self.sys.killpg(rec.pgid, signal.SIGKILL)
             self.kill_entry(rec.group, rec.tag)
         rec.ended(code, now)
+        if rec.state == "exited":
+            self._log_exit(rec, now)
         self._close_pidfd(rec)
         if rec.exited is not None and not rec.exited.done():
             rec.exited.set_result(code)
         self.dirty = True
+
+    @staticmethod
+    def _log_exit(rec: Record, now: float) -> None:
+        """A respawn entry exited: at INFO while it is respawned at once, at WARNING once per
+        step of the rapid-exit backoff, at DEBUG once the backoff stays at its cap (not at
+        every respawn of a crash loop)."""
+        where = f"{rec.group}/{rec.tag}"
+        extra = {"group": rec.group, "tag": rec.tag}
+        if rec.retry_at is None:
+            log.info("%s exited after %.1fs: %s; respawning", where, now - rec.started, rec.message, extra=extra)
+        elif backoff.RESPAWN.steps_up(rec.rapid_exits):
+            log.warning("%s: %s (%d rapid exits in a row; each further step of the backoff is logged)", where,
+                        rec.message, rec.rapid_exits, extra=extra)
+        else:
+            log.debug("%s: %s (%d rapid exits in a row)", where, rec.message, rec.rapid_exits, extra=extra)
 
     def _follow(self, rec: Record, code: int | None) -> bool:
         """A `once` leader exited while its cgroup still holds processes (a daemon that forked

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import attrs
 
-from reconciler import published
+from reconciler import __version__, published
 from reconciler import spec as specmod
 from reconciler.host import cgroups
 from reconciler.cluster import instance as instancemod
@@ -37,6 +37,7 @@ from reconciler.act import executor as executormod
 from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
 from reconciler.agent.metrics import Metrics
+from reconciler.agent.narrator import Narrator
 from reconciler.agent.upkeep import Upkeep
 from reconciler.store import ClusterView, Store, StoreError, StoreRefused
 from reconciler.store.factory import open_store
@@ -82,6 +83,9 @@ class Agent:
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
         self._planned_lease = float("-inf")  # the lease_until the last plan was made with
         self._last_pass = 0.0  # seconds the last reconcile pass took
+        # What changed between two planning views, in the log; the summary, to systemd.
+        self.narrator = Narrator(node, dead_after=lambda: self._timing().dead_after,
+                                 send_status=notify.status if notify else None)
         self.metrics.spec_loaded(self.spec, ok=True)
 
     # --- setup --------------------------------------------------------------------------
@@ -154,6 +158,9 @@ class Agent:
             raise
         except StoreError as exc:
             log.warning("store setup: %s (publishing waits for it)", exc)
+        # (After the checks that refuse to start: their one line says why on its own.)
+        log.info("reconciler %s starting: node %s, store %s, spec %s (digest %s)", __version__, self.node,
+                 self.spec.shown_store_url, self.spec_path, self._digest(self.spec))
         sup = self.supervisor
         log.info("processes tracked by %s", f"cgroups under {sup.tree.root}" if sup.tree else f"the table and environment markers: {sup.cgroup_note}")
         if sup.tree and not cgroups.favors_dynmods():
@@ -186,7 +193,7 @@ class Agent:
                                              name="store-watch"))
         if not self.once:
             self._start_spec_watch()
-        self.upkeep.ready()
+        self.upkeep.ready(self.narrator.ready(self.watch.planning_view(), time.monotonic()))
         try:
             return await self._main()
         finally:
@@ -304,6 +311,7 @@ class Agent:
             observed = self.observer.observe(now)
             view = self.watch.planning_view()
             self._planned_lease = view.lease_until
+            self.narrator.tell(view, now)
             p = planmod.plan(spec, observed, view, now)
             self.last_plan = p
             by_group: dict[str, list[planmod.Action]] = {}

@@ -45,10 +45,10 @@ class Upkeep:
         self._ensure_keeper_cheap()
         self._rotate_logs_cheap()
 
-    def ready(self) -> None:
-        """Start-up is done: tell systemd (READY=1)."""
+    def ready(self, status_text: str | None = None) -> None:
+        """Start-up is done: tell systemd (READY=1, with the status line)."""
         if self.notify:
-            self.notify.ready()
+            self.notify.ready(status_text)
             self.notified_ready = True
 
     def start_keeper(self) -> None:

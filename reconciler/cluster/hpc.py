@@ -35,7 +35,8 @@ def read(root: str | os.PathLike) -> HpcView:
         me = (base / "admin" / "mospe").read_text().strip()
         names = [n for n in os.listdir(base / "nodes") if n.isdigit()]
     except OSError as exc:
-        raise MembershipError(f"{root}: {exc.strerror or exc}") from None
+        # The file itself, not the tree: "hpc:DIR" with DIR/admin/mospe missing must say so.
+        raise MembershipError(f"{exc.filename or root}: {exc.strerror or exc}") from None
     configured, up = set(), set()
     for n in names:
         try:

@@ -170,7 +170,7 @@ class Renewer:
         try:
             snap = self.store.read_blocking()
         except StoreError as exc:
-            snap, error = None, error or str(exc)
+            snap, error = None, str(exc)  # (a membership error is in the view apart: Watch.apply_read)
         changed = self.watch.apply_read(snap, self.publish_error or error, hpc)
         now = self._clock()
         if rules.should_post(changed, now, loop_alive_at=self.pulse.at, posted_at=self._posted_at,

@@ -39,23 +39,28 @@ class Watch:
         self.view = ClusterView(node=node, lease_until=rules.NEVER, store_ok=False, store_error="not read yet")
         self.read_at = 0.0  # monotonic time of the last successful store read
         self._fingerprint: object = None
+        self._membership_error = ""  # the last membership read's ("" when read, or no hpc membership)
 
     def read_membership(self) -> tuple[hpcmod.HpcView | None, str]:
         """(the /proc/hpc view, "") or (None, why not); (None, "") without hpc membership."""
         spec = self._spec()
         if not spec.cluster.membership.startswith("hpc:"):
+            self._membership_error = ""
             return None, ""
         try:
-            return hpcmod.read(spec.path(spec.cluster.membership[4:])), ""
+            hpc = hpcmod.read(spec.path(spec.cluster.membership[4:]))
         except hpcmod.MembershipError as exc:
-            return None, str(exc)
+            self._membership_error = str(exc)
+            return None, self._membership_error
+        self._membership_error = ""
+        return hpc, ""
 
     def apply_read(self, snap: Snapshot | None, error: str, hpc: hpcmod.HpcView | None) -> bool:
         """Take a read (None: it failed, `error` says why) into the view; True if the planner
         should look at it."""
         spec = self._spec()
         if snap is None:
-            self.view = attrs.evolve(self.view, store_ok=False, store_error=error)
+            self.view = attrs.evolve(self.view, store_ok=False, store_error=error, membership_error=self._membership_error)
             self._fingerprint = None
             return True
         now = self._clock()
@@ -65,6 +70,8 @@ class Watch:
         )
         view = rules.checked_membership(view, None if hpc is None else hpc.me)
         view = rules.with_verdict(view, self._instance.fold(snap, now), skipped=snap.skipped)
+        if self._membership_error:
+            view = attrs.evolve(view, membership_error=self._membership_error)
         self.view = view
         if not error:
             self.read_at = now

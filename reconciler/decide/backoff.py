@@ -36,6 +36,11 @@ class Backoff:
     def retry_at(self, failures: int, now: float) -> float:
         return now + self.delay(failures)
 
+    def steps_up(self, failures: int) -> bool:
+        """Does the `failures`-th failure in a row wait longer than the one before? (Once per
+        step of the backoff: what the log reports, not every retry.)"""
+        return self.delay(failures) > self.delay(failures - 1)
+
 
 # A respawn entry exiting sooner than min_uptime: three rapid exits restart at once, then
 # 0.25 s, 0.5 s, 1 s, ... up to a minute, for ever.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,31 @@ def stopping(status_text: str | None = None) -> bool:
 def status(text: str) -> bool:
     """The one-line status that `systemctl status` shows."""
     return send("STATUS=" + _one_line(text))
+
+
+class StatusLine:
+    """STATUS= whenever the text changes, at most once per `every` seconds: the agent offers
+    its summary after every pass (many a second while busy); a change that comes too soon
+    after the last one sent is sent by a later offer (at least one a tick). `now`: monotonic
+    seconds, the caller's."""
+
+    def __init__(self, *, every: float = 1.0, send: Callable[[str], bool] | None = None):
+        self._every = every
+        self._send = send if send is not None else status
+        self.text = ""  # the last text sent
+        self._sent_at = float("-inf")
+
+    def sent(self, text: str, now: float) -> None:
+        """`text` went out another way (with READY=1)."""
+        self.text, self._sent_at = text, now
+
+    def offer(self, text: str, now: float) -> bool:
+        """Send `text` if it is new and the last send is `every` seconds old; True if sent."""
+        if text == self.text or now - self._sent_at < self._every:
+            return False
+        self._send(text)
+        self.text, self._sent_at = text, now
+        return True
 
 
 def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:

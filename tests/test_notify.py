@@ -104,3 +104,19 @@ def test_watchdog_interval_reads_the_environment(monkeypatch):
 def test_child_environ_drops_the_agents_variables():
     env = {"PATH": "/bin", "NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"}
     assert notify.child_environ(env) == {"PATH": "/bin"}
+
+
+def test_a_full_socket_costs_the_notification_not_a_stall(listener):
+    """systemd not reading its socket for a while: each send fails at once (non-blocking),
+    never blocking the agent's event loop (which would cost it its lease)."""
+    import time
+
+    results = []
+    started = time.monotonic()
+    for _ in range(10_000):  # far more than a datagram socket's queue holds unread
+        results.append(notify.watchdog())
+        if not results[-1]:
+            break
+    assert results[0] is True and results[-1] is False, "the queue never filled"
+    assert time.monotonic() - started < 2.0
+    assert receive(listener) == "WATCHDOG=1"  # what did go out is there

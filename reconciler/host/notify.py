@@ -43,9 +43,11 @@ def send(*fields: str) -> bool:
         return False
     message = "\n".join(fields).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Non-blocking: a full socket (a systemd that does not read it for a while) costs this
+        # one notification, never a stalled event loop and with it the lease.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.connect(addr)
-            sock.sendall(message)
+            sock.send(message)
     except OSError as exc:
         log.warning("sd_notify %s to %s failed: %s", fields, os.environ.get("NOTIFY_SOCKET"), exc)
         return False

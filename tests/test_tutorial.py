@@ -156,28 +156,27 @@ class Machine:
             pairs += [str(src), path]
         ready = self.dir / "ready"
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc", "--uts", "--kill-child",
-             sys.executable, "-c", INIT, name, str(ready), *pairs],
+            self._in_cgroup(["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc", "--uts", "--kill-child",
+                             sys.executable, "-c", INIT, name, str(ready), *pairs]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "init.log", "wb"),
-            start_new_session=True, **self._cgroup_kw(),
+            start_new_session=True,
         )
         wait_until(ready.exists, 10, what=f"{name} up")
         self.init = psutil.Process(self.proc.pid).children()[0].pid
         self.background: dict[str, subprocess.Popen] = {}
 
-    def _cgroup_kw(self) -> dict:
+    def _in_cgroup(self, argv: list[str]) -> list[str]:
+        """`argv` started in this machine's cgroup: joined by a shell that then execs it, as
+        tests/cluster.py does. Not with preexec_fn: Python code between fork and exec in a
+        process that has loaded grpc (earlier etcd tests) can abort the child in grpc's fork
+        handlers."""
         if self.cgroup is None:
-            return {}
+            return argv
         procs = os.path.join(self.cgroup, "cgroup.procs")
-
-        def enter() -> None:
-            with open(procs, "w") as fh:
-                fh.write("0")
-
-        return {"preexec_fn": enter}
+        return ["/bin/sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *argv]
 
     def _argv(self, code: str) -> list[str]:
-        return ["nsenter", "-t", str(self.init), "-p", "-m", "-u", "-n", f"--wd={ROOT}", "--", "bash", "-ec", code]
+        return self._in_cgroup(["nsenter", "-t", str(self.init), "-p", "-m", "-u", "-n", f"--wd={ROOT}", "--", "bash", "-ec", code])
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -187,7 +186,7 @@ class Machine:
 
     def run(self, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(self._argv(code), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                              env=self._env(), **self._cgroup_kw())
+                              env=self._env())
 
     def run_until(self, code: str, cond, *, timeout: float = 30, what: str = "") -> subprocess.CompletedProcess:
         """Run `code` again until cond(result) holds (a reader repeating a command until it
@@ -208,7 +207,7 @@ class Machine:
     def start(self, name: str, code: str) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "ab")
         proc = subprocess.Popen(self._argv(code), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env=self._env(), start_new_session=True, **self._cgroup_kw())
+                                cwd=ROOT, env=self._env(), start_new_session=True)
         log.close()
         self.background[name] = proc
         return proc

@@ -14,6 +14,9 @@ every child carries (RECONCILER_NODE_DIR, RECONCILER_ENTRY), read back from /pro
 
 Adoption is act/adoption.py; what an exit or a failed start does to a record, and the
 table encoding, act/records.py; the backoff, decide/backoff.py.
+
+(About 420 lines: the state machine's transitions, spawn, stop and the reaper are one
+object's, and the crash-loop log lines belong with the exits they describe.)
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ nothing depends on having seen a particular event. The renewer (reconciler/clust
 on a thread of its own) publishes the heartbeat, renews this node's lease and the keeper's
 deadline (cluster/lease.py) and reads the store into the cluster watch (cluster/watch.py);
 `plan` alone decides what that means for the groups.
+
+(A little over ~400 lines: start-up order (lock, store, adoption, lease, first beat, keeper),
+the pass and the shutdown are the loop's own; the parts it composes live in cluster/, act/
+and agent/upkeep.py, agent/narrator.py.)
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from reconciler.agent.metrics import Metrics
 from reconciler.agent.narrator import Narrator
 from reconciler.agent.upkeep import Upkeep
 from reconciler.store import ClusterView, Store, StoreError, StoreRefused
-from reconciler.store.factory import open_store
+from reconciler.cluster import survey
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
@@ -95,12 +95,7 @@ class Agent:
     # --- setup --------------------------------------------------------------------------
 
     def _build(self) -> None:
-        c = self.spec.cluster
-        self.store = open_store(
-            self.spec.store_url,
-            prefix=c.etcd_prefix, ca=c.etcd_ca, cert=c.etcd_cert, key=c.etcd_key, user=c.etcd_user,
-            password=c.etcd_password, lease=c.timing.lease,
-        ) if not self.spec.store_url.startswith("dir:") else open_store(self.spec.store_url)
+        self.store = survey.open_spec_store(self.spec)
         self.watch = watchmod.Watch(self.node, spec=lambda: self.spec, store_url=self.store.url, lease=self.lease,
                                     instance=self.instance)
         # (read_at only moves on a read whose heartbeat publish before it succeeded too)

@@ -112,7 +112,9 @@ def _group(
     if blocked and now < blocked[0]:
         return _Part(standby.actions, _earliest(standby.wake_at, blocked[0]), f"retry at +{blocked[0] - now:.1f}s: {blocked[1]}")
     if not view.store_ok:
-        return _noted(standby, f"store unreachable: {view.store_error}")
+        # (a view whose membership cannot be read is not store_ok either: nothing is taken over)
+        why = f"membership cannot be read: {view.membership_error}" if view.membership_error else f"store unreachable: {view.store_error}"
+        return _noted(standby, why)
     if not can_run:
         why = view.twin if not view.may_run else "no quorum" if not view.quorum else "this node's lease is not valid"
         return _noted(standby, why)

@@ -65,6 +65,13 @@ class Harness:
         pid = await self.sup.start("g", entry("d", DAEMON.format(pidfile=self.pidfile)), level="run", env={})
         return pid, await until(lambda: read_pid(self.pidfile), what=what)
 
+    async def start_leaving(self, tag: str, cmd: str, *, mode: str, what: str = "the daemon") -> int:
+        """Entry g/TAG runs CMD, which leaves a daemon behind that writes its pid to the
+        pidfile (cleared first): the daemon's pid, once written."""
+        self.pidfile.unlink(missing_ok=True)
+        await self.sup.start("g", entry(tag, cmd.format(p=self.pidfile), mode=mode), level="run", env={})
+        return await until(lambda: read_pid(self.pidfile), what=what)
+
     def cleanup(self):
         for pids in procfs.marked_processes(str(self.sup.dir)).values():
             for pid in pids:
@@ -178,22 +185,18 @@ def test_a_respawn_kills_what_the_dead_leader_left_in_its_cgroup(harness):
 
 def test_a_once_entry_that_daemonizes_stays_running_and_is_stopped_with_its_group(harness):
     h = harness()
-    pidfile = h.pidfile
 
     async def go():
         async with h.attached() as sup:
-            cmd = "(setsid sh -c 'echo $$ > {p}; exec sleep 302' &); exit 0".format(p=pidfile)
-            await sup.start("g", entry("o", cmd, mode="once"), level="run", env={})
-            daemon = await until(lambda: read_pid(pidfile), what="the daemon")
+            cmd = "(setsid sh -c 'echo $$ > {p}; exec sleep 302' &); exit 0"
+            daemon = await h.start_leaving("o", cmd, mode="once")
             rec = sup.records[("g", "o")]
             await until(lambda: rec.pid == daemon, what="the entry to follow the daemon")
             assert rec.state == "running" and "following pid" in rec.message
             # the daemon exiting by itself is noticed (pidfd): the entry is done
             os.kill(daemon, signal.SIGKILL)
             await until(lambda: rec.state == "done", what="done once the daemon is gone")
-            pidfile.unlink()
-            await sup.start("g", entry("o", cmd, mode="once"), level="run", env={})
-            daemon = await until(lambda: read_pid(pidfile), what="the second daemon")
+            daemon = await h.start_leaving("o", cmd, mode="once", what="the second daemon")
             await until(lambda: rec.pid == daemon, what="the entry to follow the daemon")
             await sup.stop("g", "o", sig=signal.SIGTERM, timeout=2)
             assert not alive(daemon) and rec.state == "stopped"
@@ -203,13 +206,11 @@ def test_a_once_entry_that_daemonizes_stays_running_and_is_stopped_with_its_grou
 
 def test_reset_stops_what_a_finished_entry_left_behind(harness):
     h = harness()
-    pidfile = h.pidfile
 
     async def go():
         async with h.attached() as sup:
-            cmd = "(setsid sh -c 'echo $$ > {p}; exec sleep 303' &); while [ ! -s {p} ]; do sleep 0.01; done".format(p=pidfile)
-            await sup.start("g", entry("w", cmd, mode="wait"), level="run", env={})
-            daemon = await until(lambda: read_pid(pidfile), what="the daemon")
+            cmd = "(setsid sh -c 'echo $$ > {p}; exec sleep 303' &); while [ ! -s {p} ]; do sleep 0.01; done"
+            daemon = await h.start_leaving("w", cmd, mode="wait")
             assert sup.records[("g", "w")].state == "done" and alive(daemon)
             sup.reset("g", "w")  # the group stopped: the entry is forgotten, and what it left goes
             await until(lambda: not alive(daemon), 2, what="the leftover killed")

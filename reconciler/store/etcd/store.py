@@ -29,7 +29,8 @@ a call moves on to the next endpoint after UNAVAILABLE or a timed-out attempt, a
 StoreError. Use one instance from one event loop.
 
 The store composes its parts, each given what it needs when it is made: conn.py, lease.py,
-watch.py, mirror.py, claims.py and twin.py; values.py parses what etcd holds.
+watch.py, mirror.py, claims.py and twin.py; values.py parses what etcd holds. (About 400
+lines: what is left here is the Store contract's methods and the publish transaction.)
 """
 
 from __future__ import annotations

@@ -126,6 +126,9 @@ class ClusterView:
     twin: str = ""
     may_run: bool = True
     may_claim: bool = True  # False while watching this node's record at start-up, or with a twin
+    # May end claims under this node's name (identity.may_release): not before this agent's
+    # first publish (they may be a live namesake's), nor while it yields to a twin.
+    may_release: bool = True
     skipped: tuple[str, ...] = ()  # the last read's skipped store entries (Snapshot.skipped)
     # Why the membership (hpc) could not be read ("": read, or none configured). Such a view
     # is also not store_ok (nothing is taken over without it), with this as its store_error.

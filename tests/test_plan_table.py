@@ -166,7 +166,14 @@ DEMOTIONS = [
     row("lease-ending-nothing-runs-releases", [RELEASE], claim=ME, lease_until=NOW + 0.05),
     row("store-unreachable-nothing-runs-keeps", [], "claim generation 3 kept until the store answers",
         claim=ME, lease_until=NOW + 0.05, store_ok=False),
-    row("twin-nothing-runs-keeps", [], "kept until the store answers", claim=ME, may_run=False, twin="twin!"),
+    row("twin-nothing-runs-keeps", [], "left alone: another agent under this name may hold it", claim=ME, may_run=False,
+        may_release=False, twin="twin!"),
+    # a newcomer still watching its node record holds no lease: the claim under its name is
+    # the live namesake's, maybe, and is never ended from here
+    row("watching-nothing-runs-leaves-the-names-claim", [], "left alone: another agent under this name may hold it",
+        claim=ME, may_claim=False, may_release=False, lease_until=float("-inf")),
+    row("watching-nothing-runs-stale-claim-left-alone", [], "left alone", claim=ME, may_claim=False, may_release=False,
+        lease_until=float("-inf"), stale_claims=frozenset({"web"})),
 ]
 
 RELEASES = [
@@ -191,7 +198,8 @@ RELEASES = [
     row("removed-from-spec-stops", [STOP_S], check={"reason": "group removed from the spec"}, claim=ME, running=True, in_spec=False),
     row("removed-from-spec-no-quorum-urgent", [URGENT_STOP_S], claim=ME, running=True, in_spec=False, quorum=False),
     row("removed-from-spec-resets-and-releases", [("reset", "t", False), RELEASE], claim=ME, in_spec=False),
-    row("removed-from-spec-twin-keeps-the-claim", [("reset", "t", False)], claim=ME, in_spec=False, may_run=False),
+    row("removed-from-spec-twin-keeps-the-claim", [("reset", "t", False)], claim=ME, in_spec=False, may_run=False,
+        may_release=False),
 ]
 
 

@@ -108,14 +108,38 @@ def test_quorum_is_dropped_when_the_hpc_id_is_not_the_node_name(node, hpc_me, qu
 
 def test_the_verdict_shows_in_the_view_only_when_there_is_something_to_say():
     view = ClusterView(node=ME)
-    assert rules.with_verdict(view, OK, skipped=()) is view
+    assert rules.with_verdict(view, OK, published=True, skipped=()) is view
     held = Verdict("hold", publish=True, claim=False, run=True, twin="")
-    out = rules.with_verdict(view, held, skipped=())
-    assert (out.may_claim, out.may_run) == (False, True)
+    out = rules.with_verdict(view, held, published=True, skipped=())
+    assert (out.may_claim, out.may_run, out.may_release) == (False, True, True)
     twin = Verdict("yield", publish=False, claim=False, run=False, twin="another agent")
-    out = rules.with_verdict(view, twin, skipped=("nodes/x",))
+    out = rules.with_verdict(view, twin, published=True, skipped=("nodes/x",))
     assert (out.twin, out.may_claim, out.may_run, out.skipped) == ("another agent", False, False, ("nodes/x",))
-    assert rules.with_verdict(view, OK, skipped=("nodes/x",)).skipped == ("nodes/x",)
+    assert out.may_release is False
+    assert rules.with_verdict(view, OK, published=True, skipped=("nodes/x",)).skipped == ("nodes/x",)
+
+
+@pytest.mark.parametrize("state", ["watch", "hold", "ok", "incumbent", "yield"])
+@pytest.mark.parametrize("published", [False, True])
+def test_claims_under_this_name_may_be_ended_only_by_an_agent_that_has_published_and_does_not_yield(state, published):
+    """A newcomer still watching its node record, or one that yields to a namesake, leaves
+    the claims under the name alone: they may be the other agent's (it once released a live
+    incumbent's claims while watching: the CI run of 2026-12-07)."""
+    v = Verdict(state, publish=state != "yield", claim=state == "ok", run=state != "yield", twin="")
+    out = rules.with_verdict(ClusterView(node=ME), v, published=published, skipped=())
+    assert out.may_release is (published and state != "yield")
+
+
+@pytest.mark.parametrize("lease_until, lapsed_at_start, stale", [
+    (10.0, False, set()),  # a valid lease: the claims read are this agent's
+    (10.0, True, {"web", "mail"}),  # the first read after a start whose lease had lapsed
+    (5.0, False, {"web", "mail"}),  # read while the lease has run out
+    (rules.NEVER, False, {"web", "mail"}),  # no lease yet (watching, yielding): a namesake's, maybe
+])
+def test_claims_read_without_a_valid_lease_are_stale(lease_until, lapsed_at_start, stale):
+    c = claims(web=ME, db=PEER, mail=ME)
+    out = rules.stale_at_read({"old"}, c, node=ME, lease_until=lease_until, now=5.0, lapsed_at_start=lapsed_at_start)
+    assert out == {"old"} | stale
 
 
 # --- the renewer and a stalled loop ------------------------------------------------------

@@ -182,8 +182,6 @@ class Agent:
             timing=self._timing,
         )
         await asyncio.to_thread(self.renewer.beat)
-        if self.lease.lapsed_at_start:
-            self.watch.lapsed_before_start()
         self.upkeep.start_keeper()
         tasks = []
         self.renewer.start()

@@ -85,7 +85,7 @@ class Instance:
                 log.warning("node name %s: %s", self.node, verdict.twin)
             elif last.state in ("yield", "incumbent"):
                 log.warning("node name %s: the other agent under this name is gone: claiming again", self.node)
-            elif last.state == "watch" and self.published_at is None:
+            elif last.state == "watch" and verdict.state != "watch" and self.published_at is None:
                 log.info("no other agent publishes as %s: publishing (instance %s)", self.node, self.id)
         return verdict
 

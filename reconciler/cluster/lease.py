@@ -34,7 +34,7 @@ class Lease:
         self.until = rules.NEVER  # this node may run its claimed groups until then (monotonic)
         self.lock = threading.Lock()  # until, the stale claims and the file: two threads write them
         self.finished = False  # released at a clean shutdown: nothing may write the file again
-        self.lapsed_at_start = False  # the predecessor's lease had run out when this agent started
+        self.lapsed_at_start = False  # the predecessor's lease had run out when this agent started (until the first read)
         self.file: leasefile.LeaseFile | None = None  # the keeper's lease file, once written
         self._stale: set[str] = set()  # claims that outlived a lapse of the lease
         self._clock = clock
@@ -71,10 +71,15 @@ class Lease:
             self._extend_locked(started + duration)
         return True
 
-    def mark_stale(self, claims: Mapping[str, Claim]) -> None:
-        """The lease lapsed before this agent started: every claim of this node is stale."""
+    def note_read(self, claims: Mapping[str, Claim]) -> None:
+        """A read found `claims`: those of this node's that it cannot prove its own are stale
+        (decide/view.py: stale_at_read; the first read after a lapsed start clears the flag)."""
         with self.lock:
-            self._stale = set(rules.stale_after_lapse(self._stale, claims, node=self.node))
+            stale = rules.stale_at_read(self._stale, claims, node=self.node, lease_until=self.until, now=self._clock(),
+                                        lapsed_at_start=self.lapsed_at_start)
+            if stale != self._stale:
+                self._stale = set(stale)
+            self.lapsed_at_start = False
 
     def discard_stale(self, group: str) -> None:
         """The group's claim was won (or ended) since: it is no longer stale."""

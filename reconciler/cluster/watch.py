@@ -64,12 +64,14 @@ class Watch:
             self._fingerprint = None
             return True
         now = self._clock()
+        self._lease.note_read(snap.claims)
         view = self.liveness.update(
             snap, now, groups=list(spec.groups), lease_until=self._lease.until, hpc=hpc,
             stale_claims=self._lease.stale(), store_ok=not error, store_error=error,
         )
         view = rules.checked_membership(view, None if hpc is None else hpc.me)
-        view = rules.with_verdict(view, self._instance.fold(snap, now), skipped=snap.skipped)
+        verdict = self._instance.fold(snap, now)
+        view = rules.with_verdict(view, verdict, published=self._instance.published_at is not None, skipped=snap.skipped)
         if self._membership_error:
             view = attrs.evolve(view, membership_error=self._membership_error)
         self.view = view
@@ -98,9 +100,3 @@ class Watch:
         t = self._spec().cluster.timing
         return rules.planning_view(view, lease_until=lease_until, stale=stale, now=self._clock(), read_at=self.read_at,
                                    lease=t.lease, heartbeat=t.heartbeat, store_url=self._store_url)
-
-    def lapsed_before_start(self) -> None:
-        """The lease had lapsed when this agent started: its claims are stale from the first
-        view on."""
-        self._lease.mark_stale(self.view.claims)
-        self.view = self.planning_view()

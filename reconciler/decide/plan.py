@@ -133,15 +133,18 @@ def _owner(
         why = view.twin if not view.may_run else "no quorum" if not view.quorum else "lease not renewed in time"
         if entries.is_active(g.name, obs):
             return entries.stop_all(g.name, obs, f"self-demotion: {why}", urgent=True, deadline=view.lease_until, order=entries.entry_tags(g))
-        if view.store_ok and view.may_run:  # (a twin's claims under this name may be the other agent's)
+        if view.store_ok and view.may_release:  # (claims under this name may be a namesake's: identity.py)
             # Give the group back so that a node that can run it need not wait for our
             # heartbeat to stall (with hpc membership it never would).
             return _Part((Action("release", g.name, reason=f"demoted ({why}); nothing runs", claim=claim),))
+        if not view.may_release:
+            return _Part(note=f"demoted ({why}); claim generation {claim.generation} under this node's name left alone:"
+                              " another agent under this name may hold it")
         return _Part(note=f"demoted ({why}); claim generation {claim.generation} kept until the store answers")
     if g.name in view.stale_claims:
         if entries.is_active(g.name, obs):
             return entries.stop_all(g.name, obs, "claim outlived a lapse of this node's lease", urgent=True, deadline=now, order=entries.entry_tags(g))
-        return _Part((Action("release", g.name, reason=f"lease lapsed since generation {claim.generation} was won: re-arbitrate", claim=claim),))
+        return _Part((Action("release", g.name, reason=f"lease lapsed since generation {claim.generation} was won (or another agent under this name won it): re-arbitrate", claim=claim),))
     reason = ""
     if g.runlevel == specmod.STOP:
         reason = "desired runlevel is stop"
@@ -218,7 +221,7 @@ def _removed(name: str, obs: Observed, view: ClusterView, now: float, t: specmod
         return entries.stop_all(name, obs, reason)
     acts = [Action("reset", name, st.tag, reason=reason) for st in entries.group_states(name, obs) if st.state != "stopped"]
     claim = view.claims.get(name)
-    if claim is not None and claim.node == view.node and view.may_run:
+    if claim is not None and claim.node == view.node and view.may_release:
         acts.append(Action("release", name, reason=reason, claim=claim))
     return _Part(tuple(acts))
 

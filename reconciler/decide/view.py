@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from reconciler.decide import identity
 from reconciler.decide.identity import Verdict
 from reconciler.model import Claim, ClusterView
 
@@ -27,6 +28,18 @@ def stale_after_lapse(stale: Iterable[str], claims: Mapping[str, Claim], *, node
     """After a lapse of this node's lease every claim of its own is stale: peers may have
     taken them over meanwhile, so they are re-arbitrated before anything runs again."""
     return frozenset(stale) | my_claims(claims, node)
+
+
+def stale_at_read(stale: Iterable[str], claims: Mapping[str, Claim], *, node: str, lease_until: float, now: float,
+                  lapsed_at_start: bool) -> frozenset[str]:
+    """The stale claims after a read that found `claims`. A claim under this node's name read
+    while this agent holds no valid lease is not provably its own: a namesake it yielded to
+    or watched (decide/identity.py) may have won it, or a peer may be taking it over. So is
+    every claim at the first read after a start whose inherited lease had lapsed. Such claims
+    are re-arbitrated (released, then claimed afresh) before anything runs under them."""
+    if lapsed_at_start or lease_until <= now:
+        return stale_after_lapse(stale, claims, node=node)
+    return frozenset(stale)
 
 
 def stale_still_mine(stale: Iterable[str], claims: Mapping[str, Claim], *, node: str) -> frozenset[str]:
@@ -67,11 +80,14 @@ def checked_membership(view: ClusterView, hpc_me: str | None) -> ClusterView:
     return attrs.evolve(view, quorum=False, store_error=f"node name {view.node} is not this node's hpc id {hpc_me}")
 
 
-def with_verdict(view: ClusterView, verdict: Verdict, *, skipped: tuple[str, ...]) -> ClusterView:
-    """The node identity verdict (decide/identity.py) and the read's skipped entries, in the
-    view (the view itself while there is nothing to say: the usual case)."""
-    if verdict.twin or not verdict.claim or skipped:
-        return attrs.evolve(view, twin=verdict.twin, may_run=verdict.run, may_claim=verdict.claim, skipped=skipped)
+def with_verdict(view: ClusterView, verdict: Verdict, *, published: bool, skipped: tuple[str, ...]) -> ClusterView:
+    """The node identity verdict (decide/identity.py; `published`: this agent has published
+    under its name) and the read's skipped entries, in the view (the view itself while there
+    is nothing to say: the usual case)."""
+    may_release = identity.may_release(verdict, published=published)
+    if verdict.twin or not verdict.claim or skipped or not may_release:
+        return attrs.evolve(view, twin=verdict.twin, may_run=verdict.run, may_claim=verdict.claim,
+                            may_release=may_release, skipped=skipped)
     return view
 
 
@@ -109,7 +125,8 @@ def fingerprint(view: ClusterView, now: float, *, dead_after: float) -> object:
     """
     alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
     eligible = {n: m.heartbeat.status.eligible_groups for n, m in view.members.items() if m.heartbeat is not None}
-    return (alive, eligible, view.claims, view.store_ok, view.quorum, view.twin, view.may_claim, view.may_run)
+    return (alive, eligible, view.claims, view.store_ok, view.quorum, view.twin, view.may_claim, view.may_run,
+            view.may_release)
 
 
 # --- a look from outside the agent (`reconcile status`, `reconcile --dry-run`) ---------------

@@ -95,6 +95,8 @@ class Snapshot:
     # node -> the record this store's last publish for that node replaced, where it was not
     # this store's own previous write (another agent writes under the same name: a twin).
     displaced: dict[str, Heartbeat] = attrs.field(factory=dict)
+    # The number of the store's current cluster spec revision (0: the store holds none yet).
+    spec_revision: int = 0
 
 
 @attrs.frozen

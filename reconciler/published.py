@@ -29,7 +29,10 @@ _T = TypeVar("_T")
 # A structure hook as cattrs calls it: (the JSON value, the type asked for) -> the value.
 _Hook = Callable[[Any, Any], Any]
 
-__all__ = ["EMPTY", "EntryStatus", "GroupStatus", "MemberStatus", "NodeStatus", "StatusError", "dumps", "loads"]
+__all__ = [
+    "EMPTY", "EntryStatus", "GroupStatus", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision", "StatusError", "dumps",
+    "loads", "revision_dumps", "revision_loads",
+]
 
 
 class StatusError(ValueError):
@@ -83,6 +86,7 @@ class NodeStatus:
     store_error: str = ""
     quorum: bool = True
     twin: str = ""  # another agent under this node's name (decide/identity.py)
+    spec_revision: int = 0  # the cluster spec revision it runs (0: none, its local files only)
     store_skipped: tuple[str, ...] = ()  # store entries its last read skipped as malformed
     members: dict[str, MemberStatus] = attrs.field(factory=dict)
     eligible_groups: tuple[str, ...] = ()  # sorted: the groups whose tests passed here
@@ -90,6 +94,32 @@ class NodeStatus:
 
 
 EMPTY = NodeStatus()  # a node that published no status (yet), or one that did not parse
+
+
+# --- the cluster spec: what the store holds (one revision) ---------------------------------
+
+
+@attrs.frozen
+class SpecFile:
+    """One spec file of a revision: its name (a basename ending in .toml, never the node
+    file) and its text, comments and all, with the node-local keys taken out of [cluster]."""
+
+    name: str
+    text: str
+
+
+@attrs.frozen
+class SpecRevision:
+    """The cluster's spec as the store holds it: one numbered revision. Numbers start at 1
+    and only grow; a revision is written once and never changed (reconciler/store/__init__.py
+    says how a store keeps them)."""
+
+    number: int
+    digest: str  # Spec.digest() of these files as validated by the node that published them
+    files: tuple[SpecFile, ...]  # sorted by name
+    node: str = ""  # who published it (a node name, or "cli@HOST" for a command)
+    wall: float = 0.0  # the publisher's wall time (for people: `reconcile history`)
+    summary: str = ""  # one line: what changed against the revision before it
 
 
 # --- the converter: private, strict --------------------------------------------------------
@@ -211,7 +241,35 @@ _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional
           eligible=_optional(_bool), active=_bool, note=_str, entries=_table(EntryStatus, leaf=True))
 _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
-          twin=_str, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))
+          twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))
+_register(SpecFile, name=_str, text=_str)
+
+
+def _files(value: Any, _t: Any = None) -> tuple[SpecFile, ...]:
+    if not isinstance(value, list):
+        raise _Bad(f"must be a list of files, not {_type_name(value)}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            f = _structure(item, SpecFile)
+        except _Bad as exc:
+            raise _Bad(str(exc), f"[{i}]{exc.sub}") from None
+        if not f.name.endswith(".toml") or "/" in f.name or f.name.startswith(".") or f.name == "node.toml":
+            raise _Bad(f"{f.name[:40]!r} is not a spec file name (NAME.toml, not node.toml)", f"[{i}].name")
+        out.append(f)
+    if [f.name for f in out] != sorted({f.name for f in out}):
+        raise _Bad("must be sorted by name, each name once")
+    return tuple(out)
+
+
+def _positive(value: Any, _t: Any = None) -> int:
+    n = _int(value)
+    if n < 1:
+        raise _Bad(f"must be at least 1, not {n}")
+    return n
+
+
+_register(SpecRevision, number=_positive, digest=_str, files=_files, node=_str, wall=_float, summary=_str)
 # An entry carries only what is set (a stopped entry is {"state": "stopped"}), as it always has.
 _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatus, _conv, _cattrs_omit_if_default=True))
 
@@ -260,3 +318,20 @@ def loads(text: str | bytes) -> NodeStatus:
     except (ValueError, UnicodeDecodeError):
         raise StatusError("status is not JSON") from None
     return structure(doc)
+
+
+def revision_dumps(revision: SpecRevision) -> str:
+    """The text a store keeps for one revision (JSON, keys sorted)."""
+    return json.dumps(_conv.unstructure(revision), sort_keys=True, separators=(",", ":"))
+
+
+def revision_loads(text: str | bytes) -> SpecRevision:
+    """revision_dumps() read back; StatusError (one line, with the field path) if it does not parse."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise StatusError("spec revision is not JSON") from None
+    try:
+        return _structure(doc, SpecRevision)
+    except _Bad as exc:
+        raise StatusError(f"spec revision{exc.sub}: {exc}") from None

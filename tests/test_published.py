@@ -26,6 +26,7 @@ NOW = 500.0
 WIRE = {
     "digest": "abc",
     "spec_error": "",
+    "spec_revision": 0,
     "state_errors": ["process table: disk full"],
     "store_ok": True,
     "store_error": "",
@@ -99,10 +100,11 @@ def test_round_trip_and_equal_records_give_equal_text():
 
 
 def test_an_older_record_without_the_newer_fields_reads():
-    old = {k: v for k, v in WIRE.items() if k not in ("twin", "store_skipped", "state_errors")}
+    old = {k: v for k, v in WIRE.items() if k not in ("twin", "store_skipped", "state_errors", "spec_revision")}
     old["groups"] = {"web": {k: v for k, v in WIRE["groups"]["web"].items() if k != "active"}}
     s = published.loads(json.dumps(old))
     assert s.twin == "" and s.store_skipped == () and s.state_errors == () and s.groups["web"].active is False
+    assert s.spec_revision == 0
 
 
 @pytest.mark.parametrize("doc, error", [
@@ -190,3 +192,29 @@ def test_a_memoised_entry_never_stands_for_a_value_of_another_type():
     ok["groups"]["web"]["entries"]["s"]["pid"] = [1]
     with pytest.raises(StatusError, match=r"\.pid: must be an integer, not a list$"):
         published.loads(json.dumps(ok))
+
+
+# --- the cluster spec's revision record ----------------------------------------------------
+
+REV = published.SpecRevision(number=3, digest="d" * 12, files=(published.SpecFile("a.toml", "# c\n[groups.web]\n"),
+                                                               published.SpecFile("b.toml", "")),
+                             node="n1", wall=1.5, summary="web: runlevel run -> stop")
+
+
+def test_a_revision_round_trips():
+    assert published.revision_loads(published.revision_dumps(REV)) == REV
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"number": 0}, "spec revision.number: must be at least 1, not 0"),
+    ({"files": [{"name": "node.toml", "text": ""}]}, "spec revision.files[0].name: 'node.toml' is not a spec file name"),
+    ({"files": [{"name": "../x.toml", "text": ""}]}, "spec revision.files[0].name: '../x.toml' is not a spec file name"),
+    ({"files": [{"name": "b.toml", "text": ""}, {"name": "a.toml", "text": ""}]}, "spec revision.files: must be sorted by name"),
+    ({"files": [{"name": "a.toml", "text": 1}]}, "spec revision.files[0].text: must be a string, not an integer"),
+    ({"extra": 1}, "spec revision"),
+])
+def test_a_malformed_revision_is_refused_naming_the_field(change, error):
+    doc = json.loads(published.revision_dumps(REV)) | change
+    with pytest.raises(published.StatusError) as exc:
+        published.revision_loads(json.dumps(doc))
+    assert str(exc.value).startswith(error), str(exc.value)

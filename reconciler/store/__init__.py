@@ -25,12 +25,24 @@ class StoreError(Exception):
     """
 
 
+class SpecConflict(StoreError):
+    """spec_put() lost: the store's current revision is not the one the new revision was
+    based on (`current`: the store's current number, 0 if it holds none)."""
+
+    def __init__(self, message: str, *, current: int):
+        super().__init__(message)
+        self.current = current
+
+
 class StoreRefused(StoreError):
     """The store is there but must not be trusted (ownership, permissions, a symlink where a
     directory belongs): the agent refuses to start on it."""
 
 
 from reconciler.model import Claim, ClusterView, Heartbeat, Member, Snapshot  # noqa: E402,F401
+from reconciler.published import SpecFile, SpecRevision  # noqa: E402,F401
+
+KEEP = 20  # cluster spec revisions a store keeps (history, rollback): the newest KEEP
 
 
 class Store(abc.ABC):
@@ -118,6 +130,28 @@ class Store(abc.ABC):
         Atomic with exactly one winner among concurrent breakers of the same instance; a
         claim instance that was already replaced is never touched. True if this call won.
         """
+
+    # --- the cluster spec: numbered revisions (reconciler/published.py: SpecRevision) -------
+    # Every read() and read_blocking() reports the current number (Snapshot.spec_revision),
+    # cheaply: agents fetch a revision only when that number moves.
+
+    async def spec_get(self, number: int | None = None) -> SpecRevision | None:
+        """The revision `number` (None: the current one), or None if the store holds none
+        (or no longer keeps that one). A stored revision that does not parse, or one a root
+        agent must not trust (permissions), is a StoreError naming it, never None."""
+        raise StoreError(f"{self.url}: this store keeps no cluster spec")
+
+    async def spec_put(self, revision: SpecRevision) -> SpecRevision:
+        """Store `revision` as the new current one if the current number is revision.number
+        - 1 (0: none yet), atomically: among concurrent callers with the same number exactly
+        one wins. Otherwise nothing is written and SpecConflict(current=N) is raised.
+        Durable when it returns; then revisions older than the newest KEEP may be pruned
+        (never the current one). Returns what was stored."""
+        raise StoreError(f"{self.url}: this store keeps no cluster spec")
+
+    async def spec_history(self) -> list[SpecRevision]:
+        """The revisions kept, newest first (at most KEEP)."""
+        raise StoreError(f"{self.url}: this store keeps no cluster spec")
 
     async def wait(self, timeout: float) -> None:
         """Return when the store may have changed, or after `timeout` seconds.

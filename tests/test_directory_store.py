@@ -45,13 +45,13 @@ def test_first_start_creates_the_store_and_nothing_else_does(tmp_path):
     with pytest.raises(StoreError):
         run(bare.read())  # absent: unreachable, not empty
     run(bare.setup())  # what the agent does once at start-up
-    assert sorted(os.listdir(tmp_path / "store")) == ["claims", "ends", "generations", "nodes", "status"]
+    assert sorted(os.listdir(tmp_path / "store")) == ["claims", "ends", "generations", "nodes", "spec", "status"]
     assert os.stat(tmp_path / "store").st_mode & 0o022 == 0
     run(bare.publish(Heartbeat(node="n1", counter=1)))
     assert run(bare.read()).members["n1"].counter == 1
 
 
-@pytest.mark.parametrize("missing", ["", "claims", "nodes", "status"])
+@pytest.mark.parametrize("missing", ["", "claims", "nodes", "status", "spec"])
 def test_a_store_that_disappears_is_unreachable_not_empty(tmp_path, missing):
     s = new_store(tmp_path)
     run(s.publish(Heartbeat(node="n1", counter=1)))

@@ -133,25 +133,37 @@ class Store(abc.ABC):
 
     # --- the cluster spec: numbered revisions (reconciler/published.py: SpecRevision) -------
     # Every read() and read_blocking() reports the current number (Snapshot.spec_revision),
-    # cheaply: agents fetch a revision only when that number moves.
+    # cheaply: agents fetch a revision only when that number moves. A store keeps the newest
+    # KEEP revisions; the current one is the one with the largest number. A read() after a
+    # successful spec_put() of this store or of another (that returned before the read began)
+    # shows its number, and the change wakes wait() where the backend overrides it.
+    # The number a read reports comes without the revision's text (a read never parses a
+    # revision); where a backend keeps the number apart (etcd's spec/head) a malformed one
+    # reads as 0 and is listed in Snapshot.skipped, while spec_get and spec_put raise
+    # StoreError for it.
 
+    @abc.abstractmethod
     async def spec_get(self, number: int | None = None) -> SpecRevision | None:
         """The revision `number` (None: the current one), or None if the store holds none
-        (or no longer keeps that one). A stored revision that does not parse, or one a root
-        agent must not trust (permissions), is a StoreError naming it, never None."""
-        raise StoreError(f"{self.url}: this store keeps no cluster spec")
+        (or no longer keeps that one; a number below 1 is none). A stored revision that
+        does not parse or holds another number than its key/file name says is a StoreError
+        naming it, never None; one a root agent must not trust (permissions: the directory
+        store) is StoreRefused (a StoreError)."""
 
+    @abc.abstractmethod
     async def spec_put(self, revision: SpecRevision) -> SpecRevision:
         """Store `revision` as the new current one if the current number is revision.number
         - 1 (0: none yet), atomically: among concurrent callers with the same number exactly
-        one wins. Otherwise nothing is written and SpecConflict(current=N) is raised.
-        Durable when it returns; then revisions older than the newest KEEP may be pruned
-        (never the current one). Returns what was stored."""
-        raise StoreError(f"{self.url}: this store keeps no cluster spec")
+        one wins. Otherwise nothing is written and SpecConflict(current=N) is raised (one
+        line naming the store). Durable when it returns; revisions older than the newest
+        KEEP are then pruned (never the current one). Returns what was stored (`revision`
+        itself). The revision is stored as given: the caller validated it (digest) and set
+        node, wall and summary; a number below 1 is a StoreError."""
 
+    @abc.abstractmethod
     async def spec_history(self) -> list[SpecRevision]:
-        """The revisions kept, newest first (at most KEEP)."""
-        raise StoreError(f"{self.url}: this store keeps no cluster spec")
+        """The revisions kept, newest first (at most KEEP); [] if none. A malformed one is a
+        StoreError naming it (as spec_get)."""
 
     async def wait(self, timeout: float) -> None:
         """Return when the store may have changed, or after `timeout` seconds.

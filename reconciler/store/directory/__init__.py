@@ -13,6 +13,8 @@ Layout under the root:
                              it only if absent, atomically, on local filesystems and NFS alike
     ends/GROUP.GENERATION    a symlink created (exclusively) by whoever ends that instance
     generations/GROUP        the last ended generation, so the next claim's number is larger
+    spec/NNNNNNNNNN.json     the cluster spec's revisions (published.SpecRevision), created
+                             exclusively by link(2); the largest number is the current one
 
 Ending a claim (release by its owner, break by a survivor) first wins the exclusive
 `ends/GROUP.GENERATION` marker: for any one instance only one caller gets past that point,
@@ -35,6 +37,7 @@ The parts, one job each:
     heartbeats.py  writing this node's heartbeat and status (and noticing another writer)
     reader.py      reading every heartbeat, status and claim, reusing what did not change
     claims.py      the claim protocol: claim, and ending a claim instance exactly once
+    specs.py       the cluster spec's revisions: compare-and-swap, history, pruning, trust
     store.py       DirectoryStore: the Store contract, running the parts' blocking I/O in threads
 """
 

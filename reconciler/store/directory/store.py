@@ -12,11 +12,13 @@ import concurrent.futures
 import os
 from pathlib import Path
 
+from reconciler.published import SpecRevision
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.directory.claims import Claims
 from reconciler.store.directory.heartbeats import Heartbeats
 from reconciler.store.directory.layout import Layout
 from reconciler.store.directory.reader import Reader
+from reconciler.store.directory.specs import Specs
 
 
 class DirectoryStore(Store):
@@ -28,6 +30,7 @@ class DirectoryStore(Store):
         self._heartbeats = Heartbeats(self._layout)
         self._reader = Reader(self._layout, self._skips)
         self._claims = Claims(self._layout)
+        self._specs = Specs(self._layout)
         # The heartbeat (publish, read) has a thread of its own: a burst of claims or releases
         # (a node starting or taking over many groups) must not delay the lease renewal.
         self._heartbeat_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -55,11 +58,17 @@ class DirectoryStore(Store):
     # --- the layout -----------------------------------------------------------------------
 
     async def setup(self) -> None:
-        await self._io(self._layout.create)
+        """Store.setup: the layout (spec/ included), and spec/ and its revisions checked
+        (specs.py: StoreRefused if they must not be trusted)."""
+        await self._io(self._create)
 
     def create(self) -> None:
         """setup(), blocking (for tools and tests)."""
-        self._blocking(self._layout.create)
+        self._blocking(self._create)
+
+    def _create(self) -> None:
+        self._layout.create()
+        self._specs.check()
 
     # --- heartbeat ------------------------------------------------------------------------
 
@@ -79,7 +88,8 @@ class DirectoryStore(Store):
 
     def _read(self) -> Snapshot:
         members, claims, skipped = self._reader.read()
-        return Snapshot(members=members, claims=claims, skipped=tuple(skipped), displaced=self._heartbeats.displaced())
+        return Snapshot(members=members, claims=claims, skipped=tuple(skipped), displaced=self._heartbeats.displaced(),
+                        spec_revision=self._specs.current_for_read())
 
     async def close(self) -> None:
         if self._heartbeat_pool is not None:
@@ -96,3 +106,21 @@ class DirectoryStore(Store):
 
     async def break_claim(self, claim: Claim) -> bool:
         return await self._io(self._claims.end, claim)
+
+    # --- the cluster spec (specs.py) ------------------------------------------------------
+
+    async def spec_get(self, number: int | None = None) -> SpecRevision | None:
+        """Store.spec_get: spec/NUMBER.json (None: the largest number present). A file that
+        does not parse, or holds another number, is a StoreError naming it; one that must
+        not be trusted (owner, mode, a symlink) is StoreRefused."""
+        return await self._io(self._specs.get, number)
+
+    async def spec_put(self, revision: SpecRevision) -> SpecRevision:
+        """Store.spec_put: created exclusively (temporary file, fsync, link(2): one winner,
+        also on NFS), the directory fsynced, then revisions older than the newest KEEP
+        removed (Specs.put)."""
+        return await self._io(self._specs.put, revision)
+
+    async def spec_history(self) -> list[SpecRevision]:
+        """Store.spec_history: the files in spec/, newest first (at most KEEP)."""
+        return await self._io(self._specs.history)

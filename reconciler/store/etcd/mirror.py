@@ -13,6 +13,9 @@ and so is the key set of a kind whose count shows deletions. fetch_ops reads exa
 stale, at the mirror's revision, in one more round trip (read() does it before it answers; see
 EtcdStore._read for why the result is exactly a read at that revision).
 
+The delta also reads spec/head (one small key, whatever its mod revision), so the snapshot's
+spec_revision is the number at the mirror's revision at no cost of its own.
+
 A heartbeat without a status_hash (written by an older version) cannot tell: the statuses of
 such nodes are ranged over in the delta itself (modified since the mirror's revision only), as
 every status used to be.
@@ -36,6 +39,7 @@ from reconciler.store import Claim, Heartbeat, Snapshot, records
 from reconciler.store.etcd import values
 
 KINDS = ("nodes", "status", "claims")
+HEAD = 5  # the delta's range over spec/head: after those of nodes/ and claims/ and the counts
 # At most this many statuses are ranged over one key each (etcd allows 128 operations in a
 # transaction); more: one range over status/.
 EACH = 32
@@ -78,6 +82,8 @@ class Mirror:
         self.resync: set[str] = set()
         self.stale: dict[str, int] = {}
         self.status_count = 0  # keys under status/ at `rev`
+        self.head = base + b"spec/head"
+        self.spec_revision = 0  # spec/head's number at `rev` (0: absent or malformed)
         self.version = 0  # counts changes: a fetch answered after another change is not applied
         self.snap: Snapshot | None = None  # the Snapshot of the mirror as it is now, once built
         self.members_shared = self.claims_shared = False
@@ -89,7 +95,8 @@ class Mirror:
 
     def snapshot(self) -> Snapshot:
         if self.snap is None:
-            self.snap = Snapshot(members=self.members, claims=self.claims, skipped=tuple(sorted(self.bad)))
+            self.snap = Snapshot(members=self.members, claims=self.claims, skipped=tuple(sorted(self.bad)),
+                                 spec_revision=self.spec_revision)
             self.members_shared = self.claims_shared = True
         return self.snap
 
@@ -116,6 +123,7 @@ class Mirror:
         mod = base + 1 if base else 0
         ops = [_range(self.prefix["nodes"], min_mod_revision=mod), _range(self.prefix["claims"], min_mod_revision=mod)]
         ops += [_range(self.prefix[kind], count_only=True) for kind in KINDS]
+        ops.append(_range(self.head, single=True))  # HEAD: spec/head, always
         covered: tuple[str, ...] | None = ()
         if base:  # nodes whose heartbeat names no status hash: their statuses, if changed
             covered = tuple(name for name, h in self.announced.items() if h is None)
@@ -145,6 +153,7 @@ class Mirror:
         ranges = [r.response_range for r in responses]
         nodes, claims = ranges[0].kvs, ranges[1].kvs
         counts = dict(zip(KINDS, (r.count for r in ranges[2:5])))
+        self._set_head(ranges[HEAD].kvs)
         self.version += 1
         for kind, kvs in (("claims", claims), ("nodes", nodes)):
             names = [self._name(kind, kv.key) for kv in kvs]
@@ -160,7 +169,7 @@ class Mirror:
             for name, kv in zip(names, kvs):
                 put(name, kv)
         fetched = set()
-        for r in ranges[5:]:  # statuses of nodes without a hash, as of rev
+        for r in ranges[HEAD + 1:]:  # statuses of nodes without a hash, as of rev
             for kv in r.kvs:
                 name = self._name("status", kv.key)
                 self._set_status(name, kv.value)
@@ -179,6 +188,14 @@ class Mirror:
         if not self.pending and len(self.status) != self.status_count:
             self.resync.add("status")  # a status went (or came) without its heartbeat
         return True
+
+    def _set_head(self, kvs) -> None:
+        """spec/head as `kvs` (a range over it) has it; malformed: 0, and listed as skipped."""
+        n = values.parse_spec_head(kvs[0].value) if kvs else 0
+        self._mark("spec/head", n if isinstance(n, str) else "")
+        n = 0 if isinstance(n, str) else n
+        if n != self.spec_revision:
+            self.spec_revision, self.snap = n, None
 
     def _names(self, kvs):
         return [self._name("nodes", kv.key) for kv in kvs]
@@ -256,8 +273,15 @@ class Mirror:
         nodes = []
         bad: dict[str, str] = {}
         sp, cp, np = self.prefix["status"], self.prefix["claims"], self.prefix["nodes"]
+        head = 0
         for kv in kvs:
-            if kv.key.startswith(sp):
+            if kv.key == self.head:
+                n = values.parse_spec_head(kv.value)
+                if isinstance(n, str):
+                    bad["spec/head"] = n
+                else:
+                    head = n
+            elif kv.key.startswith(sp):
                 name = self._name("status", kv.key)
                 held = self.status.get(name)
                 status[name] = st = held if held is not None and held[0] == kv.value else values.parse_status(kv.value)
@@ -295,12 +319,12 @@ class Mirror:
                 members[name] = hb
         for entry, why in bad.items():
             self.skips.warn(entry, why)
-        return raw, announced, members, claims, status, bad
+        return raw, announced, members, claims, status, bad, head
 
     def install(self, rev: int, parsed: tuple) -> None:
         """Replace the mirror with `parsed` (parse_all), the whole prefix at `rev`. Claims
         equal to the mirror's stay the very same dict (the agent skips work on that)."""
-        raw, announced, members, claims, status, bad = parsed
+        raw, announced, members, claims, status, bad, self.spec_revision = parsed
         if claims != self.claims:
             self.claims, self.claims_shared = claims, False
         self.raw, self.announced, self.members, self.status = raw, announced, members, status

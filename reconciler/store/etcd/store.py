@@ -8,6 +8,7 @@ Layout under the prefix (default /reconciler; a URL path, etcd://HOST:PORT/ha1, 
                          bound to the lease
     claims/GROUP         "NODE:GENERATION"; created only if absent, bound to the claimer's lease
     generations/GROUP    the last generation handed out for GROUP (no lease: it only grows)
+    spec/head, spec/rev/NNNNNNNNNN   the cluster spec's revisions (specs.py; no lease)
 
 Each store instance holds one etcd lease (lease.py), kept alive by `publish` (every
 `lease.renew_every` seconds, not every heartbeat). When a node stops renewing, etcd deletes
@@ -29,7 +30,7 @@ a call moves on to the next endpoint after UNAVAILABLE or a timed-out attempt, a
 StoreError. Use one instance from one event loop.
 
 The store composes its parts, each given what it needs when it is made: conn.py, lease.py,
-watch.py, mirror.py, claims.py and twin.py; values.py parses what etcd holds. (About 400
+watch.py, mirror.py, claims.py, specs.py and twin.py; values.py parses what etcd holds. (About 400
 lines: what is left here is the Store contract's methods and the publish transaction.)
 """
 
@@ -46,7 +47,7 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler.published import EMPTY, NodeStatus
+from reconciler.published import EMPTY, NodeStatus, SpecRevision
 from reconciler.spec import redact_url
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.etcd import values
@@ -54,6 +55,7 @@ from reconciler.store.etcd.claims import Claims
 from reconciler.store.etcd.conn import Connection, LeaseGone, put_op
 from reconciler.store.etcd.lease import Lease
 from reconciler.store.etcd.mirror import Mirror
+from reconciler.store.etcd.specs import Specs
 from reconciler.store.etcd.twin import Twin
 from reconciler.store.etcd.watch import Watch
 
@@ -103,6 +105,7 @@ class EtcdStore(Store):
         # wait(); the twin runs no watch of its own.
         self.watch: Watch = Watch(self.conn) if twin_of is None else twin_of.watch
         self._claims = Claims(self.conn)
+        self._specs = Specs(self.conn)
         # node -> (lease, status hash, digest) last written: a status is written again under
         # a new lease (its keys went with the old one) and when it or the digest changed.
         self._last_status: dict[str, tuple[int, str, str]] = {}
@@ -319,14 +322,18 @@ class EtcdStore(Store):
         return not self._mirror.pending
 
     async def _read_full(self, deadline: float) -> Snapshot:
-        """The linearizable read: one range over the prefix; it replaces the mirror if newer."""
-        request = rpc.RangeRequest(key=self._base, range_end=prefix_range_end(self._base))
-        resp = await self.conn.call("read", lambda s, t, md: s.kv.Range(request, timeout=t, metadata=md), deadline)
+        """The linearizable read: every key under the prefix but the spec's revisions (up to
+        KEEP whole specs: spec_get reads those), in one transaction; it replaces the mirror
+        if newer."""
+        spec = self.conn.key("spec")
+        ranges = ((self._base, spec), (self._specs.head, b""), (prefix_range_end(spec), prefix_range_end(self._base)))
+        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k, range_end=e)) for k, e in ranges]
+        resp = await self.conn.txn("read", [], ops, [], deadline)
         rev = resp.header.revision
         self.watch.note_read(rev)
-        parsed = self._mirror.parse_all(resp.kvs)
+        parsed = self._mirror.parse_all([kv for r in resp.responses for kv in r.response_range.kvs])
         if rev < self._mirror.rev:  # a publish answered meanwhile moved the mirror past this read
-            return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])))
+            return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])), spec_revision=parsed[6])
         self._mirror.install(rev, parsed)
         return self._mirror.snapshot()
 
@@ -366,6 +373,23 @@ class EtcdStore(Store):
         ended, rev = await self._claims.end(what, claim)
         self.floor = max(self.floor, rev)  # the next read() must not show the claim any more
         return ended
+
+    # --- the cluster spec (specs.py) ------------------------------------------------------
+
+    async def spec_get(self, number: int | None = None) -> SpecRevision | None:
+        """Store.spec_get (Specs.get): one linearizable round trip; a malformed spec/head or
+        revision key is a StoreError naming it."""
+        return await self._specs.get(number)
+
+    async def spec_put(self, revision: SpecRevision) -> SpecRevision:
+        """Store.spec_put (Specs.put): one transaction; the next read() shows the number."""
+        stored, rev = await self._specs.put(revision)
+        self.floor = max(self.floor, rev)
+        return stored
+
+    async def spec_history(self) -> list[SpecRevision]:
+        """Store.spec_history (Specs.history): one range, newest first."""
+        return await self._specs.history()
 
     # --- renewal off the event loop ---------------------------------------------------------
 

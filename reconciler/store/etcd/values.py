@@ -4,6 +4,8 @@ reconciler/store/records.py) and hashed the same way by the store and its mirror
     nodes/NODE     {"node", "counter", "digest", "status_hash", "wall", "instance"} (JSON)
     status/NODE    the node's status record (reconciler/published.py, JSON); status_hash() names it
     claims/GROUP   "NODE:GENERATION"; the key's create revision is the claim's token
+    spec/head      the number of the current cluster spec revision (decimal)
+    spec/rev/NNNNNNNNNN  one revision (published.revision_dumps; NNNNNNNNNN: its number)
 """
 
 from __future__ import annotations
@@ -72,3 +74,10 @@ def claim_owner(raw: bytes) -> tuple[str, int]:
     """"NODE:GENERATION" -> (NODE, GENERATION); ("", 0) if malformed."""
     parsed = records.parse_claim(raw.decode(errors="replace"))
     return ("", 0) if isinstance(parsed, str) else parsed
+
+
+def parse_spec_head(raw: bytes) -> int | str:
+    """spec/head's value: the current revision number (>= 1), or why it is malformed."""
+    if not (raw.isdigit() and len(raw) <= 10 and int(raw) >= 1):
+        return f"spec/head holds {raw[:20]!r}, not a revision number"
+    return int(raw)

@@ -18,8 +18,9 @@ from aetcd.utils import prefix_range_end
 
 from reconciler.store.etcd.conn import Connection, describe
 
-# The watches wait() relies on: (kind, filters).
-_WATCHES = (("claims", ()), ("status", ()), ("nodes", (rpc.WatchCreateRequest.NOPUT,)))
+# The watches wait() relies on: (what, filters); "spec/head" is one key (a new spec revision),
+# the others are prefixes.
+_WATCHES = (("claims", ()), ("status", ()), ("nodes", (rpc.WatchCreateRequest.NOPUT,)), ("spec/head", ()))
 
 
 class Watch:
@@ -46,9 +47,9 @@ class Watch:
         after `timeout` seconds.
 
         The background watch (started by the store's first publish, read or wait) reports
-        changes: claims, statuses and deletions (lease expiry) wake it, and so do a new node
-        and a changed digest (both rewrite the node's status); a heartbeat counter alone does
-        not. When its member fails, the watch resumes on another endpoint from the revision
+        changes: claims, statuses, deletions (lease expiry) and a new cluster spec revision
+        (spec/head) wake it, and so do a new node and a changed digest (both rewrite the
+        node's status); a heartbeat counter alone does not. When its member fails, the watch resumes on another endpoint from the revision
         after the last event it delivered, so no change is lost. Raises StoreError (at the end
         of `timeout`) if the watch has been down for longer than the connection's timeout.
         """
@@ -90,9 +91,9 @@ class Watch:
                 for i, (kind, filters) in enumerate(_WATCHES):
                     if not self.resume_from[i] and self._read_rev:
                         self.resume_from[i] = self._read_rev + 1
-                    key = conn.key(kind)
+                    key = conn.key(kind) if "/" not in kind else f"{conn.prefix}/{kind}".encode()
                     await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                        key=key, range_end=prefix_range_end(key), start_revision=self.resume_from[i],
+                        key=key, range_end=prefix_range_end(key) if "/" not in kind else b"", start_revision=self.resume_from[i],
                         filters=filters, watch_id=i + 1)))
                 resp = await asyncio.wait_for(call.read(), conn.timeout)
                 while resp is not grpc.aio.EOF and not self._on_response(resp):

@@ -246,3 +246,74 @@ def test_dir_a_writer_that_died_half_way_wedges_nothing(tmp_path):
         assert [r.number for r in await a.spec_history()] == [2, 1]
 
     s.run(body)
+
+
+# --- etcd: what docs/etcd.md ("Production: auth and TLS") advises works -------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.needs("etcd")
+def test_etcd_agents_limited_to_read_the_spec_run_and_cannot_publish(tmp_path):
+    """A role with readwrite on nodes/, status/, claims/, generations/ and read on spec/ is
+    all an agent needs (heartbeat, reads, full reads, claims, the watch, spec_get); a put of
+    a revision is then refused by etcd, and a publisher's role on spec/ may."""
+    import grpc
+    from aetcd import rpc
+    from aetcd.utils import prefix_range_end
+    from etcd_cluster import EtcdCluster
+
+    prefix = "/rc"
+
+    def perm(kind: str, rw: int):
+        key = f"{prefix}/{kind}/".encode()
+        return rpc.Permission(permType=rw, key=key, range_end=prefix_range_end(key))
+
+    async def enable_auth(endpoint: str):
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            auth = rpc.AuthStub(channel)
+            for user, role, perms in (("root", "root", None),
+                                      ("agent", "agent", [perm(k, rpc.Permission.READWRITE) for k in
+                                                          ("nodes", "status", "claims", "generations")]
+                                       + [perm("spec", rpc.Permission.READ)]),
+                                      ("publisher", "publisher", [perm("spec", rpc.Permission.READWRITE)])):
+                await auth.UserAdd(rpc.AuthUserAddRequest(name=user, password=f"{user}-pw"))
+                if perms is not None:
+                    await auth.RoleAdd(rpc.AuthRoleAddRequest(name=role))
+                    for p in perms:
+                        await auth.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=role, perm=p))
+                await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=role))
+            await auth.AuthEnable(rpc.AuthEnableRequest())
+
+    cluster = EtcdCluster(1, tmp_path / "etcd").start()
+    try:
+        asyncio.run(enable_auth(cluster.endpoint(0)))
+        be = Backend("etcd", cluster.url, prefix=prefix)
+
+        async def body():
+            agent = be.new(user="agent", password="agent-pw")
+            other = be.new(user="agent", password="agent-pw")
+            publisher = be.new(user="publisher", password="publisher-pw")
+            await agent.publish(Heartbeat(node="n1", counter=1))
+            held = await agent.claim("web", "n1")
+            assert held is not None
+            assert (await other.read()).claims == {"web": held}  # a full read
+            assert await agent.spec_get() is None
+            with pytest.raises(StoreError) as info:
+                await agent.spec_put(R(1))
+            assert "permission denied" in str(info.value).lower() and not isinstance(info.value, SpecConflict)
+            await publisher.spec_put(R(1))
+            assert await agent.spec_get() == R(1) and await agent.spec_history() == [R(1)]
+            await agent.publish(Heartbeat(node="n1", counter=2))
+            assert (await agent.read()).spec_revision == 1
+            assert (await other.read()).spec_revision == 1
+            waiting = asyncio.create_task(other.wait(10))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            await publisher.spec_put(R(2))
+            await waiting
+            assert time.monotonic() - t0 < 3
+            assert await agent.release(held)
+
+        be.run(body)
+    finally:
+        cluster.stop()

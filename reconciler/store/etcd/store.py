@@ -322,11 +322,12 @@ class EtcdStore(Store):
         return not self._mirror.pending
 
     async def _read_full(self, deadline: float) -> Snapshot:
-        """The linearizable read: every key under the prefix but the spec's revisions (up to
-        KEEP whole specs: spec_get reads those), in one transaction; it replaces the mirror
-        if newer."""
-        spec = self.conn.key("spec")
-        ranges = ((self._base, spec), (self._specs.head, b""), (prefix_range_end(spec), prefix_range_end(self._base)))
+        """The linearizable read: nodes/, status/, claims/ and spec/head in one transaction
+        (not the spec's revisions: up to KEEP whole specs, which spec_get reads; nor the
+        generations: a role limited to what the agent uses may leave the rest out); it
+        replaces the mirror if newer."""
+        keys = [self.conn.key(kind) for kind in ("nodes", "status", "claims")]
+        ranges = [(k, prefix_range_end(k)) for k in keys] + [(self._specs.head, b"")]
         ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k, range_end=e)) for k, e in ranges]
         resp = await self.conn.txn("read", [], ops, [], deadline)
         rev = resp.header.revision

@@ -184,6 +184,9 @@ def test_dir_a_store_without_spec_reads_as_none_until_set_up(tmp_path):
         os.rename(a.root / "spec", tmp_path / "spec-away")  # as an older version left it
         tool = Backend("dir", a.url, create=False).new()
         assert (await tool.read()).spec_revision == 0  # a read-only tool, no setup
+        assert await tool.spec_get() is None and await tool.spec_history() == []
+        with pytest.raises(StoreError):
+            await tool.spec_put(R(1))  # only setup() creates anything
         with pytest.raises(StoreError) as info:
             await a.read()  # an agent that set the store up: unreachable, not empty
         assert "spec/" in str(info.value)

@@ -134,9 +134,10 @@ class Store(abc.ABC):
     # --- the cluster spec: numbered revisions (reconciler/published.py: SpecRevision) -------
     # Every read() and read_blocking() reports the current number (Snapshot.spec_revision),
     # cheaply: agents fetch a revision only when that number moves. A store keeps the newest
-    # KEEP revisions; the current one is the one with the largest number. A read() after a
-    # successful spec_put() of this store or of another (that returned before the read began)
-    # shows its number, and the change wakes wait() where the backend overrides it.
+    # KEEP revisions; the current one is the one with the largest number. A read() shows a
+    # put's number as it shows any other write (read()'s freshness: this store's own put at
+    # once, another's by the next read; etcd: see EtcdStore._read), and a new number wakes
+    # wait() where the backend overrides it.
     # The number a read reports comes without the revision's text (a read never parses a
     # revision); where a backend keeps the number apart (etcd's spec/head) a malformed one
     # reads as 0 and is listed in Snapshot.skipped, while spec_get and spec_put raise

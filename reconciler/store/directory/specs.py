@@ -28,6 +28,7 @@ import re
 import stat
 import time
 import uuid
+from collections.abc import Iterator
 
 from reconciler.published import SpecRevision, StatusError, revision_dumps, revision_loads
 from reconciler.store import KEEP, SpecConflict, StoreError, StoreRefused
@@ -65,11 +66,38 @@ class Specs:
                 f"(it is owned by uid {st.st_uid}, mode {mode:04o}): refused, the agent runs what it says as root"
             )
 
+    @contextlib.contextmanager
+    def _dir(self, *, absent_ok: bool = False) -> Iterator[int | None]:
+        """spec/'s descriptor, checked (StoreRefused if it must not be trusted), closed on
+        exit. Missing: unreachable (StoreError); but with `absent_ok`, before this store's
+        setup(), None: a store an older version made, seen by a read-only tool, holds no
+        spec (after setup() a missing spec/ is unreachable, like the other subdirectories)."""
+        root = self._layout.open_root()
+        try:
+            fd = os.open("spec", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        except FileNotFoundError:
+            if not (absent_ok and not self._layout.ready):
+                raise StoreError(f"{self._url}: spec/ is missing: unreachable") from None
+            fd = -1
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StoreRefused(f"{self._url}: spec is not a directory (a symlink?): refused") from None
+            raise
+        finally:
+            os.close(root)
+        if fd < 0:
+            yield None
+            return
+        try:
+            self._trusted(os.fstat(fd), "spec/")
+            yield fd
+        finally:
+            os.close(fd)
+
     def check(self) -> None:
         """setup(): spec/ and every revision in it may be trusted (StoreRefused if not)."""
-        with self._layout.dirs("spec") as d:
-            fd = d["spec"]
-            self._trusted(os.fstat(fd), "spec/")
+        with self._dir() as fd:
+            assert fd is not None
             for name in scan(fd):
                 if NAME_RE.match(name):
                     try:
@@ -99,31 +127,17 @@ class Specs:
         Cheap on an idle node: one open and fstat of spec/; the listing (~KEEP entries) is
         reused while the directory's inode, mtime and ctime stand still, on a local
         filesystem and for at most FULL_READ_EVERY seconds (a revision is created and pruned
-        as a directory entry, which sets both from the kernel's clock; see reader.py). Before
-        this store's setup() a missing spec/ reads as 0 (a store an older version made, seen
-        by a read-only tool); after it, as unreachable, like the other subdirectories.
+        as a directory entry, which sets both from the kernel's clock; see reader.py). A
+        missing spec/ before setup() reads as 0 (_dir).
         """
         if self._local is None:
             from reconciler.store.directory.reader import LOCAL_FS
 
             self._local = self._layout.fstype() in LOCAL_FS
-        root = self._layout.open_root()
-        try:
-            try:
-                fd = os.open("spec", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
-            except FileNotFoundError:
-                if not self._layout.ready:
-                    return 0
-                raise StoreError(f"{self._url}: spec/ is missing: unreachable") from None
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise StoreRefused(f"{self._url}: spec is not a directory (a symlink?): refused") from None
-                raise
-        finally:
-            os.close(root)
-        try:
+        with self._dir(absent_ok=True) as fd:
+            if fd is None:
+                return 0
             st = os.fstat(fd)
-            self._trusted(st, "spec/")
             key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
             mono, listed_at = time.monotonic(), time.time()
             last = self._listed
@@ -134,8 +148,6 @@ class Specs:
             self._listed = (key, number) if settled else None
             self._listed_at = mono
             return number
-        finally:
-            os.close(fd)
 
     # --- revisions ----------------------------------------------------------------------------
 
@@ -168,10 +180,10 @@ class Specs:
         return rev
 
     def get(self, number: int | None) -> SpecRevision | None:
-        """Store.spec_get."""
-        with self._layout.dirs("spec") as d:
-            fd = d["spec"]
-            self._trusted(os.fstat(fd), "spec/")
+        """Store.spec_get (None before setup() if spec/ is missing: _dir)."""
+        with self._dir(absent_ok=True) as fd:
+            if fd is None:
+                return None
             for _ in range(3):
                 want = max(self._numbers(fd), default=0) if number is None else number
                 if want < 1:
@@ -183,10 +195,10 @@ class Specs:
             raise StoreError(f"{self._url}: spec/: the current revision keeps changing")
 
     def history(self) -> list[SpecRevision]:
-        """Store.spec_history."""
-        with self._layout.dirs("spec") as d:
-            fd = d["spec"]
-            self._trusted(os.fstat(fd), "spec/")
+        """Store.spec_history ([] before setup() if spec/ is missing: _dir)."""
+        with self._dir(absent_ok=True) as fd:
+            if fd is None:
+                return []
             out = []
             for number in sorted(self._numbers(fd), reverse=True)[:KEEP]:
                 rev = self._load(fd, number)
@@ -206,9 +218,8 @@ class Specs:
         if rev.number < 1:
             raise StoreError(f"{self._url}: spec revision {rev.number}: numbers start at 1")
         text = revision_dumps(rev).encode()
-        with self._layout.dirs("spec") as d:
-            fd = d["spec"]
-            self._trusted(os.fstat(fd), "spec/")
+        with self._dir() as fd:
+            assert fd is not None
             current = max(self._numbers(fd), default=0)
             if current != rev.number - 1:
                 raise self._conflict(rev, current)

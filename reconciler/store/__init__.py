@@ -1,4 +1,5 @@
-"""The store: where nodes publish heartbeats and status and hold claims on groups.
+"""The store: where nodes publish heartbeats and status, hold claims on groups, and keep the
+cluster spec's numbered revisions (spec_get, spec_put, spec_history).
 
 `Store` is the interface; `directory.DirectoryStore` (the embedded default, also for a
 shared NFS/GFS/CephFS directory) and `etcd.EtcdStore` are its backends. One contract test

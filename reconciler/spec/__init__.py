@@ -4,6 +4,7 @@
     convert.py      the strict converter: TOML tables -> those classes, one-line errors
     loader.py       files (or a revision's texts) -> Spec; replacement checks
     local.py        what is each node's own: the local keys of [cluster], the node file
+    files.py        the spec's texts on disk: a revision's files, in step or not, the write-back
     rules.py        the cross-field rules (ranges, the timing's safety, unique tags)
     strictmodes.py  who may write a spec that runs commands; secrets read from files
     edit.py         `reconcile tell`: one group's runlevel changed in its file

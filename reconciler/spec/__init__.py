@@ -1,7 +1,10 @@
 """The spec: TOML -> Spec (frozen attrs), the first stage of the flow.
 
     model.py        the value classes (Spec, Group, Entry, Timing, ...) and small value types
-    loader.py       files -> Spec: the converter, includes, replacement checks
+    convert.py      the strict converter: TOML tables -> those classes, one-line errors
+    loader.py       files (or a revision's texts) -> Spec; replacement checks
+    local.py        what is each node's own: the local keys of [cluster], the node file
+    files.py        the spec's texts on disk: a revision's files, in step or not, the write-back
     rules.py        the cross-field rules (ranges, the timing's safety, unique tags)
     strictmodes.py  who may write a spec that runs commands; secrets read from files
     edit.py         `reconcile tell`: one group's runlevel changed in its file
@@ -19,6 +22,7 @@ from reconciler.spec.model import (
     control_char,
     DEFAULT_SPEC_PATH,
     digest,
+    LOCAL_KEYS,
     Entry,
     ENTRY_RANGES,
     FOREGROUND,
@@ -46,6 +50,7 @@ __all__ = [
     "control_char",
     "DEFAULT_SPEC_PATH",
     "digest",
+    "LOCAL_KEYS",
     "Entry",
     "ENTRY_RANGES",
     "FOREGROUND",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 import tomllib
 from typing import Any
 
@@ -21,6 +20,7 @@ import tomlkit
 import tomlkit.exceptions
 
 from reconciler import spec as specmod
+from reconciler.spec.files import replace_file
 
 
 def tell(spec_path: str, group: str, runlevel: str) -> str:
@@ -50,33 +50,8 @@ def tell(spec_path: str, group: str, runlevel: str) -> str:
     before["groups"][group]["runlevel"] = runlevel
     if before != after:
         raise specmod.SpecError("could not rewrite the runlevel line safely; edit the file by hand", file=path, field=f"groups.{group}.runlevel")
-    _replace(real, new_text, st)
+    replace_file(real, new_text, like=st)
     return path
-
-
-def _replace(path: str, text: str, st: os.stat_result) -> None:
-    """Replace `path` atomically with `text`, same mode and owner, durably: the new file is
-    fsynced before the rename and its directory after it, so a crash leaves the old spec or
-    the new one, never an empty file."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tell.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fchmod(fh.fileno(), st.st_mode & 0o7777)
-            os.fchown(fh.fileno(), st.st_uid, st.st_gid)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _rewrite(text: str, group: str, runlevel: str, path: str) -> str:

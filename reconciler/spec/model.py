@@ -24,6 +24,20 @@ MODES = ("wait", "once", "respawn", "test", "off")
 FOREGROUND = frozenset({"wait", "test"})
 STOP = "stop"
 DEFAULT_SPEC_PATH = "/etc/reconciler/"
+# The keys of [cluster] that are each node's own (reconciler/spec/local.py): needed before the
+# store can be reached, or different from node to node. The rest of a spec is the cluster's.
+LOCAL_KEYS = (
+    "store",
+    "state_dir",
+    "membership",
+    "etcd_prefix",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password",
+    "etcd_password_file",
+)
 
 
 # Line breaks and other control characters (from quoted TOML keys or values echoed back)
@@ -288,7 +302,8 @@ class Spec:
     cluster: Cluster
     groups: dict[str, Group]  # treated as immutable; insertion order = file order
     base: str = "."  # directory that relative paths in [cluster] resolve against
-    files: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # the spec files (never the node file)
+    node_file: str | None = None  # the node file applied, if any (reconciler/spec/local.py)
 
     def entry(self, group: str, tag: str) -> Entry | None:
         g = self.groups.get(group)
@@ -324,18 +339,15 @@ class Spec:
 
 
 def digest(spec: Spec) -> str:
-    """A short stable digest of what the spec means (not of its formatting)."""
-    data = {"cluster": attrs.asdict(spec.cluster), "groups": {n: attrs.asdict(g) for n, g in spec.groups.items()}}
-    # The digest is published with every heartbeat: no secret may reach it, not even hashed
-    # (a dictionary attack on a 12-digit digest of a known spec recovers a password). Only
-    # whether a password is set counts; changing it alone does not change the digest.
-    c = data["cluster"]
-    c["etcd_password"] = None if c["etcd_password"] is None else "<set>"
-    c["store"] = redact_url(c["store"])
-    for newer in ("etcd_password_file", "stop_all"):  # unset: the digest older versions publish
-        if not c[newer]:
-            del c[newer]
+    """A short stable digest of what the spec means (not of its formatting), for the cluster:
+    the local keys (LOCAL_KEYS: the store, the state directory, credentials) are left out, so
+    nodes that reach the store differently but run the same groups publish the same digest.
+    No secret can reach it either (a dictionary attack on a 12-digit digest of a known spec
+    would recover a password)."""
+    c = {k: v for k, v in attrs.asdict(spec.cluster).items() if k not in LOCAL_KEYS}
+    if not c["stop_all"]:  # unset: the digest older versions publish
+        del c["stop_all"]
+    data = {"cluster": c, "groups": {n: attrs.asdict(g) for n, g in spec.groups.items()}}
     for g in data["groups"].values():
         g.pop("source", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-

@@ -215,3 +215,20 @@ def test_strip_then_write_back_round_trip(tmp_path):
     assert in_step(b / "s.toml", rev) and specmod.load(b / "s.toml").cluster.store == "etcd://h:1"
     assert specmod.load(a / "s.toml").digest() == specmod.load(b / "s.toml").digest()
     assert strip_local((b / "s.toml").read_text(), file="s") == rev[0].text
+
+
+# --- set_runlevel (edit.py): the text rewrite of `tell`, for a revision's files ------------------
+
+
+def test_set_runlevel_keeps_the_layout():
+    from reconciler.spec.edit import set_runlevel, set_runlevel_in
+
+    text = "# mine\n[groups.web]  # the web\nrunlevel = \"run\"  # now\n\n[groups.db]\nrunlevel = 'stop'\n"
+    assert set_runlevel(text, "web", "maint", file="a.toml") == text.replace('"run"', '"maint"')
+    dotted = 'groups.web.runlevel = "run"\ngroups.web.nodes = []\n'
+    assert tomllib.loads(set_runlevel(dotted, "web", "stop", file="a.toml"))["groups"]["web"]["runlevel"] == "stop"
+    assert error(set_runlevel, text, "nope", "run", file="revision 3/a.toml") == "revision 3/a.toml: groups.nope: no group 'nope' in this file"
+    assert error(set_runlevel, "[x", "web", "run", file="a.toml").startswith("a.toml: not valid TOML")
+    pairs = [("a.toml", DB), ("b.toml", text)]
+    assert set_runlevel_in(pairs, "web", "stop", origin="revision 3") == [("a.toml", DB), ("b.toml", text.replace('"run"', '"stop"'))]
+    assert error(set_runlevel_in, pairs, "cache", "run", origin="revision 3") == "revision 3: groups.cache: unknown group 'cache'"

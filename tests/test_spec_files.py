@@ -8,29 +8,20 @@ import stat
 import tomllib
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from reconciler import spec as specmod
 from reconciler.published import SpecFile
-from reconciler.spec import SpecError, files, loader
+from reconciler.spec import files, loader
 from reconciler.spec.local import NODE_FILE, strip_local
 
 from helpers import good_spec, write_file as write
+from test_spec_local import FAST, error  # (the one-line SpecError of a call; the property tests' settings)
 
 GOOD = good_spec()
 LOCAL = 'store = "dir:/var/lib/x"\nstate_dir = "st"\n'
 WITH_LOCAL = GOOD.replace('name = "t"\n', f'name = "t"\n{LOCAL}')
 DB = '# the database\n[groups.db]\nrunlevel = "stop"\n'
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def error(fn, *args, **kw) -> str:
-    with pytest.raises(SpecError) as info:
-        fn(*args, **kw)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 def in_step(spec_path, revision_files) -> bool:

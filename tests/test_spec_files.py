@@ -223,3 +223,7 @@ def test_set_runlevel_keeps_the_layout():
     pairs = [("a.toml", DB), ("b.toml", text)]
     assert set_runlevel_in(pairs, "web", "stop", origin="revision 3") == [("a.toml", DB), ("b.toml", text.replace('"run"', '"stop"'))]
     assert error(set_runlevel_in, pairs, "cache", "run", origin="revision 3") == "revision 3: groups.cache: unknown group 'cache'"
+
+
+def test_concatenation_names_a_file_that_is_not_toml():
+    assert error(files.check_concatenation, [("a.toml", GOOD), ("b.toml", "[x")], origin="revision 2").startswith("revision 2/b.toml: not valid TOML")

@@ -275,3 +275,10 @@ def test_the_watch_sees_the_node_file(tmp_path):
     dirs, names = watch.roots(str(d), specmod.load(d))
     assert dirs == (str(d),) and names == frozenset({watch.ANY_TOML})
     assert [e[0] for e in watch.fingerprint(str(d))] == [str(d / "a.toml"), str(d / NODE_FILE)]
+
+
+def test_peek_refuses_a_bad_node_file(tmp_path):
+    d = tmp_path / "spec"
+    write(d / "a.toml", WITH_LOCAL)
+    write(d / NODE_FILE, 'name = "x"\n')
+    assert error(loader.peek, d).startswith(f"{d / NODE_FILE}: name: the node file holds only")

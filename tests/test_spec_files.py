@@ -8,29 +8,20 @@ import stat
 import tomllib
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from reconciler import spec as specmod
 from reconciler.published import SpecFile
-from reconciler.spec import SpecError, files, loader
+from reconciler.spec import files, loader
 from reconciler.spec.local import NODE_FILE, strip_local
 
 from helpers import good_spec, write_file as write
+from test_spec_local import FAST, error  # (the one-line SpecError of a call; the property tests' settings)
 
 GOOD = good_spec()
 LOCAL = 'store = "dir:/var/lib/x"\nstate_dir = "st"\n'
 WITH_LOCAL = GOOD.replace('name = "t"\n', f'name = "t"\n{LOCAL}')
 DB = '# the database\n[groups.db]\nrunlevel = "stop"\n'
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def error(fn, *args, **kw) -> str:
-    with pytest.raises(SpecError) as info:
-        fn(*args, **kw)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 def in_step(spec_path, revision_files) -> bool:
@@ -215,3 +206,24 @@ def test_strip_then_write_back_round_trip(tmp_path):
     assert in_step(b / "s.toml", rev) and specmod.load(b / "s.toml").cluster.store == "etcd://h:1"
     assert specmod.load(a / "s.toml").digest() == specmod.load(b / "s.toml").digest()
     assert strip_local((b / "s.toml").read_text(), file="s") == rev[0].text
+
+
+# --- set_runlevel (edit.py): the text rewrite of `tell`, for a revision's files ------------------
+
+
+def test_set_runlevel_keeps_the_layout():
+    from reconciler.spec.edit import set_runlevel, set_runlevel_in
+
+    text = "# mine\n[groups.web]  # the web\nrunlevel = \"run\"  # now\n\n[groups.db]\nrunlevel = 'stop'\n"
+    assert set_runlevel(text, "web", "maint", file="a.toml") == text.replace('"run"', '"maint"')
+    dotted = 'groups.web.runlevel = "run"\ngroups.web.nodes = []\n'
+    assert tomllib.loads(set_runlevel(dotted, "web", "stop", file="a.toml"))["groups"]["web"]["runlevel"] == "stop"
+    assert error(set_runlevel, text, "nope", "run", file="revision 3/a.toml") == "revision 3/a.toml: groups.nope: no group 'nope' in this file"
+    assert error(set_runlevel, "[x", "web", "run", file="a.toml").startswith("a.toml: not valid TOML")
+    pairs = [("a.toml", DB), ("b.toml", text)]
+    assert set_runlevel_in(pairs, "web", "stop", origin="revision 3") == [("a.toml", DB), ("b.toml", text.replace('"run"', '"stop"'))]
+    assert error(set_runlevel_in, pairs, "cache", "run", origin="revision 3") == "revision 3: groups.cache: unknown group 'cache'"
+
+
+def test_concatenation_names_a_file_that_is_not_toml():
+    assert error(files.check_concatenation, [("a.toml", GOOD), ("b.toml", "[x")], origin="revision 2").startswith("revision 2/b.toml: not valid TOML")

@@ -258,3 +258,27 @@ def test_local_keys_are_the_documented_ones():
     assert set(LOCAL_KEYS) | {"name", "timing", "stop_all"} == {a.name for a in specmod.Cluster.__attrs_attrs__}
     assert os.path.basename(NODE_FILE) == "node.toml"
     assert Path(specmod.__file__).parent.joinpath("local.py").exists()
+
+
+def test_the_watch_sees_the_node_file(tmp_path):
+    from reconciler.spec import watch
+
+    f = write(tmp_path / "s.toml", GOOD)
+    nf = write(tmp_path / "node" / "mine.toml", '[cluster]\nstate_dir = "x"\n')
+    dirs, names = watch.roots(str(f), specmod.load(f, node_file=nf))
+    assert str(tmp_path / "node") in dirs and "mine.toml" in names and "s.toml" in names
+    before = watch.fingerprint(str(f), str(nf))
+    assert len(before) == 2 and watch.fingerprint(str(f)) != before
+    d = tmp_path / "d"
+    write(d / "a.toml", GOOD)
+    write(d / NODE_FILE, '[cluster]\nstate_dir = "x"\n')
+    dirs, names = watch.roots(str(d), specmod.load(d))
+    assert dirs == (str(d),) and names == frozenset({watch.ANY_TOML})
+    assert [e[0] for e in watch.fingerprint(str(d))] == [str(d / "a.toml"), str(d / NODE_FILE)]
+
+
+def test_peek_refuses_a_bad_node_file(tmp_path):
+    d = tmp_path / "spec"
+    write(d / "a.toml", WITH_LOCAL)
+    write(d / NODE_FILE, 'name = "x"\n')
+    assert error(loader.peek, d).startswith(f"{d / NODE_FILE}: name: the node file holds only")

@@ -7,7 +7,8 @@
     files.py        the spec's texts on disk: a revision's files, in step or not, the write-back
     rules.py        the cross-field rules (ranges, the timing's safety, unique tags)
     strictmodes.py  who may write a spec that runs commands; secrets read from files
-    edit.py         `reconcile tell`: one group's runlevel changed in its file
+    changes.py      what changed between two specs, in a few words (a revision's summary)
+    edit.py         `reconcile tell`: one group's runlevel changed in its file (or in a text)
     importer.py     `reconcile import`: an OpenMosix::HA inittab -> TOML
     watch.py        where the spec really is on disk, watched for edits
 

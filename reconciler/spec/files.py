@@ -127,17 +127,20 @@ def check_concatenation(files: Files, *, origin: str) -> str:
     pairs = _pairs(files)
     text = concatenate(pairs)
     merged: dict[str, Any] = {}
-    try:
-        for name, t in pairs:
+    for name, t in pairs:
+        try:
             data = tomllib.loads(t)
-            for key, value in data.items():
-                if key in merged:
-                    both = sorted(set(merged[key]) & set(value)) if isinstance(merged[key], dict) and isinstance(value, dict) else [""]
-                    if both:
-                        field = f"{key}.{both[0]}" if both[0] else key
-                        raise SpecError("also defined in another file: the files cannot be joined into one", file=f"{origin}/{name}", field=field)
-                    value = {**merged[key], **value}
-                merged[key] = value
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"not valid TOML: {exc}", file=f"{origin}/{name}") from None
+        for key, value in data.items():
+            if key in merged:
+                both = sorted(set(merged[key]) & set(value)) if isinstance(merged[key], dict) and isinstance(value, dict) else [""]
+                if both:
+                    field = f"{key}.{both[0]}" if both[0] else key
+                    raise SpecError("also defined in another file: the files cannot be joined into one", file=f"{origin}/{name}", field=field)
+                value = {**merged[key], **value}
+            merged[key] = value
+    try:
         together = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"the files joined into one are not valid TOML ({exc}): a directory spec can hold them", file=origin) from None

@@ -246,20 +246,17 @@ def check_replacement(current: Spec, new: Spec, path: str | os.PathLike[str]) ->
 
 def peek(path: str | os.PathLike[str], *, node_file: str | os.PathLike[str] | None = None) -> Spec:
     """Only the [cluster] table of a spec that does not load as a whole (with its node file
-    applied, if that one loads), with no groups.
+    applied), with no groups.
 
     For read-only commands (`reconcile status`) after a bad edit: the agents still run the
     last good spec, and showing what they publish needs only the store's address. Raises
-    SpecError if even the [cluster] table cannot be read.
+    SpecError if even the [cluster] table cannot be read, or the node file does not load.
     """
     root = Path(path)
     files = spec_files(root)
     base = _base(root)
     nf = node_file_of(root, node_file)
-    try:
-        node_items = load_node_file(nf) if nf is not None else {}
-    except SpecError:
-        node_items = {}
+    node_items = load_node_file(nf) if nf is not None else {}  # (bad: the store is unknown, say so)
     for f in files:
         try:
             with open(f, "rb") as fh:

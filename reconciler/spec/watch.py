@@ -25,8 +25,8 @@ def roots(spec_path: str, spec: specmod.Spec) -> tuple[tuple[str, ...], frozense
     path = Path(spec_path)
     if path.is_dir():
         dirs = {os.path.realpath(path)}  # (inotify follows a link to the directory anyway)
-        names = {ANY_TOML}
-        for f in spec.files:
+        names = {ANY_TOML}  # (node.toml too)
+        for f in (*spec.files, *([spec.node_file] if spec.node_file else [])):
             real = os.path.realpath(f)
             if os.path.dirname(real) != os.path.realpath(path):
                 dirs.add(os.path.dirname(real))
@@ -40,21 +40,26 @@ def roots(spec_path: str, spec: specmod.Spec) -> tuple[tuple[str, ...], frozense
             break
         chain.append(os.path.normpath(os.path.join(os.path.dirname(chain[-1]), target)))
     chain.append(os.path.realpath(path))
+    if spec.node_file:  # `--node-file`: an edit of it is an edit of this node's settings
+        chain += [os.path.abspath(spec.node_file), os.path.realpath(spec.node_file)]
     # Real directories, once each: two names of one directory would be watched twice.
     return tuple(sorted({os.path.realpath(os.path.dirname(p)) for p in chain})), frozenset(os.path.basename(p) for p in chain)
 
 
-def fingerprint(spec_path: str) -> tuple[tuple[object, ...], ...]:
+def fingerprint(spec_path: str, node_file: str | None = None) -> tuple[tuple[object, ...], ...]:
     """What the spec's files look like on disk now (names, inodes, sizes, change times, and
     where links lead): compared once a tick, so that an edit the watch did not report (one
     made while the watch was still being set up, or an inotify queue overflow) is still
     applied. Level-triggered, like everything else in the agent: nothing depends on having
-    seen the event."""
+    seen the event. A directory's node.toml is one of its *.toml; another node file
+    (`node_file`, a one-file spec's) is looked at too."""
     path = Path(spec_path)
     try:
         files = sorted(str(f) for f in path.iterdir() if f.suffix == ".toml") if path.is_dir() else [str(path)]
     except OSError:
         files = [str(path)]
+    if node_file is not None and str(node_file) not in files:
+        files.append(str(node_file))
     out: list[tuple[object, ...]] = []
     for f in files:
         try:

@@ -103,12 +103,98 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def default_node_file() -> str | None:
+    return os.environ.get("RECONCILER_NODE_FILE") or None
+
+
 def load_or_fail(path: str) -> specmod.Spec:
+    from reconciler.spec import loader
+
     try:
-        return specmod.load(path)
+        return loader.load(path, node_file=click.get_current_context().obj.get("node_file"))
     except specmod.SpecError as exc:
         fail(str(exc))
         raise AssertionError  # unreachable
+
+
+def spec_to_use(path: str, *, explicit: bool) -> specmod.Spec:
+    """The spec a command looks at: the cluster spec (the store's current revision, with this
+    node's local settings) unless a spec path was given explicitly (`--spec`), or the store
+    holds none or cannot be reached (then the local files, saying so on stderr)."""
+    from reconciler.agent import clusterspec
+    from reconciler.cluster import survey
+    from reconciler.spec import loader
+    from reconciler.store import StoreError
+
+    local_spec = load_or_fail(path)
+    if explicit:
+        return local_spec
+    try:
+        rev = asyncio.run(survey.current_revision(local_spec))
+    except StoreError as exc:
+        click.echo(f"reconcile: warning: {exc}: using the local files {path}", err=True)
+        return local_spec
+    if rev is None:
+        return local_spec
+    try:
+        local = loader.local_settings(path, node_file=click.get_current_context().obj.get("node_file"))
+        return clusterspec.load_revision(rev, spec_path=path, local=local)
+    except specmod.SpecError as exc:
+        fail(f"the store's revision {rev.number} does not load here: {exc}")
+
+
+def spec_explicit(ctx: click.Context) -> bool:
+    """Was a spec path given on the command line (to the command or before it)?"""
+    return "--spec" in ctx.obj.get("given", set()) or (
+        "spec_path" in ctx.params and ctx.get_parameter_source("spec_path") is ParameterSource.COMMANDLINE)
+
+
+def local_or_fail(path: str) -> tuple[specmod.Spec, dict]:
+    """(a Spec holding only this node's local settings: enough to open the store; the
+    settings) for the cluster spec commands, which work from a machine that has only the
+    node file."""
+    from reconciler.spec import loader
+
+    node_file = click.get_current_context().obj.get("node_file")
+    try:
+        local = loader.local_settings(path, node_file=node_file)
+        return loader.load_texts([], spec_path=path, local=local, origin="local settings"), local
+    except specmod.SpecError as exc:
+        fail(str(exc))
+        raise AssertionError  # unreachable
+
+
+def store_op(path: str, op, *, error_code: int = 1, no_spec=None) -> NoReturn:
+    """Run `op(store, local)` (agent/specops.py) on the store this node's settings name; print
+    its lines, exit with its code; its OpError or a StoreError: one line, `error_code`.
+    `no_spec()`: what to do instead when the store holds no cluster spec yet."""
+    from reconciler.agent import specops
+    from reconciler.cluster import survey
+    from reconciler.store import StoreError
+
+    spec, local = local_or_fail(path)
+    if no_spec is not None and survey.never_set_up(spec):
+        no_spec()
+
+    async def go():
+        store = survey.open_spec_store(spec)
+        try:
+            return await op(store, local)
+        finally:
+            await store.close()
+
+    try:
+        code, lines = asyncio.run(go())
+    except specops.NoClusterSpec:
+        if no_spec is None:
+            fail(f"{spec.shown_store_url}: the store holds no cluster spec yet (start an agent, or `reconcile apply`)",
+                 error_code)
+        no_spec()
+    except (specops.OpError, StoreError) as exc:
+        fail(str(exc), error_code)
+    for line in lines:
+        click.echo(line)
+    sys.exit(code)
 
 
 class _Json(logging.Formatter):
@@ -186,7 +272,7 @@ def dry_run(spec_path: str, node: str, down: tuple[str, ...], *, as_json: bool =
     from reconciler.agent import dryrun
     from reconciler.store import StoreError
 
-    spec = load_or_fail(spec_path)
+    spec = spec_to_use(spec_path, explicit=spec_explicit(click.get_current_context()))
     try:
         plan = dryrun.simulate(spec, node, down)
     except StoreError as exc:
@@ -202,8 +288,10 @@ def dry_run(spec_path: str, node: str, down: tuple[str, ...], *, as_json: bool =
 
 
 # Which of the group's options each command reads (any other given is refused, not ignored).
-USES = {"run": {"spec_path", "node", "node_down"}, "status": {"spec_path", "node"}, "check": {"spec_path"},
-        "tell": {"spec_path"}, "logs": {"spec_path", "node"}, "import": set()}
+USES = {"run": {"spec_path", "node", "node_down", "node_file"}, "status": {"spec_path", "node", "node_file"},
+        "check": {"spec_path", "node_file"}, "tell": {"spec_path", "node_file"}, "logs": {"spec_path", "node", "node_file"},
+        "import": set(), "apply": {"spec_path", "node_file"}, "diff": {"spec_path", "node_file"},
+        "history": {"spec_path", "node_file"}, "rollback": {"spec_path", "node_file"}}
 
 
 @click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -214,14 +302,19 @@ USES = {"run": {"spec_path", "node", "node_down"}, "status": {"spec_path", "node
 @click.option("--spec", "spec_path", default=default_spec, help=SPEC_HELP)
 @click.option("--node", default=default_node, help="this node's name [default: $RECONCILER_NODE, then the hostname]",
               shell_complete=complete_node)
+@click.option("--node-file", default=default_node_file,
+              help="this node's own settings (store, state_dir, ...) [default: $RECONCILER_NODE_FILE, then a directory"
+                   " spec's node.toml]")
 @click.option("--node-down", multiple=True, help="with --dry-run: plan as if this node had died (repeatable)",
               shell_complete=complete_node)
 @click.option("--json", "as_json", is_flag=True, help="with --dry-run: the plan as JSON")
 @click.pass_context
-def main(ctx: click.Context, dry_run: bool, spec_path: str, node: str, node_down: tuple[str, ...], as_json: bool) -> None:
+def main(ctx: click.Context, dry_run: bool, spec_path: str, node: str, node_file: str | None, node_down: tuple[str, ...],
+         as_json: bool) -> None:
     """High availability for a cluster of Linux machines, declared in TOML."""
     ctx.ensure_object(dict)
-    ctx.obj.update(spec=spec_path, node=node, node_down=node_down, given=set(given(ctx, "spec_path", "node")))
+    ctx.obj.update(spec=spec_path, node=node, node_file=node_file, node_down=node_down,
+                   given=set(given(ctx, "spec_path", "node")))
     sub = ctx.invoked_subcommand
     if sub != "run":  # only the agent keeps the signals that came early (see EARLY_SIGNALS)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -233,7 +326,7 @@ def main(ctx: click.Context, dry_run: bool, spec_path: str, node: str, node_down
             ctx.fail(f"--dry-run is not an option of `{sub}`: use `reconcile --dry-run` or `reconcile run --dry-run`")
         if as_json:
             ctx.fail(f"--json goes after the command: `reconcile {sub} --json`")
-        unused = given(ctx, *sorted({"spec_path", "node", "node_down"} - USES.get(sub, set())))
+        unused = given(ctx, *sorted({"spec_path", "node", "node_file", "node_down"} - USES.get(sub, set())))
         if unused:
             ctx.fail(f"{', '.join(unused)}: not used by `{sub}`")
         return
@@ -296,7 +389,8 @@ def run(ctx, spec_path, node, once, dry, node_down, as_json, metrics_address, lo
                 fail(f"--metrics-address {metrics_address}: {getattr(exc, 'strerror', None) or exc}")
         from reconciler.host import notify
 
-        a = agentmod.Agent(spec_path, node, once=once, metrics=metrics, notify=notify, early_signals=EARLY_SIGNALS)
+        a = agentmod.Agent(spec_path, node, once=once, metrics=metrics, notify=notify, early_signals=EARLY_SIGNALS,
+                           node_file=ctx.obj.get("node_file"))
         code = asyncio.run(a.run())
         logging.getLogger("reconciler").debug("event loop closed")
         if server is not None:
@@ -315,7 +409,7 @@ def check(ctx, spec_path, as_json) -> None:
     spec_path = own(ctx, "spec", spec_path)
     from reconciler.spec import summary
 
-    doc = summary.summary(load_or_fail(spec_path), spec_path)
+    doc = summary.summary(spec_to_use(spec_path, explicit=spec_explicit(ctx)), spec_path)
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else "\n".join(summary.render(doc)))
     for w in doc["warnings"]:
         click.echo(f"reconcile: warning: {w}", err=True)
@@ -324,23 +418,100 @@ def check(ctx, spec_path, as_json) -> None:
     sys.exit(1 if doc["problems"] else 0)
 
 
-@main.command(epilog=epilog("reconcile tell web stop", "reconcile tell web run --spec /etc/reconciler/web.toml"))
+@main.command(epilog=epilog("reconcile tell web stop", "reconcile tell web run --local --spec /etc/reconciler/web.toml"))
 @click.argument("group", shell_complete=complete_group)
 @click.argument("runlevel")
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--local", "local_file", is_flag=True,
+              help="edit the local spec file instead of the cluster spec in the store (a node that runs alone)")
 @click.pass_context
-def tell(ctx, group, runlevel, spec_path) -> None:
-    """Set GROUP's desired RUNLEVEL in the spec (comments survive); running agents converge."""
-    from reconciler.spec import edit
+def tell(ctx, group, runlevel, spec_path, local_file) -> None:
+    """Set GROUP's desired RUNLEVEL in the cluster spec: a new revision in the store (comments
+    kept), from any node, owner or not; every agent converges and writes it into its files.
+    Before any agent has seeded the store (or with --local): in the local spec file."""
+    spec_path = own(ctx, "spec", spec_path)
+
+    def in_the_file() -> NoReturn:
+        from reconciler.spec import edit
+
+        try:
+            path = edit.tell(spec_path, group, runlevel)
+        except specmod.SpecError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"{exc.filename or spec_path}: {exc.strerror or exc}")
+        click.echo(f"{group}: runlevel {runlevel} (written to {path})")
+        sys.exit(0)
+
+    if local_file:
+        in_the_file()
+    from reconciler.agent import specops
+
+    store_op(spec_path, lambda store, local: specops.tell(store, group, runlevel, spec_path=spec_path, local=local),
+             no_spec=in_the_file)
+
+
+@main.command(epilog=epilog("reconcile apply", "reconcile apply --dry-run /etc/reconciler", "reconcile apply --force new.toml"))
+@click.argument("path", required=False)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--dry-run", "dry", is_flag=True, help="print what would change, apply nothing")
+@click.option("--force", is_flag=True, help="apply files edited on an older revision than the store's")
+@click.pass_context
+def apply(ctx, path, spec_path, dry, force) -> None:
+    """Validate PATH (files or a directory; default: the spec) and publish it as the cluster
+    spec's next revision, after a summary of what changes. Exit 0 applied (or nothing to
+    apply), 1 on an error or a conflict."""
+    from reconciler.agent import clusterspec, specops
 
     spec_path = own(ctx, "spec", spec_path)
-    try:
-        path = edit.tell(spec_path, group, runlevel)
-    except specmod.SpecError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"{exc.filename or spec_path}: {exc.strerror or exc}")
-    click.echo(f"{group}: runlevel {runlevel} (written to {path})")
+    path = path or spec_path
+    node_file = ctx.obj.get("node_file")
+
+    def base_of(new: specmod.Spec) -> int | None:
+        synced = clusterspec.synced_for(new, path)
+        if synced is None or clusterspec.local_hash(path)[0] == synced.files:
+            return None  # no agent syncs these files, or they are as it left them
+        return synced.revision
+
+    store_op(spec_path, lambda store, local: specops.apply(store, path, node_file=node_file, local=local, force=force,
+                                                           dry_run=dry, base_of=base_of))
+
+
+@main.command(epilog=epilog("reconcile diff", "reconcile diff new.toml && echo same"))
+@click.argument("path", required=False)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.pass_context
+def diff(ctx, path, spec_path) -> None:
+    """What `apply PATH` would change in the cluster spec: exit 0 the same, 1 different, 2 on
+    an error (kubectl's convention)."""
+    from reconciler.agent import specops
+
+    spec_path = own(ctx, "spec", spec_path)
+    path = path or spec_path
+    node_file = ctx.obj.get("node_file")
+    store_op(spec_path, lambda store, local: specops.diff(store, path, node_file=node_file, local=local), error_code=2)
+
+
+@main.command(epilog=epilog("reconcile history"))
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.pass_context
+def history(ctx, spec_path) -> None:
+    """The cluster spec's revisions kept in the store, newest first: number, time, who, digest, what changed."""
+    from reconciler.agent import specops
+
+    store_op(own(ctx, "spec", spec_path), lambda store, _local: specops.history(store))
+
+
+@main.command(epilog=epilog("reconcile rollback 7"))
+@click.argument("revision", type=click.IntRange(min=1))
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.pass_context
+def rollback(ctx, revision, spec_path) -> None:
+    """Publish an earlier REVISION's files again, as the next revision."""
+    from reconciler.agent import specops
+
+    spec_path = own(ctx, "spec", spec_path)
+    store_op(spec_path, lambda store, local: specops.rollback(store, revision, spec_path=spec_path, local=local))
 
 
 STATUS_NOT_AS_DESIRED = 3  # `status --check`: something is not as desired
@@ -377,18 +548,30 @@ def status(ctx, spec_path, node, as_json, check) -> None:
 
     from reconciler.spec import loader
 
+    from reconciler.agent import clusterspec
+
     path = own(ctx, "spec", spec_path)
     spec_error = None
+    local_error = None  # this machine's spec files do not load (the cluster spec may)
+    node_file = ctx.obj.get("node_file")
     try:
-        spec = specmod.load(path)
+        spec = loader.load(path, node_file=node_file)
     except specmod.SpecError as exc:
         # The agents keep running their last good spec: still show what they publish.
-        spec_error = str(exc)
+        spec_error = local_error = str(exc)
         try:
-            spec = loader.peek(path)
+            spec = loader.peek(path, node_file=node_file)
         except specmod.SpecError:
             fail(spec_error)
     try:
+        # The desired state is the cluster spec's (the store's current revision), where there is one.
+        rev = asyncio.run(survey.current_revision(spec))
+        if rev is not None:
+            try:
+                spec = clusterspec.load_revision(rev, spec_path=path, local=loader.local_settings(path, node_file=node_file))
+                spec_error = None
+            except specmod.SpecError as exc:
+                spec_error = f"the store's revision {rev.number} does not load here: {exc}"
         look = asyncio.run(survey.look_at(spec))
     except StoreError as exc:
         # After a bad edit the store's address may be a guess: the spec error comes first.
@@ -399,6 +582,9 @@ def status(ctx, spec_path, node, as_json, check) -> None:
     click.echo(json.dumps(overview.to_json(doc), indent=2, sort_keys=True) if as_json else overview.render(doc, now=time.time()))
     if spec_error is not None:
         fail(f"{spec_error} (shown: what the nodes publish; they keep their last good spec)")
+    if local_error is not None:  # shown: the cluster spec; this machine's files hold a refused edit
+        click.echo(f"reconcile: warning: {local_error} (not the cluster's: it runs revision {rev.number if rev else '?'})",
+                   err=True)
     if check and doc.problems:
         for p in doc.problems:
             click.echo(f"reconcile: {p}", err=True)

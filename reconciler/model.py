@@ -135,6 +135,8 @@ class ClusterView:
     # Why the membership (hpc) could not be read ("": read, or none configured). Such a view
     # is also not store_ok (nothing is taken over without it), with this as its store_error.
     membership_error: str = ""
+    # The store's current cluster spec revision as last read (Snapshot.spec_revision; 0: none).
+    spec_revision: int = 0
 
     def alive(self, name: str, now: float, dead_after: float) -> bool:
         if name == self.node:

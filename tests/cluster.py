@@ -109,7 +109,8 @@ class Node:
         self.proc: subprocess.Popen | None = None
         # machine: a second agent under an existing name, as if on another machine (Cluster.add_twin)
         self.machine = machine
-        self.spec_dir = cluster.spec_dir if not machine else cluster.root / f"spec@{machine}"
+        self.spec_dir = (cluster.root / f"spec@{machine}" if machine
+                         else cluster.root / f"spec-{name}" if cluster.own_specs else cluster.spec_dir)
         self.log = cluster.root / (f"agent-{name}.log" if not machine else f"agent-{name}@{machine}.log")
         self.netns: str | None = cluster.netns.get(name)
         # its cgroup: one per machine (a twin on another machine must not share its namesake's)
@@ -372,11 +373,16 @@ class Node:
 class Cluster:
     def __init__(
         self, root: Path, *, nodes=("n1", "n2", "n3"), groups: str = "", cluster_extra: str = "", env=None, netns=None,
-        store: str | None = None, store_netns: str | None = None, metrics=None,
+        store: str | None = None, store_netns: str | None = None, metrics=None, own_specs: bool = False,
     ):
         self.root = root
         self.spec_dir = root / "spec"
         self.spec_dir.mkdir(mode=0o755, exist_ok=True)
+        # own_specs: every node reads a spec directory of its own (spec-NODE), as on machines
+        # of their own; `write` then writes every node's copy unless told which node's.
+        self.own_specs = own_specs
+        for n in nodes if own_specs else ():
+            (root / f"spec-{n}").mkdir(mode=0o755, exist_ok=True)
         os.chmod(root, 0o755)
         self.store = root / "store"
         self.guard_log = str(root / "guard.log")
@@ -398,12 +404,21 @@ class Cluster:
         self.nodes = {n: Node(self, n) for n in nodes}
         self.cgroup = cgroup_base()  # MOUNT/rtest-PID-N: a cgroup per node below it
 
-    def write(self, name: str, text: str) -> None:
-        path = self.spec_dir / name
-        tmp = self.spec_dir / f".{name}.tmp"
-        tmp.write_text(textwrap.dedent(text))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+    def write(self, name: str, text: str, *, node: str | None = None) -> None:
+        """Write spec file `name` (atomically, as an editor saves): into the shared spec
+        directory, or with own_specs into `node`'s copy (None: every node's and the shared one)."""
+        dirs = [self.spec_dir] if not self.own_specs else [self.root / f"spec-{node}"] if node else [
+            self.spec_dir, *(p for p in sorted(self.root.glob("spec-*")) if p.is_dir())]
+        for d in dirs:
+            path = d / name
+            tmp = d / f".{name}.tmp"
+            tmp.write_text(textwrap.dedent(text))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+
+    def read(self, name: str, *, node: str) -> str:
+        """Spec file `name` as `node`'s copy holds it now."""
+        return (self.nodes[node].spec_dir / name).read_text()
 
     @staticmethod
     def guard_group(name: str, log: str, *, extra: str = "", entries: str = "") -> str:

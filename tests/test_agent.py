@@ -686,9 +686,9 @@ def test_status_json_shape(env, agents):
 
 @pytest.mark.integration  # starts agents
 def test_status_after_a_bad_edit_shows_what_the_nodes_publish(env, agents):
-    """A spec edit that does not load: the agent keeps its last good spec, and `reconcile
-    status` still shows every group the nodes publish (with their desired runlevel), names
-    the error, and exits 1."""
+    """A spec edit that does not load: the agent keeps its last good spec (the cluster spec's
+    revision), and `reconcile status` shows the cluster as that revision says, the node's
+    refused edit, and warns of this machine's files."""
     env.write(group("g") + entry("s", "respawn", ["sleep", "113"]) + group("h", runlevel="stop") + entry("u", "respawn", ["sleep", "114"], group="h"))
     agents()
     pid = wait_for(lambda: env.running("s"), 10, "s running")
@@ -696,16 +696,17 @@ def test_status_after_a_bad_edit_shows_what_the_nodes_publish(env, agents):
     env.write(group("g") + entry("s", "respawn", ["sleep", "113"]).replace('mode = "respawn"', 'mode = "bogus"'))
     wait_for(lambda: "bogus" in env.status().get("spec_error", "") or "mode" in env.status().get("spec_error", ""), 5, "the agent reports the bad edit")
     assert env.running("s") == pid  # the last good spec keeps running
-    p = reconcile("status", "--spec", str(env.spec_dir), "--node", NODE, "--json", check=1)
+    p = reconcile("status", "--spec", str(env.spec_dir), "--node", NODE, "--json", check=0)
     doc = json.loads(p.stdout)
-    assert "groups.g.entries[0].mode" in doc["spec_error"]
+    assert doc["spec_error"] == ""  # the cluster spec (revision 1) loads
     assert doc["groups"]["g"]["desired"] == "run" and doc["groups"]["g"]["owner"] == NODE
     assert doc["groups"]["g"]["entries"]["s"] == {"state": "running", "pid": pid}
     assert doc["groups"]["h"]["desired"] == "stop" and doc["groups"]["h"]["owner"] is None
     assert doc["nodes"][NODE]["live"] is True and "mode" in doc["nodes"][NODE]["spec_error"]
-    assert doc["nodes"][NODE]["spec_differs"] is False  # no loadable spec to compare with
-    assert p.stderr.startswith(f"reconcile: {env.spec_file}: groups.g.entries[0].mode:") and "they keep their last good spec" in p.stderr
-    p = reconcile("status", "--spec", str(env.spec_dir), "--node", NODE, check=1)
+    assert doc["nodes"][NODE]["spec_differs"] is False and doc["nodes"][NODE]["revision"] == 1
+    assert p.stderr.startswith(f"reconcile: warning: {env.spec_file}: groups.g.entries[0].mode:"), p.stderr
+    assert "it runs revision 1" in p.stderr
+    p = reconcile("status", "--spec", str(env.spec_dir), "--node", NODE, check=0)
     assert "g " in p.stdout and f"pid {pid}" in p.stdout
 
 

@@ -24,6 +24,7 @@ METRICS = frozenset(
         "reconciler_entries",
         "reconciler_members_live",
         "reconciler_groups_owned",
+        "reconciler_spec_revision",
         "reconciler_group_running",
         "reconciler_group_desired",
         "reconciler_claims_total",
@@ -114,7 +115,7 @@ def test_the_panels_the_issue_asks_for():
     assert "reconciler_tick_duration_seconds_bucket" in text
     assert panels["Group placement"]["type"] == "state-timeline"
     assert "reconciler_group_running" in panels["Group placement"]["targets"][0]["expr"]
-    for title in ("Members live", "Failovers", "Tick latency p50 / p99", "Spec valid", "Entries by state", "Action errors and retries"):
+    for title in ("Members live", "Failovers", "Tick latency p50 / p99", "Spec valid, revision", "Entries by state", "Action errors and retries"):
         assert title in panels, title
 
 

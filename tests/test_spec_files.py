@@ -227,3 +227,38 @@ def test_set_runlevel_keeps_the_layout():
 
 def test_concatenation_names_a_file_that_is_not_toml():
     assert error(files.check_concatenation, [("a.toml", GOOD), ("b.toml", "[x")], origin="revision 2").startswith("revision 2/b.toml: not valid TOML")
+
+
+WEBDB = """# a cluster
+[cluster]
+name = "webdb"
+store = "dir:/srv/store"
+state_dir = "/var/lib/reconciler/state"
+
+# the timing, with a comment that sits right after the local keys
+[cluster.timing]
+lease = "2s"
+"""
+
+
+def test_a_file_that_shows_the_revision_is_left_alone_and_in_step(tmp_path):
+    """Local keys taken out (a revision) and put back (a write-back) move blank lines and the
+    comment beside them (tomlkit): never an edit, never a rewrite (a node once rewrote its
+    cluster.toml at every revision, then saw it as out of step and wrote it again)."""
+    write(tmp_path / "cluster.toml", WEBDB)
+    rev = files.revision_files(tmp_path)
+    before = os.stat(tmp_path / "cluster.toml")
+    written = files.write_back(tmp_path, rev, revision=2, local=files.files_local(tmp_path), first_sync=False)
+    assert written == [] and (tmp_path / "cluster.toml").read_text() == WEBDB
+    assert os.stat(tmp_path / "cluster.toml").st_ino == before.st_ino
+    assert files.texts_hash(files.read_stripped(tmp_path)) == files.texts_hash(files.comparable(rev, files.layout(tmp_path)))
+    # and after a real change is written back, the files are in step with it at once
+    changed = tuple(SpecFile(f.name, f.text.replace('lease = "2s"', 'lease = "3s"')) for f in rev)
+    assert files.write_back(tmp_path, changed, revision=3, local=files.files_local(tmp_path), first_sync=False)
+    assert 'store = "dir:/srv/store"' in (tmp_path / "cluster.toml").read_text()
+    assert files.texts_hash(files.read_stripped(tmp_path)) == files.texts_hash(files.comparable(changed, files.layout(tmp_path)))
+
+
+def test_blank_lines_are_not_an_edit():
+    assert files.texts_hash({"a.toml": "x = 1\n\n\ny = 2  \n"}) == files.texts_hash({"a.toml": "x = 1\ny = 2\n"})
+    assert files.texts_hash({"a.toml": "x = 1\n"}) != files.texts_hash({"a.toml": "x = 2\n"})

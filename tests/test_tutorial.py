@@ -339,7 +339,8 @@ def _follow(blocks: dict[str, Block], machines: dict[str, Machine]) -> None:
     assert "node1" in out and "hello-server" in out, out
     m, code = step("hello-tell")
     out = _ok(m.run(code)).stdout
-    assert out.splitlines() == ["hello: runlevel maint (written to /etc/reconciler/hello.toml)", 'runlevel = "maint"'], out
+    assert out.splitlines() == ["hello: runlevel maint (revision 2; the agents write it into their files)",
+                                'runlevel = "maint"'], out
     m.run_until("curl -s http://127.0.0.1:8000/", lambda r: r.returncode != 0, what="the server stopped at maint")
     m, code = step("hello-tell-back")
     _ok(m.run(code))
@@ -377,7 +378,8 @@ def _follow(blocks: dict[str, Block], machines: dict[str, Machine]) -> None:
     assert "takeover db" in out and "exit status 2" in out, out
 
     for m, code in _on(blocks, "web-maint", machines):
-        assert _ok(m.run(code)).stdout == "web: runlevel maint (written to /etc/reconciler/web.toml)\n"
+        assert re.fullmatch(r"web: runlevel maint \(revision \d+; the agents write it into their files\)\n",
+                            _ok(m.run(code)).stdout)
     m, code = step("web-maint-check")
     m.run_until(code, lambda r: r.stdout == "down for maintenance\n", what="the maintenance page")
     for m, code in _on(blocks, "web-run", machines):

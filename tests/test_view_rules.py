@@ -203,3 +203,23 @@ def test_the_fingerprint_changes_with_what_the_planner_plans_on():
     quiet = attrs.evolve(base, store_error="x", unclaimed_since={"db": 1.0},
                          members={PEER: member(PEER, 10.0, NodeStatus(eligible_groups=("web",), store_error="a peer's own"))})
     assert rules.fingerprint(quiet, 10.1, dead_after=D) == fp
+
+
+# --- how long a group has waited for a claim (cluster/liveness.py) -------------------------
+
+def test_a_group_waits_for_a_claim_only_while_it_is_desired_to_run():
+    """A group set to stop, then to run again, gives its preferred node dead_after to claim it
+    from then on, as at start; the time it spent stopped does not count (it once let the
+    second candidate claim it at once)."""
+    from reconciler.cluster.liveness import Liveness
+    from reconciler.model import Snapshot
+
+    live = Liveness(ME)
+    view = live.update(Snapshot(claims={}), 1.0, groups=["web"], lease_until=10.0)
+    assert view.unclaimed_since == {"web": 1.0}
+    view = live.update(Snapshot(claims={}), 2.0, groups=[], lease_until=10.0)  # web: runlevel stop
+    assert view.unclaimed_since == {}
+    view = live.update(Snapshot(claims={}), 9.0, groups=["web"], lease_until=10.0)  # run again
+    assert view.unclaimed_since == {"web": 9.0}
+    view = live.update(Snapshot(claims=claims(web=PEER)), 9.5, groups=["web"], lease_until=10.0)
+    assert view.unclaimed_since == {}

@@ -42,6 +42,7 @@ from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
 from reconciler.agent.metrics import Metrics
 from reconciler.agent.narrator import Narrator
+from reconciler.agent.specsync import SpecSync
 from reconciler.agent.upkeep import Upkeep
 from reconciler.store import ClusterView, Store, StoreError, StoreRefused
 from reconciler.cluster import survey
@@ -52,7 +53,8 @@ PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wa
 
 class Agent:
     def __init__(
-        self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None, early_signals=None
+        self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None, early_signals=None,
+        node_file: str | None = None,
     ):
         self.early_signals = early_signals if early_signals is not None else []
         self.spec_path = spec_path
@@ -60,10 +62,18 @@ class Agent:
         self.once = once
         self.metrics = metrics or Metrics(node)
         self.notify = notify
-        self._spec_files = specwatch.fingerprint(spec_path)  # (before the load: an edit during it is seen)
+        self._spec_files = specwatch.fingerprint(spec_path, node_file)  # (before the load: an edit during it is seen)
         self._spec_checked_at = time.monotonic()
-        self.spec: specmod.Spec = specmod.load(spec_path)  # SpecError: the caller reports it
-        self.spec_error = ""
+        self.node_file = node_file
+        # The local files until the cluster spec is read from the store (agent/specsync.py);
+        # the node's local settings (store, state_dir, ...) come from them for good.
+        self.spec: specmod.Spec = loader.load(spec_path, node_file=node_file)  # SpecError: the caller reports it
+        self.local = loader.local_settings(spec_path, node_file=node_file)
+        self.specsync: SpecSync  # built in run(), with the store
+        self._sync_task: asyncio.Task | None = None
+        self._sync_head = -1  # the store revision number the last sync step was started for
+        self._sync_retry_at = 0.0
+        self._spec_error_seen = ""  # the sync's error the metrics last counted
         self.wake_event = asyncio.Event()
         self.watch_stop = threading.Event()
         self._watched: tuple[tuple[str, ...], frozenset[str]] | None = None  # _start_spec_watch's roots and names
@@ -182,6 +192,13 @@ class Agent:
             timing=self._timing,
         )
         await asyncio.to_thread(self.renewer.beat)
+        self.specsync = SpecSync(spec_path=self.spec_path, node_file=self.node_file, node=self.node, store=self.store,
+                                 node_dir=self.node_dir, local=self.local, running=lambda: self.spec)
+        if self.view.store_ok:
+            # Before the first pass: a node whose files are older than the cluster's spec
+            # must not plan with them, not even once.
+            self._sync_head = self.view.spec_revision
+            self._adopt(await self.specsync.step(self._sync_head))
         self.upkeep.start_keeper()
         tasks = []
         self.renewer.start()
@@ -222,8 +239,7 @@ class Agent:
         while True:
             self.wake_event.clear()
             self._notice_spec_edit()
-            if self.reload:
-                self._reload()
+            self._maybe_sync()
             self.reconcile()
             self.upkeep.beat()  # at least once a tick, even while the store (and the renewer) hang
             if self.stopping:
@@ -298,12 +314,7 @@ class Agent:
         try:
             spec = self.spec
             if self.stopping:
-                spec = specmod.Spec(
-                    cluster=spec.cluster,
-                    groups={n: _stopped(g) for n, g in spec.groups.items()},
-                    base=spec.base,
-                    files=spec.files,
-                )
+                spec = attrs.evolve(spec, groups={n: _stopped(g) for n, g in spec.groups.items()})
             now = time.monotonic()
             observed = self.observer.observe(now)
             view = self.watch.planning_view()
@@ -327,8 +338,8 @@ class Agent:
             self.supervisor.save()
             self.book.save()  # observation may have adopted or dropped some
             state_errors = tuple(e for e in (self.supervisor.save_error, self.lease.file_error) if e)
-            doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec),
-                                        state_errors=state_errors)
+            doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.specsync.error, digest=self._digest(spec),
+                                        state_errors=state_errors, spec_revision=self.specsync.revision)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
             self.metrics.tick(  # (the spec as loaded: while stopping, `spec` says runlevel stop)
@@ -359,27 +370,50 @@ class Agent:
         if self.once or now - self._spec_checked_at < self.spec.cluster.timing.tick:
             return
         self._spec_checked_at = now
-        if specwatch.fingerprint(self.spec_path) != self._spec_files:
+        if specwatch.fingerprint(self.spec_path, self.node_file) != self._spec_files:
             self.reload = True
 
-    def _reload(self) -> None:
+    def _maybe_sync(self) -> None:
+        """Start a cluster spec step (agent/specsync.py) when the files changed, the store's
+        revision moved, or the last one must be retried; one at a time, as a task of its own
+        (a store that hangs never holds up a pass)."""
+        if self.once or (self._sync_task is not None and not self._sync_task.done()):
+            return
+        view = self.view
+        head = view.spec_revision
+        retry = self.specsync.retry and time.monotonic() >= self._sync_retry_at
+        if not view.store_ok or not (self.reload or head != self._sync_head or retry):
+            return
         self.reload = False
-        self._spec_files = specwatch.fingerprint(self.spec_path)
+        self._sync_head = head
+        self._sync_retry_at = time.monotonic() + self._timing().tick
+        self._spec_files = specwatch.fingerprint(self.spec_path, self.node_file)
+        self._sync_task = asyncio.create_task(self._sync(head), name="spec-sync")
+
+    async def _sync(self, head: int) -> None:
         try:
-            new = specmod.load(self.spec_path)
-            loader.check_replacement(self.spec, new, self.spec_path)  # an emptied spec stops nothing
-        except specmod.SpecError as exc:
-            self.spec_error = str(exc)
-            log.error("%s (keeping the last good spec)", exc)
-            self.metrics.spec_loaded(None, ok=False)
-        else:
+            self._adopt(await self.specsync.step(head))
+        except Exception:
+            log.exception("cluster spec sync failed")
+        finally:
+            self.wake()
+
+    def _adopt(self, new: specmod.Spec | None) -> None:
+        """Run `new` (a revision that loads here) from now on."""
+        self.metrics.spec_running(self.specsync.revision)
+        if new is not None:
             digest = new.digest()
-            if digest != self._digest(self.spec):
-                log.info("spec reloaded: digest %s", digest)
-            self.spec, self.spec_error = new, ""
+            changed = digest != self._digest(self.spec)
+            self.spec = new
             self._digest_of = (new, digest)
-            self.metrics.spec_loaded(new, ok=True)
-        # Good edit or bad: a link that points elsewhere now is watched where it leads.
+            if changed:  # (the seed of the store, or the store's revision of the same spec: no reload)
+                log.info("spec reloaded: digest %s", digest)
+                self.metrics.spec_loaded(new, ok=True)
+        elif self.specsync.error != self._spec_error_seen:
+            # refused (valid 0), or in step again after a refusal (valid 1: the files load)
+            self.metrics.spec_loaded(None if self.specsync.error else self.spec, ok=not self.specsync.error)
+        self._spec_error_seen = self.specsync.error
+        # A link that points elsewhere now is watched where it leads.
         if self._watched is not None and specwatch.roots(self.spec_path, self.spec) != self._watched:
             self._start_spec_watch()
 

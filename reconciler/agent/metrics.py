@@ -54,6 +54,10 @@ class Metrics:
         self.spec_valid = prom.Gauge("reconciler_spec_valid", "1 if the last spec load succeeded.", L, registry=r)
         self.reloads = prom.Counter("reconciler_spec_reloads", "Spec loads by result.", L + ["result"], registry=r)
         self.spec_info = prom.Info("reconciler_spec", "Digest of the spec this node runs.", L, registry=r)
+        self.spec_revision = prom.Gauge(
+            "reconciler_spec_revision", "The cluster spec revision this node runs (0: its local files, none from the store).",
+            L, registry=r,
+        )
         self.respawns = prom.Counter("reconciler_respawns", "Respawns of exited processes.", L + ["group", "tag"], registry=r)
         self.twin = prom.Gauge(
             "reconciler_node_twin", "1 while another agent publishes under this node's name (it claims nothing then).", L,
@@ -93,6 +97,10 @@ class Metrics:
         self.skipped.labels(node)
 
     # --- hooks the agent calls ------------------------------------------------------------
+
+    def spec_running(self, revision: int) -> None:
+        """The cluster spec revision this node runs now (0: its local files)."""
+        self.spec_revision.labels(self.node).set(revision)
 
     def spec_loaded(self, spec, *, ok: bool) -> None:
         self.reloads.labels(self.node, "ok" if ok else "error").inc()

@@ -42,6 +42,8 @@ class NodeRow:
     twin: str
     state_errors: tuple[str, ...]
     store_skipped: tuple[str, ...]
+    revision: int = 0  # the cluster spec revision it runs (0: its local files)
+    behind: bool = False  # live, and running an older revision than the store's current one
 
 
 @attrs.frozen
@@ -139,6 +141,8 @@ def problems(nodes: Mapping[str, NodeRow], groups: Mapping[str, GroupRow]) -> tu
         out.extend(f"node {name}: local state: {e}" for e in n.state_errors)
         if n.spec_error:
             out.append(f"node {name}: spec: {n.spec_error}")
+        if n.behind:
+            out.append(f"node {name}: runs spec revision {n.revision}, behind the cluster's")
     for name, g in groups.items():
         if not as_desired(g):
             why = "; ".join(f"{f.tag} failed on {f.node}{_exit(f.exit_code)}" for f in g.failures) if g.state == FAILED else ""
@@ -212,7 +216,8 @@ def render(doc: Overview, *, now: float) -> str:
     node_rows = []
     for name, n in doc.nodes.items():
         age = "-" if n.heartbeat_age is None else ago(n.heartbeat_age)
-        spec = n.digest + (" (differs)" if n.spec_differs else "") + (f" error: {n.spec_error}" if n.spec_error else "")
+        spec = (f"r{n.revision} " if n.revision else "") + n.digest + (" (behind)" if n.behind else "") + (
+            " (differs)" if n.spec_differs and not n.behind else "") + (f" error: {n.spec_error}" if n.spec_error else "")
         node_rows.append((name, "yes" if n.live else "NO", age, spec))
     notes: dict[str, list[str]] = {}
     for name, n in doc.nodes.items():

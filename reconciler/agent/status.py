@@ -39,6 +39,7 @@ def node_status(
     spec: specmod.Spec, observed: Observed, view: ClusterView, plan: Plan, now: float, *, spec_error: str = "",
     state_errors: tuple[str, ...] = (),
     digest: str | None = None,
+    spec_revision: int = 0,
 ) -> NodeStatus:
     """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known)."""
     pending = {a.group for a in plan.actions} | set(observed.busy)
@@ -92,6 +93,7 @@ def node_status(
         store_error=view.store_error,
         quorum=view.quorum,
         twin=view.twin,
+        spec_revision=spec_revision,
         store_skipped=tuple(view.skipped),
         members={n: MemberStatus(alive=view.alive(n, now, spec.cluster.timing.dead_after), up=m.up) for n, m in view.members.items()},
         eligible_groups=tuple(sorted(eligible)),
@@ -121,6 +123,8 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
             twin=hb.status.twin,
             state_errors=hb.status.state_errors,
             store_skipped=hb.status.store_skipped,
+            revision=hb.status.spec_revision,
+            behind=name in look.advanced and hb.status.spec_revision < snap.spec_revision,
         )
     live = [n for n, row in nodes.items() if row.live]
     names = list(spec.groups)

@@ -23,7 +23,7 @@ class Liveness:
         snap: Snapshot,
         now: float,
         *,
-        groups: list[str],
+        groups: list[str],  # the groups desired to run: how long each has been unclaimed counts only meanwhile
         lease_until: float,
         hpc: HpcView | None = None,
         stale_claims: frozenset[str] = frozenset(),
@@ -49,6 +49,8 @@ class Liveness:
                     self._unclaimed.pop(g, None)
                 else:
                     self._unclaimed.setdefault(g, now)
+            for g in [g for g in self._unclaimed if g not in groups]:
+                del self._unclaimed[g]  # (no longer desired to run: its wait starts afresh)
             if self._unclaimed != self._unclaimed_view:
                 self._unclaimed_view = dict(self._unclaimed)
         # Views and snapshots are never modified in place (whoever changes one copies it

@@ -18,6 +18,7 @@ import attrs
 from reconciler import spec as specmod
 from reconciler.decide import view as rules
 from reconciler.model import Snapshot
+from reconciler.published import SpecRevision
 from reconciler.store import Store, directory
 from reconciler.store.factory import open_store
 
@@ -58,9 +59,25 @@ async def look(store: Store, *, heartbeat: float, dead_after: float) -> Look:
             return Look(snapshot=snap, ended=now, advanced=advanced, silent=silent)
 
 
+def never_set_up(spec: specmod.Spec) -> bool:
+    """A directory store no agent has set up yet (it holds nothing: no spec, no member)."""
+    return spec.store_url.startswith("dir:") and directory.never_set_up(spec.store_url[4:])
+
+
+async def current_revision(spec: specmod.Spec) -> SpecRevision | None:
+    """The store's current cluster spec revision (None: it holds none, or was never set up)."""
+    if never_set_up(spec):
+        return None
+    store = open_spec_store(spec)
+    try:
+        return await store.spec_get()
+    finally:
+        await store.close()
+
+
 async def look_at(spec: specmod.Spec) -> Look:
     """A look at the store the spec names (an empty cluster before any agent set it up)."""
-    if spec.store_url.startswith("dir:") and directory.never_set_up(spec.store_url[4:]):
+    if never_set_up(spec):
         return Look(snapshot=Snapshot(), ended=time.monotonic())  # the first agent sets it up
     store = open_spec_store(spec)
     try:

@@ -66,7 +66,10 @@ class Watch:
         now = self._clock()
         self._lease.note_read(snap.claims)
         view = self.liveness.update(
-            snap, now, groups=list(spec.groups), lease_until=self._lease.until, hpc=hpc,
+            # (a group desired to stop is not waiting for a claim: when it is set to run again,
+            # its preferred node gets dead_after to claim it first, as after a start)
+            snap, now, groups=[n for n, g in spec.groups.items() if g.runlevel != specmod.STOP], lease_until=self._lease.until,
+            hpc=hpc,
             stale_claims=self._lease.stale(), store_ok=not error, store_error=error,
         )
         view = rules.checked_membership(view, None if hpc is None else hpc.me)
@@ -74,6 +77,8 @@ class Watch:
         view = rules.with_verdict(view, verdict, published=self._instance.published_at is not None, skipped=snap.skipped)
         if self._membership_error:
             view = attrs.evolve(view, membership_error=self._membership_error)
+        if snap.spec_revision != view.spec_revision:
+            view = attrs.evolve(view, spec_revision=snap.spec_revision)
         self.view = view
         if not error:
             self.read_at = now

@@ -36,6 +36,7 @@ __all__ = [
     "concatenate",
     "files_local",
     "layout",
+    "normal",
     "read_stripped",
     "replace_file",
     "revision_files",
@@ -158,9 +159,29 @@ def comparable(files: Files, lay: Layout) -> dict[str, str]:
     return {lay.name: concatenate(pairs)}
 
 
+def normal(text: str) -> str:
+    """`text` as in-step comparisons see it: without blank lines and trailing blanks. Taking
+    the local keys out and putting them back (tomlkit) moves blank lines and a comment's
+    place next to them; such a difference is never an edit, and never a reason to rewrite."""
+    return "\n".join(line.rstrip() for line in text.splitlines() if line.strip())
+
+
 def texts_hash(texts: Mapping[str, str]) -> str:
-    """A sha256 (hex) of texts by name: what spec-sync.json keeps of the last texts in step."""
-    return hashlib.sha256(json.dumps(sorted(texts.items()), ensure_ascii=False).encode()).hexdigest()
+    """A sha256 (hex) of texts by name, each `normal`: what spec-sync.json keeps of the last
+    texts in step."""
+    return hashlib.sha256(json.dumps(sorted((n, normal(t)) for n, t in texts.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+def _shows(old: str, new: str, *, file: str) -> bool:
+    """Does a file holding `old` show `new` already (the same text bar blank lines and where
+    its local keys stand, with the same local keys)? Then it is left alone."""
+    if old == new:
+        return True
+    try:
+        return (normal(strip_local(old, file=file)) == normal(strip_local(new, file=file))
+                and local_items(old, file=file) == local_items(new, file=file))
+    except SpecError:
+        return False
 
 
 def files_local(spec_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -223,7 +244,7 @@ def write_back(spec_path: str | os.PathLike[str], files: Files, *, revision: int
     for path, text in targets.items():
         real = Path(os.path.realpath(path))
         old = _read(real) if real.exists() else None
-        if old == text:
+        if old is not None and _shows(old, text, file=str(path)):
             continue
         st = os.stat(real) if old is not None else None
         if old is not None and first_sync:

@@ -22,8 +22,9 @@ writes a new one (reconciler/cluster/leasefile.py), and never counts on a renewa
 show.
 
 It exits only on the "released" record AND when nothing it guards is alive
-(`anything_alive`): deleting or corrupting the file can never switch it off; it keeps
-enforcing while anything of the node lives. It also exits at once if another keeper
+(`anything_alive`) AND no agent of the node is (a new agent reuses a live keeper:
+`Watch.hand_over`): deleting or corrupting the file can never switch it off; it keeps
+enforcing while anything of the node lives. It also steps aside if another keeper
 already watches the same directory (it holds STATE/NODE/keeper.lock): two keepers would
 each count the other among the agent's children and SIGKILL it at expiry, leaving none.
 No write of its own (keeper.log, keeper.pid) can stop it: a full, read-only or failing
@@ -47,6 +48,7 @@ from reconciler.host import cgroups, leaserecord, procfs
 
 POLL = 0.01  # while the lease file is unreadable, and between kills after expiry
 IDLE_MAX = 0.5  # longest sleep before the deadline: how soon a "released" record is seen
+LOCK_WAIT = 2.0  # seconds a new keeper waits for the lock of one that is handing over
 TORN_GRACE = 0.05  # an unreadable record is read again for this long before it counts as one
 
 
@@ -221,14 +223,28 @@ def _take_lock(node_dir: str, log: Log) -> bool:
     except OSError as exc:
         log.write(f"cannot open keeper.lock ({exc.strerror}): running without it")
         return True
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # A keeper that is handing over (Watch.hand_over) holds it for a moment more;
+            # one that stays holds it on: step aside then.
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return False
+            time.sleep(POLL)
+            continue
+        except OSError as exc:
+            log.write(f"cannot lock keeper.lock ({exc.strerror}): running without it")
+        return True  # (fd stays open: the lock lives as long as this process)
+
+
+def _unlink_pid(node_dir: str) -> None:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    except OSError as exc:
-        log.write(f"cannot lock keeper.lock ({exc.strerror}): running without it")
-    return True  # (fd stays open: the lock lives as long as this process)
+        os.unlink(os.path.join(node_dir, "keeper.pid"))
+    except OSError:
+        pass
 
 
 def _write_pid(node_dir: str, log: Log) -> None:
@@ -309,10 +325,25 @@ class Watch:
         else:
             why = f"lease deadline {known:.3f} passed"
         self.expire(why)
-        if known == leaserecord.RELEASED and not anything_alive(self.node_dir):
+        if known == leaserecord.RELEASED and not anything_alive(self.node_dir) and self.hand_over():
             self.log.write("lease released and nothing of the node alive: exiting")
             return None
         return POLL * 5
+
+    def hand_over(self) -> bool:
+        """May this keeper exit? Not while an agent of the node is alive: a new agent that
+        started after the release reuses the live keeper it finds (keeper.pid), and would
+        then run its groups unguarded. keeper.pid goes first, then the agent is looked for
+        again: the agent writes agent.pid before it looks at keeper.pid, so either this
+        keeper sees the new agent (and stays), or the agent finds no keeper.pid and starts a
+        keeper of its own (which waits for this one's lock: _take_lock)."""
+        if procfs.agent_pid(self.node_dir) is not None:
+            return False
+        _unlink_pid(self.node_dir)
+        if procfs.agent_pid(self.node_dir) is not None:
+            _write_pid(self.node_dir, self.log)
+            return False
+        return True
 
     def expire(self, why: str) -> None:
         """Kill, and keep killing whatever still or newly runs until the agent renews (a

@@ -332,3 +332,20 @@ def test_anything_alive_sees_the_cgroup_subtree_and_the_markers(tmp_path, monkey
         marked.kill()
         marked.wait(5)
     assert not keeper.anything_alive(str(node_dir))
+
+
+def test_a_released_keeper_stays_for_an_agent_that_started_meanwhile(tmp_path):
+    """A new agent that finds the old keeper alive reuses it; the keeper, which read the old
+    agent's "released" record, must not exit under it (the randomized fault test once saw a
+    restarted node run its groups with no keeper, and a pause then ran them twice). It
+    hands over: keeper.pid first, then one more look for an agent."""
+    d = tmp_path / "n1"
+    d.mkdir()
+    (d / "lease").write_bytes(leaserecord.lease_record(leaserecord.RELEASED))
+    (d / "keeper.pid").write_text("1 1\n")
+    me = os.getpid()
+    (d / "agent.pid").write_text(f"{me} {procfs.start_ticks(me)}\n")  # an agent (this test) is alive
+    w = keeper.Watch(str(d), str(d / "lease"), keeper.Log(str(d)))
+    assert w.step() is not None and (d / "keeper.pid").exists()  # stays, and says so
+    (d / "agent.pid").unlink()  # the agent is gone: nothing alive, nobody to guard for
+    assert w.step() is None and not (d / "keeper.pid").exists()

@@ -170,3 +170,43 @@ def test_apply_with_the_store_unreachable_changes_nothing(make_cluster, store, t
     assert p.returncode == 0, p.stderr
     wait_until(lambda: c.runs_on_one("web") == "n1", CONVERGE, what="web back after the rollback")
     assert json.loads(json.dumps(history(c)))[0].split()[0] == "3"
+
+
+def test_a_revision_that_does_not_load_is_never_run_and_commands_read_the_store(make_cluster, tmp_path):
+    """A revision written into the store behind the agents' backs (not through an agent or a
+    command, which validate first) that does not load is refused by every agent: nothing
+    restarts, nothing is written into their files. `check` and `--dry-run` without --spec
+    read the store's spec (here from a machine with only a node file)."""
+    c = two_nodes(make_cluster, (None, ""), tmp_path, "web")
+    wait_until(lambda: set(revisions(c).values()) == {1}, 10, what="both nodes on revision 1")
+    running = guard_pids(c, "web")
+    rev1 = json.loads((c.store / "spec" / f"{1:010d}.json").read_text())
+    forged = dict(rev1, number=2, files=[{"name": "groups.toml", "text": "[groups.web]\nrunlevel = 'run'\nbogus = 1\n"}])
+    tmp = c.store / "spec" / ".forged"
+    tmp.write_text(json.dumps(forged))
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, c.store / "spec" / f"{2:010d}.json")
+    def published(n: str) -> dict:  # (status exits 1 while the store's revision does not load: read the store)
+        try:
+            return json.loads((c.store / "status" / f"{n}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    for n in ("n1", "n2"):
+        wait_until(lambda: "revision 2 does not load here" in published(n).get("spec_error", ""), 10,
+                   what=f"{n} refuses revision 2")
+    time.sleep(0.5)  # the time passing is the test
+    assert guard_pids(c, "web") == running and [published(n).get("spec_revision") for n in ("n1", "n2")] == [1, 1]
+    assert "bogus" not in c.read("groups.toml", node="n1")
+    # a machine with only a node file: check and --dry-run read the store's spec
+    lonely = tmp_path / "cli-only"
+    lonely.mkdir(mode=0o755)
+    (lonely / "node.toml").write_text(f'[cluster]\nstore = "{c.store_url}"\nstate_dir = "{tmp_path / "state-cli"}"\n')
+    os.chmod(lonely / "node.toml", 0o644)
+    env = {**os.environ, "RECONCILER_SPEC": str(lonely)}
+    os.unlink(c.store / "spec" / f"{2:010d}.json")  # (the forged revision gone: revision 1 is current again)
+    p = subprocess.run([sys.executable, "-m", "reconciler.cli", "check"], capture_output=True, text=True, env=env, timeout=30)
+    assert p.returncode == 0 and "web" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-m", "reconciler.cli", "check", "--spec", str(lonely)], capture_output=True,
+                       text=True, env=env, timeout=30)
+    assert "web" not in p.stdout, p.stdout  # an explicit --spec: those files (no groups)

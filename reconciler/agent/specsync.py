@@ -19,6 +19,7 @@ revision number): a conflict is logged once, not ten times a second.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -64,8 +65,10 @@ class SpecSync:
             self._say(f"cluster spec: {exc} (running revision {self.revision or 'of the local files'})", error=False)
             return None
 
-    async def _step(self, head: int) -> specmod.Spec | None:
-        rev = await self._fetch(head) if head else None
+    def _examine(self, rev: SpecRevision | None) -> tuple[specmod.Spec | None, str | None, str, str | None, str]:
+        """(the revision as this node's Spec, its hash as this node's files would hold it, why
+        it does not load here; the files' hash, why they do not load). Files are read and
+        parsed here: in a thread (a large spec takes a while; the loop must not wait)."""
         head_spec: specmod.Spec | None = None
         head_hash: str | None = None
         head_error = ""
@@ -76,7 +79,11 @@ class SpecSync:
             except specmod.SpecError as exc:
                 head_error = f"revision {rev.number} does not load here, not run: {exc}"
         local_hash, read_error = clusterspec.local_hash(self.spec_path)
-        local_error = read_error or self._load_error()
+        return head_spec, head_hash, head_error, local_hash, read_error or self._load_error()
+
+    async def _step(self, head: int) -> specmod.Spec | None:
+        rev = await self._fetch(head) if head else None
+        head_spec, head_hash, head_error, local_hash, local_error = await asyncio.to_thread(self._examine, rev)
         decision = rules.step(local=rules.Local(hash=local_hash, error=local_error), synced=self.synced, head=head,
                               head_hash=head_hash, where=self.spec_path)
         inputs = (decision.kind, local_hash, head, self.synced)
@@ -91,13 +98,12 @@ class SpecSync:
             return run
         if decision.kind == rules.WRITE_BACK and rev is not None:
             try:
-                written = specfiles.write_back(self.spec_path, rev.files, revision=rev.number,
-                                               local=specfiles.files_local(self.spec_path), first_sync=self.synced is None)
+                written = await asyncio.to_thread(self._write_back, rev)
             except (OSError, specmod.SpecError) as exc:
                 self._refuse(inputs, f"cannot write revision {rev.number} into {self.spec_path}: {exc}")
                 return run
             log.info("spec files take revision %d (%s): %s", rev.number, rev.summary or "no summary", ", ".join(written) or "unchanged")
-            new_hash, _ = clusterspec.local_hash(self.spec_path)
+            new_hash, _ = await asyncio.to_thread(clusterspec.local_hash, self.spec_path)
             self._remember(rules.Synced(revision=rev.number, files=new_hash or ""))
             self._clear(head_error)
             return run
@@ -115,6 +121,10 @@ class SpecSync:
             if rev is not None:
                 self._revs = {n: r for n, r in self._revs.items() if n > head - 3} | {head: rev}
         return rev
+
+    def _write_back(self, rev: SpecRevision) -> list[str]:
+        return specfiles.write_back(self.spec_path, rev.files, revision=rev.number, local=specfiles.files_local(self.spec_path),
+                                    first_sync=self.synced is None)
 
     def _load_error(self) -> str:
         try:

@@ -81,6 +81,10 @@ def test_digest_of_an_ordinary_spec_is_unchanged(tmp_path):
         del data["cluster"][key]
     for g in data["groups"].values():
         g.pop("source")
+        for key in ("max_failures", "failure_window", "ban"):  # issue 16's, unset
+            g.pop(key)
+        for e in g["entries"]:
+            e.pop("health")
     before = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]  # 7c1ba00's digest()
     assert spec.digest() == before
 

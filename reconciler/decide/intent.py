@@ -7,7 +7,7 @@ import attrs
 
 from reconciler.model import Claim
 
-KINDS = ("start", "stop", "reset", "claim", "release", "takeover")
+KINDS = ("start", "stop", "restart", "reset", "claim", "release", "takeover")  # restart: an unhealthy entry (decide/health.py)
 
 
 @attrs.frozen

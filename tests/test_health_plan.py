@@ -186,3 +186,14 @@ def test_the_owner_re_runs_its_leading_test_every_retest():
 def test_an_owner_whose_leading_test_failed_gives_the_group_up():
     p = plan(*situation(claim=ME, running=True, test="failed"), NOW)
     assert acts(p) == [("stop", "s")] and p.actions[0].reason == "a test failed here"
+
+
+def test_a_restart_that_would_reach_max_failures_gives_the_group_up_instead():
+    """No start just before the ban's stop: the restart's failure is recorded by the stop."""
+    probe = Probe(pid=4242, failures=3, result="fail", message="timed out")
+    p = plan(*owner_situation(web(max_failures=3), probe=probe, failures=(NOW - 3, NOW - 2)), NOW)
+    assert acts(p) == [("stop", "s")]
+    assert p.actions[0].reason.startswith("gave up: 3 failures within 10m (max_failures), banned here for 30m; the last: s unhealthy")
+    assert p.actions[0].failure.startswith("unhealthy: http probe")
+    p = plan(*owner_situation(web(max_failures=3), probe=probe, failures=(NOW - 3,)), NOW)
+    assert acts(p) == [("restart", "s")] and p.actions[0].failure == p.actions[0].reason

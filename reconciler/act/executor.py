@@ -20,6 +20,7 @@ from reconciler import spec as specmod
 from reconciler.act import fence as fencemod
 from reconciler.act import process
 from reconciler.act.book import ResourceBook
+from reconciler.act.ledger import Ledger
 from reconciler.decide import backoff
 from reconciler.decide.plan import Action
 from reconciler.store import Claim, Store, StoreError
@@ -53,6 +54,7 @@ class Executor:
         book: ResourceBook,
         events: Events | None = None,
         store_budget: float = 0.3,
+        ledger: Ledger | None = None,
     ):
         """`resources`: reconciler.act.resources (or a stand-in with its start and stop)."""
         self.node = node
@@ -62,6 +64,8 @@ class Executor:
         self.book = book
         self.events = events or Events()
         self.store_budget = store_budget
+        self.ledger = ledger  # the failure ledger (act/ledger.py): a restart counts there
+        self.restart_reasons: dict[tuple[str, str], str] = {}  # (group, tag) -> why it was last restarted (status)
         self.blocked: dict[str, tuple[float, str]] = {}  # group -> (retry_at, message)
         self._block_count: dict[str, int] = {}
         # At most this many store calls (claim, release, break) in flight: a node claiming
@@ -97,7 +101,13 @@ class Executor:
             entry = self.book.entry(a.group, a.tag)
         if a.kind in ("start", "stop") and entry is not None and entry.kind != "process":
             return await self._resource(a, entry)
-        if a.kind == "start":
+        if a.failure and self.ledger is not None:  # an unhealthy entry (decide/health.py): one failure of the group here
+            self.ledger.record(a.group, a.tag, "unhealthy", a.failure.removeprefix("unhealthy: "))
+        if a.kind == "restart":
+            assert entry is not None and g is not None
+            await self.supervisor.stop(a.group, a.tag, sig=entry.stop_signal, timeout=entry.stop_timeout, resume=True)
+            self.restart_reasons[(a.group, a.tag)] = a.reason
+        if a.kind in ("start", "restart"):
             assert entry is not None and g is not None
             env = {
                 "RECONCILER_NODE": self.node,

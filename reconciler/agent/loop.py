@@ -40,6 +40,8 @@ from reconciler.agent import status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
+from reconciler.act.ledger import Ledger
+from reconciler.observe.probes import Prober
 from reconciler.agent.metrics import Metrics
 from reconciler.agent.narrator import Narrator
 from reconciler.agent.upkeep import Upkeep
@@ -100,18 +102,23 @@ class Agent:
                                     instance=self.instance)
         # (read_at only moves on a read whose heartbeat publish before it succeeded too)
         self.metrics.follow_store(round_trip_at=lambda: self.watch.read_at, lease_until=lambda: self.lease.until)
-        self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
+        # Health (issue 16): each group's failures here (kept in STATE/NODE/health.json) and the probes.
+        self.ledger = Ledger(path=None if self.once else self.node_dir / "health.json", on_failure=self.metrics.failure)
+        self.prober = Prober(node=self.node, on_change=self.wake, measured=self.metrics.probed)
+        self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake,
+                                             on_failure=self.ledger.record)
         self.book = ResourceBook(node=self.node, resource_file=None if self.once else self.node_dir / "resources.json")
         # The executor's events are metrics', except that a claim won or ended goes straight to
         # the cluster watch (the view shows it before the next read).
         events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.watch.set_claim)
         self.executor = executormod.Executor(
             node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, book=self.book, events=events,
+            ledger=self.ledger,
         )
         self.observer = Observer(
             node=self.node, supervisor=self.supervisor, book=self.book, read_kernel=resources.observe,
             spec=lambda: self.spec, claimed=lambda: (g for g, c in self.watch.view.claims.items() if c.node == self.node),
-            busy=lambda: self.busy, blocked=lambda: self.executor.blocked,
+            busy=lambda: self.busy, blocked=lambda: self.executor.blocked, prober=self.prober, ledger=self.ledger,
         )
 
 
@@ -205,6 +212,7 @@ class Agent:
                     t.cancel()
                 _done, pending = await asyncio.wait(pending, timeout=0.1)
             await asyncio.gather(*tasks, return_exceptions=True)  # all done: collects their outcome
+            self.prober.stop()
             self.supervisor.save()
             self.supervisor.detach()
             await self.store.close()
@@ -304,6 +312,7 @@ class Agent:
                     base=spec.base,
                     files=spec.files,
                 )
+            self.ledger.apply_requests()  # `reconcile clear`: before observing, so this pass shows it
             now = time.monotonic()
             observed = self.observer.observe(now)
             view = self.watch.planning_view()
@@ -328,7 +337,8 @@ class Agent:
             self.book.save()  # observation may have adopted or dropped some
             state_errors = tuple(e for e in (self.supervisor.save_error, self.lease.file_error) if e)
             doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.spec_error, digest=self._digest(spec),
-                                        state_errors=state_errors)
+                                        state_errors=state_errors, restarts=self.executor.restart_reasons,
+                                        cleared=self.ledger.cleared)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
             self.metrics.tick(  # (the spec as loaded: while stopping, `spec` says runlevel stop)

@@ -141,7 +141,7 @@ def plan_entries(
             if e.health is not None and st.state == "running":
                 why = health.unhealthy(e, st, obs.probes.get(key))
                 if why:
-                    acts.append(Action("restart", name, e.tag, reason=why))
+                    acts.append(Action("restart", name, e.tag, reason=why, failure=why))
             continue  # converged, and later entries need not wait: what _advance says, sooner
         act, due, halt = _advance(name, e, st, level, now, t, retest)
         if act is not None:

@@ -22,7 +22,7 @@ from reconciler import spec as specmod
 from reconciler.decide.intent import Action as Action
 from reconciler.decide.intent import Plan as Plan
 from reconciler.decide.intent import Part as _Part, earliest as _earliest, noted as _noted
-from reconciler.model import Claim, ClusterView, EntryState, Observed
+from reconciler.model import Claim, ClusterView, EntryState, Failure, Observed
 
 _test_tags = placement.leading_tags  # the tags of the group's leading tests (memoised)
 
@@ -168,6 +168,14 @@ def _owner(
         return _Part((Action("release", g.name, reason=f"{reason}; nothing runs", claim=claim),))
     # The owner re-runs its leading tests every retest too: a node that became unfit gives up.
     part = entries.plan_entries(g, g.runlevel, obs, now, t, retest=_test_tags(g))
+    restart = next((a for a in part.actions if a.kind == "restart"), None)
+    if restart is not None and g.max_failures is not None:
+        # This restart's failure would ban the node: give the group up instead of starting it again.
+        failures = (*obs.failures.get(g.name, ()), Failure(at=now, tag=restart.tag, cause="unhealthy", message=restart.failure))
+        until = health.ban_until(g, failures)
+        if until is not None and until > now:
+            stops = entries.stop_all(g.name, obs, health.give_up_reason(g, failures), order=entries.entry_tags(g))
+            return _Part(tuple(attrs.evolve(a, failure=restart.failure if a.tag == restart.tag else "") for a in stops.actions))
     return _Part(part.actions, _earliest(part.wake_at, view.lease_until - t.demote_margin), part.note)
 
 

@@ -37,10 +37,13 @@ CLEAR_DIR = "clear"
 
 
 class Ledger:
-    def __init__(self, *, path: str | os.PathLike | None, on_failure: Callable[[str, str], None] = lambda group, cause: None):
+    def __init__(self, *, path: str | os.PathLike | None, on_failure: Callable[[str, str], None] = lambda group, cause: None,
+                 readonly: bool = False):
         """`path`: STATE/NODE/health.json (None: in memory only, for --once and tests);
-        `on_failure(group, cause)`: a failure was recorded (metrics)."""
+        `on_failure(group, cause)`: a failure was recorded (metrics); `readonly`: only read
+        the file, never write or move it (--dry-run)."""
         self.path = Path(path) if path is not None else None
+        self.readonly = readonly
         self.on_failure = on_failure
         self.failures: dict[str, tuple[Failure, ...]] = {}
         self.cleared: dict[str, str] = {}  # group -> the id of the last clear request applied
@@ -149,6 +152,8 @@ class Ledger:
             cleared = {str(k): str(v) for k, v in doc.get("cleared", {}).items()}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             aside = self.path.with_name(self.path.name + ".corrupt")
+            if self.readonly:
+                return
             log.error("%s is not a failure ledger (%s): kept aside as %s; starting with no failures and no bans"
                       " (a ban steers placement; safety does not depend on it)", self.path, exc, aside.name)
             try:
@@ -160,7 +165,7 @@ class Ledger:
         self.cleared = cleared
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or self.readonly:
             return
         offset = time.time() - time.monotonic()
         doc = {

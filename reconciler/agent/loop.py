@@ -41,6 +41,7 @@ from reconciler.act import executor as executormod
 from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
 from reconciler.act.ledger import Ledger
+from reconciler.observe.events import KernelEvents
 from reconciler.observe.probes import Prober
 from reconciler.agent.metrics import Metrics
 from reconciler.agent.narrator import Narrator
@@ -174,6 +175,8 @@ class Agent:
                      " to move the process into its cgroup (docs/operations.md, 'Processes and cgroups')")
         (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
         self.supervisor.attach(loop)
+        self.kernel_events = KernelEvents(on_change=self.wake)  # an address or mount changed: look at once
+        self.kernel_events.start(loop)
         self.lease.inherit()
         adopted = self.supervisor.adopt()
         for rec in adopted:
@@ -213,6 +216,7 @@ class Agent:
                 _done, pending = await asyncio.wait(pending, timeout=0.1)
             await asyncio.gather(*tasks, return_exceptions=True)  # all done: collects their outcome
             self.prober.stop()
+            self.kernel_events.stop()
             self.supervisor.save()
             self.supervisor.detach()
             await self.store.close()

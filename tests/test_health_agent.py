@@ -72,7 +72,8 @@ def test_probes_restart_sick_services_after_failures_and_not_before(make_cluster
         + entry("slow", "late", ["/bin/sh", "-c", f"echo $$ > {tmp_path}/slow.pid; exec sleep 1000"],
                 f'tcp = "127.0.0.1:{free_port()}"\ninterval = "200ms"\ntimeout = "100ms"\nfailures = 1\nstart_period = "1500ms"')
     )
-    c = make_cluster(nodes=("n1",), groups=groups)
+    metrics = f"127.0.0.1:{free_port()}"
+    c = make_cluster(nodes=("n1",), groups=groups, metrics={"n1": metrics})
     c.start()
     slow_first = wait_until(lambda: read_pid(tmp_path / "slow.pid"), 10, what="slow to start")
     slow_started = time.monotonic()
@@ -121,6 +122,25 @@ def test_probes_restart_sick_services_after_failures_and_not_before(make_cluster
     # what the node publishes: failures per group; no ban (max_failures unset: restart in place for ever)
     status = json.loads((c.store / "status" / "n1.json").read_text())
     assert status["groups"]["web"]["failures"] == 1 and "banned" not in status["groups"]["web"]
+
+    # metrics: probes by result, their durations, restarts and failures by cause, no ban
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=3) as resp:
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(resp.read().decode()) for s in fam.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= set(lab))
+
+    assert value("reconciler_probes_total", group="web", kind="http", result="fail") >= FAILURES
+    assert value("reconciler_probes_total", group="web", kind="http", result="ok") >= 1
+    assert value("reconciler_probe_duration_seconds_count", kind="tcp") >= 1
+    assert value("reconciler_restarts_total", group="web", cause="unhealthy") == 1
+    assert value("reconciler_restarts_total", group="slow", cause="unhealthy") >= 1
+    assert value("reconciler_group_failures_total", group="cmd", cause="unhealthy") == 1
+    assert value("reconciler_group_banned", group="web") == 0 and value("reconciler_bans_total") == 0
 
 
 @pytest.mark.needs("root", "unshare", "ip")

@@ -144,7 +144,7 @@ def test_probes_restart_sick_services_after_failures_and_not_before(make_cluster
 
 
 @pytest.mark.needs("root", "unshare", "ip")
-def test_an_address_deleted_behind_the_agents_back_is_restored_without_waiting_for_the_tick(make_cluster, tmp_path):
+def test_an_address_or_mount_removed_behind_the_agents_back_is_restored_without_waiting_for_the_tick(make_cluster, tmp_path):
     ns = f"rth{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     c = None
@@ -159,7 +159,11 @@ runlevel = "run"
 tag = "vip-addr"
 runlevels = ["run"]
 address = { ip = "192.0.2.77/24", interface = "ha0", announce = false }
-"""
+[[groups.vip.entries]]
+tag = "vip-data"
+runlevels = ["run"]
+mount = { source = "rtest", target = "%s", fstype = "tmpfs", options = "size=1m" }
+""" % (tmp_path / "data")
         # a tick of 30 s: only a kernel event can bring it back within a second
         c = make_cluster(nodes=("n1",), groups=groups, netns={"n1": ns}, cluster_extra='[cluster.timing]\ntick = "30s"')
         c.start()
@@ -173,6 +177,19 @@ address = { ip = "192.0.2.77/24", interface = "ha0", announce = false }
             subprocess.run(["ip", "-n", ns, "addr", "del", "192.0.2.77/24", "dev", "ha0"], check=True)
             t0 = time.monotonic()
             wait_until(present, 2, what="the address restored", step=0.005)
+            assert time.monotonic() - t0 < 1.0
+        # a mount: /proc/self/mountinfo's POLLPRI (in the agent's own mount namespace)
+        pid = c.nodes["n1"].agent_pid
+
+        def mounted() -> bool:
+            with open(f"/proc/{pid}/mountinfo") as fh:
+                return any(line.split()[4] == str(tmp_path / "data") for line in fh)
+
+        wait_until(mounted, 10, what="the mount")
+        for _ in range(3):
+            subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", str(tmp_path / "data")], check=True, timeout=10)
+            t0 = time.monotonic()
+            wait_until(mounted, 2, what="the mount restored", step=0.005)
             assert time.monotonic() - t0 < 1.0
     finally:
         if c is not None:

@@ -99,8 +99,8 @@ class Prober:
                     message = await probe(h, e, group=key[0], node=self.node)
             except TimeoutError:
                 message = f"timed out after {specmod.format_duration(h.timeout)}"
-            except OSError as exc:
-                message = exc.strerror or str(exc) or type(exc).__name__
+            except OSError as exc:  # (asyncio's connect errors carry "Connect call failed": the errno says it better)
+                message = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
             except Exception as exc:  # a probe must never end its task: that is a failure too
                 message = f"{type(exc).__name__}: {exc}"
             now = time.monotonic()

@@ -144,14 +144,13 @@ def test_probes_restart_sick_services_after_failures_and_not_before(make_cluster
 
 
 @pytest.mark.needs("root", "unshare", "ip")
-def test_an_address_or_mount_removed_behind_the_agents_back_is_restored_without_waiting_for_the_tick(make_cluster, tmp_path):
-    ns = f"rth{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    c = None
+def test_an_address_or_mount_removed_behind_the_agents_back_is_restored_without_waiting_for_the_tick(tmp_path):
+    from test_resources_agent import Lab  # its namespaces: one with a veth pair ha0 <-> ha1
+
+    os.chmod(tmp_path, 0o755)
+    lab = Lab(tmp_path)
     try:
-        subprocess.run(["ip", "-n", ns, "link", "add", "ha0", "type", "veth", "peer", "name", "ha1"], check=True)
-        for dev in ("ha0", "ha1", "lo"):
-            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        ns = lab.single()
         groups = """
 [groups.vip]
 runlevel = "run"
@@ -164,8 +163,8 @@ tag = "vip-data"
 runlevels = ["run"]
 mount = { source = "rtest", target = "%s", fstype = "tmpfs", options = "size=1m" }
 """ % (tmp_path / "data")
-        # a tick of 30 s: only a kernel event can bring it back within a second
-        c = make_cluster(nodes=("n1",), groups=groups, netns={"n1": ns}, cluster_extra='[cluster.timing]\ntick = "30s"')
+        # a tick of 30 s: only a kernel event can bring them back within a second
+        c = lab.cluster(nodes=("n1",), groups=groups, netns={"n1": ns}, cluster_extra='[cluster.timing]\ntick = "30s"')
         c.start()
 
         def present() -> bool:
@@ -192,6 +191,5 @@ mount = { source = "rtest", target = "%s", fstype = "tmpfs", options = "size=1m"
             wait_until(mounted, 2, what="the mount restored", step=0.005)
             assert time.monotonic() - t0 < 1.0
     finally:
-        if c is not None:
-            c.stop()
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        lab.close()
+    assert c.violations() == []

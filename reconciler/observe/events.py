@@ -92,9 +92,12 @@ class KernelEvents:
             self._wake()
 
     def _mountinfo(self) -> None:
+        # The loop's own epoll, checking whether ours is readable, polls mountinfo through it,
+        # and that poll is what consumes the change (the kernel's mounts_poll): by the time this
+        # runs, poll(0) may well find nothing. Readable is the event; poll(0) only drains it.
         assert self._epoll is not None
-        if self._epoll.poll(0):
-            self._wake()
+        self._epoll.poll(0)
+        self._wake()
 
     def _wake(self) -> None:
         self.events += 1

@@ -197,3 +197,17 @@ def test_a_restart_that_would_reach_max_failures_gives_the_group_up_instead():
     assert p.actions[0].failure.startswith("unhealthy: http probe")
     p = plan(*owner_situation(web(max_failures=3), probe=probe, failures=(NOW - 3,)), NOW)
     assert acts(p) == [("restart", "s")] and p.actions[0].failure == p.actions[0].reason
+
+
+def test_status_says_how_a_probed_entry_is_and_why_it_was_restarted():
+    from reconciler.agent import overview
+    from reconciler.published import EntryStatus
+
+    e = EntryStatus(state="running", pid=7, health="failing", probe_failures=2, probe_message="Connection refused",
+                    probe_since=990.0, restart_reason="unhealthy: tcp probe 127.0.0.1:5432 failed 3 times in a row: timed out")
+    assert overview.entry_detail(e, 1000.0) == (
+        "pid 7, health failing (2 in a row): Connection refused, since 10s ago,"
+        " last restart: unhealthy: tcp probe 127.0.0.1:5432 failed 3 times in a row: timed out")
+    assert overview.entry_detail(EntryStatus(state="running", pid=7, health="ok", probe_since=990.0), 1000.0) == "pid 7"
+    assert overview.group_state(desired="run", owner="n1", owner_live=True, actual="run", entries=[e]) == overview.DEGRADED
+    assert overview.group_state(desired="run", owner=None, owner_live=False, actual=None, banned_everywhere=True) == overview.FAILED

@@ -185,9 +185,10 @@ def _exit(code: int | None) -> str:
     return "" if code is None else f" (exit {code})"
 
 
-def entry_detail(e: EntryStatus) -> str:
+def entry_detail(e: EntryStatus, now: float | None = None) -> str:
     """What to say after an entry's state, saying nothing twice: the message says the exit
-    code and the backoff when it has them ("stopped (exit -15)" in state stopped: "exit -15")."""
+    code and the backoff when it has them ("stopped (exit -15)" in state stopped: "exit -15").
+    `now` (wall time): say how long ago its probe result began."""
     message = e.message
     for prefix, suffix in ((f"{e.state} (", ")"), ("test failed: ", "")):
         if message.startswith(prefix) and message.endswith(suffix):
@@ -205,7 +206,8 @@ def entry_detail(e: EntryStatus) -> str:
         parts.append(f"retry in {e.retry_in:g}s")
     if e.health and e.health != "ok":
         parts.append(f"health {e.health}" + (f" ({e.probe_failures} in a row)" if e.probe_failures else "")
-                     + (f": {e.probe_message}" if e.probe_message else ""))
+                     + (f": {e.probe_message}" if e.probe_message else "")
+                     + (f", since {ago(max(0.0, now - e.probe_since))}" if now is not None and e.probe_since else ""))
     if e.restart_reason:
         parts.append(f"last restart: {e.restart_reason}")
     return ", ".join(parts)
@@ -253,7 +255,7 @@ def render(doc: Overview, *, now: float) -> str:
     for line, (name, g) in zip(lines[1:], doc.groups.items()):
         out.append(line)
         # Its entries as its owner reports them, then its tests that failed elsewhere.
-        rows = [(tag, e.state, entry_detail(e)) for tag, e in g.entries.items()]
+        rows = [(tag, e.state, entry_detail(e, now)) for tag, e in g.entries.items()]
         rows.extend((f.tag, "failed", f"on {f.node}{_exit(f.exit_code)}" + ("" if f.since is None else f", {ago(max(0.0, now - f.since))}"))
                     for f in g.failures if f.node != g.owner)
         if rows:

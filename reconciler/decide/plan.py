@@ -168,7 +168,7 @@ def _owner(
         return _Part((Action("release", g.name, reason=f"{reason}; nothing runs", claim=claim),))
     # The owner re-runs its leading tests every retest too: a node that became unfit gives up.
     part = entries.plan_entries(g, g.runlevel, obs, now, t, retest=_test_tags(g))
-    restart = next((a for a in part.actions if a.kind == "restart"), None)
+    restart = next((a for a in part.actions if a.kind == "restart"), None) if part.actions else None
     if restart is not None and g.max_failures is not None:
         # This restart's failure would ban the node: give the group up instead of starting it again.
         failures = (*obs.failures.get(g.name, ()), Failure(at=now, tag=restart.tag, cause="unhealthy", message=restart.failure))

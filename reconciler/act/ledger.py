@@ -59,8 +59,9 @@ class Ledger:
         kept = self.failures.get(group, ())[-(KEEP - 1):]
         self.failures[group] = (*kept, Failure(at=at, tag=tag, cause=cause, message=message[:200]))
         self.changed += 1
-        log.info("%s/%s: failure (%s)%s", group, tag, cause.replace("_", " "), f": {message}" if message else "",
-                 extra={"group": group, "tag": tag})
+        # (DEBUG: the supervisor logs rapid exits once per backoff step, the executor each restart)
+        log.debug("%s/%s: failure of the group here (%s)%s", group, tag, cause.replace("_", " "), f": {message}" if message else "",
+                  extra={"group": group, "tag": tag})
         self.on_failure(group, cause)
         self.save()
 

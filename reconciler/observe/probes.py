@@ -120,8 +120,8 @@ class Prober:
             self.results[key] = new
             self.measured(key[0], h.kind, new.result, now - t0)
             if (new.result, new.failures, new.message) != (old.result, old.failures, old.message):
-                if not ok:
-                    log.info("%s/%s: %s probe failed (%d in a row%s): %s", key[0], key[1], h.kind, new.failures,
+                if not ok:  # the first failure in a row at INFO, the next ones (the restart follows) at DEBUG
+                    log.log(logging.INFO if old.result != "fail" else logging.DEBUG, "%s/%s: %s probe failed (%d in a row%s): %s", key[0], key[1], h.kind, new.failures,
                              "" if counted else ", within start_period", new.message, extra={"group": key[0], "tag": key[1]})
                 self.on_change()
 

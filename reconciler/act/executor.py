@@ -88,7 +88,9 @@ class Executor:
             self.events.action(a, result, time.monotonic() - started)
             # A respawn that worked is the supervisor's to report (act/process.py: once per
             # backoff step of a crash loop, not at every restart).
-            level = logging.WARNING if not ok else logging.DEBUG if a.reason.startswith("respawn:") else logging.INFO
+            # A give-up (too many failures here: decide/health.py) is a warning too.
+            level = (logging.WARNING if not ok or a.reason.startswith("gave up:") else
+                     logging.DEBUG if a.reason.startswith("respawn:") else logging.INFO)
             log.log(level, "%s -> %s%s", a.describe(), result, f" ({msg})" if msg else "",
                     extra={"group": a.group, "tag": a.tag, "node": self.node, "reason": a.reason, "result": result})
             if not ok:

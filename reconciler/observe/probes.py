@@ -100,8 +100,15 @@ class Prober:
             t0 = time.monotonic()
             due = _slot(due + h.interval, h.interval)  # (timeout < interval: a probe ends before the next is due)
             try:
-                async with asyncio.timeout(h.timeout):
-                    message = await probe(h, e, group=key[0], node=self.node)
+                # A tcp probe of an IP literal starts its connect here: a refusal (nothing
+                # listens) is known at once, with no timeout and no await; a connect under
+                # way, and every other probe, waits on the loop, bounded by the timeout.
+                quick = _tcp_now(h) if h.tcp is not None else None
+                if isinstance(quick, str):
+                    message = quick
+                else:
+                    async with asyncio.timeout(h.timeout):
+                        message = await probe(h, e, group=key[0], node=self.node, pending=quick)
             except TimeoutError:
                 message = f"timed out after {specmod.format_duration(h.timeout)}"
             except OSError as exc:  # (asyncio's connect errors carry "Connect call failed": the errno says it better)
@@ -137,9 +144,18 @@ def _slot(t: float, interval: float) -> float:
     return round(t / grid) * grid
 
 
-async def probe(h: specmod.Health, e: specmod.Entry, *, group: str, node: str) -> str:
-    """One probe: "" if healthy, else why not (the caller bounds it by h.timeout)."""
+async def probe(h: specmod.Health, e: specmod.Entry, *, group: str, node: str,
+                pending: tuple[socket.socket, tuple[str, int]] | None = None) -> str:
+    """One probe: "" if healthy, else why not (the caller bounds it by h.timeout).
+    `pending`: a tcp probe's connect that _tcp_now started."""
     if h.tcp is not None:
+        if pending is not None:
+            sock, addr = pending
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, addr)
+            finally:
+                _reset(sock)
+            return ""
         host, port = split_host_port(h.tcp) or ("", 0)
         sock = await _connect(host, port)
         _reset(sock)
@@ -164,6 +180,25 @@ def _literal(host: str, port: int) -> tuple[int, tuple[str, int]] | None:
     return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (str(ip), port)
 
 
+def _tcp_now(h: specmod.Health) -> str | tuple[socket.socket, tuple[str, int]] | None:
+    """A tcp probe of an IP literal, as far as it goes without waiting: "" (connected), why
+    it failed (refused, unreachable), or the socket and address whose connect is under way
+    (probe(pending=...) waits for it); None: a name, resolved on the way (probe)."""
+    assert h.tcp is not None
+    host, port = split_host_port(h.tcp) or ("", 0)
+    known = _literal(host, port)
+    if known is None:
+        return None
+    family, addr = known
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN, errno.EINTR):
+        return sock, addr
+    _reset(sock)
+    return "" if err in (0, errno.EISCONN) else os.strerror(err)
+
+
 async def _connect(host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
     known = _literal(host, port)
@@ -174,8 +209,8 @@ async def _connect(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        # On the loopback (the usual probe) a connect completes at once: no future, no
-        # selector registration. Otherwise the loop waits for it (EINPROGRESS, EALREADY).
+        # A connect that is decided at once (refused, or done) needs no future and no
+        # selector registration; one under way (EINPROGRESS) is the loop's to wait for.
         err = sock.connect_ex(addr)
         if err not in (0, errno.EISCONN):
             if err not in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN, errno.EINTR):

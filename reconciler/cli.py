@@ -291,7 +291,8 @@ def dry_run(spec_path: str, node: str, down: tuple[str, ...], *, as_json: bool =
 USES = {"run": {"spec_path", "node", "node_down", "node_file"}, "status": {"spec_path", "node", "node_file"},
         "check": {"spec_path", "node_file"}, "tell": {"spec_path", "node_file"}, "logs": {"spec_path", "node", "node_file"},
         "import": set(), "apply": {"spec_path", "node_file"}, "diff": {"spec_path", "node_file"},
-        "history": {"spec_path", "node_file"}, "rollback": {"spec_path", "node_file"}}
+        "history": {"spec_path", "node_file"}, "rollback": {"spec_path", "node_file"},
+        "clear": {"spec_path", "node", "node_file"}}
 
 
 @click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -662,6 +663,33 @@ def import_(cltab, hactl) -> None:
     for n in notes:
         click.echo(f"reconcile import: note: {n}", err=True)
     click.echo(text, nl=False)
+
+
+@main.command(epilog=epilog("reconcile clear web", "reconcile clear web --node n2 --timeout 30"))
+@click.argument("group", shell_complete=complete_group)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--node", default=None, help="the node to clear (its state directory on this machine)", shell_complete=complete_node)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="seconds to wait for the node to show it")
+@click.pass_context
+def clear(ctx, group, spec_path, node, timeout) -> None:
+    """Lift the node's ban from GROUP and reset GROUP's failure count there (docs/spec.md,
+    "Health"). The node's agent applies it on its next pass; exit 1 if it does not show it
+    in time."""
+    from reconciler.agent import clearing
+
+    spec_path, node = own(ctx, "spec", spec_path), own(ctx, "node", node)
+    spec = load_or_fail(spec_path)
+    if group not in spec.groups:
+        fail(f"{spec_path}: no group {group!r} (known: {', '.join(spec.groups) or 'none'})")
+    try:
+        rid = clearing.request(spec, node, group)
+    except OSError as exc:
+        fail(str(exc) if not exc.strerror else f"{exc.filename}: {exc.strerror}")
+    if not asyncio.run(clearing.wait(spec, node, group, rid, timeout)):
+        fail(f"{group}: {node} has not shown the clear within {timeout:g}s (is its agent running? the request stays"
+             f" in {Path(spec.state_dir) / node / 'clear'} for its next pass)")
+    click.echo(f"{group}: failures and ban cleared on {node}")
 
 
 if __name__ == "__main__":

@@ -43,12 +43,43 @@ class EntryState:
 
 
 @attrs.frozen
+class Probe:
+    """The health probes of one running process (observe/probes.py), as last seen."""
+
+    pid: int | None = None  # the process they are about (a new process starts afresh)
+    failures: int = 0  # consecutive failed probes that count (decide/health.counts)
+    result: str = ""  # "ok", "fail", or "" before the first result
+    at: float = 0.0  # monotonic time of the last result
+    since: float = 0.0  # monotonic time the result last changed (what status publishes)
+    message: str = ""  # why the last probe failed
+    passed: bool = False  # a probe passed since the start: the start period is over
+    seconds: float = 0.0  # how long the last probe took
+
+
+@attrs.frozen
+class Failure:
+    """One failure of a group on this node (decide/health.py counts them)."""
+
+    at: float  # monotonic time
+    tag: str
+    cause: str  # "unhealthy" (a restart), "rapid_exit", "start_failed"
+    message: str = ""
+
+
+@attrs.frozen
 class Observed:
     node: str
     entries: dict[tuple[str, str], EntryState] = attrs.field(factory=dict)
     busy: frozenset[str] = frozenset()  # groups whose previous actions are still in flight
     # group-level attempts that failed (fence hook, claim): {group: (retry_at, message)}
     blocked: dict[str, tuple[float, str]] = attrs.field(factory=dict)
+    # Health (issue 16): the probes of running entries; each group's failures on this node,
+    # oldest first (kept across agent restarts: act/ledger.py); and the groups this node is
+    # banned from, with the monotonic time each ban ends (decide/health.ban_until of those
+    # failures, computed once per observation).
+    probes: dict[tuple[str, str], Probe] = attrs.field(factory=dict)
+    failures: dict[str, tuple[Failure, ...]] = attrs.field(factory=dict)
+    bans: dict[str, float] = attrs.field(factory=dict)
 
     def get(self, group: str, tag: str, kind: str = "process") -> EntryState:
         return self.entries.get((group, tag)) or EntryState(group=group, tag=tag, kind=kind)

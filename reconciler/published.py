@@ -51,6 +51,15 @@ class EntryStatus:
     # The publisher's wall time it entered this state, for failures (failed, exited, error)
     # only: fixed while the state lasts, so an idle node's record stays the same. For people.
     since: float | None = None
+    # Its health probe (issue 16): "ok", "failing" (failed, fewer than `failures` times in a
+    # row), "unhealthy", "starting" (failed within start_period); "" unprobed. Its failures in
+    # a row, why the last failed, and the publisher's wall time the result last changed (not
+    # the time of every probe: an idle node's record stays the same).
+    health: str = ""
+    probe_failures: int = 0
+    probe_message: str = ""
+    probe_since: float | None = None
+    restart_reason: str = ""  # why the agent last restarted it here ("": it did not)
 
 
 @attrs.frozen
@@ -64,6 +73,14 @@ class GroupStatus:
     active: bool = False  # entries of it run here (peers never claim it meanwhile)
     note: str = ""  # why this node does what it does about it (Plan.notes)
     entries: dict[str, EntryStatus] = attrs.field(factory=dict)
+    # Issue 16 (left out of the record while unset, so older versions read it): the group's
+    # failures on this node within its failure_window; whether this node gave it up and is
+    # banned from it, until when (publisher's wall time); the id of the last `reconcile
+    # clear` this node applied to it.
+    failures: int = 0
+    banned: bool = False
+    banned_until: float | None = None
+    cleared: str = ""
 
 
 @attrs.frozen
@@ -236,9 +253,11 @@ def _register(cls: type[Any], **fields: _Hook) -> None:
 
 
 _register(EntryStatus, state=_state, pid=_optional(_int), exit_code=_optional(_int), message=_str, retry_in=_optional(_float),
-          since=_optional(_float))
+          since=_optional(_float), health=_str, probe_failures=_int, probe_message=_str, probe_since=_optional(_float),
+          restart_reason=_str)
 _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional(_int), mine=_bool, actual=_str,
-          eligible=_optional(_bool), active=_bool, note=_str, entries=_table(EntryStatus, leaf=True))
+          eligible=_optional(_bool), active=_bool, note=_str, entries=_table(EntryStatus, leaf=True), failures=_int,
+          banned=_bool, banned_until=_optional(_float), cleared=_str)
 _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
           twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))
@@ -272,6 +291,9 @@ def _positive(value: Any, _t: Any = None) -> int:
 _register(SpecRevision, number=_positive, digest=_str, files=_files, node=_str, wall=_float, summary=_str)
 # An entry carries only what is set (a stopped entry is {"state": "stopped"}), as it always has.
 _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatus, _conv, _cattrs_omit_if_default=True))
+# A group's issue-16 fields only when set: a record without them is what older versions write and read.
+_omitted: dict[str, Any] = {f: override(omit_if_default=True) for f in ("failures", "banned", "banned_until", "cleared")}
+_conv.register_unstructure_hook(GroupStatus, make_dict_unstructure_fn(GroupStatus, _conv, **_omitted))
 
 
 def _structure(value: Any, cls: type[_T]) -> _T:

@@ -676,7 +676,8 @@ def test_status_json_shape(env, agents):
     n = doc["nodes"][NODE]
     assert n["live"] is True and isinstance(n["heartbeat_age"], float) and n["spec_differs"] is False and n["spec_error"] == ""
     g = doc["groups"]["g"]
-    assert set(g) == {"desired", "owner", "generation", "actual", "state", "entries", "failures", "notes"}
+    assert set(g) == {"desired", "owner", "generation", "actual", "state", "entries", "failures", "notes",
+                      "group_failures", "bans", "banned_everywhere"}  # (issue 16's)
     assert g["desired"] == "run" and g["owner"] == NODE and g["generation"] >= 1 and g["actual"] == "run" and g["state"] == "running"
     assert g["entries"]["s"] == {"state": "running", "pid": pid}
     assert g["entries"]["t"]["state"] in ("running", "done")

@@ -39,9 +39,17 @@ METRICS = frozenset(
         "reconciler_store_entries_skipped_total",
         "reconciler_store_round_trip_age_seconds",
         "reconciler_lease_remaining_seconds",
+        # issue 16: health
+        "reconciler_probes_total",
+        "reconciler_probe_duration_seconds",
+        "reconciler_restarts_total",
+        "reconciler_group_failures_total",
+        "reconciler_entry_unhealthy",
+        "reconciler_group_banned",
+        "reconciler_bans_total",
     }
 )
-HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds"})
+HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds", "reconciler_probe_duration_seconds"})
 _NAME = re.compile(r"\breconciler_[a-z_]+")
 _SERIES = re.compile(r"_(bucket|sum|count)$")
 

@@ -238,7 +238,7 @@ def test_live_exposition_is_lint_clean_and_sane(agent):
     # bounded labels only: no pid, message or free text anywhere
     for name, series in s.samples.items():
         for lab, _ in series:
-            assert set(lab) <= {"node", "group", "tag", "kind", "result", "state", "phase", "le", "digest"}, (name, lab)
+            assert set(lab) <= {"node", "group", "tag", "kind", "result", "state", "phase", "le", "digest", "cause"}, (name, lab)
 
     # kill -9 of a respawn process: it is respawned, and counted
     victim = a.pid_of("alpha-svc")

@@ -154,7 +154,8 @@ TAKEOVERS = [
 ]
 
 DEMOTIONS = [
-    row("owner-converged-does-nothing", [], check={"wake_at": float("inf")}, claim=ME, running=True),
+    # (issue 16: the owner re-runs its leading test every retest: its one deadline)
+    row("owner-converged-does-nothing", [], check={"wake_at": NOW - 1 + T.retest}, claim=ME, running=True),
     row("lease-ending-urgent-stop", [URGENT_STOP_S], check={"deadline": NOW + 0.05, "reason": "self-demotion: lease not renewed in time"},
         claim=ME, running=True, lease_until=NOW + 0.05),
     row("no-quorum-urgent-stop", [URGENT_STOP_S], check={"reason": "self-demotion: no quorum"},

@@ -41,7 +41,7 @@ WIRE = {
             "owner": "n1",
             "generation": 4,
             "mine": True,
-            "actual": "run",
+            "actual": "degraded",  # (issue 16: not "run" while r crash-loops)
             "eligible": True,
             "active": True,
             "note": "",
@@ -176,7 +176,7 @@ def test_cluster_status_reads_the_records():
     assert doc.nodes["n2"].twin == "another agent" and doc.nodes["n2"].spec_differs is True
     assert doc.nodes["n1"].state_errors == () and doc.nodes["n1"].store_skipped == ("claims/-x",)
     assert overview.to_json(doc)["groups"]["web"]["entries"] == WIRE["groups"]["web"]["entries"]
-    assert doc.groups["web"].actual == "run" and doc.groups["web"].owner == "n1"
+    assert doc.groups["web"].actual == "degraded" and doc.groups["web"].owner == "n1"
     assert doc.groups["web"].state == "degraded"  # r waits out its backoff
     assert doc.groups["db"].actual == "stop"
     assert doc.groups["db"].notes == {"n1": "not allowed here (nodes = n2)"}  # n2's, not live, is stale

@@ -86,6 +86,10 @@ def test_digest_of_an_ordinary_spec_is_the_cluster_wide_part(tmp_path):
     }
     for g in data["groups"].values():
         g.pop("source")
+        for key in ("max_failures", "failure_window", "ban"):  # issue 16's, unset
+            g.pop(key)
+        for e in g["entries"]:
+            e.pop("health")
     assert spec.digest() == hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

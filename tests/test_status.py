@@ -119,7 +119,8 @@ def test_the_json_keys_are_the_fields():
                             summary=overview.summary({"n1": node()}, {"g": row(RUNNING)}), problems=())
     out = json.loads(json.dumps(overview.to_json(doc)))
     assert set(out) == {"nodes", "groups", "summary", "problems", "spec_error"}
-    assert set(out["groups"]["g"]) == {"desired", "owner", "generation", "actual", "state", "entries", "failures", "notes"}
+    assert set(out["groups"]["g"]) == {"desired", "owner", "generation", "actual", "state", "entries", "failures", "notes",
+                                       "group_failures", "bans", "banned_everywhere"}
     assert out["summary"] == {"nodes": 1, "live": 1, "groups": 1, "states": {"running": 1}}
 
 

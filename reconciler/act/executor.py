@@ -20,6 +20,7 @@ from reconciler import spec as specmod
 from reconciler.act import fence as fencemod
 from reconciler.act import process
 from reconciler.act.book import ResourceBook
+from reconciler.act.ledger import Ledger
 from reconciler.decide import backoff
 from reconciler.decide.plan import Action
 from reconciler.store import Claim, Store, StoreError
@@ -53,6 +54,7 @@ class Executor:
         book: ResourceBook,
         events: Events | None = None,
         store_budget: float = 0.3,
+        ledger: Ledger | None = None,
     ):
         """`resources`: reconciler.act.resources (or a stand-in with its start and stop)."""
         self.node = node
@@ -62,6 +64,8 @@ class Executor:
         self.book = book
         self.events = events or Events()
         self.store_budget = store_budget
+        self.ledger = ledger  # the failure ledger (act/ledger.py): a restart counts there
+        self.restart_reasons: dict[tuple[str, str], str] = {}  # (group, tag) -> why it was last restarted (status)
         self.blocked: dict[str, tuple[float, str]] = {}  # group -> (retry_at, message)
         self._block_count: dict[str, int] = {}
         # At most this many store calls (claim, release, break) in flight: a node claiming
@@ -84,7 +88,9 @@ class Executor:
             self.events.action(a, result, time.monotonic() - started)
             # A respawn that worked is the supervisor's to report (act/process.py: once per
             # backoff step of a crash loop, not at every restart).
-            level = logging.WARNING if not ok else logging.DEBUG if a.reason.startswith("respawn:") else logging.INFO
+            # A give-up (too many failures here: decide/health.py) is a warning too.
+            level = (logging.WARNING if not ok or a.reason.startswith("gave up:") else
+                     logging.DEBUG if a.reason.startswith("respawn:") else logging.INFO)
             log.log(level, "%s -> %s%s", a.describe(), result, f" ({msg})" if msg else "",
                     extra={"group": a.group, "tag": a.tag, "node": self.node, "reason": a.reason, "result": result})
             if not ok:
@@ -97,7 +103,13 @@ class Executor:
             entry = self.book.entry(a.group, a.tag)
         if a.kind in ("start", "stop") and entry is not None and entry.kind != "process":
             return await self._resource(a, entry)
-        if a.kind == "start":
+        if a.failure and self.ledger is not None:  # an unhealthy entry (decide/health.py): one failure of the group here
+            self.ledger.record(a.group, a.tag, "unhealthy", a.failure.removeprefix("unhealthy: "))
+        if a.kind == "restart":
+            assert entry is not None and g is not None
+            await self.supervisor.stop(a.group, a.tag, sig=entry.stop_signal, timeout=entry.stop_timeout, resume=True)
+            self.restart_reasons[(a.group, a.tag)] = a.reason
+        if a.kind in ("start", "restart"):
             assert entry is not None and g is not None
             env = {
                 "RECONCILER_NODE": self.node,

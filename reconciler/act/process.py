@@ -50,7 +50,7 @@ JOIN_TIMEOUT = 5.0  # how long start() waits for a child to join its cgroup and 
 class Supervisor:
     def __init__(
         self, *, node: str, state_dir: str | os.PathLike, on_change: Callable[[], None], sys: Sys | None = None, create: bool = True,
-        tree: cgroups.Tree | None | bool = True,
+        tree: cgroups.Tree | None | bool = True, on_failure: Callable[[str, str, str, str], None] = lambda g, t, cause, msg: None,
     ):
         """`tree`: True finds the node's cgroup subtree (under this process's cgroup; for a
         `create=False` observer such as --dry-run, under the running agent's), False or
@@ -74,6 +74,9 @@ class Supervisor:
         self.records: dict[tuple[str, str], Record] = {}
         self.sys = sys or Sys()
         self.on_change = on_change
+        # (group, tag, cause, message): a rapid exit or a failed start, one failure of the
+        # group on this node (act/ledger.py; decide/health.py counts them)
+        self.on_failure = on_failure
         self.dirty = False
         self._saved_texts: dict[tuple[str, str], tuple[tuple, str]] = {}  # key -> (saved fields, their JSON)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +162,8 @@ class Supervisor:
         rec.ended(code, now)
         if rec.state == "exited":
             self._log_exit(rec, now)
+            if rec.rapid_exits:
+                self.on_failure(rec.group, rec.tag, "rapid_exit", rec.message)
         self._close_pidfd(rec)
         if rec.exited is not None and not rec.exited.done():
             rec.exited.set_result(code)
@@ -279,6 +284,7 @@ class Supervisor:
             argv0 = cast(tuple[str, ...], entry.command)[0]  # a process entry: the loader requires its command
             rec.start_failed(f"cannot start {argv0}: {getattr(exc, 'strerror', None) or exc}", now)
             self.dirty = True
+            self.on_failure(group, entry.tag, "start_failed", rec.message)
             raise StartError(rec.message) from None
         finally:
             if cgroup_fd is not None:
@@ -314,10 +320,13 @@ class Supervisor:
             self.dirty = True
             self.save()
 
-    async def stop(self, group: str, tag: str, *, sig: int, timeout: float, deadline: float | None = None) -> None:
+    async def stop(self, group: str, tag: str, *, sig: int, timeout: float, deadline: float | None = None,
+                   resume: bool = False) -> None:
         """Signal the process group; SIGKILL it after `timeout` (or at `deadline`, if sooner).
         Once the leader is gone, everything left in the entry's cgroup is killed and the
-        stop returns when the cgroup is empty (then removed)."""
+        stop returns when the cgroup is empty (then removed). `resume`: SIGCONT after the
+        signal (a restart of an unhealthy entry: a stopped process would hold the signal
+        pending until SIGKILL; systemd sends SIGCONT after its stop signal for this reason)."""
         rec = self.records.get((group, tag))
         if rec is None or rec.state not in ("running", "stopping"):
             await self._drain(group, tag)
@@ -331,6 +340,8 @@ class Supervisor:
             # cast: a running (or stopping) record has a pid: _spawn, adoption and _follow set
             # one; only adoption clears it, of a record that no longer runs
             self.sys.killpg(cast(int, rec.pgid or rec.pid), sig)
+            if resume:
+                self.sys.killpg(cast(int, rec.pgid or rec.pid), signal.SIGCONT)
         kill_at = time.monotonic() + timeout
         if deadline is not None:
             kill_at = min(kill_at, deadline)

@@ -20,6 +20,8 @@ from reconciler import spec as specmod
 from reconciler.decide import plan as planmod
 from reconciler.act import book as bookmod
 from reconciler.act import process, resources
+from reconciler.act.ledger import Ledger
+from reconciler.model import Probe
 from reconciler.decide import ownership
 from reconciler.observe import EntryState, Observed
 from reconciler.store import Claim, ClusterView, Member
@@ -74,7 +76,24 @@ def simulate(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> planm
     view = asyncio.run(cluster_view(spec, node, down))
     observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
     now = time.monotonic()
+    observed = with_health(spec, observed, view, Ledger(path=Path(spec.state_dir) / node / "health.json", readonly=True), now)
     return after_claims(spec, observed, view, now, planmod.plan(spec, observed, view, now))
+
+
+def with_health(spec: specmod.Spec, observed: Observed, view: ClusterView, ledger: Ledger, now: float) -> Observed:
+    """What the agent's observer adds for health (issue 16): the failures and bans in the
+    node's ledger, and its probes as the node last published them (the running agent holds
+    them in memory), for the processes that still run."""
+    probes = {}
+    hb = view.members[view.node].heartbeat if view.node in view.members else None
+    if hb is not None:
+        for gname, gs in hb.status.groups.items():
+            for tag, es in gs.entries.items():
+                st = observed.entries.get((gname, tag))
+                if es.health and st is not None and st.pid is not None and st.pid == es.pid:
+                    probes[(gname, tag)] = Probe(pid=st.pid, failures=es.probe_failures, result="ok" if es.health == "ok" else "fail",
+                                                 message=es.probe_message)
+    return attrs.evolve(observed, probes=probes, failures=dict(ledger.failures), bans=ledger.bans(spec, now))
 
 
 def owned_here(spec: specmod.Spec, observed: Observed, view: ClusterView, held: dict[tuple[str, str], ownership.Held]) -> Observed:

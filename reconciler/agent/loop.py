@@ -40,6 +40,9 @@ from reconciler.agent import status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
+from reconciler.act.ledger import Ledger
+from reconciler.observe.events import KernelEvents
+from reconciler.observe.probes import Prober
 from reconciler.agent.metrics import Metrics
 from reconciler.agent.narrator import Narrator
 from reconciler.agent.specsync import SpecSync
@@ -110,18 +113,23 @@ class Agent:
                                     instance=self.instance)
         # (read_at only moves on a read whose heartbeat publish before it succeeded too)
         self.metrics.follow_store(round_trip_at=lambda: self.watch.read_at, lease_until=lambda: self.lease.until)
-        self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake)
+        # Health (issue 16): each group's failures here (kept in STATE/NODE/health.json) and the probes.
+        self.ledger = Ledger(path=None if self.once else self.node_dir / "health.json", on_failure=self.metrics.failure)
+        self.prober = Prober(node=self.node, on_change=self.wake, measured=self.metrics.probed)
+        self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake,
+                                             on_failure=self.ledger.record)
         self.book = ResourceBook(node=self.node, resource_file=None if self.once else self.node_dir / "resources.json")
         # The executor's events are metrics', except that a claim won or ended goes straight to
         # the cluster watch (the view shows it before the next read).
         events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.watch.set_claim)
         self.executor = executormod.Executor(
             node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, book=self.book, events=events,
+            ledger=self.ledger,
         )
         self.observer = Observer(
             node=self.node, supervisor=self.supervisor, book=self.book, read_kernel=resources.observe,
             spec=lambda: self.spec, claimed=lambda: (g for g, c in self.watch.view.claims.items() if c.node == self.node),
-            busy=lambda: self.busy, blocked=lambda: self.executor.blocked,
+            busy=lambda: self.busy, blocked=lambda: self.executor.blocked, prober=self.prober, ledger=self.ledger,
         )
 
 
@@ -177,6 +185,8 @@ class Agent:
                      " to move the process into its cgroup (docs/operations.md, 'Processes and cgroups')")
         (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
         self.supervisor.attach(loop)
+        self.kernel_events = KernelEvents(on_change=self.wake)  # an address or mount changed: look at once
+        self.kernel_events.start(loop)
         self.lease.inherit()
         adopted = self.supervisor.adopt()
         for rec in adopted:
@@ -222,6 +232,8 @@ class Agent:
                     t.cancel()
                 _done, pending = await asyncio.wait(pending, timeout=0.1)
             await asyncio.gather(*tasks, return_exceptions=True)  # all done: collects their outcome
+            self.prober.stop()
+            self.kernel_events.stop()
             self.supervisor.save()
             self.supervisor.detach()
             await self.store.close()
@@ -315,6 +327,7 @@ class Agent:
             spec = self.spec
             if self.stopping:
                 spec = attrs.evolve(spec, groups={n: _stopped(g) for n, g in spec.groups.items()})
+            self.ledger.apply_requests()  # `reconcile clear`: before observing, so this pass shows it
             now = time.monotonic()
             observed = self.observer.observe(now)
             view = self.watch.planning_view()
@@ -339,7 +352,8 @@ class Agent:
             self.book.save()  # observation may have adopted or dropped some
             state_errors = tuple(e for e in (self.supervisor.save_error, self.lease.file_error) if e)
             doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.specsync.error, digest=self._digest(spec),
-                                        state_errors=state_errors, spec_revision=self.specsync.revision)
+                                        state_errors=state_errors, spec_revision=self.specsync.revision,
+                                        restarts=self.executor.restart_reasons, cleared=self.ledger.cleared)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
             self.metrics.tick(  # (the spec as loaded: while stopping, `spec` says runlevel stop)

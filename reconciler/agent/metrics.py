@@ -20,7 +20,8 @@ from reconciler.decide.intent import Plan
 from reconciler.observe import STATES, Observed
 from reconciler.store import ClusterView
 
-KINDS = ("start", "stop", "reset", "claim", "release", "takeover")
+KINDS = ("start", "stop", "restart", "reset", "claim", "release", "takeover")
+PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PHASE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
@@ -76,8 +77,30 @@ class Metrics:
             "reconciler_lease_remaining_seconds", "Seconds until this node's lease runs out (0: lapsed, or none held).", L,
             registry=r,
         )
+        # Health (issue 16): labels are bounded (kind: command|tcp|http; result: ok|fail;
+        # cause: unhealthy|exit for restarts, decide/health.CAUSES for failures).
+        self.probes = prom.Counter("reconciler_probes", "Health probes by group, kind and result.",
+                                   L + ["group", "kind", "result"], registry=r)
+        self.probe_seconds = prom.Histogram("reconciler_probe_duration_seconds", "How long each health probe took, by kind.",
+                                            L + ["kind"], registry=r, buckets=PROBE_BUCKETS)
+        self.restarts = prom.Counter(
+            "reconciler_restarts", "Restarts of entries by cause: unhealthy (its health probe failed), exit (a respawn).",
+            L + ["group", "cause"], registry=r)
+        self.failures = prom.Counter(
+            "reconciler_group_failures", "Failures of a group on this node, by cause (unhealthy, rapid_exit, start_failed).",
+            L + ["group", "cause"], registry=r)
+        self.unhealthy = prom.Gauge("reconciler_entry_unhealthy", "1 while the entry's last health probe failed.",
+                                    L + ["group", "tag"], registry=r)
+        self.banned = prom.Gauge(
+            "reconciler_group_banned", "1 while this node is banned from the group (it gave it up: max_failures); 0 if not,"
+            " for every group this node may run.", L + ["group"], registry=r)
+        self.bans = prom.Counter("reconciler_bans", "Bans of this node from a group (give-ups).", L + ["group"], registry=r)
+        self._banned_now: set[str] = set()
+        self._probe_children: dict[tuple[str, str, str], tuple] = {}
+        self._unhealthy_now: set[tuple[str, str]] = set()
         self._skipped_seen = 0
         self._known_groups: set[str] = set()
+        self._banned_values: dict[str, int] = {}  # group -> what reconciler_group_banned says
         self._group_values: dict[str, tuple] = {}  # group -> what its gauges were last set to
         self._pending_start: dict[str, float] = {}
         # group -> (generation of the dead owner's claim, seconds its heartbeat had stood still
@@ -171,6 +194,7 @@ class Metrics:
                 self.entries.labels(n, g, s).set(key[0].count(s))
             self.group_running.labels(n, g).set(key[1])
             self.group_desired.labels(n, g).set(key[2])
+        self._health(observed, groups, now)
         running = {g for g, here in states.items() if "running" in here}
         for g, since in list(self._pending_start.items()):
             if g not in mine:
@@ -178,6 +202,43 @@ class Metrics:
             elif g in running and not plan.for_group(g) and g not in busy:
                 self.phase.labels(n, "start").observe(now - since)
                 del self._pending_start[g]
+
+    def _health(self, observed: Observed, groups: Mapping[str, specmod.Group], now: float) -> None:
+        n = self.node
+        banned = {g for g, until in observed.bans.items() if until > now and g in groups}
+        for g in banned - self._banned_now:
+            self.bans.labels(n, g).inc()
+        for g in groups:  # (an idle node: one dict look-up per group)
+            value = 1 if g in banned else 0
+            if (not groups[g].nodes or n in groups[g].nodes) and self._banned_values.get(g) != value:
+                self.banned.labels(n, g).set(value)
+                self._banned_values[g] = value
+        for g in set(self._banned_values) - set(groups):
+            _remove(self.banned, n, g)
+            del self._banned_values[g]
+        self._banned_now = banned
+        unhealthy = {k for k, p in observed.probes.items() if p.result == "fail"}
+        for k in unhealthy - self._unhealthy_now:
+            self.unhealthy.labels(n, *k).set(1)
+        for k in self._unhealthy_now - unhealthy:
+            self.unhealthy.labels(n, *k).set(0)
+        self._unhealthy_now = unhealthy
+
+    def probed(self, group: str, kind: str, result: str, seconds: float) -> None:
+        # (every probe: 50 a second with 100 groups probed every 2 s; the labelled children
+        # are kept rather than looked up under the metric's lock each time)
+        key = (group, kind, result)
+        children = self._probe_children.get(key)
+        if children is None:
+            if len(self._probe_children) >= 65536:
+                self._probe_children.clear()
+            children = self._probe_children[key] = (self.probes.labels(self.node, group, kind, result),
+                                                     self.probe_seconds.labels(self.node, kind))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def failure(self, group: str, cause: str) -> None:
+        self.failures.labels(self.node, group, cause).inc()
 
     def takeover_dispatched(self, group: str, generation: int, stalled: float) -> None:
         """A takeover of `group` from the dead owner's claim `generation` was dispatched, its
@@ -193,6 +254,10 @@ class Metrics:
 
         def action(a, result, seconds):
             self.actions.labels(n, a.kind, result).inc()
+            if a.kind == "restart":
+                self.restarts.labels(n, a.group, "unhealthy").inc()
+            elif a.kind == "start" and a.reason.startswith("respawn"):
+                self.restarts.labels(n, a.group, "exit").inc()
             if a.kind == "start" and result == "ok":
                 rec = supervisor.records.get((a.group, a.tag))
                 if rec is not None and rec.respawns and a.reason.startswith("respawn"):

@@ -24,8 +24,8 @@ from reconciler.spec import STOP
 RUNNING = "running"  # its owner is alive and runs it at the desired runlevel
 STARTING = "starting"  # its owner is on its way to the desired runlevel
 STOPPING = "stopping"  # entries of it still run where they should not
-DEGRADED = "degraded"  # its owner runs it, but an entry crash-loops (backoff) or is in error
-FAILED = "failed"  # its tests failed: on its owner, or on every node that may run it
+DEGRADED = "degraded"  # its owner runs it, but an entry crash-loops (backoff), is in error or fails its health probe
+FAILED = "failed"  # its tests failed, on its owner or on every node that may run it; or every such node is banned from it
 STOPPED = "stopped"  # desired stop, and nothing of it runs
 UNOWNED = "unowned"  # desired to run, but no live node holds its claim
 UNKNOWN = "unknown"  # its owner publishes nothing about it (another spec)
@@ -66,6 +66,11 @@ class GroupRow:
     entries: dict[str, EntryStatus]  # as its owner reports them
     failures: tuple[Failure, ...]  # its failed tests, on the live nodes
     notes: dict[str, str]  # node -> why that node does what it does about it
+    # Issue 16: node -> its failures of the group within failure_window (those with any);
+    # node -> when its ban from the group ends (its wall time), for the live banned nodes.
+    group_failures: dict[str, int] = attrs.field(factory=dict)
+    bans: dict[str, float | None] = attrs.field(factory=dict)
+    banned_everywhere: bool = False
 
 
 @attrs.frozen
@@ -94,21 +99,27 @@ def crash_looping(e: EntryStatus) -> bool:
     return (e.state == "exited" and e.retry_in is not None) or e.state == "error"
 
 
+def sick(e: EntryStatus) -> bool:
+    """Its health probe fails (once or more in a row: not yet restarted, or not for long)."""
+    return e.health in ("failing", "unhealthy")
+
+
 def group_state(*, desired: str, owner: str | None, owner_live: bool, actual: str | None,
-                entries: Iterable[EntryStatus] = (), failed_everywhere: bool = False) -> str:
+                entries: Iterable[EntryStatus] = (), failed_everywhere: bool = False, banned_everywhere: bool = False) -> str:
     """A group's state. `actual`: what its owner publishes about it (None: nothing);
-    `failed_everywhere`: its tests failed on every live node that may run it."""
+    `failed_everywhere`: its tests failed on every live node that may run it;
+    `banned_everywhere`: every live node that may run it is banned from it (issue 16)."""
     if desired == STOP:
         if owner is None or not owner_live or actual == STOP:
             return STOPPED  # (a dead owner's keeper has stopped what it ran)
         return STOPPING
-    if failed_everywhere or (owner_live and actual == FAILED):
+    if failed_everywhere or banned_everywhere or (owner_live and actual == FAILED):
         return FAILED
     if owner is None or not owner_live:
         return UNOWNED
     if actual is None:
         return UNKNOWN
-    if any(crash_looping(e) for e in entries):
+    if actual == DEGRADED or any(crash_looping(e) or sick(e) for e in entries):
         return DEGRADED
     if actual == desired:
         return RUNNING
@@ -146,6 +157,8 @@ def problems(nodes: Mapping[str, NodeRow], groups: Mapping[str, GroupRow]) -> tu
     for name, g in groups.items():
         if not as_desired(g):
             why = "; ".join(f"{f.tag} failed on {f.node}{_exit(f.exit_code)}" for f in g.failures) if g.state == FAILED else ""
+            if g.banned_everywhere:
+                why = "banned on every node that may run it: " + ", ".join(g.bans) + (f"; {why}" if why else "")
             out.append(f"group {name}: {g.state}, desired {g.desired}" + (f" ({why})" if why else ""))
     return tuple(out)
 
@@ -176,9 +189,10 @@ def _exit(code: int | None) -> str:
     return "" if code is None else f" (exit {code})"
 
 
-def entry_detail(e: EntryStatus) -> str:
+def entry_detail(e: EntryStatus, now: float | None = None) -> str:
     """What to say after an entry's state, saying nothing twice: the message says the exit
-    code and the backoff when it has them ("stopped (exit -15)" in state stopped: "exit -15")."""
+    code and the backoff when it has them ("stopped (exit -15)" in state stopped: "exit -15").
+    `now` (wall time): say how long ago its probe result began."""
     message = e.message
     for prefix, suffix in ((f"{e.state} (", ")"), ("test failed: ", "")):
         if message.startswith(prefix) and message.endswith(suffix):
@@ -194,6 +208,12 @@ def entry_detail(e: EntryStatus) -> str:
         parts.append(message)
     if e.retry_in is not None and "next try" not in message:
         parts.append(f"retry in {e.retry_in:g}s")
+    if e.health and e.health != "ok":
+        parts.append(f"health {e.health}" + (f" ({e.probe_failures} in a row)" if e.probe_failures else "")
+                     + (f": {e.probe_message}" if e.probe_message else "")
+                     + (f", since {ago(max(0.0, now - e.probe_since))}" if now is not None and e.probe_since else ""))
+    if e.restart_reason:
+        parts.append(f"last restart: {e.restart_reason}")
     return ", ".join(parts)
 
 
@@ -240,13 +260,19 @@ def render(doc: Overview, *, now: float) -> str:
     for line, (name, g) in zip(lines[1:], doc.groups.items()):
         out.append(line)
         # Its entries as its owner reports them, then its tests that failed elsewhere.
-        rows = [(tag, e.state, entry_detail(e)) for tag, e in g.entries.items()]
+        rows = [(tag, e.state, entry_detail(e, now)) for tag, e in g.entries.items()]
         rows.extend((f.tag, "failed", f"on {f.node}{_exit(f.exit_code)}" + ("" if f.since is None else f", {ago(max(0.0, now - f.since))}"))
                     for f in g.failures if f.node != g.owner)
         if rows:
             out.extend("  " + ln for ln in table(("", "", ""), rows)[1:])
         for node, note in g.notes.items():
             out.append(f"  [{node}] {note}")
+        for node, count in g.group_failures.items():
+            if node not in g.bans:
+                out.append(f"  [{node}] {count} failure{'s' if count != 1 else ''} within its failure_window")
+        for node, until in g.bans.items():
+            left = "" if until is None else f", {max(0.0, until - now):.0f}s left"
+            out.append(f"  [{node}] banned ({g.group_failures.get(node, 0)} failures{left})")
     out.append("")
     out.append(summary_line(doc.summary))
     return "\n".join(out)

@@ -4,11 +4,13 @@ shows of the whole cluster (agent/overview.py) from what the nodes publish."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from reconciler.agent import overview
 from reconciler.cluster.survey import Look
 from reconciler import spec as specmod
-from reconciler.decide import placement
+from reconciler.decide import health, placement
+from reconciler.model import Probe
 from reconciler.published import EntryStatus, GroupStatus, MemberStatus, NodeStatus
 from reconciler.observe import Observed
 from reconciler.decide.plan import Plan
@@ -40,8 +42,12 @@ def node_status(
     state_errors: tuple[str, ...] = (),
     digest: str | None = None,
     spec_revision: int = 0,
+    restarts: Mapping[tuple[str, str], str] = {},
+    cleared: Mapping[str, str] = {},
 ) -> NodeStatus:
-    """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known)."""
+    """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known;
+    `restarts`: why the executor last restarted each entry; `cleared`: the id of the last
+    `reconcile clear` applied to each group)."""
     pending = {a.group for a in plan.actions} | set(observed.busy)
     groups = {}
     eligible = []
@@ -52,7 +58,7 @@ def node_status(
         if ok:
             eligible.append(g.name)
         entries = {}
-        running_any = False
+        running_any = degraded = False
         fitness = placement.leading_tags(g)
         for e in g.entries:
             st = observed.get(g.name, e.tag, e.kind)
@@ -61,7 +67,11 @@ def node_status(
                 st.state, st.pid or None, st.exit_code, st.message,
                 round(st.retry_at - now, 3) if st.retry_at is not None and st.retry_at > now else None,
                 round(st.since + _WALL_OFFSET, 3) if st.state in FAILURES and st.since else None,
+                *_health(e, observed.probes.get((g.name, e.tag)) if e.health is not None else None),
+                restarts.get((g.name, e.tag), ""),
             )
+            degraded = degraded or entries[e.tag].health in ("failing", "unhealthy") or (
+                st.state == "exited" and st.retry_at is not None) or st.state == "error"
         # A failed test halts its group here: nothing after it starts (plan._advance).
         failed = any(
             e.mode == "test" and e.active_at(g.runlevel) and entries[e.tag].state == "failed" for e in g.entries
@@ -69,7 +79,7 @@ def node_status(
         if failed and (mine or not running_any):
             actual = "failed"
         elif mine and g.name not in pending:
-            actual = g.runlevel
+            actual = "degraded" if degraded else g.runlevel
         elif running_any:
             actual = f"->{g.runlevel}" if mine else "stopping"
         else:
@@ -84,6 +94,10 @@ def node_status(
             active=running_any,  # entries of it run here (peers never claim it meanwhile)
             note=plan.notes.get(g.name, ""),
             entries=entries,
+            failures=health.recent(g, observed.failures.get(g.name, ()), now),
+            banned=g.name in observed.bans and observed.bans[g.name] > now,
+            banned_until=round(observed.bans[g.name] + _WALL_OFFSET, 3) if observed.bans.get(g.name, 0) > now else None,
+            cleared=cleared.get(g.name, ""),
         )
     return NodeStatus(
         digest=spec.digest() if digest is None else digest,
@@ -99,6 +113,19 @@ def node_status(
         eligible_groups=tuple(sorted(eligible)),
         groups=groups,
     )
+
+
+def _health(e: specmod.Entry, probe: Probe | None) -> tuple[str, int, str, float | None]:
+    """(health, probe_failures, probe_message, probe_since) of a probed entry, as published."""
+    if e.health is None or probe is None or not probe.result:
+        return ("", 0, "", None)
+    if probe.result == "ok":
+        word = "ok"
+    elif probe.failures >= e.health.failures:
+        word = "unhealthy"
+    else:
+        word = "failing" if probe.failures else "starting"
+    return (word, probe.failures, probe.message, round(probe.since + _WALL_OFFSET, 3))
 
 
 def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_groups: bool = False) -> overview.Overview:
@@ -152,6 +179,10 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
         may_run = [n for n in live if g is None or placement.allowed(g, n)]
         failed_everywhere = bool(failures) and bool(may_run) and all(
             (r := reports.get(n)) is not None and r.eligible is False for n in may_run)
+        # Issue 16: failures and bans as the live nodes publish them.
+        group_failures = {n: r.failures for n in live if (r := reports.get(n)) is not None and r.failures}
+        bans = {n: r.banned_until for n in live if (r := reports.get(n)) is not None and r.banned}
+        banned_everywhere = bool(may_run) and all(n in bans for n in may_run)
         owner_live = claim is not None and claim.node in live
         if claim is not None and not owner_live:
             # A dead owner's last word is stale: its keeper has stopped what it ran (dead_after
@@ -166,11 +197,14 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
             state=overview.group_state(
                 desired=desired, owner=claim.node if claim else None, owner_live=owner_live,
                 actual=owner_doc.actual if owner_doc is not None else None, entries=entries.values(),
-                failed_everywhere=failed_everywhere,
+                failed_everywhere=failed_everywhere, banned_everywhere=banned_everywhere,
             ),
             entries=dict(entries),
             failures=failures,
             notes={n: r.note for n, r in reports.items() if r is not None and r.note and n in live},
+            group_failures=group_failures,
+            bans=bans,
+            banned_everywhere=banned_everywhere,
         )
     return overview.Overview(nodes=nodes, groups=groups, summary=overview.summary(nodes, groups),
                              problems=overview.problems(nodes, groups))

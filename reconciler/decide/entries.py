@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import attrs
 
 from reconciler import spec as specmod
-from reconciler.decide import placement
+from reconciler.decide import health, placement
 from reconciler.decide.intent import Action, Part
 from reconciler.model import EntryState, Observed
 
@@ -106,9 +106,11 @@ def plan_entries(
     t: specmod.Timing,
     *,
     only: frozenset[str] | None = None,
-    retest: bool = False,
+    retest: bool | frozenset[str] = False,
 ) -> Part:
-    """Minimal transition of one group's entries to `level`, in inittab order."""
+    """Minimal transition of one group's entries to `level`, in inittab order; a running
+    entry that is unhealthy (decide/health.py) is restarted. `retest`: re-run passed tests
+    every timing.retest (True: every test; a set: the tests with those tags)."""
     # This runs for every group on every round: it is written for speed (see
     # tests/bench/plan_scale.py), with the meaning of obs.get() and earliest() inlined.
     name = g.name
@@ -136,6 +138,10 @@ def plan_entries(
         if st is None:
             st = absent
         elif process and (st.state == "done" or (st.state == "running" and not foreground)):
+            if e.health is not None and st.state == "running":
+                why = health.unhealthy(e, st, obs.probes.get(key))
+                if why:
+                    acts.append(Action("restart", name, e.tag, reason=why, failure=why))
             continue  # converged, and later entries need not wait: what _advance says, sooner
         act, due, halt = _advance(name, e, st, level, now, t, retest)
         if act is not None:
@@ -180,7 +186,7 @@ _HALT: tuple[None, None, bool] = (None, None, True)  # nothing to do; later entr
 
 
 def _advance(
-    group: str, e: specmod.Entry, st: EntryState, level: str, now: float, t: specmod.Timing, retest: bool
+    group: str, e: specmod.Entry, st: EntryState, level: str, now: float, t: specmod.Timing, retest: bool | frozenset[str]
 ) -> tuple[Action | None, float | None, bool]:
     """(action, wake time, halt): what one wanted entry needs; halt = later entries wait."""
     s = st.state
@@ -204,7 +210,7 @@ def _advance(
         return Action("start", group, e.tag, reason=f"runlevel {level} includes it, not running"), None, e.foreground
     if s in ("passed", "failed"):
         due = st.since + t.retest
-        rerun = retest or s == "failed"
+        rerun = s == "failed" or (retest if isinstance(retest, bool) else e.tag in retest)
         if rerun and now >= due:
             return Action("start", group, e.tag, reason=f"re-run test: {s} {now - st.since:.0f}s ago"), None, True
         return None, due if rerun else None, s == "failed"

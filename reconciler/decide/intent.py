@@ -7,7 +7,7 @@ import attrs
 
 from reconciler.model import Claim
 
-KINDS = ("start", "stop", "reset", "claim", "release", "takeover")
+KINDS = ("start", "stop", "restart", "reset", "claim", "release", "takeover")  # restart: an unhealthy entry (decide/health.py)
 
 
 @attrs.frozen
@@ -20,6 +20,9 @@ class Action:
     deadline: float | None = None
     claim: Claim | None = None  # release / takeover: the claim instance to end
     fence: tuple[str, ...] = ()  # takeover: the fence hook argv, "{node}" filled in
+    # restart, stop: the failure of the group here that this action records (decide/health.py:
+    # an unhealthy entry; "" none): the executor counts it before acting
+    failure: str = ""
 
     def describe(self) -> str:
         what = f"{self.group}/{self.tag}" if self.tag else self.group

@@ -70,6 +70,12 @@ def local_eligibility(g: specmod.Group, observed: Observed) -> bool | None:
     return result
 
 
+def banned(g: specmod.Group, observed: Observed, now: float) -> bool:
+    """This node gave the group up after too many failures here, and the ban lasts (decide/health.py)."""
+    until = observed.bans.get(g.name)
+    return until is not None and now < until
+
+
 def allowed(g: specmod.Group, node: str) -> bool:
     return not g.nodes or node in g.nodes
 
@@ -239,7 +245,7 @@ def _report(node: str, status: NodeStatus) -> tuple[tuple[str, ...], tuple[str, 
         return hit[1]
     unfit, active = [], []
     for name, info in status.groups.items():
-        if info.eligible is False:
+        if info.eligible is False or info.banned:  # (banned: it gave the group up, issue 16)
             unfit.append(name)
         if info.active:
             active.append(name)
@@ -311,7 +317,7 @@ class Roster:
                         out.append(n)
                 elif n != exclude and n in live:
                     if n == me:
-                        if local_eligibility(g, observed) is not False:
+                        if local_eligibility(g, observed) is not False and not banned(g, observed, self.now):
                             out.append(n)
                     elif n not in unfit:
                         out.append(n)
@@ -319,7 +325,7 @@ class Roster:
         if self._rankings is None:
             self._rankings = _rankings_for(live)
         ranking = _ranking(g.name, live, self._rankings)
-        unfit_me = me in live and local_eligibility(g, observed) is False
+        unfit_me = me in live and (local_eligibility(g, observed) is False or banned(g, observed, self.now))
         if not unfit and not unfit_me and exclude not in live:
             return list(ranking.order), ranking.index(me)
         skip = {exclude, *unfit}

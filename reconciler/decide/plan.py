@@ -15,13 +15,14 @@ from __future__ import annotations
 import attrs
 
 from reconciler.decide import entries
+from reconciler.decide import health
 from reconciler.decide import placement
 from reconciler import spec as specmod
 # Re-exported (explicitly, the `as` form): plan.Action and plan.Plan are the planner's interface.
 from reconciler.decide.intent import Action as Action
 from reconciler.decide.intent import Plan as Plan
 from reconciler.decide.intent import Part as _Part, earliest as _earliest, noted as _noted
-from reconciler.model import Claim, ClusterView, EntryState, Observed
+from reconciler.model import Claim, ClusterView, EntryState, Failure, Observed
 
 _test_tags = placement.leading_tags  # the tags of the group's leading tests (memoised)
 
@@ -96,6 +97,7 @@ def _group(
             g.runlevel != specmod.STOP
             and placement.allowed(g, me)
             and placement.local_eligibility(g, obs) is not False
+            and not placement.banned(g, obs, now)
             and can_run
             and view.store_ok
             and view.may_claim
@@ -108,6 +110,8 @@ def _group(
     standby = _standby(g, t, obs, view, now)
     if not placement.allowed(g, me):
         return _noted(standby, f"not allowed here (nodes = {', '.join(g.nodes)})")
+    if placement.banned(g, obs, now):  # it claims, takes over and ranks for nothing until the ban ends
+        return _Part(standby.actions, _earliest(standby.wake_at, obs.bans[g.name]), health.ban_note(g))
     blocked = obs.blocked.get(g.name)
     if blocked and now < blocked[0]:
         return _Part(standby.actions, _earliest(standby.wake_at, blocked[0]), f"retry at +{blocked[0] - now:.1f}s: {blocked[1]}")
@@ -150,6 +154,8 @@ def _owner(
         reason = "desired runlevel is stop"
     elif not placement.allowed(g, view.node):
         reason = f"this node is no longer allowed (nodes = {', '.join(g.nodes)})"
+    elif placement.banned(g, obs, now):
+        reason = health.give_up_reason(g, obs.failures.get(g.name, ()))
     elif placement.local_eligibility(g, obs) is False:
         reason = "a test failed here"
     elif g.failback:
@@ -160,7 +166,16 @@ def _owner(
         if entries.is_active(g.name, obs):
             return entries.stop_all(g.name, obs, reason, order=entries.entry_tags(g))
         return _Part((Action("release", g.name, reason=f"{reason}; nothing runs", claim=claim),))
-    part = entries.plan_entries(g, g.runlevel, obs, now, t)
+    # The owner re-runs its leading tests every retest too: a node that became unfit gives up.
+    part = entries.plan_entries(g, g.runlevel, obs, now, t, retest=_test_tags(g))
+    restart = next((a for a in part.actions if a.kind == "restart"), None) if part.actions else None
+    if restart is not None and g.max_failures is not None:
+        # This restart's failure would ban the node: give the group up instead of starting it again.
+        failures = (*obs.failures.get(g.name, ()), Failure(at=now, tag=restart.tag, cause="unhealthy", message=restart.failure))
+        until = health.ban_until(g, failures)
+        if until is not None and until > now:
+            stops = entries.stop_all(g.name, obs, health.give_up_reason(g, failures), order=entries.entry_tags(g))
+            return _Part(tuple(attrs.evolve(a, failure=restart.failure if a.tag == restart.tag else "") for a in stops.actions))
     return _Part(part.actions, _earliest(part.wake_at, view.lease_until - t.demote_margin), part.note)
 
 

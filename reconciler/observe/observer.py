@@ -39,11 +39,17 @@ class Observer:
         claimed: Callable[[], Iterable[str]],
         busy: Callable[[], Iterable[str]],
         blocked: Callable[[], Mapping[str, tuple[float, str]]],
+        prober=None,
+        ledger=None,
     ):
         """`supervisor`: its snapshot() of the process records; `book`: the resource book
         (act/book.py); `read_kernel`: tag -> (state, message) of mount and address entries
         (act/resources.observe); `spec`, `claimed` (the groups this node holds the claim
-        of), `busy` and `blocked` (the executor's group retry times): read at each call."""
+        of), `busy` and `blocked` (the executor's group retry times): read at each call.
+        `prober`: the health probes (observe/probes.py), told which entries run at each call;
+        `ledger`: the failure ledger (act/ledger.py: each group's failures here, its bans)."""
+        self.prober = prober
+        self.ledger = ledger
         self.node = node
         self.supervisor = supervisor
         self.book = book
@@ -55,8 +61,16 @@ class Observer:
 
     def observe(self, now: float) -> Observed:
         entries = self.supervisor.snapshot()
+        probes = self.prober.sync(self.spec(), entries) if self.prober is not None else {}
         entries.update(self._resources())
-        return Observed(node=self.node, entries=entries, busy=frozenset(self.busy()), blocked=dict(self.blocked()))
+        failures: dict = {}
+        bans: dict = {}
+        if self.ledger is not None:
+            spec = self.spec()
+            self.ledger.prune(spec, now)
+            failures, bans = dict(self.ledger.failures), self.ledger.bans(spec, now)
+        return Observed(node=self.node, entries=entries, busy=frozenset(self.busy()), blocked=dict(self.blocked()),
+                        probes=probes, failures=failures, bans=bans)
 
     def _resources(self) -> dict[Key, EntryState]:
         spec = self.spec()

@@ -19,6 +19,7 @@ from reconciler.spec.model import (
     Cluster,
     Entry,
     Group,
+    Health,
     Mount,
     SpecError,
     Timing,
@@ -104,6 +105,48 @@ def _dur_fields(cls: type, *names: str, **extra: Any) -> None:
 
 
 _opt_dur = override(struct_hook=lambda v, _t: None if v is None else parse_duration(v))
+
+
+def _count(value: Any) -> int:
+    """A whole number of at least 1 (failures, max_failures)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _FieldError(f"must be a whole number, not {tname(value)}")
+    if not 1 <= value <= 1_000_000:
+        raise _FieldError(f"{value} is out of range: must be at least 1 and at most 1000000")
+    return value
+
+
+def _status_range(value: Any) -> tuple[int, int]:
+    """An http probe's accepted status codes: [LOW, HIGH], both inclusive."""
+    if (
+        not isinstance(value, list) or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in value)
+        or value[0] > value[1]
+    ):
+        raise _FieldError("must be [LOW, HIGH], two status codes from 100 to 599, LOW <= HIGH, e.g. [200, 399]")
+    return (value[0], value[1])
+
+
+def _structure_health(value: Any) -> Health | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _FieldError(f"must be a table, not {tname(value)}")
+    health: Health = _conv.structure(value, Health)
+    return health
+
+
+_dur_fields(
+    Health,
+    "interval",
+    "timeout",
+    "start_period",
+    command=override(struct_hook=_structure_command),
+    tcp=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
+    http=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
+    status=override(struct_hook=lambda v, _t: _status_range(v)),
+    failures=override(struct_hook=lambda v, _t: _count(v)),
+)
 _dur_fields(
     Entry,
     "stop_timeout",
@@ -116,7 +159,10 @@ _dur_fields(
     cwd=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
     user=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
     group=override(struct_hook=lambda v, _t: None if v is None else _structure_str(v, str)),
+    health=override(struct_hook=lambda v, _t: _structure_health(v)),
 )
+
+
 def _nodes(value: Any) -> tuple[str, ...]:
     """A group's `nodes`: valid names, each once (its place in the list is its rank)."""
     names = tuple(_name(n, "node") for n in _strings(value, "node names"))
@@ -129,6 +175,9 @@ def _nodes(value: Any) -> tuple[str, ...]:
 _dur_fields(
     Group,
     "fence_timeout",
+    "failure_window",
+    "ban",
+    max_failures=override(struct_hook=lambda v, _t: None if v is None else _count(v)),
     name=override(omit=True),
     source=override(omit=True),
     nodes=override(struct_hook=lambda v, _t: _nodes(v)),

@@ -176,6 +176,34 @@ class Address:
 
 
 @attrs.frozen
+class Health:
+    """A process entry's health probe: exactly one of command, tcp, http (rules.validate).
+
+    Failures during `start_period` after a start do not count, unless a probe has passed
+    since the start (then the service is up and every failure counts, as Docker does)."""
+
+    command: tuple[str, ...] | None = None  # argv, run as the entry's user with its environment
+    tcp: str | None = None  # "HOST:PORT": a connect
+    http: str | None = None  # "http://HOST[:PORT]/PATH": a GET whose status is within `status`
+    status: tuple[int, int] = (200, 399)  # http: the accepted status codes, both inclusive
+    interval: float = 10.0
+    timeout: float = 2.0  # less than interval
+    failures: int = 3  # consecutive failed probes that make the entry unhealthy
+    start_period: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return "command" if self.command is not None else "tcp" if self.tcp is not None else "http"
+
+    @property
+    def target(self) -> str:
+        """What is probed, for messages."""
+        if self.command is not None:
+            return " ".join(self.command)
+        return self.tcp if self.tcp is not None else self.http or ""
+
+
+@attrs.frozen
 class Entry:
     """One inittab-like line. Exactly one of command, mount, address is set."""
 
@@ -193,6 +221,7 @@ class Entry:
     stop_timeout: float = 10.0
     timeout: float | None = None  # foreground (wait/test) entries: killed when running longer
     min_uptime: float = 1.0  # an exit sooner than this counts as rapid (respawn backoff)
+    health: Health | None = None  # process entries only
 
     @property
     def kind(self) -> str:
@@ -219,6 +248,12 @@ class Group:
     failback: bool = False
     fence: tuple[str, ...] = ()  # argv; "{node}" is replaced by the dead node's name
     fence_timeout: float = 10.0
+    # Failures of the group on one node (an unhealthy restart, a rapid exit, a failed start):
+    # max_failures of them within failure_window make the node give the group up and be
+    # banned from it for `ban` (decide/health.py). None: restart in place for ever.
+    max_failures: int | None = None
+    failure_window: float = 600.0
+    ban: float = 1800.0
     source: str = ""  # the file that defined it (for error messages)
 
     def levels(self) -> tuple[str, ...]:
@@ -251,6 +286,13 @@ ENTRY_RANGES: dict[str, tuple[float, float]] = {
 }
 GROUP_RANGES: dict[str, tuple[float, float]] = {
     "fence_timeout": (0.1, 3600.0),
+    "failure_window": (1.0, 7 * 86400.0),
+    "ban": (1.0, 7 * 86400.0),
+}
+HEALTH_RANGES: dict[str, tuple[float, float]] = {
+    "interval": (0.05, 86400.0),
+    "timeout": (0.01, 3600.0),  # and less than interval
+    "start_period": (0.0, 86400.0),
 }
 
 
@@ -350,4 +392,12 @@ def digest(spec: Spec) -> str:
     data = {"cluster": c, "groups": {n: attrs.asdict(g) for n, g in spec.groups.items()}}
     for g in data["groups"].values():
         g.pop("source", None)
+        # Unset health fields (issue 16) are left out: a spec without them keeps the digest
+        # older versions publish for it, so mixed versions agree during an upgrade.
+        for fld, default in (("max_failures", None), ("failure_window", 600.0), ("ban", 1800.0)):
+            if g.get(fld) == default:
+                g.pop(fld, None)
+        for e in g["entries"]:
+            if e.get("health") is None:
+                e.pop("health", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -6,17 +6,22 @@ SpecError naming the file and the field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ipaddress
 import re
+import urllib.parse
 
 from reconciler.spec.model import (
     ENTRY_RANGES,
     GROUP_RANGES,
+    HEALTH_RANGES,
     MODES,
     STOP,
     TIMING_RANGES,
     Entry,
     Group,
+    Health,
     Spec,
     SpecError,
     _FieldError,
@@ -58,6 +63,8 @@ def validate(spec: Spec, cluster_file: str) -> None:
             raise SpecError(
                 f"{g.runlevel!r} is not a runlevel of any entry (known: {known}) nor 'stop'", file=g.source, field=f"groups.{g.name}.runlevel"
             )
+        if g.max_failures is not None and g.max_failures < 1:
+            raise SpecError("must be at least 1", file=g.source, field=f"groups.{g.name}.max_failures")
         for fld, (least, most) in GROUP_RANGES.items():
             _in_range(getattr(g, fld), least, most, file=g.source, field=f"groups.{g.name}.{fld}")
         if g.fence and not any("{node}" in a for a in g.fence):
@@ -114,6 +121,8 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
             fail("mount.target", "must be an absolute path")
         if not e.mount.source:
             fail("mount.source", "must not be empty")
+    if e.health is not None:
+        _validate_health(e.health, e, fail)
     if e.address is not None:
         try:
             ipaddress.ip_interface(e.address.ip)
@@ -124,3 +133,63 @@ def _validate_entry(g: Group, i: int, e: Entry, tags: dict[str, str]) -> None:
         if not re.match(r"^[A-Za-z0-9_.:@-]{1,15}\Z", e.address.interface):
             fail("address.interface", f"{e.address.interface!r} is not an interface name")
 
+
+
+def _validate_health(h: Health, e: Entry, fail: Callable[[str, str], None]) -> None:
+    """A probe: one kind, a target it can reach, a timeout shorter than its interval."""
+    if e.kind != "process":
+        fail("health", f"{'an' if e.kind == 'address' else 'a'} {e.kind} entry has no health probe: only process entries do")
+    if e.foreground or e.mode == "off":
+        fail("health", f"a {e.mode} entry is not probed: only respawn and once entries run long enough")
+    kinds = [k for k in ("command", "tcp", "http") if getattr(h, k) is not None]
+    if len(kinds) != 1:
+        fail("health", "needs exactly one of command, tcp, http" + (f" (has {', '.join(kinds)})" if kinds else ""))
+    for fld, (least, most) in HEALTH_RANGES.items():
+        value = getattr(h, fld)
+        if not least <= value <= most:
+            show = format_duration
+            fail(f"health.{fld}", f"{show(value)} is out of range: must be at least {show(least)} and at most {show(most)}")
+    if h.timeout >= h.interval:
+        fail("health.timeout", f"{format_duration(h.timeout)} must be less than interval ({format_duration(h.interval)})")
+    if h.tcp is not None and split_host_port(h.tcp) is None:
+        fail("health.tcp", f"{h.tcp!r} is not HOST:PORT (an IPv6 address in brackets: [::1]:80)")
+    if h.http is not None:
+        problem = http_problem(h.http)
+        if problem:
+            fail("health.http", problem)
+
+
+def split_host_port(text: str) -> tuple[str, int] | None:
+    """"HOST:PORT" or "[V6]:PORT" -> (host, port), or None if it is not one."""
+    m = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):([0-9]{1,5})\Z", text)
+    if m is None:
+        return None
+    host, port = m.group(1) or m.group(2), int(m.group(3))
+    if not 1 <= port <= 65535:
+        return None
+    if m.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    return host, port
+
+
+def http_problem(url: str) -> str:
+    """Why `url` cannot be probed ("" if it can): http:// only, a host, a port that is a port."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        port = u.port
+    except ValueError as exc:
+        return f"{url!r} is not a URL: {exc}"
+    if u.scheme != "http":
+        return f"{url!r}: only http:// URLs are probed (https is not: probe a plain port, or use a command probe)"
+    if not u.hostname:
+        return f"{url!r} has no host"
+    if u.username is not None or u.password is not None:
+        return f"{url!r}: credentials in a probe URL are refused"
+    if port == 0:
+        return f"{url!r}: port 0 is not a port"
+    if " " in url:
+        return f"{url!r} contains a space"
+    return ""

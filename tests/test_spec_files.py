@@ -262,3 +262,16 @@ def test_a_file_that_shows_the_revision_is_left_alone_and_in_step(tmp_path):
 def test_blank_lines_are_not_an_edit():
     assert files.texts_hash({"a.toml": "x = 1\n\n\ny = 2  \n"}) == files.texts_hash({"a.toml": "x = 1\ny = 2\n"})
     assert files.texts_hash({"a.toml": "x = 1\n"}) != files.texts_hash({"a.toml": "x = 2\n"})
+
+
+def test_a_write_back_keeps_the_comments_of_this_nodes_local_keys(tmp_path):
+    """`store = "dir:..."   # relative to this file's directory`: the comment stays when the
+    file takes a new revision (it was lost once: put back as a bare value)."""
+    text = ('[cluster]\nname = "x"\nstore = "dir:.reconciler/store"      # relative to this file\'s directory\n\n'
+            '[groups.web]\nrunlevel = "run"\n')
+    write(tmp_path / "spec.toml", text)
+    spec_path = tmp_path / "spec.toml"
+    rev = tuple(SpecFile(f.name, f.text.replace('runlevel = "run"', 'runlevel = "stop"')) for f in files.revision_files(spec_path))
+    assert files.write_back(spec_path, rev, revision=2, local=files.files_local(spec_path), first_sync=False)
+    after = spec_path.read_text()
+    assert "# relative to this file's directory" in after and 'runlevel = "stop"' in after, after

@@ -188,7 +188,7 @@ def files_local(spec_path: str | os.PathLike[str]) -> dict[str, Any]:
     """The local keys this node's spec files themselves hold (not its node file's): what a
     write-back puts back, as `local`."""
     for f in spec_files(spec_path) if os.path.exists(spec_path) else []:
-        items = local_items(_read(f), file=str(f))
+        items = local_items(_read(f), file=str(f), keep_format=True)  # (their comments go back with them)
         if items:
             return items
     return {}

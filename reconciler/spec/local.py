@@ -56,11 +56,20 @@ def _cluster_of(plain: dict[str, Any], file: str) -> dict[str, Any]:
     return c
 
 
-def local_items(text: str, *, file: str) -> dict[str, Any]:
-    """The local keys this text's [cluster] table sets, as written (values not checked)."""
-    _doc, plain = _parse(text, file)
+def local_items(text: str, *, file: str, keep_format: bool = False) -> dict[str, Any]:
+    """The local keys this text's [cluster] table sets, as written (values not checked).
+    `keep_format`: as tomlkit items where the table allows, so that `put_local` puts them
+    back with their comments (`store = "..."  # why`), not only their values."""
+    doc, plain = _parse(text, file)
     c = _cluster_of(plain, file)
-    return {k: c[k] for k in LOCAL_KEYS if k in c}
+    out = {k: c[k] for k in LOCAL_KEYS if k in c}
+    if keep_format and out:
+        try:
+            table: Any = doc["cluster"]
+            out = {k: table.item(k) for k in out}
+        except (tomlkit.exceptions.TOMLKitError, KeyError, AttributeError, TypeError):
+            pass  # a layout without one [cluster] table: the values alone
+    return out
 
 
 def _expected(plain: dict[str, Any], items: Mapping[str, Any], file: str) -> dict[str, Any]:

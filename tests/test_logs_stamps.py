@@ -110,8 +110,8 @@ def test_a_long_index_keeps_every_other_entry_and_the_newest(tmp_path, monkeypat
 
 
 def test_a_damaged_index_line_is_skipped_and_a_line_without_newline_is_stamped():
-    assert stamps.times([3, 7, 9], [(4, 1.0), (8, 2.0)], 5.0) == [1.0, 2.0, 5.0]
-    assert stamps.times([3], [(4, 9.0)], 5.0) == [5.0]  # never later than the file was last written
+    assert stamps.times([3, 7, 9], [(4, 1.0), (8, 2.0)], mtime=5.0) == [1.0, 2.0, 5.0]
+    assert stamps.times([3], [(4, 9.0)], mtime=5.0) == [5.0]  # never later than the file was last written
     assert logs._lines(b"a\r\nbc\nd") == (["a", "bc", "d"], [3, 6, 7])
 
 

@@ -199,10 +199,11 @@ class Rotator:
             return
         if names or seen != self._seen:
             self._seen = {} if names else seen  # (after a rotation: look at the truncated logs again)
-            self._thread = threading.Thread(target=self._pass, args=(seen, now, names), name="log-rotation", daemon=True)
+            self._thread = threading.Thread(target=self._pass, args=(seen,), kwargs={"now": now, "names": names},
+                                             name="log-rotation", daemon=True)
             self._thread.start()
 
-    def _pass(self, seen: dict[str, int], now: float, names: list[str]) -> None:
+    def _pass(self, seen: dict[str, int], *, now: float, names: list[str]) -> None:
         try:
             self.stamps.note(seen, now)
             self._stamp_error = False
@@ -258,7 +259,7 @@ def tail(path: Path, n: int | None) -> list[Segment]:
                 lines, ends = _lines(fh.read())
         except FileNotFoundError:
             continue  # rotated away while we read: its lines are in the next older one
-        times = stamps.times(ends, index, mtime)
+        times = stamps.times(ends, index, mtime=mtime)
         if wanted is not None:
             keep = max(0, len(lines) - wanted)
             lines, times = lines[keep:], times[keep:]

@@ -63,7 +63,7 @@ class Stamps:
                 _unlink(index)
             if size > 0:
                 try:
-                    _write(index, f"{size} {now:.3f}\n", os.O_APPEND)
+                    _write(index, f"{size} {now:.3f}\n", how=os.O_APPEND)
                 except OSError:
                     # A line cut short (a full disk) could be read as a wrong size: start
                     # again, so the lines before get a later stamp, never an early one.
@@ -90,12 +90,12 @@ def _thin(index: Path) -> int:
     entries = read(index)
     kept = entries[::-2][::-1]  # every other one, counted from the newest: it bounds the latest lines
     tmp = index.with_name(index.name + ".tmp")
-    _write(tmp, "".join(f"{size} {t:.3f}\n" for size, t in kept), os.O_TRUNC)
+    _write(tmp, "".join(f"{size} {t:.3f}\n" for size, t in kept), how=os.O_TRUNC)
     os.replace(tmp, index)
     return len(kept)
 
 
-def _write(path: Path, text: str, how: int) -> None:
+def _write(path: Path, text: str, *, how: int) -> None:
     """One write(2) (an append is never interleaved), never through a symlink: the agent runs
     as root in a directory whose files the entries' users may read."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | how, 0o640)
@@ -127,7 +127,7 @@ def read(index: Path) -> list[tuple[int, float]]:
     return out
 
 
-def times(ends: list[int], entries: list[tuple[int, float]], mtime: float) -> list[float]:
+def times(ends: list[int], entries: list[tuple[int, float]], *, mtime: float) -> list[float]:
     """The stamp of each line (by the offset its end is at, in order): pure."""
     sizes = [size for size, _ in entries]
     out = []

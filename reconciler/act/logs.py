@@ -189,7 +189,7 @@ class Rotator:
         """One stat per log on the loop; a pass on the thread if a log grew (its index of
         times: act/stamps.py) or is due for rotation."""
         if self._thread is not None and self._thread.is_alive():
-            return  # the last rotation is still copying: look again next time
+            return  # the last pass (a rotation copying, or the times) still runs: look again next time
         try:
             now = time.time()
             seen = {name: size for name, size in sizes(self.directory).items() if name.endswith(".log")}

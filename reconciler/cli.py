@@ -602,9 +602,9 @@ def status(ctx, spec_path, node, as_json, check) -> None:
 def logs(ctx, entry, lines, follow, spec_path, node) -> None:
     """Show an entry's output (stdout and stderr), oldest first, across its rotated copies.
 
-    A segment's lines are headed by the time it was last written (the child writes straight
-    to the file, so a line has no time of its own); with -f, each new line carries the time it
-    was seen (within 0.2s).
+    Each line carries the time it was written by (the agent's index of the log's growth: at
+    most a tick late while an agent runs); a segment is headed by the time it was last
+    written. With -f, each new line carries the time it was seen (within 0.2s).
     """
     from reconciler.act import logs as logsmod
 
@@ -623,8 +623,8 @@ def logs(ctx, entry, lines, follow, spec_path, node) -> None:
         fail(f"{path.parent}: no logs here (is {node} the node that ran {entry}? --node names another)")
     for seg in segments:
         click.echo(f"-- {seg.path.name}: last written {stamp(seg.mtime)} --")
-        for line in seg.lines:
-            click.echo(line)
+        for t, line in zip(seg.times, seg.lines):
+            click.echo(f"{stamp(t)} {line}")
     if follow:
         follower = logsmod.Follower(path)
         try:

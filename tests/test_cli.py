@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from click.shell_completion import BashComplete
 
 from reconciler import cli
 from reconciler import spec as specmod
-from reconciler.act import logs
+from reconciler.act import logs, stamps
 
 from helpers import reconcile, wait_until, write_file
 
@@ -194,6 +196,21 @@ def append(path: Path, *lines: str) -> None:
         fh.write("".join(f"{line}\n" for line in lines))
 
 
+def unstamped(out: list[str]) -> list[str]:
+    return [line.split(" ", 1)[1] for line in out if not line.startswith("-- ")]
+
+
+def test_logs_stamp_each_line_from_the_index_of_times(spec):
+    path = log_path(spec)
+    append(path, "one", "two")
+    stamps.Stamps(path.parent).note(logs.sizes(path.parent), time.mktime((2026, 12, 7, 12, 0, 1, 0, 0, -1)) + 0.25)
+    append(path, "three")
+    os.utime(path, (time.mktime((2026, 12, 7, 12, 0, 2, 0, 0, -1)),) * 2)
+    p = reconcile("logs", "web/server", "--spec", str(spec), "--node", "n1")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[1:] == ["2026-12-07T12:00:01.250 one", "2026-12-07T12:00:01.250 two", "2026-12-07T12:00:02.000 three"]
+
+
 def test_logs_across_rotations_with_n(spec):
     path = log_path(spec)
     policy = logs.Policy(max_bytes=1, keep=3)
@@ -205,12 +222,14 @@ def test_logs_across_rotations_with_n(spec):
     p = reconcile("logs", "web/server", "--spec", str(spec), "--node", "n1")
     assert p.returncode == 0, p.stderr
     out = p.stdout.splitlines()
-    assert [line for line in out if not line.startswith("-- ")] == ["one", "two", "three", "four", "five"]
+    # each line stamped (no agent wrote an index here: its segment's mtime, act/stamps.py)
+    assert all(re.fullmatch(r"20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} \w+", line) for line in out if not line.startswith("-- ")), out
+    assert unstamped(out) == ["one", "two", "three", "four", "five"]
     heads = [line for line in out if line.startswith("-- ")]
     assert [h.split(":")[0] for h in heads] == ["-- web.server.log.2", "-- web.server.log.1", "-- web.server.log"]
     assert all(" last written 20" in h for h in heads)
     p = reconcile("logs", "web/server", "-n", "3", "--spec", str(spec), "--node", "n1")
-    assert [line for line in p.stdout.splitlines() if not line.startswith("-- ")] == ["three", "four", "five"]
+    assert unstamped(p.stdout.splitlines()) == ["three", "four", "five"]
     assert p.stdout.splitlines()[0].startswith("-- web.server.log.1: last written ")
     p = reconcile("logs", "web/server", "-n", "0", "--spec", str(spec), "--node", "n1")
     assert p.returncode == 0 and p.stdout == ""
@@ -232,7 +251,7 @@ def test_logs_follow_across_a_rotation(spec):
     reader = threading.Thread(target=lambda: seen.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
     try:
-        wait_until(lambda: "old\n" in seen, 10, "the existing line")
+        wait_until(lambda: any(s.endswith(" old\n") for s in seen), 10, "the existing line")
         append(path, "before rotation")
         wait_until(lambda: any(s.endswith(" before rotation\n") for s in seen), 10, "a followed line")
         # written, then rotated before the follower looked: read from the copy
@@ -240,7 +259,7 @@ def test_logs_follow_across_a_rotation(spec):
         logs.rotate(path, logs.Policy(max_bytes=1, keep=2))
         append(path, "after rotation")
         wait_until(lambda: any(s.endswith(" after rotation\n") for s in seen), 10, "a line after the rotation")
-        followed = [s.split(" ", 1)[1] for s in seen if not s.startswith("-- ") and s != "old\n"]
+        followed = [s.split(" ", 1)[1] for s in seen if not s.startswith("-- ") and not s.endswith(" old\n")]
         assert followed == ["before rotation\n", "just before\n", "after rotation\n"], seen
         assert all(s[:4].isdigit() and s[10] == "T" for s in seen if s.endswith("rotation\n"))  # a timestamp each
     finally:

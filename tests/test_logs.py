@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_until
-from reconciler.act import logs
+from reconciler.act import logs, stamps
 
 KIB = 1024
 
@@ -130,5 +130,8 @@ def test_a_chatty_entry_cannot_fill_the_state_directory(make_cluster, tmp_path):
         "chat.talk.log", "chat.talk.log.1", "chat.talk.log.2"]
     assert b"x" * 1000 in (d / "chat.talk.log.1").read_bytes()
     assert pid() == first, "the same process writes on: rotation needs no restart"
+    # the agent's index of times (act/stamps.py) went with the copy: its lines have stamps
+    # (waited for: a rotation under way moves the copy first, then its index)
+    wait_until(lambda: stamps.read(stamps.index_path(d / "chat.talk.log.1")), 3, what="the copy's index of times")
     size = live.stat().st_size
     wait_until(lambda: live.stat().st_size != size, 3, what="the entry to keep writing to the live file")

@@ -232,3 +232,47 @@ def test_the_narrator_logs_each_change_once_at_its_level_and_offers_the_summary(
     joined = caplog.records[-1]
     assert (joined.getMessage(), joined.peer) == ("peer n2 joined", "n2")
     assert '"peer": "n2"' in cli._Json().format(joined)
+
+
+# --- a program that cannot be started: warned once per step of the spawn backoff ---------------------
+
+def test_a_start_that_keeps_failing_warns_once_per_backoff_step_and_the_executor_stays_quiet(tmp_path, caplog):
+    """The real supervisor (no cgroups) and executor, a command that does not exist: the
+    first failure and each step of decide/backoff.SPAWN at WARNING, every other retry at
+    DEBUG; the executor's own line for the failed action is DEBUG (the supervisor said it)."""
+    import asyncio
+
+    from reconciler import spec as specmod
+    from reconciler.act import executor as executormod, process, resources
+    from reconciler.act.book import ResourceBook
+    from reconciler.decide.intent import Action
+
+    missing = str(tmp_path / "no-such-program")
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "g.toml").write_text(
+        f'[groups.g]\nrunlevel = "run"\n[[groups.g.entries]]\ntag = "t"\nmode = "respawn"\n'
+        f'runlevels = ["run"]\ncommand = ["{missing}"]\n')
+    spec = specmod.load(tmp_path / "specs")
+    tries = 14
+    caplog.set_level(logging.DEBUG, logger="reconciler")
+
+    async def go() -> None:
+        sup = process.Supervisor(node=ME, state_dir=tmp_path / "state", on_change=lambda: None, tree=False)
+        ex = executormod.Executor(node=ME, supervisor=sup, store=None, resources=resources, book=ResourceBook(node=ME))
+        for _ in range(tries):
+            await ex.run_group(spec, (Action(kind="start", group="g", tag="t", reason="respawn: error"),), None)
+        assert sup.snapshot()[("g", "t")].state == "error"
+
+    asyncio.run(go())
+    said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    failed = f"g/t: cannot start {missing}: No such file or directory"
+    process_lines = [(level, text) for name, level, text in said if name == "reconciler.process"]
+    assert len(process_lines) == tries, said
+    assert all(text.startswith(f"{failed} ({n} failures in a row, next try in ") for n, (_, text) in enumerate(process_lines, 1))
+    warned = [n for n, (level, _) in enumerate(process_lines, 1) if level == "WARNING"]
+    assert warned == [1] + [n for n in range(2, tries + 1) if backoff.SPAWN.steps_up(n)] == [1, 7, 8, 9, 10, 11, 12]
+    assert all(level == "DEBUG" for n, (level, _) in enumerate(process_lines, 1) if n not in warned)
+    assert "next try in 60.00s" in process_lines[11][1]  # the cap: quiet from here on
+    executor_lines = [(level, text) for name, level, text in said if name == "reconciler.act"]
+    assert len(executor_lines) == tries and {level for level, _ in executor_lines} == {"DEBUG"}, executor_lines
+    assert executor_lines[0][1] == f"start g/t: respawn: error -> error (cannot start {missing}: No such file or directory)"

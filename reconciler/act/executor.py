@@ -76,21 +76,25 @@ class Executor:
     async def run_group(self, spec: specmod.Spec, actions: tuple[Action, ...], generation: int | None) -> None:
         for a in actions:
             started = time.monotonic()
+            reported = False  # the supervisor logged this failure already
             try:
                 ok, msg = await self._do(spec, a, generation)
             except _Failed as exc:
                 ok, msg = False, str(exc)
                 self.block(a.group, msg)
+            except process.StartError as exc:
+                ok, msg, reported = False, str(exc), True
             except Exception as exc:  # a bug or an unexpected OS error must not kill the loop
                 log.exception("%s failed", a.describe())
                 ok, msg = False, f"{type(exc).__name__}: {exc}"
             result = "ok" if ok else "error"
             self.events.action(a, result, time.monotonic() - started)
-            # A respawn that worked is the supervisor's to report (act/process.py: once per
-            # backoff step of a crash loop, not at every restart).
-            # A give-up (too many failures here: decide/health.py) is a warning too.
-            level = (logging.WARNING if not ok or a.reason.startswith("gave up:") else
-                     logging.DEBUG if a.reason.startswith("respawn:") else logging.INFO)
+            # A respawn that worked, and a start that failed, are the supervisor's to report
+            # (act/process.py: once per backoff step of a crash loop or of a missing program,
+            # not at every retry). A give-up (too many failures here: decide/health.py) is a
+            # warning too.
+            level = (logging.DEBUG if reported or (ok and a.reason.startswith("respawn:")) else
+                     logging.WARNING if not ok or a.reason.startswith("gave up:") else logging.INFO)
             log.log(level, "%s -> %s%s", a.describe(), result, f" ({msg})" if msg else "",
                     extra={"group": a.group, "tag": a.tag, "node": self.node, "reason": a.reason, "result": result})
             if not ok:
@@ -119,10 +123,7 @@ class Executor:
             }
             if generation is not None:
                 env["RECONCILER_GENERATION"] = str(generation)
-            try:
-                result = await self.supervisor.start(a.group, entry, level=g.runlevel, env=env)
-            except process.StartError as exc:
-                return False, str(exc)
+            result = await self.supervisor.start(a.group, entry, level=g.runlevel, env=env)  # StartError: run_group's
             if entry.foreground:
                 rec = self.supervisor.records[(a.group, a.tag)]
                 return rec.state in ("done", "passed"), rec.message or f"exit {result}"

@@ -10,9 +10,12 @@ copytruncate). An entry's logs then take at most about (keep + 1) x max_bytes, p
 writes in one tick.
 
 The agent looks at most once per tick (agent/upkeep.py): one stat(2) per
-log; the copies are made on a thread (Rotator). Rotation never raises: a copy that fails (ENOSPC: the disk is full already) is dropped
+log; the copies (and the index appends) are made on a thread (Rotator). Rotation never raises: a copy that fails (ENOSPC: the disk is full already) is dropped
 and the live file truncated anyway: the state directory holds the lease file and the
 write-ahead records the node's safety depends on, and must not fill up.
+
+The same look records when each live log grew (act/stamps.py: an index of times beside it,
+moved with each copy), so that `reconcile logs` can stamp every line.
 
 Sizes: RECONCILER_LOG_MAX_BYTES (default 10M; a number of bytes, or with a K, M or G
 suffix; 0 turns rotation off) and RECONCILER_LOG_KEEP (default 3 copies; 0 keeps none:
@@ -25,10 +28,13 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Mapping
 
 import attrs
+
+from reconciler.act import stamps
 
 log = logging.getLogger("reconciler.act")
 
@@ -97,13 +103,17 @@ def rotate(path: Path, policy: Policy) -> list[str]:
     name = path.name
     try:
         if policy.keep > 0:
-            # Oldest first, so that each step frees room for the next (a full disk).
+            # Oldest first, so that each step frees room for the next (a full disk). Each
+            # segment's index of times (act/stamps.py) goes with it.
             _unlink(path.with_name(f"{name}.{policy.keep}"))
+            _unlink(stamps.index_path(path.with_name(f"{name}.{policy.keep}")))
             for n in range(policy.keep - 1, 0, -1):
                 older = path.with_name(f"{name}.{n}")
                 if older.exists():
                     os.replace(older, path.with_name(f"{name}.{n + 1}"))
+                _move(stamps.index_path(older), stamps.index_path(path.with_name(f"{name}.{n + 1}")))
             _copy(path, path.with_name(f"{name}.1"))
+            _move(stamps.index_path(path), stamps.index_path(path.with_name(f"{name}.1")))
     except OSError as exc:
         problems.append(f"cannot keep a copy of {path}: {exc.strerror or exc}: truncated without one")
     try:
@@ -112,7 +122,18 @@ def rotate(path: Path, policy: Policy) -> list[str]:
         pass
     except OSError as exc:
         problems.append(f"cannot truncate {path}: {exc.strerror or exc}")
+    try:
+        _unlink(stamps.index_path(path))  # (moved with the copy, or of lines that are gone)
+    except OSError:
+        pass
     return problems
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        _unlink(dst)  # no index: the segment's lines take its mtime, not another segment's times
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -160,26 +181,49 @@ class Rotator:
     def __init__(self, directory: Path, policy: Policy):
         self.directory, self.policy = directory, policy
         self._thread: threading.Thread | None = None
+        self.stamps = stamps.Stamps(directory)  # used on the thread only, one pass at a time
+        self._seen: dict[str, int] = {}  # the live logs' sizes at the last pass
+        self._stamp_error = False  # said once, until the times can be recorded again
 
     def look(self) -> None:
+        """One stat per log on the loop; a pass on the thread if a log grew (its index of
+        times: act/stamps.py) or is due for rotation."""
         if self._thread is not None and self._thread.is_alive():
-            return  # the last rotation is still copying: look again next time
+            return  # the last pass (a rotation copying, or the times) still runs: look again next time
         try:
-            names = due(sizes(self.directory), self.policy)
+            now = time.time()
+            seen = {name: size for name, size in sizes(self.directory).items() if name.endswith(".log")}
+            names = due(seen, self.policy)
         except Exception:
             log.exception("log rotation in %s failed", self.directory)
             return
-        if names:
-            self._thread = threading.Thread(target=rotate_all, args=(self.directory, self.policy, names),
+        if names or seen != self._seen:
+            self._seen = {} if names else seen  # (after a rotation: look at the truncated logs again)
+            self._thread = threading.Thread(target=self._pass, args=(seen,), kwargs={"now": now, "names": names},
                                              name="log-rotation", daemon=True)
             self._thread.start()
+
+    def _pass(self, seen: dict[str, int], *, now: float, names: list[str]) -> None:
+        try:
+            self.stamps.note(seen, now)
+            self._stamp_error = False
+        except OSError as exc:  # (a full disk: the stamps are a convenience, the rotation is not)
+            if not self._stamp_error:
+                log.error("cannot record the log times in %s: %s (the lines get later stamps)", self.directory, exc.strerror or exc)
+            self._stamp_error = True
+        except Exception:
+            log.exception("cannot record the log times in %s", self.directory)
+        for name in names:
+            self.stamps.forget(name)
+        rotate_all(self.directory, self.policy, names)
 
 
 # --- reading: `reconcile logs` ----------------------------------------------------------------
 # The child writes its output straight to the file (no pipe through the agent: an entry
 # outlives the agent that started it, across restarts and `run --once`), so a line carries no
-# time of its own. What is known: when each rotation segment was last written (its mtime),
-# and, when following, when a line appeared (read within a poll interval).
+# time of its own: it is stamped from the segment's index of times (act/stamps.py: no later
+# than that, at most a tick late while an agent runs) or, past the index, the segment's mtime;
+# when following, with the time it appeared (read within a poll interval).
 
 
 @attrs.frozen
@@ -187,6 +231,7 @@ class Segment:
     path: Path
     mtime: float  # when it was last written
     lines: tuple[str, ...]
+    times: tuple[float, ...]  # each line's stamp (act/stamps.py)
 
 
 def segments(path: Path) -> list[Path]:
@@ -207,18 +252,32 @@ def tail(path: Path, n: int | None) -> list[Segment]:
     for seg in reversed(segments(path)):
         if wanted is not None and wanted <= 0:
             break
+        index = stamps.read(stamps.index_path(seg))
         try:
             with open(seg, "rb") as fh:
                 mtime = os.fstat(fh.fileno()).st_mtime
-                lines = fh.read().decode("utf-8", "replace").splitlines()
+                lines, ends = _lines(fh.read())
         except FileNotFoundError:
             continue  # rotated away while we read: its lines are in the next older one
+        times = stamps.times(ends, index, mtime=mtime)
         if wanted is not None:
-            lines = lines[max(0, len(lines) - wanted):]
+            keep = max(0, len(lines) - wanted)
+            lines, times = lines[keep:], times[keep:]
             wanted -= len(lines)
         if lines:
-            out.append(Segment(path=seg, mtime=mtime, lines=tuple(lines)))
+            out.append(Segment(path=seg, mtime=mtime, lines=tuple(lines), times=tuple(times)))
     return out[::-1]
+
+
+def _lines(data: bytes) -> tuple[list[str], list[int]]:
+    """The lines (as str.splitlines cuts them) and the offset each one's newline ends at."""
+    lines, ends, end = [], [], 0
+    for chunk in data.split(b"\n"):
+        end += len(chunk) + 1
+        for line in chunk.decode("utf-8", "replace").splitlines():
+            lines.append(line)
+            ends.append(min(end, len(data)))
+    return lines, ends
 
 
 class Follower:

@@ -15,8 +15,9 @@ every child carries (RECONCILER_NODE_DIR, RECONCILER_ENTRY), read back from /pro
 Adoption is act/adoption.py; what an exit or a failed start does to a record, and the
 table encoding, act/records.py; the backoff, decide/backoff.py.
 
-(About 420 lines: the state machine's transitions, spawn, stop and the reaper are one
-object's, and the crash-loop log lines belong with the exits they describe.)
+(About 450 lines: the state machine's transitions, spawn, stop and the reaper are one
+object's, and the crash-loop and failed-start log lines belong with the exits and spawns
+they describe.)
 """
 
 from __future__ import annotations
@@ -184,6 +185,20 @@ class Supervisor:
         else:
             log.debug("%s: %s (%d rapid exits in a row)", where, rec.message, rec.rapid_exits, extra=extra)
 
+    @staticmethod
+    def _log_start_failed(rec: Record, now: float, *, first: bool) -> None:
+        """A start failed: at WARNING the first time in a row and at each step of the spawn
+        backoff, at DEBUG otherwise (a missing program is retried for ever; the operator needs
+        the news, not a line per retry). The executor leaves this failure to us."""
+        where = f"{rec.group}/{rec.tag}"
+        extra = {"group": rec.group, "tag": rec.tag}
+        delay = (rec.retry_at or now) - now
+        if first or backoff.SPAWN.steps_up(rec.rapid_exits):
+            log.warning("%s: %s (%d failures in a row, next try in %.2fs; each further step of the backoff is logged)",
+                        where, rec.message, rec.rapid_exits, delay, extra=extra)
+        else:
+            log.debug("%s: %s (%d failures in a row, next try in %.2fs)", where, rec.message, rec.rapid_exits, delay, extra=extra)
+
     def _follow(self, rec: Record, code: int | None) -> bool:
         """A `once` leader exited while its cgroup still holds processes (a daemon that forked
         into the background): follow the oldest of them as the entry's process."""
@@ -282,7 +297,9 @@ class Supervisor:
             )
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             argv0 = cast(tuple[str, ...], entry.command)[0]  # a process entry: the loader requires its command
+            first = rec.state != "error"
             rec.start_failed(f"cannot start {argv0}: {getattr(exc, 'strerror', None) or exc}", now)
+            self._log_start_failed(rec, now, first=first)
             self.dirty = True
             self.on_failure(group, entry.tag, "start_failed", rec.message)
             raise StartError(rec.message) from None

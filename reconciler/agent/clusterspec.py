@@ -21,7 +21,7 @@ from reconciler import spec as specmod
 from reconciler.decide import specsync as rules
 from reconciler.published import SpecFile, SpecRevision
 from reconciler.spec import changes, files as specfiles, loader
-from reconciler.store import SpecConflict, Store
+from reconciler.store import Store
 
 SYNC_FILE = "spec-sync.json"  # in the node's state directory
 
@@ -119,11 +119,5 @@ def unknown_revision(number: int, kept: Sequence[SpecRevision]) -> str:
     return f"revision {number} is not kept (kept: {kept[-1].number}..{kept[0].number})"
 
 
-async def head(store: Store) -> tuple[SpecRevision | None, int]:
-    """(the current revision, its number) or (None, 0)."""
-    rev = await store.spec_get()
-    return rev, (rev.number if rev is not None else 0)
-
-
-__all__ = ["SpecConflict", "cli_author", "comparable_hash", "head", "load_revision", "local_hash", "make_revision",
+__all__ = ["cli_author", "comparable_hash", "load_revision", "local_hash", "make_revision",
            "origin", "publish", "read_synced", "synced_for", "unknown_revision", "write_synced"]

@@ -16,7 +16,7 @@ from reconciler import spec as specmod
 from reconciler.agent import clusterspec
 from reconciler.published import SpecFile, SpecRevision
 from reconciler.spec import changes, edit, files as specfiles, loader
-from reconciler.store import SpecConflict, Store, StoreError
+from reconciler.store import SpecConflict, Store
 
 TELL_ATTEMPTS = 5  # `tell` re-reads and edits again when another revision came first
 
@@ -176,4 +176,4 @@ async def rollback(store: Store, number: int, *, spec_path: str, local: dict) ->
     return 0, [f"revision {stored.number}: the files of revision {number} ({stored.summary})"]
 
 
-__all__ = ["NoClusterSpec", "OpError", "StoreError", "apply", "compare", "diff", "history", "rollback", "tell"]
+__all__ = ["NoClusterSpec", "OpError", "apply", "compare", "diff", "history", "rollback", "tell"]

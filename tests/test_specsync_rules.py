@@ -29,6 +29,10 @@ TABLE = [
     ("edit-on-an-old-revision-conflicts", Local(C), Synced(3, A), 4, B, rules.REFUSE, 0),
     ("bad-edit-refused", Local(C, "x.toml: groups.web.runlevel: bad"), Synced(4, A), 4, A, rules.REFUSE, 0),
     ("unreadable-edit-refused", Local(None, "x.toml: not TOML"), Synced(4, A), 4, A, rules.REFUSE, 0),
+    # saved since the sync with the text it had then (an edit back to an older revision's
+    # text, on a node that has not taken the newer one yet): an edit, never written over
+    ("resaved-old-text-is-an-edit", Local(A, stamp="t2"), Synced(3, A, "t1"), 4, B, rules.REFUSE, 0),
+    ("untouched-same-stamp-written-back", Local(A, stamp="t1"), Synced(3, A, "t1"), 4, B, rules.WRITE_BACK, 0),
 ]
 
 
@@ -45,14 +49,16 @@ def test_a_conflict_names_both_revisions_and_how_out():
 
 
 hashes = st.sampled_from([A, B, C, None])
-synceds = st.none() | st.builds(Synced, revision=st.integers(1, 6), files=st.sampled_from([A, B, C]))
+synceds = st.none() | st.builds(Synced, revision=st.integers(1, 6), files=st.sampled_from([A, B, C]),
+                                stamp=st.sampled_from(["t1", "t2"]))
 
 
-@given(local_hash=hashes, error=st.sampled_from(["", "bad"]), synced=synceds, head=st.integers(0, 6), head_hash=hashes)
-def test_never_over_a_newer_revision_nor_over_an_edit(local_hash, error, synced, head, head_hash):
+@given(local_hash=hashes, error=st.sampled_from(["", "bad"]), synced=synceds, head=st.integers(0, 6), head_hash=hashes,
+       stamp=st.sampled_from(["t1", "t2"]))
+def test_never_over_a_newer_revision_nor_over_an_edit(local_hash, error, synced, head, head_hash, stamp):
     if head == 0:
         head_hash = None
-    local = Local(local_hash, error if local_hash is not None else "unreadable")
+    local = Local(local_hash, error if local_hash is not None else "unreadable", stamp=stamp)
     s = rules.step(local=local, synced=synced, head=head, head_hash=head_hash)
     if s.kind in (rules.PUBLISH, rules.SEED):
         assert s.base == head  # compare-and-swap on the store's current revision, never an older one
@@ -61,7 +67,7 @@ def test_never_over_a_newer_revision_nor_over_an_edit(local_hash, error, synced,
         assert synced is not None and synced.revision == head and local.hash != synced.files
     if s.kind == rules.WRITE_BACK:
         # only files untouched since the last sync (or never synced) are written over
-        assert synced is None or local.hash == synced.files
+        assert synced is None or (local.hash == synced.files and local.stamp == synced.stamp)
         assert head_hash is not None
     if s.kind == rules.IN_STEP:
         assert local.hash == head_hash

@@ -9,6 +9,7 @@ reconciler/decide/specsync.py; the agent's SpecSync (agent/specsync.py) and the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -53,6 +54,19 @@ def local_hash(spec_path: str) -> tuple[str | None, str]:
         return None, str(exc)
 
 
+def local_stamp(spec_path: str) -> str:
+    """The spec files' names, inodes, sizes and modification times, hashed: whether a file
+    was saved since (decide/specsync.py: Synced.stamp)."""
+    parts = []
+    for f in loader.spec_files(spec_path):
+        try:
+            st = os.stat(f)
+            parts.append(f"{f.name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError as exc:
+            parts.append(f"{f.name}:{exc.errno}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def make_revision(spec_files: Sequence[SpecFile], new: specmod.Spec, *, number: int, previous: specmod.Spec | None,
                   author: str, summary: str = "") -> SpecRevision:
     return SpecRevision(number=number, digest=new.digest(), files=tuple(sorted(spec_files, key=lambda f: f.name)),
@@ -80,7 +94,7 @@ def read_synced(node_dir: Path) -> tuple[rules.Synced | None, str]:
     their old text kept beside)."""
     try:
         doc = json.loads((node_dir / SYNC_FILE).read_text())
-        synced = rules.Synced(revision=int(doc["revision"]), files=str(doc["files"]))
+        synced = rules.Synced(revision=int(doc["revision"]), files=str(doc["files"]), stamp=str(doc.get("stamp", "")))
         return synced, str(doc.get("spec_path", ""))
     except (OSError, ValueError, KeyError, TypeError):
         return None, ""
@@ -89,7 +103,8 @@ def read_synced(node_dir: Path) -> tuple[rules.Synced | None, str]:
 def write_synced(node_dir: Path, synced: rules.Synced, *, spec_path: str) -> None:
     """Atomically; an error is the caller's (the agent logs it: the next start then syncs afresh)."""
     tmp = node_dir / f".{SYNC_FILE}.tmp"
-    doc = {"revision": synced.revision, "files": synced.files, "spec_path": os.path.realpath(spec_path)}
+    doc = {"revision": synced.revision, "files": synced.files, "stamp": synced.stamp,
+           "spec_path": os.path.realpath(spec_path)}
     with open(tmp, "w") as fh:
         fh.write(json.dumps(doc, sort_keys=True) + "\n")
         fh.flush()
@@ -119,5 +134,5 @@ def unknown_revision(number: int, kept: Sequence[SpecRevision]) -> str:
     return f"revision {number} is not kept (kept: {kept[-1].number}..{kept[0].number})"
 
 
-__all__ = ["cli_author", "comparable_hash", "load_revision", "local_hash", "make_revision",
+__all__ = ["cli_author", "comparable_hash", "load_revision", "local_hash", "local_stamp", "make_revision",
            "origin", "publish", "read_synced", "synced_for", "unknown_revision", "write_synced"]

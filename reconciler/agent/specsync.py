@@ -65,7 +65,7 @@ class SpecSync:
             self._say(f"cluster spec: {exc} (running revision {self.revision or 'of the local files'})", error=False)
             return None
 
-    def _examine(self, rev: SpecRevision | None) -> tuple[specmod.Spec | None, str | None, str, str | None, str]:
+    def _examine(self, rev: SpecRevision | None) -> tuple[specmod.Spec | None, str | None, str, rules.Local]:
         """(the revision as this node's Spec, its hash as this node's files would hold it, why
         it does not load here; the files' hash, why they do not load). Files are read and
         parsed here: in a thread (a large spec takes a while; the loop must not wait)."""
@@ -78,22 +78,26 @@ class SpecSync:
                 head_hash = clusterspec.comparable_hash(rev.files, self.spec_path)
             except specmod.SpecError as exc:
                 head_error = f"revision {rev.number} does not load here, not run: {exc}"
+        stamp = clusterspec.local_stamp(self.spec_path)  # (before the texts: a save in between shows as one)
         local_hash, read_error = clusterspec.local_hash(self.spec_path)
-        return head_spec, head_hash, head_error, local_hash, read_error or self._load_error()
+        # Whether the files load matters only when they are not the revision (an edit to
+        # publish or refuse, or a seed): a revision was validated when it was loaded above.
+        error = read_error or (self._load_error() if local_hash is None or local_hash != head_hash else "")
+        return head_spec, head_hash, head_error, rules.Local(hash=local_hash, error=error, stamp=stamp)
 
     async def _step(self, head: int) -> specmod.Spec | None:
         rev = await self._fetch(head) if head else None
-        head_spec, head_hash, head_error, local_hash, local_error = await asyncio.to_thread(self._examine, rev)
-        decision = rules.step(local=rules.Local(hash=local_hash, error=local_error), synced=self.synced, head=head,
-                              head_hash=head_hash, where=self.spec_path)
-        inputs = (decision.kind, local_hash, head, self.synced)
+        head_spec, head_hash, head_error, local = await asyncio.to_thread(self._examine, rev)
+        local_hash = local.hash
+        decision = rules.step(local=local, synced=self.synced, head=head, head_hash=head_hash, where=self.spec_path)
+        inputs = (decision.kind, local_hash, local.stamp, head, self.synced)
         if inputs == self._refused:
             return None  # refused already for the same files and revision: said once
         run = self._run(rev, head_spec)
         if decision.kind == rules.SEED:
-            return await self._publish(base=0, local_hash=local_hash, inputs=inputs)
+            return await self._publish(base=0, local=local, inputs=inputs)
         if decision.kind == rules.IN_STEP:
-            self._remember(rules.Synced(revision=head, files=head_hash or ""))
+            self._remember(rules.Synced(revision=head, files=head_hash or "", stamp=local.stamp))
             self._clear(head_error)
             return run
         if decision.kind == rules.WRITE_BACK and rev is not None:
@@ -104,11 +108,12 @@ class SpecSync:
                 return run
             log.info("spec files take revision %d (%s): %s", rev.number, rev.summary or "no summary", ", ".join(written) or "unchanged")
             new_hash, _ = await asyncio.to_thread(clusterspec.local_hash, self.spec_path)
-            self._remember(rules.Synced(revision=rev.number, files=new_hash or ""))
+            stamp = await asyncio.to_thread(clusterspec.local_stamp, self.spec_path)
+            self._remember(rules.Synced(revision=rev.number, files=new_hash or "", stamp=stamp))
             self._clear(head_error)
             return run
         if decision.kind == rules.PUBLISH:
-            return await self._publish(base=decision.base, local_hash=local_hash, inputs=inputs) or run
+            return await self._publish(base=decision.base, local=local, inputs=inputs) or run
         self._refuse(inputs, head_error or decision.reason)
         return run
 
@@ -133,7 +138,7 @@ class SpecSync:
             return str(exc)
         return ""
 
-    async def _publish(self, *, base: int, local_hash: str | None, inputs: tuple[object, ...]) -> specmod.Spec | None:
+    async def _publish(self, *, base: int, local: rules.Local, inputs: tuple[object, ...]) -> specmod.Spec | None:
         """Publish the files as revision base + 1; the Spec to run if it was stored."""
         current = self._running()
         try:
@@ -159,7 +164,7 @@ class SpecSync:
             return None
         log.info("spec revision %d published from %s: %s", rev.number, self.spec_path, rev.summary)
         self._revs[rev.number] = rev
-        self._remember(rules.Synced(revision=rev.number, files=local_hash or ""))
+        self._remember(rules.Synced(revision=rev.number, files=local.hash or "", stamp=local.stamp))
         self._clear("")
         return self._run(rev, clusterspec.load_revision(rev, spec_path=self.spec_path, local=self.local))
 

@@ -8,8 +8,10 @@ files were last *in step* with, and what they looked like then (`Synced`). Then:
 
 - The store holds no spec yet: the node seeds it from its files (if they load).
 - The files are the current revision's text: in step (nothing to do but remember it).
-- The files did not change since the node was last in step: the store moved on (another
-  node's edit, `tell`, `rollback`): the node writes the current revision into its files.
+- The files did not change since the node was last in step (the same text, and not saved
+  since: a save that put back an older revision's text is an edit too): the store moved on
+  (another node's edit, `tell`, `rollback`): the node writes the current revision into its
+  files.
 - A node that was never in step (a new node, or the upgrade from per-node files) takes the
   store's revision too; its old text is kept beside (`NAME.before-rN`).
 - Otherwise the files hold an edit of their own: published as the next revision if it was
@@ -30,10 +32,13 @@ SEED, IN_STEP, WRITE_BACK, PUBLISH, REFUSE, WAIT = "seed", "in_step", "write_bac
 
 @attrs.frozen
 class Synced:
-    """The revision this node's files were last in step with, and their hash then."""
+    """The revision this node's files were last in step with, their hash then, and their
+    stamp then (names, inodes, sizes, modification times): a file saved since, even with
+    the very text it had, is not "unchanged"."""
 
     revision: int
     files: str
+    stamp: str = ""
 
 
 @attrs.frozen
@@ -42,6 +47,7 @@ class Local:
 
     hash: str | None  # of their texts without node-local keys (None: they cannot be read as TOML)
     error: str = ""  # why they do not load as a spec ("": they do)
+    stamp: str = ""  # their names, inodes, sizes and modification times
 
 
 @attrs.frozen
@@ -66,7 +72,7 @@ def step(*, local: Local, synced: Synced | None, head: int, head_hash: str | Non
         if head_hash is None:
             return Step(WAIT, f"revision {head} is not available here")
         return Step(WRITE_BACK, f"first sync on this node: the files take revision {head} (their old text kept beside)")
-    if local.hash == synced.files:
+    if local.hash == synced.files and local.stamp == synced.stamp:
         if head_hash is None:
             return Step(WAIT, f"revision {head} is not available here")
         if synced.revision == head:
@@ -77,6 +83,8 @@ def step(*, local: Local, synced: Synced | None, head: int, head_hash: str | Non
         return Step(WRITE_BACK, f"the files are revision {synced.revision}, the cluster's is {head}: writing it")
     if local.error or local.hash is None:
         return Step(REFUSE, f"{local.error} (not published: keeping the last good spec, revision {head})")
+    if local.hash == synced.files and synced.revision == head:
+        return Step(WAIT, f"revision {head} is not available here")  # (saved again with its own text)
     if synced.revision != head:
         return Step(REFUSE, f"{where}: edit made on revision {synced.revision}, but the cluster is at revision {head}:"
                             " refused, the file is left as written (merge and save again, or `reconcile apply --force`)")

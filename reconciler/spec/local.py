@@ -39,6 +39,17 @@ PASSWORD_KEYS = ("etcd_password", "etcd_password_file")
 _LOCAL_LIST = ", ".join(LOCAL_KEYS)
 
 
+def _plain(text: str, file: str) -> dict[str, Any]:
+    """`text` as tomllib reads it (a tenth of tomlkit's time: a file without local keys, most
+    of a directory spec, is never given to tomlkit)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"not valid TOML: {exc}", file=file) from None
+    except RecursionError:
+        raise SpecError("not valid TOML: nested too deeply", file=file) from None
+
+
 def _parse(text: str, file: str) -> tuple[tomlkit.TOMLDocument, dict[str, Any]]:
     try:
         plain = tomllib.loads(text)
@@ -60,10 +71,11 @@ def local_items(text: str, *, file: str, keep_format: bool = False) -> dict[str,
     """The local keys this text's [cluster] table sets, as written (values not checked).
     `keep_format`: as tomlkit items where the table allows, so that `put_local` puts them
     back with their comments (`store = "..."  # why`), not only their values."""
-    doc, plain = _parse(text, file)
+    plain = _plain(text, file)
     c = _cluster_of(plain, file)
     out = {k: c[k] for k in LOCAL_KEYS if k in c}
     if keep_format and out:
+        doc, _ = _parse(text, file)
         try:
             table: Any = doc["cluster"]
             out = {k: table.item(k) for k in out}
@@ -99,11 +111,12 @@ def strip_local(text: str, *, file: str) -> str:
     """`text` without the local keys of its [cluster] table, the rest kept as tomlkit keeps it
     (comments, order, blank lines; an emptied [cluster] header stays). A text without local
     keys is returned unchanged, byte for byte."""
-    doc, plain = _parse(text, file)
+    plain = _plain(text, file)
     c = _cluster_of(plain, file)
     present = [k for k in LOCAL_KEYS if k in c]
     if not present:
         return text
+    doc, _ = _parse(text, file)
     try:
         # Each piece of the document that defines part of [cluster]: the table, an inline
         # table, or one `cluster.KEY = ...` line each (tomlkit's proxy over dotted keys

@@ -3,6 +3,8 @@
 A spec is one TOML file or a directory of them. Groups from several files are
 merged; a group defined twice is an error naming both files. Every error is a
 `SpecError` whose text is one line: `FILE: FIELD.PATH: what is wrong`.
+
+(About 400 lines: every value class of the spec and the ranges of its fields, in one place.)
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ A dict that a Snapshot holds is never changed again: the mirror copies it first 
 flags). Heartbeats, statuses and claims are parsed only when their key's value changed, through
 reconciler/store/records.py (by values.py): a malformed value (or a key that is not a valid name)
 is left out of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
+
+(A little over ~400 lines: the delta, the full read and the stale-status bookkeeping share
+one revision and one set of maps; split, each half would reach into the other's.)
 """
 
 from __future__ import annotations

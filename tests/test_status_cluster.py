@@ -15,7 +15,7 @@ from helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
 
-NOT_AS_DESIRED = 3  # `status --check` (reconciler/cli.py)
+NOT_AS_DESIRED = 3  # `status --check` (reconciler/cli/)
 
 
 def status(c: Cluster, *args: str) -> subprocess.CompletedProcess:

@@ -32,6 +32,8 @@ TABLE = [
     # saved since the sync with the text it had then (an edit back to an older revision's
     # text, on a node that has not taken the newer one yet): an edit, never written over
     ("resaved-old-text-is-an-edit", Local(A, stamp="t2"), Synced(3, A, "t1"), 4, B, rules.REFUSE, 0),
+    # a read older than this node's own publish (not read back yet): never stepped back to
+    ("stale-read-never-written-back", Local(A, stamp="t1"), Synced(5, A, "t1"), 4, B, rules.WAIT, 0),
     ("untouched-same-stamp-written-back", Local(A, stamp="t1"), Synced(3, A, "t1"), 4, B, rules.WRITE_BACK, 0),
 ]
 
@@ -65,6 +67,8 @@ def test_never_over_a_newer_revision_nor_over_an_edit(local_hash, error, synced,
         assert not local.error and local.hash is not None  # only files that load are published
     if s.kind == rules.PUBLISH:
         assert synced is not None and synced.revision == head and local.hash != synced.files
+    if synced is not None and 0 < head < synced.revision:
+        assert s.kind == rules.WAIT  # never back to an older revision than this node synced
     if s.kind == rules.WRITE_BACK:
         # only files untouched since the last sync (or never synced) are written over
         assert synced is None or (local.hash == synced.files and local.stamp == synced.stamp)

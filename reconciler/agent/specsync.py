@@ -86,6 +86,8 @@ class SpecSync:
         return head_spec, head_hash, head_error, rules.Local(hash=local_hash, error=error, stamp=stamp)
 
     async def _step(self, head: int) -> specmod.Spec | None:
+        if head < self.revision:
+            return None  # a read from before this node's own publish: the next one shows it
         rev = await self._fetch(head) if head else None
         head_spec, head_hash, head_error, local = await asyncio.to_thread(self._examine, rev)
         local_hash = local.hash

@@ -66,6 +66,10 @@ def step(*, local: Local, synced: Synced | None, head: int, head_hash: str | Non
         if local.error or local.hash is None:
             return Step(WAIT, f"{local.error} (the store holds no spec yet: nothing to seed it with)")
         return Step(SEED, "the store holds no spec yet: seeding it from this node's files", base=0)
+    if synced is not None and head < synced.revision:
+        # A read older than what this node already synced (its own publish not read back
+        # yet): never step back to it, nor write it over the newer files.
+        return Step(WAIT, f"the store's revision {head} as last read is older than revision {synced.revision}")
     if head_hash is not None and local.hash == head_hash:
         return Step(IN_STEP, f"the files are revision {head}")
     if synced is None:

@@ -114,11 +114,15 @@ def crash(node: Node) -> None:
 
 
 def stop(node: Node) -> None:
-    """A clean stop of the node: SIGTERM to its agent, or, while none runs, to its PID 1."""
-    if node.refresh_agent() is None:
-        node.stop_namespace()
-    else:
-        node.terminate(timeout=15)
+    """A clean stop of the node: SIGTERM to its PID 1, which passes it on to its agent."""
+    # SIGTERM to PID 1 (nodeinit passes it on to the agent it runs now): signalling the agent
+    # by pid could hit one that nodeinit has just replaced, and leave the node up.
+    if node.refresh_agent() is not None:
+        try:
+            node.resume()  # a paused agent would not see the SIGTERM until the kill -9 after 15 s
+        except ProcessLookupError:
+            pass
+    node.stop_namespace()
 
 
 class Run:
@@ -139,7 +143,13 @@ class Run:
         self.history.append((time.monotonic(), text))
 
     def boot(self, n: str) -> None:
-        self.c.nodes[n].start().follow_init()
+        node = self.c.nodes[n]
+        if node.running:
+            # The fault that was to take it down was skipped (its agent died meanwhile): a
+            # second namespace under the same name would be a second machine, not a restart.
+            self.note(f"{n} still up: not starting it again")
+            return
+        node.start().follow_init()
 
     def check_nodes(self) -> None:
         """A node that ended without a fault doing it: note it, start it. An agent that

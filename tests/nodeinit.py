@@ -15,7 +15,9 @@ and its keeper running, reparented to this process, which reaps them. Then:
   its agent. This process exits, the kernel SIGKILLs every other process of the namespace,
   and `unshare` exits.
 
-SIGTERM, SIGINT and SIGHUP sent to this process are passed on to the agent. An agent's
+SIGTERM, SIGINT and SIGHUP sent to this process are passed on to the agent, and the node
+then ends with that agent however it exits after a SIGTERM or SIGINT (a stop is not a failure
+to restart from). An agent's
 failure, and the end of a node other than by a clean exit, go to stderr (the node's console)
 with the keeper's log, which lives in NODE_STATE_DIR, a tmpfs that ends with the node.
 """
@@ -49,9 +51,13 @@ def main() -> int:
     hold, state, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     agent: int | None = spawn(argv)
 
+    stopping = []  # a stop was passed on: the node ends with this agent, however it exits
+
     def forward(sig, _frame):
         if agent is None:
             sys.exit(0)  # a stop while no agent runs (held, or waiting to restart it): the node ends
+        if sig != signal.SIGHUP:
+            stopping.append(sig)
         try:
             os.kill(agent, sig)
         except ProcessLookupError:
@@ -81,6 +87,8 @@ def main() -> int:
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and os.path.exists(hold):
             agent = None
             continue
+        if stopping:
+            return 0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else 1
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
             last_words(state, f"agent pid {pid} exited {os.WEXITSTATUS(status)}: restarted in {RESTART_SEC:g} s")
             agent, restart_at = None, time.monotonic() + RESTART_SEC

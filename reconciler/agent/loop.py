@@ -54,6 +54,11 @@ log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
 
 
+class StateUnwritable(Exception):
+    """The node's state directory cannot take what an agent must record before it runs
+    anything (one line, for the CLI: the service manager restarts the agent later)."""
+
+
 class Agent:
     def __init__(
         self, spec_path: str, node: str, *, once: bool = False, metrics: Metrics | None = None, notify=None, early_signals=None,
@@ -183,7 +188,11 @@ class Agent:
         if sup.tree and not cgroups.favors_dynmods():
             log.info("cgroup2 is mounted without favordynmods: each start and respawn waits ~10-20 ms for the kernel"
                      " to move the process into its cgroup (docs/operations.md, 'Processes and cgroups')")
-        (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
+        try:  # the keeper's hand-over needs it (keeper.py): no agent may run without it
+            (self.node_dir / "agent.pid").write_text(f"{os.getpid()} {process.start_ticks(os.getpid())}\n")
+        except OSError as exc:
+            raise StateUnwritable(f"{self.node_dir / 'agent.pid'}: {exc.strerror or exc} (the state directory"
+                                  " must be writable; the keeper stops what ran here meanwhile)") from None
         self.supervisor.attach(loop)
         self.kernel_events = KernelEvents(on_change=self.wake)  # an address or mount changed: look at once
         self.kernel_events.start(loop)

@@ -358,6 +358,33 @@ def test_etcd_lease_expiry_removes_node_and_claim(etcd_single):
     backend.run(body)
 
 
+def test_etcd_a_claim_that_outlives_its_owner_stays_until_broken(etcd_single):
+    """A fenced group's claim (outlive_owner) is not bound to the owner's lease: when the
+    owner's heartbeat expires the claim stays, so a successor takes it over (fencing the
+    owner first) rather than claiming a vanished claim unfenced."""
+    backend = etcd_backend(etcd_single.url)
+
+    async def body():
+        a, b = backend.new(lease_ttl=0.5), backend.new()  # etcd TTL 2 s
+        await a.publish(Heartbeat(node="na", counter=1, status=S(x=1)))
+        fenced = await a.claim("db", "na", outlive_owner=True)
+        plain = await a.claim("web", "na")
+        t0 = time.monotonic()
+        while True:  # a never renews: etcd expires its lease, its heartbeat and the plain claim
+            await b.wait(5)
+            snap = await b.read()
+            if "na" not in snap.members:
+                break
+            assert time.monotonic() - t0 < 5
+        assert snap.claims == {"db": fenced}, (snap.claims, plain)
+        assert await b.break_claim(fenced)
+        taken = await b.claim("db", "nb", outlive_owner=True)
+        assert taken is not None and taken.generation == fenced.generation + 1
+        assert (await b.read()).claims == {"db": taken}
+
+    backend.run(body)
+
+
 def test_etcd_survives_loss_of_connected_leader(etcd_cluster3):
     cluster = etcd_cluster3
     leader = cluster.leader()

@@ -139,7 +139,8 @@ class Executor:
             self.book.forget(a.group, a.tag)
             return True, ""
         if a.kind == "claim":
-            claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
+            fenced = a.group in spec.groups and bool(spec.groups[a.group].fence)
+            claim = await self._store(lambda: self.store.claim(a.group, self.node, outlive_owner=fenced), "claim")
             self.events.claim_attempt(a.group, claim is not None)
             if claim is None:
                 # Lost the race: wait for the next store read to show the winner rather than
@@ -168,7 +169,7 @@ class Executor:
                 self.block(a.group, f"fencing {a.claim.node} failed: {outcome.message}")
                 return False, outcome.message
         await self._store(lambda: self.store.break_claim(a.claim), "break")
-        claim = await self._store(lambda: self.store.claim(a.group, self.node), "claim")
+        claim = await self._store(lambda: self.store.claim(a.group, self.node, outlive_owner=bool(g.fence)), "claim")
         self.events.claim_attempt(a.group, claim is not None)
         if claim is None:
             self.hold(a.group, LOST_HOLD, "another node took it over first")

@@ -109,11 +109,17 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def claim(self, group: str, node: str) -> Claim | None:
+    async def claim(self, group: str, node: str, *, outlive_owner: bool = False) -> Claim | None:
         """Create the claim on `group` for `node` if no claim exists: atomic, one winner.
 
         Returns the new Claim (with a generation larger than any earlier claim instance of
         the group), or None if a claim already exists (the caller lost).
+
+        A backend may end a claim together with its owner's heartbeat when that expires
+        (etcd: the claim is bound to the node's lease), unless `outlive_owner`: then the
+        claim stays until it is released or broken, so that a successor must take it over
+        (break_claim), and fence its owner first where the group says so. Without it, a
+        fenced group's claim could vanish on its own and be claimed afresh, unfenced.
         """
 
     @abc.abstractmethod

@@ -98,7 +98,8 @@ class DirectoryStore(Store):
 
     # --- claims ---------------------------------------------------------------------------
 
-    async def claim(self, group: str, node: str) -> Claim | None:
+    async def claim(self, group: str, node: str, *, outlive_owner: bool = False) -> Claim | None:
+        # (Claims here never expire: every claim outlives its owner until released or broken.)
         return await self._io(self._claims.claim, group, node)
 
     async def release(self, claim: Claim) -> bool:

@@ -27,7 +27,7 @@ class Claims:
 
     async def claim(self, group: str, node: str, *, lease: int, deadline: float,
                     attempts: list[str]) -> tuple[Claim | None, int]:
-        """Create the claim on `group` for `node` if absent, bound to `lease`.
+        """Create the claim on `group` for `node` if absent, bound to `lease` (0: to none).
 
         One transaction compares that the claim key does not exist and that generations/GROUP
         is unchanged since we read it, then bumps the generation and creates the claim: among

@@ -340,16 +340,17 @@ class EtcdStore(Store):
 
     # --- claims (claims.py) ----------------------------------------------------------------
 
-    async def claim(self, group: str, node: str) -> Claim | None:
+    async def claim(self, group: str, node: str, *, outlive_owner: bool = False) -> Claim | None:
         """Create the claim on `group` for `node` if absent, bound to this store's lease
-        (Claims.claim). Returns None if a claim exists, or the claim an attempt of this call
+        (Claims.claim), or to no lease if `outlive_owner` (Store.claim: a fenced group's
+        claim must be broken, after fencing, never expire). Returns None if a claim exists, or the claim an attempt of this call
         made that timed out but was applied. Raises StoreError if no endpoint answers within
         `timeout`. The next read() shows the claim made or found.
         """
         deadline = self.conn.deadline()
         attempts: list[str] = []
         while True:
-            lease = await self._bound_lease(deadline)
+            lease = 0 if outlive_owner else await self._bound_lease(deadline)
             try:
                 made, rev = await self._claims.claim(group, node, lease=lease, deadline=deadline, attempts=attempts)
             except LeaseGone:

@@ -146,6 +146,14 @@ class Renewer:
         one is due already (an overloaded machine or store): the lease comes first, and
         the loop marks the view unreachable (no takeovers) while reads stay away longer
         than lease / 2 + heartbeat."""
+        if self.instance.watch_until is None:
+            # Nothing read yet: node identity needs this node's record before the first
+            # publish, so a renewal now would only be skipped, and the agent would say it is
+            # ready (READY=1, "0 members live") a heartbeat before it holds a lease.
+            try:
+                self.read_once()
+            except Exception:
+                log.exception("store read failed")
         try:
             self.renew_once()
         except Exception:  # never let the thread die silently: the lease would lapse

@@ -30,8 +30,8 @@ _T = TypeVar("_T")
 _Hook = Callable[[Any, Any], Any]
 
 __all__ = [
-    "EMPTY", "EntryStatus", "GroupStatus", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision", "StatusError", "dumps",
-    "loads", "revision_dumps", "revision_loads",
+    "EMPTY", "EntryStatus", "Event", "GroupStatus", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision", "StatusError",
+    "dumps", "event_dumps", "event_loads", "loads", "revision_dumps", "revision_loads",
 ]
 
 
@@ -137,6 +137,22 @@ class SpecRevision:
     node: str = ""  # who published it (a node name, or "cli@HOST" for a command)
     wall: float = 0.0  # the publisher's wall time (for people: `reconcile history`)
     summary: str = ""  # one line: what changed against the revision before it
+
+
+@attrs.frozen
+class Event:
+    """One thing that happened in the cluster, as the node it happened on tells it (the
+    store's history: `reconcile events`). Written once, never changed."""
+
+    wall: float  # the writer's wall clock (for people; ordering is `seq`)
+    node: str
+    kind: str  # claim, release, takeover, fence, fence-result, spec-revision, test-failed, backoff, give-up, ban, ...
+    group: str = ""  # "" when it is about no group
+    reason: str = ""  # one line
+    # A takeover's phases in seconds ({"detect", "fence", "claim", "start"}: how long the owner
+    # had been silent when this node decided, fencing, winning the claim, starting the group).
+    phases: dict[str, float] = attrs.field(factory=dict)
+    seq: int = 0  # assigned by the store when appended (0 before): increasing
 
 
 # --- the converter: private, strict --------------------------------------------------------
@@ -288,6 +304,19 @@ def _positive(value: Any, _t: Any = None) -> int:
     return n
 
 
+def _phases(value: Any, _t: Any = None) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _Bad(f"must be a table, not {_type_name(value)}")
+    out = {}
+    for k, v in value.items():
+        try:
+            out[_str(k)] = _float(v)
+        except _Bad as exc:
+            raise _Bad(str(exc), f".{k}") from None
+    return out
+
+
+_register(Event, wall=_float, node=_str, kind=_str, group=_str, reason=_str, phases=_phases, seq=_int)
 _register(SpecRevision, number=_positive, digest=_str, files=_files, node=_str, wall=_float, summary=_str)
 # An entry carries only what is set (a stopped entry is {"state": "stopped"}), as it always has.
 _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatus, _conv, _cattrs_omit_if_default=True))
@@ -357,3 +386,20 @@ def revision_loads(text: str | bytes) -> SpecRevision:
         return _structure(doc, SpecRevision)
     except _Bad as exc:
         raise StatusError(f"spec revision{exc.sub}: {exc}") from None
+
+
+def event_dumps(event: Event) -> str:
+    """The text a store keeps for one event (JSON, keys sorted; `seq` too: the store's)."""
+    return json.dumps(_conv.unstructure(event), sort_keys=True, separators=(",", ":"))
+
+
+def event_loads(text: str | bytes) -> Event:
+    """event_dumps() read back; StatusError (one line, with the field path) if it does not parse."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise StatusError("event is not JSON") from None
+    try:
+        return _structure(doc, Event)
+    except _Bad as exc:
+        raise StatusError(f"event{exc.sub}: {exc}") from None

@@ -44,6 +44,7 @@ def node_status(
     spec_revision: int = 0,
     restarts: Mapping[tuple[str, str], str] = {},
     cleared: Mapping[str, str] = {},
+    events_dropped: int = 0,
 ) -> NodeStatus:
     """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known;
     `restarts`: why the executor last restarted each entry; `cleared`: the id of the last
@@ -112,6 +113,7 @@ def node_status(
         members={n: MemberStatus(alive=view.alive(n, now, spec.cluster.timing.dead_after), up=m.up) for n, m in view.members.items()},
         eligible_groups=tuple(sorted(eligible)),
         groups=groups,
+        events_dropped=events_dropped,
     )
 
 

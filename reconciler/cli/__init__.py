@@ -245,7 +245,7 @@ USES = {"run": {"spec_path", "node", "node_down", "node_file"}, "status": {"spec
         "check": {"spec_path", "node_file"}, "tell": {"spec_path", "node_file"}, "logs": {"spec_path", "node", "node_file"},
         "import": set(), "apply": {"spec_path", "node_file"}, "diff": {"spec_path", "node_file"},
         "history": {"spec_path", "node_file"}, "rollback": {"spec_path", "node_file"},
-        "clear": {"spec_path", "node", "node_file"}}
+        "clear": {"spec_path", "node", "node_file"}, "events": {"spec_path", "node_file"}}
 
 
 @click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -380,8 +380,10 @@ STATUS_NOT_AS_DESIRED = 3  # `status --check`: something is not as desired
 @click.option("--node", default=None, hidden=True, help="ignored: liveness is judged from the store (kept for scripts)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (the same facts)")
 @click.option("--check", is_flag=True, help=f"exit {STATUS_NOT_AS_DESIRED} if anything is not as desired (for scripts and monitoring)")
+@click.option("-w", "--watch", is_flag=True, help="show it again every --interval, in place on a terminal (Ctrl-C ends: exit 0)")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="seconds between two --watch refreshes")
 @click.pass_context
-def status(ctx, spec_path, node, as_json, check) -> None:
+def status(ctx, spec_path, node, as_json, check, watch, interval) -> None:
     """Show every node and every group: liveness, owner, runlevels, state, entries, failed
     tests, and a summary line.
 
@@ -394,7 +396,40 @@ def status(ctx, spec_path, node, as_json, check) -> None:
 
     With --check it exits 3 when a node is not live or a group is not in its desired state
     (degraded, failed, unowned, starting, stopping ...), naming each on stderr.
+
+    With --watch it looks again every --interval seconds, refreshing the screen in place on
+    a terminal (plain repeated output otherwise); an error is shown in place of the status
+    and the watch goes on.
     """
+    if watch:
+        if check or as_json:
+            ctx.fail(f"{'--check' if check else '--json'} is not used with --watch")
+        from reconciler.cli import history
+
+        history.watch(lambda: status_text(ctx, spec_path), interval=interval)
+    if not watch and given(ctx, "interval"):
+        ctx.fail("--interval needs --watch")
+    status_once(ctx, spec_path, as_json=as_json, check=check)
+
+
+def status_text(ctx: click.Context, spec_path: str | None) -> str:
+    """What `reconcile status` prints (for --watch): its text, or its error line."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status_once(ctx, spec_path, as_json=False, check=False)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    text = out.getvalue() + err.getvalue()
+    return text if code == 0 or text else text + f"reconcile: status failed (exit {code})\n"
+
+
+def status_once(ctx: click.Context, spec_path: str | None, *, as_json: bool, check: bool) -> None:
+    """One `reconcile status` (exits only on an error or with --check's finding)."""
     import time
 
     import attrs
@@ -552,3 +587,4 @@ def clear(ctx, group, spec_path, node, timeout) -> None:
 # The cluster spec's commands (tell, apply, diff, history, rollback) live in a module of their
 # own; importing it adds them to `main`.
 from reconciler.cli import clusterspec as _clusterspec  # noqa: E402,F401
+from reconciler.cli import history as _history  # noqa: E402,F401 (`reconcile events`)

@@ -6,6 +6,10 @@ peers are alive (cluster/survey.py), and calls the same pure `plan`. Whose a mou
 as the agent's (decide/ownership.py), given what the running agent's resource book lists
 (resources.json; nothing when no agent ran). `--node-down NODE` shows what would happen if
 those nodes died: the decentralised counterpart of Pacemaker's crm_simulate.
+
+`transition` shows the whole way there (decide/simulate.py): every node's plan, from the
+cluster as it stands (this node observed, the live peers as they publish themselves), each
+action taken as succeeding, until nothing is left to do.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from reconciler.act import process, resources
 from reconciler.act.ledger import Ledger
 from reconciler.model import Probe
 from reconciler.decide import ownership
+from reconciler.decide import simulate as simulation
 from reconciler.observe import EntryState, Observed
 from reconciler.store import Claim, ClusterView, Member
 from reconciler.cluster import hpc as hpcmod
@@ -144,3 +149,88 @@ def plan_doc(plan: planmod.Plan, node: str) -> dict:
         ],
         "notes": dict(plan.notes),
     }
+
+
+# --- the whole transition (decide/simulate.py) ------------------------------------------------
+
+
+def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> tuple[simulation.Cluster, float]:
+    """(the cluster as it stands, now): this node as the agent would observe it, every live
+    peer as its published status says (what runs there, its tests, its bans), the claims;
+    the nodes in `down` and those already dead run nothing (their keepers stopped it)."""
+    observed = observe(spec, node)
+    view = asyncio.run(cluster_view(spec, node, down))
+    observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
+    now = time.monotonic()
+    observed = with_health(spec, observed, view, Ledger(path=Path(spec.state_dir) / node / "health.json", readonly=True), now)
+    t = spec.cluster.timing
+    nodes = {} if node in down else {node: observed}
+    for n, m in view.members.items():
+        if n == node or n in down or not view.alive(n, now, t.dead_after) or m.heartbeat is None:
+            continue
+        nodes[n] = peer_observed(spec, n, m.heartbeat.status)
+    return simulation.Cluster(observed=nodes, claims=dict(view.claims), down=frozenset(down),
+                              unclaimed_since=dict(view.unclaimed_since)), now
+
+
+def peer_observed(spec: specmod.Spec, node: str, status) -> Observed:
+    """A peer's entries and bans as its published status tells them."""
+    entries = {}
+    bans = {}
+    for gname, gs in status.groups.items():
+        for tag, es in gs.entries.items():
+            e = spec.entry(gname, tag)
+            if es.state != "stopped":
+                entries[(gname, tag)] = EntryState(group=gname, tag=tag, kind=e.kind if e is not None else "process",
+                                                   state=es.state, pid=es.pid)
+        if gs.banned:
+            bans[gname] = float("inf")
+    return Observed(node=node, entries=entries, bans=bans)
+
+
+def transition(spec: specmod.Spec, node: str, down: tuple[str, ...] = (), *, start: specmod.Spec | None = None) -> simulation.Transition:
+    """The whole transition from the cluster as it stands (observed under `start`, default
+    `spec`) to `spec`, every node's plan simulated to convergence."""
+    cluster, now = start_state(start or spec, node, down)
+    return simulation.simulate(spec, cluster, now)
+
+
+def transition_doc(tr: simulation.Transition, node: str) -> dict:
+    """The transition as `reconcile --dry-run` shows it: its text and its --json are both made from this."""
+    return {
+        "node": node,
+        "converged": not tr.steps,  # nothing to do now anywhere
+        "steps": [
+            {"node": s.node, "at": round(s.at, 3), "kind": s.action.kind, "group": s.action.group, "tag": s.action.tag,
+             "reason": s.action.reason, "urgent": s.action.urgent, "describe": s.action.describe()}
+            for s in tr.steps
+        ],
+        "notes": dict(tr.first_notes.get(node, {})),  # why this node does nothing yet about these groups
+        # why each group that ends up running nowhere does: every node's last word on it
+        "pending": {g: {n: notes[g] for n, notes in sorted(tr.notes.items()) if g in notes}
+                    for g, nodes in tr.placement.items() if not nodes},
+        "state": {g: {"runs_on": list(nodes), "owner": tr.final.claims[g].node if g in tr.final.claims else None}
+                  for g, nodes in tr.placement.items()},
+        "stopped": tr.stopped,
+    }
+
+
+def render_transition(doc: dict) -> list[str]:
+    """The text of `reconcile --dry-run`: every step (with its node and simulated time), this
+    node's notes, then the resulting state."""
+    lines = []
+    if doc["converged"]:
+        lines.append(f"{doc['node']}: converged, nothing to do")
+    for s in doc["steps"]:
+        lines.append(("URGENT " if s["urgent"] else "") + f"{s['describe']}  ({s['node']}, +{s['at']:.2f}s)")
+    for g, note in doc["notes"].items():
+        lines.append(f"  ({g}: {note})")
+    if doc["steps"]:
+        lines.append("then:" if not doc["stopped"] else f"then (cut short: {doc['stopped']}):")
+        for g, st in doc["state"].items():
+            where = f"runs on {', '.join(st['runs_on'])}" if st["runs_on"] else "runs nowhere"
+            owner = f" (claimed by {st['owner']})" if st["owner"] and st["owner"] not in st["runs_on"] else ""
+            lines.append(f"  {g}: {where}{owner}")
+            for n, note in doc["pending"].get(g, {}).items():
+                lines.append(f"    {n}: {note}")
+    return lines

@@ -198,6 +198,6 @@ class History:
                         self.record("test-failed", name, f"{tag}: {st.message or 'failed'}")
         self._failed_tests = failed
         banned = {g for g, until in observed.bans.items() if until > now and g in spec.groups}
-        for g in sorted(banned - self._banned):
-            self.record("ban", g, health.ban_note(spec.groups[g]))
+        for name in sorted(banned - self._banned):
+            self.record("ban", name, health.ban_note(spec.groups[name]))
         self._banned = banned

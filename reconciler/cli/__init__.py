@@ -212,32 +212,29 @@ def setup_logging(fmt: str, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def print_plan(doc: dict) -> None:
-    if doc["converged"]:
-        click.echo(f"{doc['node']}: converged, nothing to do")
-    for a in doc["actions"]:
-        click.echo(("URGENT " if a["urgent"] else "") + a["describe"])
-    for g, note in doc["notes"].items():
-        click.echo(f"  ({g}: {note})")
-
-
 def dry_run(spec_path: str, node: str, down: tuple[str, ...], *, as_json: bool = False) -> NoReturn:
     from reconciler.agent import dryrun
     from reconciler.store import StoreError
 
     spec = spec_to_use(spec_path, explicit=spec_explicit(click.get_current_context()))
     try:
-        plan = dryrun.simulate(spec, node, down)
+        tr = dryrun.transition(spec, node, down)
     except StoreError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"{spec.shown_store_url}: {exc}")
-    doc = dryrun.plan_doc(plan, node)
+    print_transition(dryrun.transition_doc(tr, node), as_json=as_json)
+    sys.exit(0 if not tr.steps else 2)
+
+
+def print_transition(doc: dict, *, as_json: bool) -> None:
+    from reconciler.agent import dryrun
+
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print_plan(doc)
-    sys.exit(0 if plan.empty else 2)
+        for line in dryrun.render_transition(doc):
+            click.echo(line)
 
 
 # Which of the group's options each command reads (any other given is refused, not ignored).

@@ -154,17 +154,21 @@ def plan_doc(plan: planmod.Plan, node: str) -> dict:
 # --- the whole transition (decide/simulate.py) ------------------------------------------------
 
 
-def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> tuple[simulation.Cluster, float]:
+async def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = (), *,
+                      member_only: bool = False) -> tuple[simulation.Cluster, float]:
     """(the cluster as it stands, now): this node as the agent would observe it, every live
     peer as its published status says (what runs there, its tests, its bans), the claims;
-    the nodes in `down` and those already dead run nothing (their keepers stopped it)."""
+    the nodes in `down` and those already dead run nothing (their keepers stopped it).
+    `member_only`: this node takes part only if an agent runs here (`apply --dry-run` from
+    a machine that may be no member); else it is taken as about to run one."""
     observed = observe(spec, node)
-    view = asyncio.run(cluster_view(spec, node, down))
+    view = await cluster_view(spec, node, down)
     observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
     now = time.monotonic()
     observed = with_health(spec, observed, view, Ledger(path=Path(spec.state_dir) / node / "health.json", readonly=True), now)
     t = spec.cluster.timing
-    nodes = {} if node in down else {node: observed}
+    here = view.lease_until == float("inf")  # cluster_view: an agent runs here and renews
+    nodes = {} if node in down or (member_only and not here) else {node: observed}
     for n, m in view.members.items():
         if n == node or n in down or not view.alive(n, now, t.dead_after) or m.heartbeat is None:
             continue
@@ -188,11 +192,20 @@ def peer_observed(spec: specmod.Spec, node: str, status) -> Observed:
     return Observed(node=node, entries=entries, bans=bans)
 
 
-def transition(spec: specmod.Spec, node: str, down: tuple[str, ...] = (), *, start: specmod.Spec | None = None) -> simulation.Transition:
-    """The whole transition from the cluster as it stands (observed under `start`, default
-    `spec`) to `spec`, every node's plan simulated to convergence."""
-    cluster, now = start_state(start or spec, node, down)
+def transition(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> simulation.Transition:
+    """The whole transition from the cluster as it stands to `spec`, every node's plan
+    simulated to convergence (`reconcile --dry-run`)."""
+    cluster, now = asyncio.run(start_state(spec, node, down))
     return simulation.simulate(spec, cluster, now)
+
+
+async def edit_transition(new: specmod.Spec, old: specmod.Spec | None, node: str) -> list[str]:
+    """What `reconcile apply --dry-run` adds: the transition the cluster would make from how
+    it runs `old` (the store's revision; None: none yet) to `new`, as text."""
+    cluster, now = await start_state(old or new, node, member_only=True)
+    if not cluster.observed:
+        return ["no agent runs: nothing happens until one starts"]
+    return render_transition(transition_doc(simulation.simulate(new, cluster, now), node))
 
 
 def transition_doc(tr: simulation.Transition, node: str) -> dict:

@@ -237,7 +237,7 @@ def render_transition(doc: dict) -> list[str]:
     for s in doc["steps"]:
         lines.append(("URGENT " if s["urgent"] else "") + f"{s['describe']}  ({s['node']}, +{s['at']:.2f}s)")
     for g, note in doc["notes"].items():
-        lines.append(f"  ({g}: {note})")
+        lines.append(f"  ({g}, now: {note})" if doc["steps"] else f"  ({g}: {note})")
     if doc["steps"]:
         lines.append("then:" if not doc["stopped"] else f"then (cut short: {doc['stopped']}):")
         for g, st in doc["state"].items():

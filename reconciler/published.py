@@ -9,7 +9,11 @@ the wrong type or a name that is not a valid name is refused (`StatusError`, one
 the field path, e.g. `status.groups.web.entries.db.state`), and the store skips that status
 like any other malformed entry (reconciler/store/records.py).
 
-Pure: no I/O; only the values, their (un)structuring and the JSON text.
+The cluster's history (`Event`, appended to the store by every agent: agent/events.py) is
+here too: a node publishes it, the same strict converter reads it back.
+
+Pure: no I/O; only the values, their (un)structuring and the JSON text. (A little over ~400
+lines: one private converter serves every record, and its hooks are shared.)
 """
 
 from __future__ import annotations

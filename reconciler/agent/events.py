@@ -67,6 +67,7 @@ class History:
         self._ready = asyncio.Event()
         self.appended = 0
         self.dropped = 0
+        self._appending = False
         self._on_appended, self._on_dropped = on_appended, on_dropped
         self._last: dict[tuple[str, str], str] = {}  # (group, kind) -> the reason last told
         self._takeovers: dict[str, _Takeover] = {}
@@ -92,26 +93,37 @@ class History:
         self.dropped += n
         self._on_dropped(n)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait until what is queued has been appended (or dropped), at most `timeout` seconds:
+        at a clean exit, so that its last events (releases) are told."""
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._appending) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     async def run(self, store: Store) -> None:
         """Append what is queued, in batches, until cancelled."""
         while True:
             await self._ready.wait()
             self._ready.clear()
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-                try:
-                    async with asyncio.timeout(APPEND_TIMEOUT):
-                        await store.events_append(batch)
-                except (StoreError, TimeoutError) as exc:
-                    self._drop(len(batch))
-                    log.debug("history: %d events dropped: %s", len(batch), exc)
-                    await asyncio.sleep(RETRY)
-                    continue
-                self.appended += len(batch)
-                self._on_appended(len(batch))
+            self._appending = True
+            try:
+                await self._append_all(store)
+            finally:
+                self._appending = False
 
-    def pending(self) -> int:
-        return len(self._queue)
+    async def _append_all(self, store: Store) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+            try:
+                async with asyncio.timeout(APPEND_TIMEOUT):
+                    await store.events_append(batch)
+            except (StoreError, TimeoutError) as exc:
+                self._drop(len(batch))
+                log.debug("history: %d events dropped: %s", len(batch), exc)
+                await asyncio.sleep(RETRY)
+                continue
+            self.appended += len(batch)
+            self._on_appended(len(batch))
 
     # --- the hooks ------------------------------------------------------------------------------
 

@@ -227,6 +227,7 @@ class Agent:
             return await self._main()
         finally:
             self.watch_stop.set()
+            await self.history.drain(0.5)  # (a clean exit's releases; a hung store costs half a second)
             await asyncio.to_thread(self.renewer.stop)
             log.debug("exit: waiting for %s", [t.get_name() for t in tasks])
             # Cancel until they are done: Python 3.11's asyncio.wait_for swallows a cancel
@@ -323,6 +324,7 @@ class Agent:
             if c.node == self.node:
                 try:
                     await self.store.release(c)
+                    self.history.record("release", g, "the agent stops")
                 except StoreError as exc:
                     log.warning("could not release %s: %s", g, exc)
 

@@ -387,14 +387,7 @@ def revision_dumps(revision: SpecRevision) -> str:
 
 def revision_loads(text: str | bytes) -> SpecRevision:
     """revision_dumps() read back; StatusError (one line, with the field path) if it does not parse."""
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise StatusError("spec revision is not JSON") from None
-    try:
-        return _structure(doc, SpecRevision)
-    except _Bad as exc:
-        raise StatusError(f"spec revision{exc.sub}: {exc}") from None
+    return _record_loads(text, SpecRevision, "spec revision")
 
 
 def event_dumps(event: Event) -> str:
@@ -404,11 +397,16 @@ def event_dumps(event: Event) -> str:
 
 def event_loads(text: str | bytes) -> Event:
     """event_dumps() read back; StatusError (one line, with the field path) if it does not parse."""
+    return _record_loads(text, Event, "event")
+
+
+def _record_loads(text: str | bytes, cls: type[_T], what: str) -> _T:
+    """A record's JSON text as a `cls`; StatusError naming `what` and the field path if not."""
     try:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError):
-        raise StatusError("event is not JSON") from None
+        raise StatusError(f"{what} is not JSON") from None
     try:
-        return _structure(doc, Event)
+        return _structure(doc, cls)
     except _Bad as exc:
-        raise StatusError(f"event{exc.sub}: {exc}") from None
+        raise StatusError(f"{what}{exc.sub}: {exc}") from None

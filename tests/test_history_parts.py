@@ -112,3 +112,11 @@ def test_executor_results_and_passes_make_the_events(tmp_path):
     kinds = [e.kind for e in h._queue]
     assert kinds[-3:] == ["start-failed", "test-failed", "ban"] and kinds.count("start-failed") == 1
     assert list(h._queue)[-2].reason == "fit: exit 1"
+
+
+def test_the_dropped_count_is_published_only_when_some_were_dropped():
+    """An older agent (forbid_extra_keys) reads a newer node's status while it dropped nothing."""
+    from reconciler.published import NodeStatus, dumps, loads
+
+    assert "events_dropped" not in dumps(NodeStatus())
+    assert loads(dumps(NodeStatus(events_dropped=3))).events_dropped == 3

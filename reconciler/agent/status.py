@@ -154,6 +154,7 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
             store_skipped=hb.status.store_skipped,
             revision=hb.status.spec_revision,
             behind=name in look.advanced and hb.status.spec_revision < snap.spec_revision,
+            events_dropped=hb.status.events_dropped,
         )
     live = [n for n, row in nodes.items() if row.live]
     names = list(spec.groups)

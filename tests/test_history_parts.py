@@ -120,3 +120,45 @@ def test_the_dropped_count_is_published_only_when_some_were_dropped():
 
     assert "events_dropped" not in dumps(NodeStatus())
     assert loads(dumps(NodeStatus(events_dropped=3))).events_dropped == 3
+
+
+def test_reconcile_events_prints_filters_and_says_an_unreachable_store_in_one_line(tmp_path):
+    from reconciler.published import Event
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.format(store=tmp_path / "store", state=tmp_path / "state"))
+    p = reconcile("events", "--spec", str(spec))
+    assert p.returncode == 0 and p.stdout == "", p.stderr  # no agent set the store up yet: no history
+    store = _store(tmp_path)
+    old = time.time() - 7200
+    asyncio.run(store.events_append([
+        Event(wall=old, node="n1", kind="claim", group="web", reason="unclaimed: generation 1"),
+        Event(wall=time.time(), node="n2", kind="takeover", group="web", reason="owner n1 silent",
+              phases={"start": 0.25, "detect": 0.7, "claim": 0.01}),
+        Event(wall=time.time(), node="n2", kind="spec-revision", reason="revision 2 published: web: runlevel run -> stop"),
+    ]))
+    lines = reconcile("events", "--spec", str(spec)).stdout.splitlines()
+    assert len(lines) == 3 and lines[0].endswith("  n1  web  claim: unclaimed: generation 1"), lines
+    assert lines[1].endswith("  n2  web  takeover: owner n1 silent  [detect 0.700s, claim 0.010s, start 0.250s]"), lines
+    assert "  n2  -  spec-revision: revision 2" in lines[2]
+    assert len(reconcile("events", "--since", "1h", "--spec", str(spec)).stdout.splitlines()) == 2
+    assert len(reconcile("events", "--group", "web", "--node", "n1", "--spec", str(spec)).stdout.splitlines()) == 1
+    p = reconcile("events", "--since", "soon", "--spec", str(spec))
+    assert p.returncode == 64 and "not a duration like 30s, 10m, 2h or 1d" in p.stderr
+    (tmp_path / "store" / "events").rename(tmp_path / "elsewhere")  # set up, then gone: unreachable
+    (tmp_path / "store" / "events").write_text("")
+    p = reconcile("events", "--spec", str(spec))
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1 and p.stderr.startswith("reconcile: dir:"), p.stderr
+
+
+def reconcile(*args: str):
+    """`reconcile ARGS` in this process (click's runner: a subprocess costs ~0.8 s here);
+    .returncode, .stdout, .stderr as subprocess.run gives them."""
+    import types
+
+    from click.testing import CliRunner
+
+    from reconciler import cli
+
+    r = CliRunner().invoke(cli.main, list(args))
+    return types.SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)

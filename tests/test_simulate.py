@@ -28,8 +28,8 @@ def spec_of(*gs: Group) -> Spec:
 WEB = Group(name="web", runlevel="run", nodes=("n1", "n2"), entries=(E("fit", "test"), E("prep", "wait"), E("db"), E("app")))
 
 
-def fresh(*nodes: str) -> sim.Cluster:
-    return sim.Cluster(observed={n: Observed(node=n) for n in nodes})
+def fresh(*nodes: str) -> sim.ClusterState:
+    return sim.ClusterState(observed={n: Observed(node=n) for n in nodes})
 
 
 def steps(tr: sim.Transition) -> list[tuple[str, str, str]]:
@@ -63,12 +63,12 @@ def test_alone_the_second_node_waits_its_turn_then_claims():
     assert tr.placement == {"web": ("n2",)} and tr.converged
 
 
-def converged_on_n1() -> sim.Cluster:
+def converged_on_n1() -> sim.ClusterState:
     n1 = Observed(node="n1", entries={("web", "fit"): EntryState(group="web", tag="fit", state="passed", since=NOW - 1),
                                       ("web", "prep"): EntryState(group="web", tag="prep", state="done"),
                                       ("web", "db"): running("db"), ("web", "app"): running("app")})
     n2 = Observed(node="n2", entries={("web", "fit"): EntryState(group="web", tag="fit", state="passed", since=NOW - 1)})
-    return sim.Cluster(observed={"n1": n1, "n2": n2}, claims={"web": Claim(group="web", node="n1", generation=4)})
+    return sim.ClusterState(observed={"n1": n1, "n2": n2}, claims={"web": Claim(group="web", node="n1", generation=4)})
 
 
 def test_a_converged_cluster_has_no_steps():
@@ -148,7 +148,7 @@ def clusters(draw):
                 elif n == host and e.mode != "test" and draw(st.booleans()):
                     state = {"respawn": "running", "once": "running", "wait": "done", "off": "running"}[e.mode]
                     observed[n][(g.name, e.tag)] = EntryState(group=g.name, tag=e.tag, state=state, pid=7, since=NOW - 2)
-    return spec, sim.Cluster(observed={n: Observed(node=n, entries=es) for n, es in observed.items()}, claims=claims,
+    return spec, sim.ClusterState(observed={n: Observed(node=n, entries=es) for n, es in observed.items()}, claims=claims,
                              down=frozenset(down))
 
 

@@ -1,15 +1,13 @@
-"""`reconcile --dry-run`: what this node's agent would do now, executing nothing.
+"""`reconcile --dry-run`: what the cluster would do from now on, executing nothing.
 
 It observes exactly what the agent observes (the recorded processes, checked against the
 kernel; mounts; addresses), looks at the store as `reconcile status` does to see which
-peers are alive (cluster/survey.py), and calls the same pure `plan`. Whose a mount or address is comes from the same rule
-as the agent's (decide/ownership.py), given what the running agent's resource book lists
+peers are alive and what they run (cluster/survey.py), and hands that to the pure simulator
+(decide/simulate.py), which calls the same `plan` for every node until nothing is left to do,
+each action taken as succeeding. Whose a mount or address is comes from the same rule as the
+agent's (decide/ownership.py), given what the running agent's resource book lists
 (resources.json; nothing when no agent ran). `--node-down NODE` shows what would happen if
-those nodes died: the decentralised counterpart of Pacemaker's crm_simulate.
-
-`transition` shows the whole way there (decide/simulate.py): every node's plan, from the
-cluster as it stands (this node observed, the live peers as they publish themselves), each
-action taken as succeeding, until nothing is left to do.
+those nodes died: the decentralised counterpart of Pacemaker's crm_simulate -S.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from pathlib import Path
 import attrs
 
 from reconciler import spec as specmod
-from reconciler.decide import plan as planmod
 from reconciler.act import book as bookmod
 from reconciler.act import process, resources
 from reconciler.act.ledger import Ledger
@@ -29,7 +26,7 @@ from reconciler.model import Probe
 from reconciler.decide import ownership
 from reconciler.decide import simulate as simulation
 from reconciler.observe import EntryState, Observed
-from reconciler.store import Claim, ClusterView, Member
+from reconciler.store import ClusterView, Member
 from reconciler.cluster import hpc as hpcmod
 from reconciler.cluster import liveness, survey
 
@@ -76,15 +73,6 @@ async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> 
     return attrs.evolve(view, members=members, unclaimed_since={g: now for g in view.unclaimed_since})
 
 
-def simulate(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> planmod.Plan:
-    observed = observe(spec, node)
-    view = asyncio.run(cluster_view(spec, node, down))
-    observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
-    now = time.monotonic()
-    observed = with_health(spec, observed, view, Ledger(path=Path(spec.state_dir) / node / "health.json", readonly=True), now)
-    return after_claims(spec, observed, view, now, planmod.plan(spec, observed, view, now))
-
-
 def with_health(spec: specmod.Spec, observed: Observed, view: ClusterView, ledger: Ledger, now: float) -> Observed:
     """What the agent's observer adds for health (issue 16): the failures and bans in the
     node's ledger, and its probes as the node last published them (the running agent holds
@@ -117,45 +105,11 @@ def owned_here(spec: specmod.Spec, observed: Observed, view: ClusterView, held: 
     return attrs.evolve(observed, entries=entries)
 
 
-def after_claims(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float, first: planmod.Plan) -> planmod.Plan:
-    """Append what this node would do once its claims and takeovers are won.
-
-    Winning a claim is one round and starting the entries the next, milliseconds later;
-    showing only the claim would hide every mount, address and process it leads to.
-    """
-    won = {a.group: a for a in first.actions if a.kind in ("claim", "takeover")}
-    if not won:
-        return first
-    claims = dict(view.claims)
-    for g, a in won.items():
-        claims[g] = Claim(group=g, node=view.node, generation=a.claim.generation + 1 if a.claim else 1)
-    second = planmod.plan(spec, observed, attrs.evolve(view, claims=claims, stale_claims=frozenset()), now)
-    then = tuple(
-        attrs.evolve(a, reason=f"once {a.group} is claimed: {a.reason}")
-        for a in second.actions
-        if a.group in won and a.kind not in ("claim", "takeover", "release")
-    )
-    return attrs.evolve(first, actions=first.actions + then)
-
-
-def plan_doc(plan: planmod.Plan, node: str) -> dict:
-    """The plan as `reconcile --dry-run` shows it: its text and its --json are both made from this."""
-    return {
-        "node": node,
-        "converged": plan.empty,
-        "actions": [
-            {"kind": a.kind, "group": a.group, "tag": a.tag, "reason": a.reason, "urgent": a.urgent, "describe": a.describe()}
-            for a in plan.actions
-        ],
-        "notes": dict(plan.notes),
-    }
-
-
 # --- the whole transition (decide/simulate.py) ------------------------------------------------
 
 
 async def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = (), *,
-                      member_only: bool = False) -> tuple[simulation.Cluster, float]:
+                      member_only: bool = False) -> tuple[simulation.ClusterState, float]:
     """(the cluster as it stands, now): this node as the agent would observe it, every live
     peer as its published status says (what runs there, its tests, its bans), the claims;
     the nodes in `down` and those already dead run nothing (their keepers stopped it).
@@ -173,7 +127,7 @@ async def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = (),
         if n == node or n in down or not view.alive(n, now, t.dead_after) or m.heartbeat is None:
             continue
         nodes[n] = peer_observed(spec, n, m.heartbeat.status)
-    return simulation.Cluster(observed=nodes, claims=dict(view.claims), down=frozenset(down),
+    return simulation.ClusterState(observed=nodes, claims=dict(view.claims), down=frozenset(down),
                               unclaimed_since=dict(view.unclaimed_since)), now
 
 

@@ -2,7 +2,7 @@
 succeeds (as crm_simulate -S does) -- what `reconcile --dry-run`, `--node-down` and
 `reconcile apply --dry-run` show.
 
-Pure, like plan(): the caller hands in the spec, what each node runs (`Cluster.observed`: this
+Pure, like plan(): the caller hands in the spec, what each node runs (`ClusterState.observed`: this
 node's from its own observation, the peers' from their published statuses), the claims, the
 nodes taken as dead, and `now`. Then, round by round, every live node (sorted by name) plans
 with the cluster as it stands -- its view built from the others' simulated published statuses,
@@ -39,7 +39,7 @@ _PASSED_FOR_GOOD = _FOREVER  # a simulated test's `since`: no retest falls due
 
 
 @attrs.frozen
-class Cluster:
+class ClusterState:
     """The cluster as the simulation starts from (and as each step leaves it)."""
 
     observed: Mapping[str, Observed]  # every live node the simulation runs: what runs there
@@ -59,7 +59,7 @@ class Step:
 @attrs.frozen
 class Transition:
     steps: tuple[Step, ...]
-    final: Cluster
+    final: ClusterState
     placement: dict[str, tuple[str, ...]]  # group -> the nodes it runs on at the end (sorted)
     converged: bool  # no node plans anything at the end, and no wait is left
     ended: float = 0.0  # the simulated `now` at the end
@@ -70,7 +70,7 @@ class Transition:
     overlaps: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-def simulate(spec: specmod.Spec, start: Cluster, now: float, *, limit: int = STEPS, horizon: float = HORIZON) -> Transition:
+def simulate(spec: specmod.Spec, start: ClusterState, now: float, *, limit: int = STEPS, horizon: float = HORIZON) -> Transition:
     t0 = now
     # A test that passed stays passed: its retest is routine, not part of the transition.
     observed = {n: attrs.evolve(obs, entries={k: attrs.evolve(st, since=_PASSED_FOR_GOOD) if st.state == "passed" else st
@@ -140,7 +140,7 @@ def published(spec: specmod.Spec, obs: Observed) -> NodeStatus:
     return NodeStatus(groups=groups)
 
 
-def _view(spec: specmod.Spec, cluster: Cluster, node: str, now: float, t0: float) -> ClusterView:
+def _view(spec: specmod.Spec, cluster: ClusterState, node: str, now: float, t0: float) -> ClusterView:
     """`node`'s view: every other simulated node alive and
     publishing its simulated status; the nodes taken down silent since t0 - dead_after."""
     dead_after = spec.cluster.timing.dead_after
@@ -159,7 +159,7 @@ def _view(spec: specmod.Spec, cluster: Cluster, node: str, now: float, t0: float
 # --- applying one action as if it succeeded ---------------------------------------------------
 
 
-def _apply(spec: specmod.Spec, cluster: Cluster, node: str, a: Action, now: float) -> Cluster:
+def _apply(spec: specmod.Spec, cluster: ClusterState, node: str, a: Action, now: float) -> ClusterState:
     obs = cluster.observed[node]
     claims = dict(cluster.claims)
     unclaimed = dict(cluster.unclaimed_since)
@@ -190,7 +190,7 @@ def _apply(spec: specmod.Spec, cluster: Cluster, node: str, a: Action, now: floa
         unclaimed[a.group] = now
     observed = dict(cluster.observed)
     observed[node] = attrs.evolve(obs, entries=states)
-    return Cluster(observed=observed, claims=claims, down=cluster.down, unclaimed_since=unclaimed)
+    return ClusterState(observed=observed, claims=claims, down=cluster.down, unclaimed_since=unclaimed)
 
 
 def _level(spec: specmod.Spec, group: str) -> str:
@@ -198,7 +198,7 @@ def _level(spec: specmod.Spec, group: str) -> str:
     return g.runlevel if g is not None else ""
 
 
-def _placement(spec: specmod.Spec, cluster: Cluster) -> dict[str, tuple[str, ...]]:
+def _placement(spec: specmod.Spec, cluster: ClusterState) -> dict[str, tuple[str, ...]]:
     """group -> the nodes where something of it runs (its leading tests aside)."""
     names = set(spec.groups) | {g for obs in cluster.observed.values() for g, _ in obs.entries}
     out = {}
@@ -209,7 +209,7 @@ def _placement(spec: specmod.Spec, cluster: Cluster) -> dict[str, tuple[str, ...
     return out
 
 
-def _overlaps(spec: specmod.Spec, cluster: Cluster, group: str) -> list[tuple[str, tuple[str, ...]]]:
+def _overlaps(spec: specmod.Spec, cluster: ClusterState, group: str) -> list[tuple[str, tuple[str, ...]]]:
     """[(group, the nodes it runs on)] if it runs on more than one (only `group` can have
     changed by one action)."""
     g = spec.groups.get(group)

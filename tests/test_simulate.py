@@ -171,3 +171,19 @@ def test_the_simulation_terminates_converged_plans_nothing_after_and_never_runs_
         wanted = g.runlevel != STOP and any(e.active_at(g.runlevel) and e.mode in ("respawn", "once") for e in g.entries)
         if wanted and can and not any(e.active_at(g.runlevel) and e.mode == "off" for e in g.entries):
             assert tr.final.claims.get(g.name) is not None and tr.final.claims[g.name].node in can, (g, tr.final.claims)
+
+
+def test_what_is_under_way_is_taken_as_done_and_an_unhealthy_entry_is_restarted_once():
+    from reconciler.model import Probe
+    from reconciler.spec import Health
+
+    web = attrs.evolve(WEB, entries=(E("fit", "test"), E("prep", "wait"), E("db", health=Health(command=("true",))), E("app")))
+    start = converged_on_n1()
+    n1 = start.observed["n1"]
+    entries = dict(n1.entries)
+    entries[("web", "app")] = EntryState(group="web", tag="app", state="stopping", pid=11)
+    sick = {("web", "db"): Probe(pid=10, failures=5, result="fail", message="refused")}
+    start = attrs.evolve(start, observed={**start.observed, "n1": attrs.evolve(n1, entries=entries, probes=sick)})
+    tr = sim.simulate(spec_of(web), start, NOW)
+    assert steps(tr) == [("n1", "restart", "db"), ("n1", "start", "app")], steps(tr)
+    assert tr.converged and tr.placement == {"web": ("n1",)}

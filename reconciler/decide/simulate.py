@@ -72,9 +72,7 @@ class Transition:
 
 def simulate(spec: specmod.Spec, start: ClusterState, now: float, *, limit: int = STEPS, horizon: float = HORIZON) -> Transition:
     t0 = now
-    # A test that passed stays passed: its retest is routine, not part of the transition.
-    observed = {n: attrs.evolve(obs, entries={k: attrs.evolve(st, since=_PASSED_FOR_GOOD) if st.state == "passed" else st
-                                             for k, st in obs.entries.items()})
+    observed = {n: attrs.evolve(obs, entries={k: _settled(spec, st) for k, st in obs.entries.items()})
                 for n, obs in start.observed.items()}
     cluster = attrs.evolve(start, observed=observed, unclaimed_since={
         **{g: now for g in spec.groups if g not in start.claims}, **start.unclaimed_since})
@@ -124,6 +122,20 @@ def simulate(spec: specmod.Spec, start: ClusterState, now: float, *, limit: int 
     where = _placement(spec, cluster)
     return Transition(steps=tuple(steps), final=cluster, placement=where, converged=not stopped, stopped=stopped, ended=now,
                       notes=notes, first_notes=first_notes or {}, overlaps=tuple(dict.fromkeys(overlaps)))
+
+
+def _settled(spec: specmod.Spec, st: EntryState) -> EntryState:
+    """An entry as the simulation starts from it: what is under way is taken as done (a
+    stop as stopped, a test that runs as passed, a `wait` that runs as done), and a test that
+    passed stays passed (its periodic re-run is routine, not part of the transition)."""
+    e = spec.entry(st.group, st.tag)
+    if st.state == "stopping":
+        return attrs.evolve(st, state="stopped", pid=None)
+    if st.state == "running" and e is not None and e.kind == "process" and e.mode in ("test", "wait"):
+        return attrs.evolve(st, state="passed" if e.mode == "test" else "done", pid=None, since=_PASSED_FOR_GOOD)
+    if st.state == "passed":
+        return attrs.evolve(st, since=_PASSED_FOR_GOOD)
+    return st
 
 
 # --- one node's view of the simulated cluster ------------------------------------------------
@@ -188,8 +200,11 @@ def _apply(spec: specmod.Spec, cluster: ClusterState, node: str, a: Action, now:
     elif a.kind == "release":
         claims.pop(a.group, None)
         unclaimed[a.group] = now
+    probes = obs.probes
+    if a.kind in ("start", "restart", "stop") and key in probes:
+        probes = {k: v for k, v in probes.items() if k != key}  # a new process starts with no probe result
     observed = dict(cluster.observed)
-    observed[node] = attrs.evolve(obs, entries=states)
+    observed[node] = attrs.evolve(obs, entries=states, probes=probes)
     return ClusterState(observed=observed, claims=claims, down=cluster.down, unclaimed_since=unclaimed)
 
 

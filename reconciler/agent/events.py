@@ -137,7 +137,7 @@ class History:
             if t is not None:
                 t.fence, t.fenced_at = outcome.seconds, time.monotonic()
             result = "ok" if outcome.ok else f"failed: {outcome.message}"
-            self.record("fence-result", group, f"fence {t.owner if t else ''}: {result} ({outcome.seconds:.2f}s)".replace("  ", " "))
+            self.record("fence-result", group, f"fence {t.owner if t else 'the owner'}: {result} ({outcome.seconds:.2f}s)")
 
         def on_taken_over(group, claim):
             taken_over(group, claim)
@@ -152,7 +152,6 @@ class History:
         return attrs.evolve(events, fenced=on_fenced, taken_over=on_taken_over, done=on_done)
 
     def _done(self, a: Action, ok: bool, message: str) -> None:
-        said = f" ({message})" if message else ""
         if a.kind == "claim" and ok:
             self.record("claim", a.group, f"{a.reason}: {message}")
         elif a.kind == "release" and ok:

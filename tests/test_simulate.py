@@ -164,7 +164,7 @@ def test_the_simulation_terminates_converged_plans_nothing_after_and_never_runs_
     again = sim.simulate(spec, tr.final, tr.ended)
     assert again.steps == () and again.converged
     for node, obs in tr.final.observed.items():
-        assert planmod.plan(spec, obs, sim._view(spec, tr.final, node, tr.ended, NOW), tr.ended).empty
+        assert planmod.plan(spec, obs, sim._view(spec, tr.final, node, tr.ended, NOW, {}), tr.ended).empty
     # What should run, runs (where a live node may run it).
     for g in spec.groups.values():
         can = [n for n in start.observed if not g.nodes or n in g.nodes]

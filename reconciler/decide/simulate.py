@@ -31,7 +31,7 @@ from reconciler.decide.intent import Action
 from reconciler.model import Claim, ClusterView, EntryState, Heartbeat, Member, Observed
 from reconciler.published import GroupStatus, NodeStatus
 
-STEPS = 10_000  # actions at most; a transition longer than that is cut short (said in `stopped`)
+STEPS = 100_000  # actions at most; a transition longer than that is cut short (said in `stopped`)
 HORIZON = 86400.0  # seconds: a wait longer than this is not simulated (said in `stopped`)
 IDLE_WAKES = 100  # waits in a row that change nothing: the simulation stops (said in `stopped`)
 _FOREVER = float("inf")
@@ -81,12 +81,13 @@ def simulate(spec: specmod.Spec, start: ClusterState, now: float, *, limit: int 
     stopped = ""
     first_notes: dict[str, dict[str, str]] | None = None
     idle = 0  # waits in a row after which nothing acted
+    beats: dict[str, tuple[Observed, Heartbeat]] = {}  # node -> (what it runs, its heartbeat as published for that)
     while True:
         acted = False
         wake: float | None = None
         notes: dict[str, dict[str, str]] = {}
         for node in sorted(cluster.observed):
-            p = planmod.plan(spec, cluster.observed[node], _view(spec, cluster, node, now, t0), now)
+            p = planmod.plan(spec, cluster.observed[node], _view(spec, cluster, node, now, t0, beats), now)
             notes[node] = dict(p.notes)
             if p.wake_at is not None and (wake is None or p.wake_at < wake):
                 wake = p.wake_at
@@ -152,7 +153,8 @@ def published(spec: specmod.Spec, obs: Observed) -> NodeStatus:
     return NodeStatus(groups=groups)
 
 
-def _view(spec: specmod.Spec, cluster: ClusterState, node: str, now: float, t0: float) -> ClusterView:
+def _view(spec: specmod.Spec, cluster: ClusterState, node: str, now: float, t0: float,
+          beats: dict[str, tuple[Observed, Heartbeat]]) -> ClusterView:
     """`node`'s view: every other simulated node alive and
     publishing its simulated status; the nodes taken down silent since t0 - dead_after."""
     dead_after = spec.cluster.timing.dead_after
@@ -161,7 +163,12 @@ def _view(spec: specmod.Spec, cluster: ClusterState, node: str, now: float, t0: 
         if n != node:
             # A simulated peer never dies: its heartbeat advances for ever (last_change inf:
             # alive at any `now`, and the wake-up to look at its liveness again never falls due).
-            members[n] = Member(name=n, last_change=_FOREVER, heartbeat=Heartbeat(node=n, counter=1, status=published(spec, obs)))
+            # (`beats` memoises each node's heartbeat while what it runs is the same object:
+            # one per change, not one per peer per plan; placement's memo keys on it too)
+            beat = beats.get(n)
+            if beat is None or beat[0] is not obs:
+                beat = beats[n] = (obs, Heartbeat(node=n, counter=1, status=published(spec, obs)))
+            members[n] = Member(name=n, last_change=_FOREVER, heartbeat=beat[1])
     for n in cluster.down:
         # "Just died" at the start, as the dry run of one node has always shown it.
         members[n] = Member(name=n, last_change=t0 - dead_after, up=False)

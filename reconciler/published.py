@@ -9,7 +9,11 @@ the wrong type or a name that is not a valid name is refused (`StatusError`, one
 the field path, e.g. `status.groups.web.entries.db.state`), and the store skips that status
 like any other malformed entry (reconciler/store/records.py).
 
-Pure: no I/O; only the values, their (un)structuring and the JSON text.
+The cluster's history (`Event`, appended to the store by every agent: agent/events.py) is
+here too: a node publishes it, the same strict converter reads it back.
+
+Pure: no I/O; only the values, their (un)structuring and the JSON text. (A little over ~400
+lines: one private converter serves every record, and its hooks are shared.)
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ _T = TypeVar("_T")
 _Hook = Callable[[Any, Any], Any]
 
 __all__ = [
-    "EMPTY", "EntryStatus", "GroupStatus", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision", "StatusError", "dumps",
-    "loads", "revision_dumps", "revision_loads",
+    "EMPTY", "EntryStatus", "Event", "GroupStatus", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision", "StatusError",
+    "dumps", "event_dumps", "event_loads", "loads", "revision_dumps", "revision_loads",
 ]
 
 
@@ -108,6 +112,9 @@ class NodeStatus:
     members: dict[str, MemberStatus] = attrs.field(factory=dict)
     eligible_groups: tuple[str, ...] = ()  # sorted: the groups whose tests passed here
     groups: dict[str, GroupStatus] = attrs.field(factory=dict)
+    # Events of the cluster's history this node dropped since its start (the store was slow
+    # or down: agent/events.py). Left out of the record while 0, so older versions read it.
+    events_dropped: int = 0
 
 
 EMPTY = NodeStatus()  # a node that published no status (yet), or one that did not parse
@@ -137,6 +144,22 @@ class SpecRevision:
     node: str = ""  # who published it (a node name, or "cli@HOST" for a command)
     wall: float = 0.0  # the publisher's wall time (for people: `reconcile history`)
     summary: str = ""  # one line: what changed against the revision before it
+
+
+@attrs.frozen
+class Event:
+    """One thing that happened in the cluster, as the node it happened on tells it (the
+    store's history: `reconcile events`). Written once, never changed."""
+
+    wall: float  # the writer's wall clock (for people; ordering is `seq`)
+    node: str
+    kind: str  # claim, release, takeover, fence, fence-result, spec-revision, test-failed, backoff, give-up, ban, ...
+    group: str = ""  # "" when it is about no group
+    reason: str = ""  # one line
+    # A takeover's phases in seconds ({"detect", "fence", "claim", "start"}: how long the owner
+    # had been silent when this node decided, fencing, winning the claim, starting the group).
+    phases: dict[str, float] = attrs.field(factory=dict)
+    seq: int = 0  # assigned by the store when appended (0 before): increasing
 
 
 # --- the converter: private, strict --------------------------------------------------------
@@ -260,7 +283,8 @@ _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional
           banned=_bool, banned_until=_optional(_float), cleared=_str)
 _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
-          twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))
+          twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus),
+          events_dropped=_int)
 _register(SpecFile, name=_str, text=_str)
 
 
@@ -288,12 +312,26 @@ def _positive(value: Any, _t: Any = None) -> int:
     return n
 
 
+def _phases(value: Any, _t: Any = None) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise _Bad(f"must be a table, not {_type_name(value)}")
+    out = {}
+    for k, v in value.items():
+        try:
+            out[_str(k)] = _float(v)
+        except _Bad as exc:
+            raise _Bad(str(exc), f".{k}") from None
+    return out
+
+
+_register(Event, wall=_float, node=_str, kind=_str, group=_str, reason=_str, phases=_phases, seq=_int)
 _register(SpecRevision, number=_positive, digest=_str, files=_files, node=_str, wall=_float, summary=_str)
 # An entry carries only what is set (a stopped entry is {"state": "stopped"}), as it always has.
 _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatus, _conv, _cattrs_omit_if_default=True))
 # A group's issue-16 fields only when set: a record without them is what older versions write and read.
 _omitted: dict[str, Any] = {f: override(omit_if_default=True) for f in ("failures", "banned", "banned_until", "cleared")}
 _conv.register_unstructure_hook(GroupStatus, make_dict_unstructure_fn(GroupStatus, _conv, **_omitted))
+_conv.register_unstructure_hook(NodeStatus, make_dict_unstructure_fn(NodeStatus, _conv, events_dropped=override(omit_if_default=True)))
 
 
 def _structure(value: Any, cls: type[_T]) -> _T:
@@ -349,11 +387,26 @@ def revision_dumps(revision: SpecRevision) -> str:
 
 def revision_loads(text: str | bytes) -> SpecRevision:
     """revision_dumps() read back; StatusError (one line, with the field path) if it does not parse."""
+    return _record_loads(text, SpecRevision, "spec revision")
+
+
+def event_dumps(event: Event) -> str:
+    """The text a store keeps for one event (JSON, keys sorted; `seq` too: the store's)."""
+    return json.dumps(_conv.unstructure(event), sort_keys=True, separators=(",", ":"))
+
+
+def event_loads(text: str | bytes) -> Event:
+    """event_dumps() read back; StatusError (one line, with the field path) if it does not parse."""
+    return _record_loads(text, Event, "event")
+
+
+def _record_loads(text: str | bytes, cls: type[_T], what: str) -> _T:
+    """A record's JSON text as a `cls`; StatusError naming `what` and the field path if not."""
     try:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError):
-        raise StatusError("spec revision is not JSON") from None
+        raise StatusError(f"{what} is not JSON") from None
     try:
-        return _structure(doc, SpecRevision)
+        return _structure(doc, cls)
     except _Bad as exc:
-        raise StatusError(f"spec revision{exc.sub}: {exc}") from None
+        raise StatusError(f"{what}{exc.sub}: {exc}") from None

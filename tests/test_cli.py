@@ -121,11 +121,15 @@ def test_dry_run_json_is_the_plan_with_its_reasons(spec):
     p = reconcile("--dry-run", "--json", "--spec", str(spec), "--node", "n1")
     assert p.returncode == 2, p.stderr
     doc = json.loads(p.stdout)
-    assert doc["node"] == "n1" and doc["converged"] is False and doc["notes"] == {}
-    assert [(a["kind"], a["group"], a["tag"]) for a in doc["actions"]] == [("claim", "web", ""), ("start", "web", "server")]
-    assert doc["actions"][0]["reason"] == "unclaimed and this node is candidate 1 of 2"
+    assert doc["node"] == "n1" and doc["converged"] is False and doc["notes"] == {} and doc["stopped"] == ""
+    assert [(a["node"], a["kind"], a["group"], a["tag"]) for a in doc["steps"]] == [("n1", "claim", "web", ""),
+                                                                                    ("n1", "start", "web", "server")]
+    assert doc["steps"][0]["reason"] == "unclaimed and this node is candidate 1 of 2" and doc["steps"][0]["at"] == 0
+    assert doc["state"] == {"web": {"owner": "n1", "runs_on": ["n1"]}, "db": {"owner": None, "runs_on": []}}
     text = reconcile("run", "--dry-run", "--spec", str(spec), "--node", "n1")
-    assert text.stdout.splitlines() == [a["describe"] for a in doc["actions"]]  # one document, two renderings
+    # one document, two renderings: every step (node, time), then the state it leads to
+    assert text.stdout.splitlines() == [f"{a['describe']}  (n1, +0.00s)" for a in doc["steps"]] + [
+        "then:", "  db: runs nowhere", "  web: runs on n1"]
     p = reconcile("--dry-run", "--json", "--spec", str(spec), "--node", "n3")  # db's only node; db is stopped
     assert p.returncode == 0 and json.loads(p.stdout)["converged"] is True, p.stdout
 

@@ -40,18 +40,19 @@ def test_each_group_runs_once_fails_over_and_stays(make_cluster, tmp_path):
         assert len(c.running(g)) == 1
     victim = c.runs_on_one("g1")
     moved = {g for g in ("g2", "g3") if c.runs_on_one(g) == victim}
-    # What would each survivor do if the owner died? Exactly one would take g1 over.
-    takers = []
+    # What would happen if the owner died? Every survivor's dry run shows the whole
+    # transition: exactly one node takes g1 over, the same one seen from each.
+    takers = set()
     for n in c.nodes:
         if n == victim:
             continue
         out = c.nodes[n].run("--dry-run", "--spec", str(c.spec_dir), "--node", n, "--node-down", victim)
-        if any(line.startswith("takeover g1:") for line in out.stdout.splitlines()):
-            takers.append(n)
-            assert out.returncode == 2, out.stdout + out.stderr
-        else:
-            assert "g1: owner " + victim + " is dead; takeover pending" in out.stdout, out.stdout
-    assert len(takers) == 1, takers
+        assert out.returncode == 2, out.stdout + out.stderr
+        takeovers = [line for line in out.stdout.splitlines() if line.startswith("takeover g1:")]
+        assert len(takeovers) == 1, out.stdout
+        takers.add(takeovers[0].rsplit("(", 1)[1].split(",")[0])  # "... (n2, +0.00s)"
+        assert f"  g1: runs on {takers.copy().pop()}" in out.stdout.splitlines(), out.stdout
+    assert len(takers) == 1 and victim not in takers, takers
     converged = c.nodes[victim].run("--dry-run", "--spec", str(c.spec_dir), "--node", victim)
     assert converged.returncode == 0, converged.stdout + converged.stderr
     t0 = time.monotonic()
@@ -59,6 +60,7 @@ def test_each_group_runs_once_fails_over_and_stays(make_cluster, tmp_path):
     new = wait_until(lambda: (n := c.runs_on_one("g1")) and n != victim and n, FAILOVER, what="g1 to fail over")
     took = time.monotonic() - t0
     assert took < FAILOVER
+    assert new in takers  # as the dry run said
     for g in moved:
         wait_until(lambda: (n := c.runs_on_one(g)) and n != victim, FAILOVER, what=f"{g} to fail over")
     owners = {g: c.runs_on_one(g) for g in ("g1", "g2", "g3")}

@@ -9,6 +9,7 @@ namespace, joined by veth links into a bridge in one more namespace; addresses c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -123,6 +124,13 @@ def test_each_group_runs_once_and_fails_over(etcd_cluster3, make_cluster, tmp_pa
     time.sleep(1.5)  # the rejoined node takes nothing back: the time passing is the test
     assert placement(c) == after
     assert took < FAILOVER
+    # The history in etcd (issue 15): the failover of g1 with its phases, read from a survivor.
+    survivor = after["g1"][0]
+    out = c.nodes[survivor].run("events", "--json", "--group", "g1", "--spec", str(c.spec_dir))
+    assert out.returncode == 0, out.stderr
+    told = [json.loads(line) for line in out.stdout.splitlines()]
+    takeover = [e for e in told if e["kind"] == "takeover"]
+    assert [e["node"] for e in takeover] == [survivor] and {"detect", "claim", "start"} <= set(takeover[0]["phases"]), told
 
 
 # --- b. the etcd leader dies while groups run -----------------------------------------------

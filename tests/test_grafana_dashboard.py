@@ -47,6 +47,8 @@ METRICS = frozenset(
         "reconciler_entry_unhealthy",
         "reconciler_group_banned",
         "reconciler_bans_total",
+        # issue 15: the cluster's history
+        "reconciler_events_total",
     }
 )
 HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds", "reconciler_probe_duration_seconds"})

@@ -41,6 +41,7 @@ class Events:
     fenced: Callable[[str, fencemod.Outcome], None] = lambda group, outcome: None
     taken_over: Callable[[str, Claim], None] = lambda group, claim: None
     claim_attempt: Callable[[str, bool], None] = lambda group, won: None  # every store.claim answer
+    done: Callable[[Action, bool, str], None] = lambda a, ok, message: None  # what the log line says (agent/events.py)
 
 
 class Executor:
@@ -97,6 +98,7 @@ class Executor:
                      logging.WARNING if not ok or a.reason.startswith("gave up:") else logging.INFO)
             log.log(level, "%s -> %s%s", a.describe(), result, f" ({msg})" if msg else "",
                     extra={"group": a.group, "tag": a.tag, "node": self.node, "reason": a.reason, "result": result})
+            self.events.done(a, ok, msg)
             if not ok:
                 return
 

@@ -1,11 +1,13 @@
-"""`reconcile --dry-run`: what this node's agent would do now, executing nothing.
+"""`reconcile --dry-run`: what the cluster would do from now on, executing nothing.
 
 It observes exactly what the agent observes (the recorded processes, checked against the
 kernel; mounts; addresses), looks at the store as `reconcile status` does to see which
-peers are alive (cluster/survey.py), and calls the same pure `plan`. Whose a mount or address is comes from the same rule
-as the agent's (decide/ownership.py), given what the running agent's resource book lists
+peers are alive and what they run (cluster/survey.py), and hands that to the pure simulator
+(decide/simulate.py), which calls the same `plan` for every node until nothing is left to do,
+each action taken as succeeding. Whose a mount or address is comes from the same rule as the
+agent's (decide/ownership.py), given what the running agent's resource book lists
 (resources.json; nothing when no agent ran). `--node-down NODE` shows what would happen if
-those nodes died: the decentralised counterpart of Pacemaker's crm_simulate.
+those nodes died: the decentralised counterpart of Pacemaker's crm_simulate -S.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from pathlib import Path
 import attrs
 
 from reconciler import spec as specmod
-from reconciler.decide import plan as planmod
 from reconciler.act import book as bookmod
 from reconciler.act import process, resources
 from reconciler.act.ledger import Ledger
 from reconciler.model import Probe
 from reconciler.decide import ownership
+from reconciler.decide import simulate as simulation
 from reconciler.observe import EntryState, Observed
-from reconciler.store import Claim, ClusterView, Member
+from reconciler.store import ClusterView, Member
 from reconciler.cluster import hpc as hpcmod
 from reconciler.cluster import liveness, survey
 
@@ -71,15 +73,6 @@ async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> 
     return attrs.evolve(view, members=members, unclaimed_since={g: now for g in view.unclaimed_since})
 
 
-def simulate(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> planmod.Plan:
-    observed = observe(spec, node)
-    view = asyncio.run(cluster_view(spec, node, down))
-    observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
-    now = time.monotonic()
-    observed = with_health(spec, observed, view, Ledger(path=Path(spec.state_dir) / node / "health.json", readonly=True), now)
-    return after_claims(spec, observed, view, now, planmod.plan(spec, observed, view, now))
-
-
 def with_health(spec: specmod.Spec, observed: Observed, view: ClusterView, ledger: Ledger, now: float) -> Observed:
     """What the agent's observer adds for health (issue 16): the failures and bans in the
     node's ledger, and its probes as the node last published them (the running agent holds
@@ -112,35 +105,99 @@ def owned_here(spec: specmod.Spec, observed: Observed, view: ClusterView, held: 
     return attrs.evolve(observed, entries=entries)
 
 
-def after_claims(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float, first: planmod.Plan) -> planmod.Plan:
-    """Append what this node would do once its claims and takeovers are won.
-
-    Winning a claim is one round and starting the entries the next, milliseconds later;
-    showing only the claim would hide every mount, address and process it leads to.
-    """
-    won = {a.group: a for a in first.actions if a.kind in ("claim", "takeover")}
-    if not won:
-        return first
-    claims = dict(view.claims)
-    for g, a in won.items():
-        claims[g] = Claim(group=g, node=view.node, generation=a.claim.generation + 1 if a.claim else 1)
-    second = planmod.plan(spec, observed, attrs.evolve(view, claims=claims, stale_claims=frozenset()), now)
-    then = tuple(
-        attrs.evolve(a, reason=f"once {a.group} is claimed: {a.reason}")
-        for a in second.actions
-        if a.group in won and a.kind not in ("claim", "takeover", "release")
-    )
-    return attrs.evolve(first, actions=first.actions + then)
+# --- the whole transition (decide/simulate.py) ------------------------------------------------
 
 
-def plan_doc(plan: planmod.Plan, node: str) -> dict:
-    """The plan as `reconcile --dry-run` shows it: its text and its --json are both made from this."""
+async def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = (), *,
+                      member_only: bool = False) -> tuple[simulation.ClusterState, float]:
+    """(the cluster as it stands, now): this node as the agent would observe it, every live
+    peer as its published status says (what runs there, its tests, its bans), the claims;
+    the nodes in `down` and those already dead run nothing (their keepers stopped it).
+    `member_only`: this node takes part only if an agent runs here (`apply --dry-run` from
+    a machine that may be no member); else it is taken as about to run one."""
+    observed = observe(spec, node)
+    view = await cluster_view(spec, node, down)
+    observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
+    now = time.monotonic()
+    observed = with_health(spec, observed, view, Ledger(path=Path(spec.state_dir) / node / "health.json", readonly=True), now)
+    t = spec.cluster.timing
+    here = view.lease_until == float("inf")  # cluster_view: an agent runs here and renews
+    nodes = {} if node in down or (member_only and not here) else {node: observed}
+    for n, m in view.members.items():
+        if n == node or n in down or not view.alive(n, now, t.dead_after) or m.heartbeat is None:
+            continue
+        nodes[n] = peer_observed(spec, n, m.heartbeat.status)
+    return simulation.ClusterState(observed=nodes, claims=dict(view.claims), down=frozenset(down),
+                              unclaimed_since=dict(view.unclaimed_since)), now
+
+
+def peer_observed(spec: specmod.Spec, node: str, status) -> Observed:
+    """A peer's entries and bans as its published status tells them."""
+    entries = {}
+    bans = {}
+    for gname, gs in status.groups.items():
+        for tag, es in gs.entries.items():
+            e = spec.entry(gname, tag)
+            if es.state != "stopped":
+                entries[(gname, tag)] = EntryState(group=gname, tag=tag, kind=e.kind if e is not None else "process",
+                                                   state=es.state, pid=es.pid)
+        if gs.banned:
+            bans[gname] = float("inf")
+    return Observed(node=node, entries=entries, bans=bans)
+
+
+def transition(spec: specmod.Spec, node: str, down: tuple[str, ...] = ()) -> simulation.Transition:
+    """The whole transition from the cluster as it stands to `spec`, every node's plan
+    simulated to convergence (`reconcile --dry-run`)."""
+    cluster, now = asyncio.run(start_state(spec, node, down))
+    return simulation.simulate(spec, cluster, now)
+
+
+async def edit_transition(new: specmod.Spec, old: specmod.Spec | None, node: str) -> list[str]:
+    """What `reconcile apply --dry-run` adds: the transition the cluster would make from how
+    it runs `old` (the store's revision; None: none yet) to `new`, as text."""
+    cluster, now = await start_state(old or new, node, member_only=True)
+    if not cluster.observed:
+        return ["no agent runs: nothing happens until one starts"]
+    return render_transition(transition_doc(simulation.simulate(new, cluster, now), node))
+
+
+def transition_doc(tr: simulation.Transition, node: str) -> dict:
+    """The transition as `reconcile --dry-run` shows it: its text and its --json are both made from this."""
     return {
         "node": node,
-        "converged": plan.empty,
-        "actions": [
-            {"kind": a.kind, "group": a.group, "tag": a.tag, "reason": a.reason, "urgent": a.urgent, "describe": a.describe()}
-            for a in plan.actions
+        "converged": not tr.steps,  # nothing to do now anywhere
+        "steps": [
+            {"node": s.node, "at": round(s.at, 3), "kind": s.action.kind, "group": s.action.group, "tag": s.action.tag,
+             "reason": s.action.reason, "urgent": s.action.urgent, "describe": s.action.describe()}
+            for s in tr.steps
         ],
-        "notes": dict(plan.notes),
+        "notes": dict(tr.first_notes.get(node, {})),  # why this node does nothing yet about these groups
+        # why each group that ends up running nowhere does: every node's last word on it
+        "pending": {g: {n: notes[g] for n, notes in sorted(tr.notes.items()) if g in notes}
+                    for g, nodes in tr.placement.items() if not nodes},
+        "state": {g: {"runs_on": list(nodes), "owner": tr.final.claims[g].node if g in tr.final.claims else None}
+                  for g, nodes in tr.placement.items()},
+        "stopped": tr.stopped,
     }
+
+
+def render_transition(doc: dict) -> list[str]:
+    """The text of `reconcile --dry-run`: every step (with its node and simulated time), this
+    node's notes, then the resulting state."""
+    lines = []
+    if doc["converged"]:
+        lines.append(f"{doc['node']}: converged, nothing to do")
+    for s in doc["steps"]:
+        lines.append(("URGENT " if s["urgent"] else "") + f"{s['describe']}  ({s['node']}, +{s['at']:.2f}s)")
+    for g, note in doc["notes"].items():
+        lines.append(f"  ({g}, now: {note})" if doc["steps"] else f"  ({g}: {note})")
+    if doc["steps"]:
+        lines.append("then:" if not doc["stopped"] else f"then (cut short: {doc['stopped']}):")
+        for g, st in doc["state"].items():
+            where = f"runs on {', '.join(st['runs_on'])}" if st["runs_on"] else "runs nowhere"
+            owner = f" (claimed by {st['owner']})" if st["owner"] and st["owner"] not in st["runs_on"] else ""
+            lines.append(f"  {g}: {where}{owner}")
+            for n, note in doc["pending"].get(g, {}).items():
+                lines.append(f"    {n}: {note}")
+    return lines

@@ -43,6 +43,7 @@ from reconciler.act.book import ResourceBook
 from reconciler.act.ledger import Ledger
 from reconciler.observe.events import KernelEvents
 from reconciler.observe.probes import Prober
+from reconciler.agent.events import History
 from reconciler.agent.metrics import Metrics
 from reconciler.agent.narrator import Narrator
 from reconciler.agent.specsync import SpecSync
@@ -127,6 +128,9 @@ class Agent:
         # The executor's events are metrics', except that a claim won or ended goes straight to
         # the cluster watch (the view shows it before the next read).
         events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.watch.set_claim)
+        # The cluster's history (agent/events.py): told by the executor's results, appended by a task of its own.
+        self.history = History(self.node, on_appended=self.metrics.events_appended, on_dropped=self.metrics.events_dropped)
+        events = self.history.wrap(events)
         self.executor = executormod.Executor(
             node=self.node, supervisor=self.supervisor, store=self.store, resources=resources, book=self.book, events=events,
             ledger=self.ledger,
@@ -212,14 +216,15 @@ class Agent:
         )
         await asyncio.to_thread(self.renewer.beat)
         self.specsync = SpecSync(spec_path=self.spec_path, node_file=self.node_file, node=self.node, store=self.store,
-                                 node_dir=self.node_dir, local=self.local, running=lambda: self.spec)
+                                 node_dir=self.node_dir, local=self.local, running=lambda: self.spec,
+                                 published=lambda rev: self.history.record("spec-revision", "", f"revision {rev.number} published: {rev.summary}"))
         if self.view.store_ok:
             # Before the first pass: a node whose files are older than the cluster's spec
             # must not plan with them, not even once.
             self._sync_head = self.view.spec_revision
             self._adopt(await self.specsync.step(self._sync_head))
         self.upkeep.start_keeper()
-        tasks = []
+        tasks = [asyncio.create_task(self.history.run(self.store), name="history")]
         self.renewer.start()
         if type(self.store).wait is not Store.wait:  # the backend can tell of changes (etcd)
             tasks.append(asyncio.create_task(renewal.relay_changes(self.store, self.renewer.nudge, timing=self._timing),
@@ -231,6 +236,7 @@ class Agent:
             return await self._main()
         finally:
             self.watch_stop.set()
+            await self.history.drain(0.5)  # (a clean exit's releases; a hung store costs half a second)
             await asyncio.to_thread(self.renewer.stop)
             log.debug("exit: waiting for %s", [t.get_name() for t in tasks])
             # Cancel until they are done: Python 3.11's asyncio.wait_for swallows a cancel
@@ -327,6 +333,7 @@ class Agent:
             if c.node == self.node:
                 try:
                     await self.store.release(c)
+                    self.history.record("release", g, "the agent stops")
                 except StoreError as exc:
                     log.warning("could not release %s: %s", g, exc)
 
@@ -351,18 +358,21 @@ class Agent:
                 for a in actions:
                     if a.kind == "takeover" and a.claim is not None:
                         self.metrics.takeover_dispatched(group, a.claim.generation, view.stalled_for(a.claim.node, now))
+                        self.history.dispatched(a, view.stalled_for(a.claim.node, now))
                 running = self.busy.get(group)
                 if running is not None:
                     running.cancel()  # only urgent actions reach a busy group: preempt it
                 claim = view.claims.get(group)
                 gen = claim.generation if claim is not None and claim.node == self.node else None
                 self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
+            self.history.observed(spec, observed, p, self.busy, now)
             self.supervisor.save()
             self.book.save()  # observation may have adopted or dropped some
             state_errors = tuple(e for e in (self.supervisor.save_error, self.lease.file_error) if e)
             doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.specsync.error, digest=self._digest(spec),
                                         state_errors=state_errors, spec_revision=self.specsync.revision,
-                                        restarts=self.executor.restart_reasons, cleared=self.ledger.cleared)
+                                        restarts=self.executor.restart_reasons, cleared=self.ledger.cleared,
+                                        events_dropped=self.history.dropped)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
             self.metrics.tick(  # (the spec as loaded: while stopping, `spec` says runlevel stop)

@@ -51,6 +51,8 @@ class Metrics:
             "reconciler_failover_phase_seconds", "Duration of each failover phase: detect, fence, start.", L + ["phase"],
             registry=r, buckets=PHASE_BUCKETS,
         )
+        self.events = prom.Counter("reconciler_events", "Events of the cluster's history by result (appended to the store, or dropped).",
+                                   L + ["result"], registry=r)
         self.fence = prom.Counter("reconciler_fence", "Fence hook runs by result.", L + ["result"], registry=r)
         self.spec_valid = prom.Gauge("reconciler_spec_valid", "1 if the last spec load succeeded.", L, registry=r)
         self.reloads = prom.Counter("reconciler_spec_reloads", "Spec loads by result.", L + ["result"], registry=r)
@@ -116,6 +118,8 @@ class Metrics:
             self.claims.labels(node, res)
         for res in ("ok", "failed"):
             self.fence.labels(node, res)
+        for res in ("appended", "dropped"):
+            self.events.labels(node, res)
         self.twin.labels(node).set(0)
         self.skipped.labels(node)
 
@@ -278,6 +282,12 @@ class Metrics:
             action=action, retry=lambda kind: self.retries.labels(n, kind).inc(), fenced=fenced, taken_over=taken_over,
             claim_attempt=lambda group, won: self.claim_attempt(won),
         )
+
+    def events_appended(self, n: int) -> None:
+        self.events.labels(self.node, "appended").inc(n)
+
+    def events_dropped(self, n: int) -> None:
+        self.events.labels(self.node, "dropped").inc(n)
 
     def detected(self, seconds: float) -> None:
         self.phase.labels(self.node, "detect").observe(seconds)

@@ -44,6 +44,7 @@ class NodeRow:
     store_skipped: tuple[str, ...]
     revision: int = 0  # the cluster spec revision it runs (0: its local files)
     behind: bool = False  # live, and running an older revision than the store's current one
+    events_dropped: int = 0  # events of the history it could not append (agent/events.py)
 
 
 @attrs.frozen
@@ -245,6 +246,8 @@ def render(doc: Overview, *, now: float) -> str:
         lines.extend(f"  local state: {e}" for e in n.state_errors)
         if n.store_skipped:
             lines.append(f"  store entries skipped: {', '.join(n.store_skipped[:10])}")
+        if n.events_dropped:
+            lines.append(f"  history: {n.events_dropped} events dropped (the store was slow or down: `reconcile events` has gaps)")
     lines = table(("NODE", "LIVE", "HEARTBEAT", "SPEC"), node_rows)
     out.append(lines[0])
     for line, name in zip(lines[1:], doc.nodes):

@@ -75,7 +75,7 @@ async def diff(store: Store, path: str, *, node_file: str | None, local: dict) -
 
 
 async def apply(store: Store, path: str, *, node_file: str | None, local: dict, force: bool, dry_run: bool,
-                base_of: Callable[[specmod.Spec], int | None]) -> tuple[int, list[str]]:
+                base_of: Callable[[specmod.Spec], int | None], node: str = "") -> tuple[int, list[str]]:
     """Publish PATH as the next revision. `base_of(spec)`: the revision an agent on this
     machine last synced PATH with (None: none does): files edited on an older revision than
     the store's are refused unless `force`."""
@@ -85,6 +85,11 @@ async def apply(store: Store, path: str, *, node_file: str | None, local: dict, 
         return 0, [f"{path}: already revision {number}, nothing to apply"]
     out = [f"{path} -> revision {number + 1}:"] + [f"  {c}" for c in lines or ["(layout or comments only)"]]
     if dry_run:
+        from reconciler.agent import dryrun  # (only a dry run simulates: it observes this machine too)
+
+        if node:
+            out += [f"then, as {node} sees the cluster (every node's steps, each taken as succeeding):"]
+            out += [f"  {line}" for line in await dryrun.edit_transition(new, old, node)]
         return 0, out + ["(dry run: nothing applied)"]
     base = base_of(new)
     if base is not None and base != number and not force:

@@ -39,7 +39,8 @@ class SpecSync:
     """Keeps the files at `spec_path` and the cluster spec in `store` in step for `node`."""
 
     def __init__(self, *, spec_path: str, node_file: str | None, node: str, store: Store, node_dir: Path,
-                 local: Mapping[str, Any], running: Callable[[], specmod.Spec]):
+                 local: Mapping[str, Any], running: Callable[[], specmod.Spec],
+                 published: Callable[[SpecRevision], None] = lambda rev: None):
         self.spec_path = spec_path
         self.node_file = node_file  # `--node-file` (a directory spec's node.toml the loader finds itself)
         self.node = node
@@ -47,6 +48,7 @@ class SpecSync:
         self.node_dir = node_dir
         self.local = dict(local)  # this node's local settings, fixed at start (a change needs a restart)
         self._running = running  # the Spec the agent runs now (to summarise and check an edit against)
+        self._published = published  # told of each revision this node publishes (the history: agent/events.py)
         self.revision = 0  # the store revision this node runs (0: none yet, its files)
         self.error = ""  # why the files or the store's revision are not what runs ("": they are)
         self.synced, _path = clusterspec.read_synced(node_dir)
@@ -165,6 +167,7 @@ class SpecSync:
             self.retry = True
             return None
         log.info("spec revision %d published from %s: %s", rev.number, self.spec_path, rev.summary)
+        self._published(rev)
         self._revs[rev.number] = rev
         self._remember(rules.Synced(revision=rev.number, files=local.hash or "", stamp=local.stamp))
         self._clear("")

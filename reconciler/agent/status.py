@@ -44,6 +44,7 @@ def node_status(
     spec_revision: int = 0,
     restarts: Mapping[tuple[str, str], str] = {},
     cleared: Mapping[str, str] = {},
+    events_dropped: int = 0,
 ) -> NodeStatus:
     """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known;
     `restarts`: why the executor last restarted each entry; `cleared`: the id of the last
@@ -112,6 +113,7 @@ def node_status(
         members={n: MemberStatus(alive=view.alive(n, now, spec.cluster.timing.dead_after), up=m.up) for n, m in view.members.items()},
         eligible_groups=tuple(sorted(eligible)),
         groups=groups,
+        events_dropped=events_dropped,
     )
 
 
@@ -152,6 +154,7 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
             store_skipped=hb.status.store_skipped,
             revision=hb.status.spec_revision,
             behind=name in look.advanced and hb.status.spec_revision < snap.spec_revision,
+            events_dropped=hb.status.events_dropped,
         )
     live = [n for n, row in nodes.items() if row.live]
     names = list(spec.groups)

@@ -212,32 +212,29 @@ def setup_logging(fmt: str, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def print_plan(doc: dict) -> None:
-    if doc["converged"]:
-        click.echo(f"{doc['node']}: converged, nothing to do")
-    for a in doc["actions"]:
-        click.echo(("URGENT " if a["urgent"] else "") + a["describe"])
-    for g, note in doc["notes"].items():
-        click.echo(f"  ({g}: {note})")
-
-
 def dry_run(spec_path: str, node: str, down: tuple[str, ...], *, as_json: bool = False) -> NoReturn:
     from reconciler.agent import dryrun
     from reconciler.store import StoreError
 
     spec = spec_to_use(spec_path, explicit=spec_explicit(click.get_current_context()))
     try:
-        plan = dryrun.simulate(spec, node, down)
+        tr = dryrun.transition(spec, node, down)
     except StoreError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"{spec.shown_store_url}: {exc}")
-    doc = dryrun.plan_doc(plan, node)
+    print_transition(dryrun.transition_doc(tr, node), as_json=as_json)
+    sys.exit(0 if not tr.steps else 2)
+
+
+def print_transition(doc: dict, *, as_json: bool) -> None:
+    from reconciler.agent import dryrun
+
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print_plan(doc)
-    sys.exit(0 if plan.empty else 2)
+        for line in dryrun.render_transition(doc):
+            click.echo(line)
 
 
 # Which of the group's options each command reads (any other given is refused, not ignored).
@@ -245,7 +242,7 @@ USES = {"run": {"spec_path", "node", "node_down", "node_file"}, "status": {"spec
         "check": {"spec_path", "node_file"}, "tell": {"spec_path", "node_file"}, "logs": {"spec_path", "node", "node_file"},
         "import": set(), "apply": {"spec_path", "node_file"}, "diff": {"spec_path", "node_file"},
         "history": {"spec_path", "node_file"}, "rollback": {"spec_path", "node_file"},
-        "clear": {"spec_path", "node", "node_file"}}
+        "clear": {"spec_path", "node", "node_file"}, "events": {"spec_path", "node_file"}}
 
 
 @click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -380,8 +377,10 @@ STATUS_NOT_AS_DESIRED = 3  # `status --check`: something is not as desired
 @click.option("--node", default=None, hidden=True, help="ignored: liveness is judged from the store (kept for scripts)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (the same facts)")
 @click.option("--check", is_flag=True, help=f"exit {STATUS_NOT_AS_DESIRED} if anything is not as desired (for scripts and monitoring)")
+@click.option("-w", "--watch", is_flag=True, help="show it again every --interval, in place on a terminal (Ctrl-C ends: exit 0)")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="seconds between two --watch refreshes")
 @click.pass_context
-def status(ctx, spec_path, node, as_json, check) -> None:
+def status(ctx, spec_path, node, as_json, check, watch, interval) -> None:
     """Show every node and every group: liveness, owner, runlevels, state, entries, failed
     tests, and a summary line.
 
@@ -394,7 +393,40 @@ def status(ctx, spec_path, node, as_json, check) -> None:
 
     With --check it exits 3 when a node is not live or a group is not in its desired state
     (degraded, failed, unowned, starting, stopping ...), naming each on stderr.
+
+    With --watch it looks again every --interval seconds, refreshing the screen in place on
+    a terminal (plain repeated output otherwise); an error is shown in place of the status
+    and the watch goes on.
     """
+    if watch:
+        if check or as_json:
+            ctx.fail(f"{'--check' if check else '--json'} is not used with --watch")
+        from reconciler.cli import history
+
+        history.watch(lambda: status_text(ctx, spec_path), interval=interval)
+    if not watch and given(ctx, "interval"):
+        ctx.fail("--interval needs --watch")
+    status_once(ctx, spec_path, as_json=as_json, check=check)
+
+
+def status_text(ctx: click.Context, spec_path: str | None) -> str:
+    """What `reconcile status` prints (for --watch): its text, or its error line."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status_once(ctx, spec_path, as_json=False, check=False)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    text = out.getvalue() + err.getvalue()
+    return text if code == 0 or text else text + f"reconcile: status failed (exit {code})\n"
+
+
+def status_once(ctx: click.Context, spec_path: str | None, *, as_json: bool, check: bool) -> None:
+    """One `reconcile status` (exits only on an error or with --check's finding)."""
     import time
 
     import attrs
@@ -552,3 +584,4 @@ def clear(ctx, group, spec_path, node, timeout) -> None:
 # The cluster spec's commands (tell, apply, diff, history, rollback) live in a module of their
 # own; importing it adds them to `main`.
 from reconciler.cli import clusterspec as _clusterspec  # noqa: E402,F401
+from reconciler.cli import history as _history  # noqa: E402,F401 (`reconcile events`)

@@ -121,7 +121,7 @@ def apply(ctx, path, spec_path, dry, force) -> None:
         return synced.revision
 
     store_op(spec_path, lambda store, local: specops.apply(store, path, node_file=node_file, local=local, force=force,
-                                                           dry_run=dry, base_of=base_of))
+                                                           dry_run=dry, base_of=base_of, node=ctx.obj["node"]))
 
 
 @main.command(epilog=epilog("reconcile diff", "reconcile diff new.toml && echo same"))

@@ -15,6 +15,7 @@ Decisions (who claims, when to break a claim) live in `plan`; backends only do I
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 
 
@@ -41,9 +42,14 @@ class StoreRefused(StoreError):
 
 
 from reconciler.model import Claim, ClusterView, Heartbeat, Member, Snapshot  # noqa: E402,F401
-from reconciler.published import SpecFile, SpecRevision  # noqa: E402,F401
+from reconciler.published import Event, SpecFile, SpecRevision  # noqa: E402,F401
 
 KEEP = 20  # cluster spec revisions a store keeps (history, rollback): the newest KEEP
+# The cluster's history (events_append): a store keeps at most the newest EVENTS_KEEP events
+# and none much older than EVENTS_MAX_AGE seconds; the appender prunes, every PRUNE_EVERY-th seq.
+EVENTS_KEEP = 10_000
+EVENTS_MAX_AGE = 7 * 86400.0
+PRUNE_EVERY = 100
 
 
 class Store(abc.ABC):
@@ -172,6 +178,25 @@ class Store(abc.ABC):
     async def spec_history(self) -> list[SpecRevision]:
         """The revisions kept, newest first (at most KEEP); [] if none. A malformed one is a
         StoreError naming it (as spec_get)."""
+
+    # --- the cluster's history: events (reconciler/published.py: Event) ---------------------
+    # Appended by agents from a queue of their own (agent/events.py), never on the heartbeat's
+    # path; read by `reconcile events` from any node. No lease: the history outlives nodes.
+
+    @abc.abstractmethod
+    async def events_append(self, events: Sequence[Event], *, keep: int = EVENTS_KEEP,
+                            max_age: float = EVENTS_MAX_AGE) -> list[Event]:
+        """Append `events` (their seq is ignored), atomically each: a reader sees an event
+        whole or not at all. Each gets a store-assigned seq larger than every seq appended
+        before it (by any node); returns them with it, in order. Every PRUNE_EVERY-th seq
+        the appender also removes events beyond the newest `keep` and those older than
+        `max_age` seconds (by the store's notion of their age; never the newest)."""
+
+    @abc.abstractmethod
+    async def events_read(self, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        """The oldest `limit` events kept whose seq is larger than `after`, in seq order
+        ([] if none; a store set up by an older version holds none). A malformed one is
+        skipped and counted (skipped_total), as a read skips any entry."""
 
     async def wait(self, timeout: float) -> None:
         """Return when the store may have changed, or after `timeout` seconds.

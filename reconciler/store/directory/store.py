@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from reconciler.published import SpecRevision
-from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
+from reconciler.published import Event, SpecRevision
+from reconciler.store import EVENTS_KEEP, EVENTS_MAX_AGE, Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.directory.claims import Claims
+from reconciler.store.directory.events import Events
 from reconciler.store.directory.heartbeats import Heartbeats
 from reconciler.store.directory.layout import Layout
 from reconciler.store.directory.reader import Reader
@@ -31,6 +33,7 @@ class DirectoryStore(Store):
         self._reader = Reader(self._layout, self._skips)
         self._claims = Claims(self._layout)
         self._specs = Specs(self._layout)
+        self._events = Events(self._layout, self._skips)
         # The heartbeat (publish, read) has a thread of its own: a burst of claims or releases
         # (a node starting or taking over many groups) must not delay the lease renewal.
         self._heartbeat_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -125,3 +128,14 @@ class DirectoryStore(Store):
     async def spec_history(self) -> list[SpecRevision]:
         """Store.spec_history: the files in spec/, newest first (at most KEEP)."""
         return await self._io(self._specs.history)
+
+    # --- the history (events.py) -----------------------------------------------------------
+
+    async def events_append(self, events: Sequence[Event], *, keep: int = EVENTS_KEEP,
+                            max_age: float = EVENTS_MAX_AGE) -> list[Event]:
+        """Store.events_append: one file per event, linked to its seq's name (events.py)."""
+        return await self._io(self._events.append, list(events), keep, max_age)
+
+    async def events_read(self, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Store.events_read: the names of events/ above `after`, each file read."""
+        return await self._io(self._events.read, after, limit)

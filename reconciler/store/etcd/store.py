@@ -9,6 +9,7 @@ Layout under the prefix (default /reconciler; a URL path, etcd://HOST:PORT/ha1, 
     claims/GROUP         "NODE:GENERATION"; created only if absent, bound to the claimer's lease
     generations/GROUP    the last generation handed out for GROUP (no lease: it only grows)
     spec/head, spec/rev/NNNNNNNNNN   the cluster spec's revisions (specs.py; no lease)
+    events/head, events/e/N...       the cluster's history (events.py; no lease)
 
 Each store instance holds one etcd lease (lease.py), kept alive by `publish` (every
 `lease.renew_every` seconds, not every heartbeat). When a node stops renewing, etcd deletes
@@ -39,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,12 +49,13 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler.published import EMPTY, NodeStatus, SpecRevision
+from reconciler.published import EMPTY, Event, NodeStatus, SpecRevision
 from reconciler.spec import redact_url
-from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
+from reconciler.store import EVENTS_KEEP, EVENTS_MAX_AGE, Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.etcd import values
 from reconciler.store.etcd.claims import Claims
 from reconciler.store.etcd.conn import Connection, LeaseGone, put_op
+from reconciler.store.etcd.events import Events
 from reconciler.store.etcd.lease import Lease
 from reconciler.store.etcd.mirror import Mirror
 from reconciler.store.etcd.specs import Specs
@@ -120,6 +123,7 @@ class EtcdStore(Store):
         # (named without credentials: the log shows the endpoints and the prefix only)
         self._skips = records.Skips(f"{parts.scheme}://{','.join(self.endpoints)}{self.prefix}")
         self._mirror = Mirror(self._base, self._skips)
+        self._events = Events(self.conn, self._skips)
         self._written: dict[str, bytes] = {}  # node -> the heartbeat value this store put last
         self._displaced: dict[str, Heartbeat] = {}  # see Snapshot.displaced
 
@@ -392,6 +396,15 @@ class EtcdStore(Store):
     async def spec_history(self) -> list[SpecRevision]:
         """Store.spec_history (Specs.history): one range, newest first."""
         return await self._specs.history()
+
+    async def events_append(self, events: Sequence[Event], *, keep: int = EVENTS_KEEP,
+                            max_age: float = EVENTS_MAX_AGE) -> list[Event]:
+        """Store.events_append (events.py): a transaction per batch on events/head."""
+        return await self._events.append(list(events), keep, max_age)
+
+    async def events_read(self, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        """Store.events_read (events.py): one range over events/e/."""
+        return await self._events.read(after, limit)
 
     # --- renewal off the event loop ---------------------------------------------------------
 

@@ -213,16 +213,16 @@ def _maybe_takeover(
         return _noted(standby, f"owner {owner} is dead; this node is not eligible")
     member = view.members.get(owner)
     down = member is not None and not member.up
-    silent = "down" if down else f"silent for {stalled:.2f}s" if member is not None else "gone from the store (its heartbeat expired)"
+    quiet = f"silent for {stalled:.2f}s" if member is not None else "gone from the store (its heartbeat expired)"
     if g.fence:
         argv = tuple(a.replace("{node}", owner) for a in g.fence)
         if rank == 0 or placement.my_turn(rank, stalled - t.dead_after, t.dead_after):
-            why = f"owner {owner} is {silent}: fence it, then take over"
+            why = f"owner {owner} is {'down' if down else quiet}: fence it, then take over"
             return _Part((Action("takeover", g.name, reason=why, claim=claim, fence=argv),))
     else:
         # Without fencing, only the timing budget guarantees the owner has stopped.
         if stalled >= t.dead_after and placement.my_turn(rank, stalled - t.dead_after, t.dead_after):
-            why = f"owner {owner} {silent} (dead_after {t.dead_after:g}s): its lease has run out"
+            why = f"owner {owner} {quiet} (dead_after {t.dead_after:g}s): its lease has run out"
             return _Part((Action("takeover", g.name, reason=why, claim=claim),))
     member_seen = view.members.get(owner)
     due = (member_seen.last_change if member_seen else now) + t.dead_after * (rank + 1)

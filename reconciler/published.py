@@ -30,8 +30,8 @@ _T = TypeVar("_T")
 _Hook = Callable[[Any, Any], Any]
 
 __all__ = [
-    "EMPTY", "EntryStatus", "GroupStatus", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision", "StatusError", "dumps",
-    "loads", "revision_dumps", "revision_loads",
+    "EMPTY", "EntryStatus", "GroupStatus", "INTENT_KINDS", "Intent", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision",
+    "StatusError", "dumps", "intent_dumps", "intent_loads", "loads", "revision_dumps", "revision_loads",
 ]
 
 
@@ -108,6 +108,11 @@ class NodeStatus:
     members: dict[str, MemberStatus] = attrs.field(factory=dict)
     eligible_groups: tuple[str, ...] = ()  # sorted: the groups whose tests passed here
     groups: dict[str, GroupStatus] = attrs.field(factory=dict)
+    # Issue 15 (left out of the record while empty, so older versions read it): the keys of the
+    # maintenance intents this node last saw (Intent.key), sorted. A peer takes over none of
+    # the groups they cover from this node until it publishes a record without them (it has
+    # then seen maintenance end, and enforces its lease again): docs/design.md, "Maintenance".
+    maintenance: tuple[str, ...] = ()
 
 
 EMPTY = NodeStatus()  # a node that published no status (yet), or one that did not parse
@@ -137,6 +142,42 @@ class SpecRevision:
     node: str = ""  # who published it (a node name, or "cli@HOST" for a command)
     wall: float = 0.0  # the publisher's wall time (for people: `reconcile history`)
     summary: str = ""  # one line: what changed against the revision before it
+
+
+# --- operator intents: what an operator asked of the cluster (reconciler/decide/intents.py) ----
+
+INTENT_KINDS = ("move", "standby", "maintenance")
+
+
+@attrs.frozen
+class Intent:
+    """One operator intent, cluster-wide, in the store: `move` a group to `target`, keep
+    `node` in `standby`, or hold a scope in `maintenance` (the whole cluster, a `group`, or
+    the groups a `node` owns). One per key (Intent.key); put again, it replaces the one
+    there; deleted only as the very instance read (its random `id`)."""
+
+    kind: str  # one of INTENT_KINDS
+    id: str  # random hex, new with every put: the instance a delete names
+    group: str = ""  # move; maintenance of a group
+    node: str = ""  # standby; maintenance of a node's groups
+    target: str = ""  # move: the node it goes to
+    created: float = 0.0  # the writer's wall time (for people and --wait)
+    expires: float | None = None  # move: the writer's wall time it gives up (timed out)
+    who: str = ""  # "cli@HOST" or a node name
+
+    @property
+    def key(self) -> str:
+        """Where it lives: move/GROUP, standby/NODE, maintenance, maintenance/group/GROUP,
+        maintenance/node/NODE (one of each at a time)."""
+        if self.kind == "move":
+            return f"move/{self.group}"
+        if self.kind == "standby":
+            return f"standby/{self.node}"
+        if self.group:
+            return f"maintenance/group/{self.group}"
+        if self.node:
+            return f"maintenance/node/{self.node}"
+        return "maintenance"
 
 
 # --- the converter: private, strict --------------------------------------------------------
@@ -260,8 +301,34 @@ _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional
           banned=_bool, banned_until=_optional(_float), cleared=_str)
 _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
-          twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))
+          twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus),
+          maintenance=_strings)
 _register(SpecFile, name=_str, text=_str)
+
+
+def _intent_kind(value: Any, _t: Any = None) -> str:
+    kind = _str(value)
+    if kind not in INTENT_KINDS:
+        raise _Bad(f"{kind[:40]!r} is not an intent kind ({', '.join(INTENT_KINDS)})")
+    return kind
+
+
+def _name_or_empty(value: Any, _t: Any = None) -> str:
+    name = _str(value)
+    if name and not valid_name(name):
+        raise _Bad(f"{name[:40]!r} is not a valid name")
+    return name
+
+
+def _hex(value: Any, _t: Any = None) -> str:
+    text = _str(value)
+    if not (1 <= len(text) <= 32 and all(c in "0123456789abcdef" for c in text)):
+        raise _Bad(f"{text[:40]!r} is not an id (1 to 32 hex digits)")
+    return text
+
+
+_register(Intent, kind=_intent_kind, id=_hex, group=_name_or_empty, node=_name_or_empty, target=_name_or_empty,
+          created=_float, expires=_optional(_float), who=_str)
 
 
 def _files(value: Any, _t: Any = None) -> tuple[SpecFile, ...]:
@@ -294,6 +361,7 @@ _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatu
 # A group's issue-16 fields only when set: a record without them is what older versions write and read.
 _omitted: dict[str, Any] = {f: override(omit_if_default=True) for f in ("failures", "banned", "banned_until", "cleared")}
 _conv.register_unstructure_hook(GroupStatus, make_dict_unstructure_fn(GroupStatus, _conv, **_omitted))
+_conv.register_unstructure_hook(NodeStatus, make_dict_unstructure_fn(NodeStatus, _conv, maintenance=override(omit_if_default=True)))
 
 
 def _structure(value: Any, cls: type[_T]) -> _T:
@@ -357,3 +425,28 @@ def revision_loads(text: str | bytes) -> SpecRevision:
         return _structure(doc, SpecRevision)
     except _Bad as exc:
         raise StatusError(f"spec revision{exc.sub}: {exc}") from None
+
+
+def intent_dumps(intent: Intent) -> str:
+    """The text a store keeps for one intent (JSON, keys sorted: equal intents, equal text)."""
+    return json.dumps(_conv.unstructure(intent), sort_keys=True, separators=(",", ":"))
+
+
+def intent_loads(text: str | bytes) -> Intent:
+    """intent_dumps() read back; StatusError (one line, with the field path) if it does not
+    parse, or if its fields do not make one intent (a move without a group and target...)."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise StatusError("intent is not JSON") from None
+    try:
+        intent = _structure(doc, Intent)
+    except _Bad as exc:
+        raise StatusError(f"intent{exc.sub}: {exc}") from None
+    need = {"move": ("group", "target"), "standby": ("node",), "maintenance": ()}[intent.kind]
+    for field in need:
+        if not getattr(intent, field):
+            raise StatusError(f"intent.{field}: a {intent.kind} intent needs one")
+    if intent.kind == "maintenance" and intent.group and intent.node:
+        raise StatusError("intent.node: a maintenance intent has one scope: a group or a node, not both")
+    return intent

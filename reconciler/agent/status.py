@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from reconciler.agent import overview
 from reconciler.cluster.survey import Look
 from reconciler import spec as specmod
-from reconciler.decide import health, placement
+from reconciler.decide import health, intents, placement
 from reconciler.model import Probe
 from reconciler.published import EntryStatus, GroupStatus, MemberStatus, NodeStatus
 from reconciler.observe import Observed
@@ -112,6 +112,7 @@ def node_status(
         members={n: MemberStatus(alive=view.alive(n, now, spec.cluster.timing.dead_after), up=m.up) for n, m in view.members.items()},
         eligible_groups=tuple(sorted(eligible)),
         groups=groups,
+        maintenance=intents.maintenance(view),  # what this node saw: peers wait for it to see the end
     )
 
 

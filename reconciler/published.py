@@ -31,7 +31,7 @@ _Hook = Callable[[Any, Any], Any]
 
 __all__ = [
     "EMPTY", "EntryStatus", "GroupStatus", "INTENT_KINDS", "Intent", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision",
-    "StatusError", "dumps", "intent_dumps", "intent_loads", "loads", "revision_dumps", "revision_loads",
+    "StatusError", "dumps", "intent_doc", "intent_dumps", "intent_loads", "loads", "revision_dumps", "revision_loads",
 ]
 
 
@@ -430,6 +430,11 @@ def revision_loads(text: str | bytes) -> SpecRevision:
 def intent_dumps(intent: Intent) -> str:
     """The text a store keeps for one intent (JSON, keys sorted: equal intents, equal text)."""
     return json.dumps(_conv.unstructure(intent), sort_keys=True, separators=(",", ":"))
+
+
+def intent_doc(intent: Intent) -> dict[str, Any]:
+    """One intent's JSON-able document (for --json output)."""
+    return cast("dict[str, Any]", _conv.unstructure(intent))
 
 
 def intent_loads(text: str | bytes) -> Intent:

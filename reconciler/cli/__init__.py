@@ -552,3 +552,5 @@ def clear(ctx, group, spec_path, node, timeout) -> None:
 # The cluster spec's commands (tell, apply, diff, history, rollback) live in a module of their
 # own; importing it adds them to `main`.
 from reconciler.cli import clusterspec as _clusterspec  # noqa: E402,F401
+# The operator's intent commands (move, standby, unstandby, maintenance): cli/operator.py.
+from reconciler.cli import operator as _operator  # noqa: E402,F401

@@ -1,0 +1,147 @@
+"""Operator intents against real agents (issue 15): `reconcile move` (with and without a
+target, to an ineligible node), `standby`/`unstandby`, `maintenance on|off`, and `--wait`
+(exit 0 done, exit 1 timed out). The double-run checker (tests/safety.py) runs throughout:
+make_cluster fails the test on any moment a group ran on two nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster import Cluster
+from helpers import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
+
+
+def reconcile(c: Cluster, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`reconcile ARGS` from this machine, which is not a member (as an operator runs it)."""
+    return subprocess.run([sys.executable, "-m", "reconciler.cli", *args, "--spec", str(c.spec_dir)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def pids(c: Cluster) -> dict[str, tuple[str, int]]:
+    """group -> (node, pid) of its one live guard."""
+    return {p["group"]: (p["node"], p["pid"]) for p in c.guard_processes()}
+
+
+def shown(c: Cluster, node: str) -> list[str]:
+    """The maintenance keys `node` publishes in its status (NodeStatus.maintenance)."""
+    try:
+        return json.loads((c.store / "status" / f"{node}.json").read_text()).get("maintenance", [])
+    except (OSError, ValueError):
+        return []
+
+
+def groups(log: str, *names: str, nodes: str = '["n1", "n2"]') -> str:
+    return "".join(Cluster.guard_group(n, log, extra=f"nodes = {nodes}") for n in names)
+
+
+@pytest.fixture
+def two(make_cluster):
+    def make(*names: str, nodes=("n1", "n2"), **kw) -> Cluster:
+        c = make_cluster(nodes=nodes, **kw)
+        c.write("groups.toml", groups(c.guard_log, *names))
+        return c
+    return make
+
+
+def test_move_refusals_with_and_without_a_target_and_wait(two):
+    c = two("web", nodes=("n1", "n2", "n3"))
+    c.start()
+    first = wait_until(lambda: c.runs_on_one("web"), 10, what="web running")
+    other = "n2" if first == "n1" else "n1"
+    before = pids(c)["web"]
+    # Refused up front, with the reason, and nothing stops.
+    p = reconcile(c, "move", "web", "n3")
+    assert p.returncode == 1 and "refused" in p.stderr and "not in the group's nodes" in p.stderr, p.stderr
+    p = reconcile(c, "move", "web", first)
+    assert p.returncode == 1 and f"already runs on {first}" in p.stderr, p.stderr
+    p = reconcile(c, "move", "nosuch")
+    assert p.returncode == 2 and "no group" in p.stderr, p.stderr
+    time.sleep(0.3)
+    assert pids(c)["web"] == before
+    # Without a target: the best eligible other node; --wait returns once it runs there.
+    p = reconcile(c, "move", "web", "--wait", "--timeout", "20")
+    assert p.returncode == 0, p.stderr
+    assert f"moving to {other}" in p.stdout and f"runs on {other}" in p.stdout
+    assert c.owner("web") == other and c.runs_on_one("web") == other
+    assert not list((c.store / "intents").iterdir())  # the target removed the intent
+    # With a target, back again.
+    p = reconcile(c, "move", "web", first, "--wait", "--timeout", "20")
+    assert p.returncode == 0, p.stderr
+    assert wait_until(lambda: c.runs_on_one("web") == first, 5, what="web back")
+
+
+def test_standby_hands_every_group_over_and_wait_times_out(two):
+    c = two("a", "b", "c")
+    c.start()
+    wait_until(lambda: all(c.runs_on_one(g) for g in "abc"), 10, what="a, b, c running")
+    assert {c.owner(g) for g in "abc"} == {"n1"}  # nodes = ["n1", "n2"]: n1 is preferred
+    p = reconcile(c, "standby", "nosuch")
+    assert p.returncode == 2 and "no node" in p.stderr, p.stderr
+    p = reconcile(c, "standby", "n1", "--wait", "--timeout", "30")
+    assert p.returncode == 0, p.stderr
+    assert {c.owner(g) for g in "abc"} == {"n2"} and all(c.runs_on_one(g) == "n2" for g in "abc")
+    moved = pids(c)
+    p = reconcile(c, "unstandby", "n1")
+    assert p.returncode == 0 and "out of standby" in p.stdout, p.stderr
+    time.sleep(1.0)  # failback = false: nothing comes back
+    assert pids(c) == moved
+    # --wait exit 1 on timeout: n2 in maintenance changes nothing, so standby never completes.
+    assert reconcile(c, "maintenance", "on", "--node", "n2").returncode == 0
+    p = reconcile(c, "standby", "n2", "--wait", "--timeout", "1")
+    assert p.returncode == 1 and "not done within 1s" in p.stderr and "n2 still owns" in p.stderr, p.stderr
+    assert pids(c) == moved
+    assert reconcile(c, "unstandby", "n2").returncode == 0
+    assert reconcile(c, "maintenance", "off", "--node", "n2", "--wait").returncode == 0
+    assert pids(c) == moved
+
+
+def test_maintenance_observes_only_and_off_changes_only_what_differs(two):
+    c = two("a", "b", "c")
+    c.start()
+    wait_until(lambda: all(c.runs_on_one(g) for g in "abc"), 10, what="a, b, c running")
+    p = reconcile(c, "maintenance", "on")
+    assert p.returncode == 0 and "maintenance on" in p.stdout, p.stderr
+    before = pids(c)
+    wait_until(lambda: all(shown(c, n) == ["maintenance"] for n in c.nodes), 5, what="every node shows maintenance")
+    # kill -9 of a process: not respawned
+    os.kill(before["a"][1], signal.SIGKILL)
+    # a cluster spec edit: not applied to the groups in maintenance
+    assert reconcile(c, "tell", "b", "stop").returncode == 0
+    time.sleep(1.5)
+    now = pids(c)
+    assert "a" not in now
+    assert now["b"] == before["b"] and now["c"] == before["c"]
+    # off: only what differs changes: a is started again, b stops, c runs on untouched
+    p = reconcile(c, "maintenance", "off", "--wait", "--timeout", "20")
+    assert p.returncode == 0, p.stderr
+    after = pids(c)
+    assert "a" in after and "b" not in after and after["c"] == before["c"]
+
+
+def test_a_dead_owner_in_maintenance_keeps_its_groups(two):
+    """kill -9 of the owner's whole node in maintenance moves nothing; after `off` a peer still
+    does not take over from an owner that never saw the end (no fence hook), until it is back."""
+    c = two("a")
+    c.start()
+    owner = wait_until(lambda: c.runs_on_one("a"), 10, what="a running")
+    peer = "n2" if owner == "n1" else "n1"
+    assert reconcile(c, "maintenance", "on", "--node", owner).returncode == 0
+    wait_until(lambda: shown(c, owner), 5, what=f"{owner} shows maintenance")
+    c.nodes[owner].crash()
+    time.sleep(1.5)  # > 2 x dead_after
+    assert c.owner("a") == owner and not c.running("a")
+    assert reconcile(c, "maintenance", "off", "--node", owner).returncode == 0
+    time.sleep(1.5)
+    assert c.owner("a") == owner and not c.running("a")  # not acknowledged: left where it is
+    c.nodes[owner].start()
+    assert wait_until(lambda: c.runs_on_one("a"), 15, what="a running again")
+    assert peer not in c.running("a") or c.owner("a") == peer

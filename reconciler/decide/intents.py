@@ -242,6 +242,8 @@ def pending(spec: specmod.Spec, members: Mapping[str, Heartbeat], claims: Mappin
         owned = sorted(g for g, c in claims.items() if c.node == subject)
         return Pending(waiting=(f"{subject} still owns {', '.join(owned)}",) if owned else ())
     if what == "maintenance-off":
-        left = [f"{n} has not acknowledged the end of maintenance" for n in live if members[n].status.maintenance]
+        held = {k for k, i in intents.items() if i.kind == "maintenance"}
+        left = [f"{n} has not acknowledged the end of maintenance" for n in live
+                if set(members[n].status.maintenance) - held]
         return Pending(waiting=tuple(left + _converged(spec, members, claims, live)))
     raise ValueError(f"nothing to wait for: {what!r}")

@@ -11,7 +11,7 @@ from reconciler.cluster.survey import Look
 from reconciler import spec as specmod
 from reconciler.decide import health, intents, placement
 from reconciler.model import Probe
-from reconciler.published import EntryStatus, GroupStatus, MemberStatus, NodeStatus
+from reconciler.published import EntryStatus, GroupStatus, Intent, MemberStatus, NodeStatus
 from reconciler.observe import Observed
 from reconciler.decide.plan import Plan
 from reconciler.store import ClusterView
@@ -208,4 +208,17 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
             banned_everywhere=banned_everywhere,
         )
     return overview.Overview(nodes=nodes, groups=groups, summary=overview.summary(nodes, groups),
-                             problems=overview.problems(nodes, groups))
+                             problems=overview.problems(nodes, groups), intents=intent_rows(snap.intents))
+
+
+def intent_rows(found: Mapping[str, Intent]) -> overview.Intents:
+    """The operator's intents for `reconcile status` (issue 15)."""
+    scopes = []
+    for key in sorted(k for k, i in found.items() if i.kind == "maintenance"):
+        i = found[key]
+        scopes.append(f"group {i.group}" if i.group else f"node {i.node}" if i.node else "cluster")
+    return overview.Intents(
+        maintenance=tuple(scopes),
+        standby=tuple(sorted(i.node for i in found.values() if i.kind == "standby")),
+        moves={i.group: i.target for _, i in sorted(found.items()) if i.kind == "move"},
+    )

@@ -79,29 +79,32 @@ def test_move_refusals_with_and_without_a_target_and_wait(two):
     assert wait_until(lambda: c.runs_on_one("web") == first, 5, what="web back")
 
 
-def test_standby_hands_every_group_over_and_wait_times_out(two):
-    c = two("a", "b", "c")
+def test_standby_hands_every_group_over_and_wait_times_out(make_cluster):
+    c = make_cluster(nodes=("n1", "n2"))
+    c.write("groups.toml", "".join(Cluster.guard_group(n, c.guard_log, extra='nodes = ["n1", "n2"]\nfailback = true')
+                                   for n in "abc"))
     c.start()
-    wait_until(lambda: all(c.runs_on_one(g) for g in "abc"), 10, what="a, b, c running")
-    assert {c.owner(g) for g in "abc"} == {"n1"}  # nodes = ["n1", "n2"]: n1 is preferred
+    # failback = true: every group ends up on n1, the preferred node
+    wait_until(lambda: all(c.runs_on_one(g) == "n1" and c.owner(g) == "n1" for g in "abc"), 15, what="a, b, c on n1")
     p = reconcile(c, "standby", "nosuch")
     assert p.returncode == 2 and "no node" in p.stderr, p.stderr
     p = reconcile(c, "standby", "n1", "--wait", "--timeout", "30")
     assert p.returncode == 0, p.stderr
     assert {c.owner(g) for g in "abc"} == {"n2"} and all(c.runs_on_one(g) == "n2" for g in "abc")
-    moved = pids(c)
+    time.sleep(1.0)  # n1 in standby ranks for nothing: failback does not bring them back
+    assert {c.owner(g) for g in "abc"} == {"n2"}
     p = reconcile(c, "unstandby", "n1")
     assert p.returncode == 0 and "out of standby" in p.stdout, p.stderr
-    time.sleep(1.0)  # failback = false: nothing comes back
-    assert pids(c) == moved
-    # --wait exit 1 on timeout: n2 in maintenance changes nothing, so standby never completes.
-    assert reconcile(c, "maintenance", "on", "--node", "n2").returncode == 0
-    p = reconcile(c, "standby", "n2", "--wait", "--timeout", "1")
-    assert p.returncode == 1 and "not done within 1s" in p.stderr and "n2 still owns" in p.stderr, p.stderr
-    assert pids(c) == moved
-    assert reconcile(c, "unstandby", "n2").returncode == 0
-    assert reconcile(c, "maintenance", "off", "--node", "n2", "--wait").returncode == 0
-    assert pids(c) == moved
+    wait_until(lambda: all(c.runs_on_one(g) == "n1" for g in "abc"), 15, what="failback to n1 after unstandby")
+    back = pids(c)
+    # --wait exit 1 on timeout: n1 in maintenance changes nothing, so standby never completes.
+    assert reconcile(c, "maintenance", "on", "--node", "n1").returncode == 0
+    p = reconcile(c, "standby", "n1", "--wait", "--timeout", "1")
+    assert p.returncode == 1 and "not done within 1s" in p.stderr and "n1 still owns" in p.stderr, p.stderr
+    assert pids(c) == back
+    assert reconcile(c, "unstandby", "n1").returncode == 0
+    assert reconcile(c, "maintenance", "off", "--node", "n1", "--wait").returncode == 0
+    assert pids(c) == back
 
 
 def test_maintenance_observes_only_and_off_changes_only_what_differs(two):
@@ -114,9 +117,9 @@ def test_maintenance_observes_only_and_off_changes_only_what_differs(two):
     wait_until(lambda: all(shown(c, n) == ["maintenance"] for n in c.nodes), 5, what="every node shows maintenance")
     # kill -9 of a process: not respawned
     os.kill(before["a"][1], signal.SIGKILL)
-    # a cluster spec edit: not applied to the groups in maintenance
-    assert reconcile(c, "tell", "b", "stop").returncode == 0
-    time.sleep(1.5)
+    # a cluster spec edit: not applied to the groups in maintenance (tell --wait: exit 1, b pending)
+    p = reconcile(c, "tell", "b", "stop", "--wait", "--timeout", "1.5")
+    assert p.returncode == 1 and "not done within 1.5s: b:" in p.stderr, p.stderr
     now = pids(c)
     assert "a" not in now
     assert now["b"] == before["b"] and now["c"] == before["c"]

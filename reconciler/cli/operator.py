@@ -107,7 +107,7 @@ def _standby(ctx, node, spec_path, wait, timeout, as_json, on: bool) -> None:
     except intentops.OpError as exc:
         _failed(exc)
     _report(intent, line, as_json)
-    if wait and on:
+    if wait:
         wait_for(spec, "standby", timeout=timeout, subject=node)
         click.echo(f"{node}: owns nothing")
 
@@ -153,7 +153,9 @@ def maintenance(ctx, state, group, node, spec_path, wait, timeout, as_json) -> N
     from reconciler.agent import intentops
 
     if group and node:
-        fail("maintenance: --group or --node, not both", 2)
+        ctx.fail("--group or --node, not both")
+    if wait and state == "on":
+        ctx.fail("--wait waits for the end of maintenance: with `off` only (`on` takes effect at the agents' next read)")
     spec = _spec(ctx, spec_path)
     try:
         intent, line = intentops.maintenance(spec, on=state == "on", group=group, node=node)

@@ -148,3 +148,27 @@ def test_a_dead_owner_in_maintenance_keeps_its_groups(two):
     c.nodes[owner].start()
     assert wait_until(lambda: c.runs_on_one("a"), 15, what="a running again")
     assert peer not in c.running("a") or c.owner("a") == peer
+
+
+LONG_LEASE = '[cluster.timing]\nheartbeat = "100ms"\nlease = "3s"\ndead_after = "4s"\n'
+
+
+def test_an_agent_restarted_in_maintenance_restarts_nothing(make_cluster):
+    """Its processes run on under the keeper (a lease long enough for the restart); the new
+    agent adopts them and changes nothing, during maintenance and after `off`."""
+    c = make_cluster(nodes=("n1", "n2"), cluster_extra=LONG_LEASE).fault_mode()
+    c.write("groups.toml", groups(c.guard_log, "a"))
+    for n in c.nodes.values():
+        n.start().follow_init()
+    owner = wait_until(lambda: c.runs_on_one("a"), 15, what="a running")
+    before = pids(c)["a"]
+    assert reconcile(c, "maintenance", "on").returncode == 0
+    wait_until(lambda: shown(c, owner) == ["maintenance"], 5, what=f"{owner} shows maintenance")
+    c.nodes[owner].restart_agent(down=0.3)
+    wait_until(lambda: shown(c, owner) == ["maintenance"] and c.members().get(owner), 10, what="the new agent publishing")
+    time.sleep(1.0)
+    assert pids(c)["a"] == before
+    p = reconcile(c, "maintenance", "off", "--wait", "--timeout", "20")
+    assert p.returncode == 0, p.stderr
+    time.sleep(0.5)
+    assert pids(c)["a"] == before and c.owner("a") == owner

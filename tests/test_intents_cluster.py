@@ -172,3 +172,20 @@ def test_an_agent_restarted_in_maintenance_restarts_nothing(make_cluster):
     assert p.returncode == 0, p.stderr
     time.sleep(0.5)
     assert pids(c)["a"] == before and c.owner("a") == owner
+
+
+@pytest.mark.needs("etcd")
+def test_move_on_etcd(etcd_single, make_cluster):
+    """The same hand-over on the etcd store: the claim goes to the target bound to its lease."""
+    import uuid
+
+    c = make_cluster(nodes=("n1", "n2"), store=etcd_single.url, cluster_extra=f'etcd_prefix = "/t-{uuid.uuid4().hex[:8]}"')
+    c.write("groups.toml", groups(c.guard_log, "web"))
+    c.start()
+    first = wait_until(lambda: c.runs_on_one("web"), 15, what="web running")
+    other = "n2" if first == "n1" else "n1"
+    p = reconcile(c, "move", "web", other, "--wait", "--timeout", "20")
+    assert p.returncode == 0, p.stderr
+    assert c.owner("web") == other and c.runs_on_one("web") == other
+    p = reconcile(c, "move", "web", "--wait", "--timeout", "20")  # back: the best eligible other node
+    assert p.returncode == 0 and f"runs on {first}" in p.stdout, p.stderr

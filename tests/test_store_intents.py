@@ -1,5 +1,6 @@
-"""The Store contract for operator intents and hand-over (issue 15), on the directory store
-(the etcd store refuses both with one line, for now: reconciler/store/etcd/store.py)."""
+"""The Store contract for operator intents and hand-over (issue 15), on every backend
+(directory and a real etcd: the `backend` fixture of test_store_contract.py), plus what only
+the directory store's files can show."""
 
 from __future__ import annotations
 
@@ -10,15 +11,27 @@ import pytest
 
 from reconciler import published
 from reconciler.published import Intent
-from reconciler.store import Claim, StoreError
+from reconciler.store import Claim, Heartbeat, StoreError
 from reconciler.store.directory import DirectoryStore
 
-from test_store_contract import Backend
+from test_store_contract import Backend, backend  # noqa: F401 (the fixture: dir and etcd)
 
 
 @pytest.fixture
-def backend(tmp_path):
+def dirstore(tmp_path):
     return Backend("dir", f"dir:{tmp_path / 'store'}")
+
+
+async def plant(b: Backend, store, key: str, name: str, text: str) -> str:
+    """A value written under intents/ behind the store's back; returns the entry Snapshot.skipped names."""
+    if b.kind == "dir":
+        with open(b.url[4:] + f"/intents/{name}", "w") as fh:
+            fh.write(text)
+        return f"intents/{name}"
+    from reconciler.store.etcd.conn import put_op
+
+    await store.conn.txn("plant", [], [put_op(store.conn.key("intents", key), text)], [], store.conn.deadline())
+    return f"intents/{key}"
 
 
 def I(kind="move", id="a1", **kw) -> Intent:
@@ -38,7 +51,8 @@ def test_put_read_replace_and_a_second_store_follows(backend):
         sb = await s.intent_put(I("standby", id="c3", node="n1"))
         mt = await s.intent_put(I("maintenance", id="d4", group="web"))
         assert (await other.read()).intents == {"move/web": second, "standby/n1": sb, "maintenance/group/web": mt}
-        assert sorted(os.listdir(backend.url[4:] + "/intents")) == ["maintenance~group~web@d4", "move~web@b2", "standby~n1@c3"]
+        if backend.kind == "dir":
+            assert sorted(os.listdir(backend.url[4:] + "/intents")) == ["maintenance~group~web@d4", "move~web@b2", "standby~n1@c3"]
 
     backend.run(body)
 
@@ -57,8 +71,10 @@ def test_delete_only_the_instance_read(backend):
     backend.run(body)
 
 
-def test_two_instances_of_a_key_read_as_the_newer_and_a_delete_removes_both(backend):
+def test_two_instances_of_a_key_read_as_the_newer_and_a_delete_removes_both(dirstore):
     """A putter that died between creating its instance and removing the older one."""
+    backend = dirstore
+
     async def body():
         s = backend.new()
         older = await s.intent_put(I(id="a1"))
@@ -74,23 +90,23 @@ def test_two_instances_of_a_key_read_as_the_newer_and_a_delete_removes_both(back
     backend.run(body)
 
 
-@pytest.mark.parametrize("name, text, why", [
-    ("move~web@a1", "{", "not JSON"),
-    ("move~web@a1", '{"kind": "move", "id": "a1", "group": "web"}', "intent.target: a move intent needs one"),
-    ("move~web@a1", '{"kind": "dance", "id": "a1"}', "not an intent kind"),
-    ("move~web@zz", published.intent_dumps(I(id="a1")), "not the one its name says"),
-    ("move~web@a1", '{"kind": "move", "id": "a1", "group": "web", "target": "n2", "color": 1}', "intent"),
-    ("maintenance@a1", '{"kind": "maintenance", "id": "a1", "group": "g", "node": "n"}', "one scope"),
+@pytest.mark.parametrize("key, name, text, why", [
+    ("move/web", "move~web@a1", "{", "not JSON"),
+    ("move/web", "move~web@a1", '{"kind": "move", "id": "a1", "group": "web"}', "intent.target: a move intent needs one"),
+    ("move/web", "move~web@a1", '{"kind": "dance", "id": "a1"}', "not an intent kind"),
+    ("move/api", "move~web@zz", published.intent_dumps(I(id="a1")), "not the one its"),
+    ("move/web", "move~web@a1", '{"kind": "move", "id": "a1", "group": "web", "target": "n2", "color": 1}', "intent"),
+    ("maintenance", "maintenance@a1", '{"kind": "maintenance", "id": "a1", "group": "g", "node": "n"}', "one scope"),
 ])
-def test_malformed_intents_are_skipped_and_listed(backend, name, text, why, caplog):
+def test_malformed_intents_are_skipped_and_listed(backend, key, name, text, why, caplog):
     async def body():
         s = backend.new()
         good = await s.intent_put(I("standby", id="c3", node="n1"))
-        with open(backend.url[4:] + f"/intents/{name}", "w") as fh:
-            fh.write(text)
-        snap = await s.read()
+        entry = await plant(backend, s, key, name, text)
+        snap = await backend.new().read()  # (a full read)
         assert snap.intents == {"standby/n1": good}
-        assert snap.skipped == (f"intents/{name}",)
+        assert snap.skipped == (entry,)
+        assert (await s.read()).skipped == (entry,)  # (the delta)
         assert why in caplog.text
 
     backend.run(body)
@@ -125,9 +141,11 @@ def test_intent_round_trip_and_keys():
 def test_hand_over_replaces_the_instance_with_no_gap_and_one_winner(backend):
     async def body():
         s, peer = backend.new(), backend.new()
+        await peer.publish(Heartbeat(node="n2", counter=1))  # (etcd: the claim is bound to n2's lease)
         mine = await s.claim("web", "n1")
         handed = await s.hand_over(mine, "n2")
         assert handed is not None and handed.node == "n2" and handed.generation == mine.generation + 1
+        await peer.read()  # (etcd: the read right after its own publish shows that revision)
         assert (await peer.read()).claims == {"web": handed}
         # the old instance is over: no second hand-over, release or break of it
         assert await s.hand_over(mine, "n3") is None
@@ -145,6 +163,7 @@ def test_hand_over_replaces_the_instance_with_no_gap_and_one_winner(backend):
 def test_hand_over_races_a_break_one_winner(backend):
     async def body():
         s = backend.new()
+        await backend.new().publish(Heartbeat(node="n2", counter=1))
         mine = await s.claim("web", "n1")
         others = [backend.new() for _ in range(4)]
         results = await asyncio.gather(s.hand_over(mine, "n2"), *(o.break_claim(mine) for o in others))
@@ -168,3 +187,24 @@ def test_hand_over_of_an_instance_that_is_not_current(backend):
         assert (await s.read()).claims == {"web": mine}
 
     backend.run(body)
+
+
+def test_a_claim_handed_over_on_etcd_goes_with_the_targets_lease(etcd_single):
+    """etcd binds the new claim to the lease of the target's heartbeat: it ends with the
+    target, as a claim the target made would; without a heartbeat of the target, no hand-over."""
+    import uuid
+
+    b = Backend("etcd", etcd_single.url, prefix=f"/test-{uuid.uuid4().hex[:12]}", lease_ttl=1.0)
+
+    async def body():
+        s, target = b.new(), b.new()
+        mine = await s.claim("web", "n1")
+        assert await s.hand_over(mine, "n2") is None  # n2 has no heartbeat
+        await target.publish(Heartbeat(node="n2", counter=1))
+        handed = await s.hand_over(mine, "n2")
+        assert handed is not None and (await s.read()).claims == {"web": handed}
+        await target.close()  # its lease is left to expire (TTL 2 s)
+        await asyncio.sleep(3.5)
+        assert (await s.read()).claims == {}
+
+    b.run(body)

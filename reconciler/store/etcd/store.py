@@ -47,12 +47,13 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from reconciler import published
 from reconciler.published import EMPTY, Intent, NodeStatus, SpecRevision
 from reconciler.spec import redact_url
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.etcd import values
 from reconciler.store.etcd.claims import Claims
-from reconciler.store.etcd.conn import Connection, LeaseGone, put_op
+from reconciler.store.etcd.conn import Connection, LeaseGone, compare_op, put_op
 from reconciler.store.etcd.lease import Lease
 from reconciler.store.etcd.mirror import Mirror
 from reconciler.store.etcd.specs import Specs
@@ -326,7 +327,7 @@ class EtcdStore(Store):
         (not the spec's revisions: up to KEEP whole specs, which spec_get reads; nor the
         generations: a role limited to what the agent uses may leave the rest out); it
         replaces the mirror if newer."""
-        keys = [self.conn.key(kind) for kind in ("nodes", "status", "claims")]
+        keys = [self.conn.key(kind) for kind in ("nodes", "status", "claims", "intents")]
         ranges = [(k, prefix_range_end(k)) for k in keys] + [(self._specs.head, b"")]
         ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k, range_end=e)) for k, e in ranges]
         resp = await self.conn.txn("read", [], ops, [], deadline)
@@ -334,7 +335,8 @@ class EtcdStore(Store):
         self.watch.note_read(rev)
         parsed = self._mirror.parse_all([kv for r in resp.responses for kv in r.response_range.kvs])
         if rev < self._mirror.rev:  # a publish answered meanwhile moved the mirror past this read
-            return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])), spec_revision=parsed[6])
+            return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])), spec_revision=parsed[6],
+                            intents=parsed[7])
         self._mirror.install(rev, parsed)
         return self._mirror.snapshot()
 
@@ -375,19 +377,48 @@ class EtcdStore(Store):
         self.floor = max(self.floor, rev)  # the next read() must not show the claim any more
         return ended
 
-    # --- operator intents and hand-over: not in this backend yet --------------------------
-    # (Issue 15 was built on the directory store first. Here a read shows no intents, and
-    # these refuse with one line rather than pretend: a claim bound to the owner's etcd lease
-    # cannot be handed to another node's lease in one transaction without knowing that lease.)
+    # --- operator intents and hand-over -------------------------------------------------
+    # intents/KEY holds the intent's JSON (published.intent_dumps), with no lease: it outlives
+    # every node. Every read has them (the mirror ranges over intents/ in its delta).
 
     async def intent_put(self, intent: Intent) -> Intent:
-        raise StoreError(f"{self.url}: operator intents (move, standby, maintenance) are not supported by the etcd store yet")
+        """Store.intent_put: one put; the next read() shows it."""
+        key = self.conn.key("intents", intent.key)
+        resp = await self.conn.txn(f"intent {intent.key}", [], [put_op(key, published.intent_dumps(intent))], [],
+                                   self.conn.deadline())
+        self.floor = max(self.floor, resp.header.revision)
+        return intent
 
     async def intent_delete(self, key: str, *, token: str) -> bool:
-        raise StoreError(f"{self.url}: operator intents (move, standby, maintenance) are not supported by the etcd store yet")
+        """Store.intent_delete: deleted in a transaction comparing the value read back, so only
+        that instance (its id is in the value) is ever removed."""
+        ckey = self.conn.key("intents", key)
+        current = self._mirror.intents.get(key)
+        if current is None or current.id != token:
+            await self.read()
+            current = self._mirror.intents.get(key)
+            if current is None or current.id != token:
+                return False
+        compare = [compare_op(ckey, "VALUE", value=published.intent_dumps(current).encode())]
+        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=ckey))
+        resp = await self.conn.txn(f"forget {key}", compare, [delete], [], self.conn.deadline())
+        if resp.succeeded:
+            self.floor = max(self.floor, resp.header.revision)
+        return bool(resp.succeeded)
 
     async def hand_over(self, claim: Claim, node: str) -> Claim | None:
-        raise StoreError(f"{self.url}: hand-over of a claim is not supported by the etcd store yet")
+        """Store.hand_over (Claims.hand_over): the claim is put again for `node`, bound to the
+        lease of `node`'s heartbeat (as its own claim would be), in one transaction that checks
+        the instance and that lease; None if either changed."""
+        lease = self._mirror.leases.get(node)
+        if not lease:
+            await self.read()
+            lease = self._mirror.leases.get(node)
+            if not lease:
+                return None  # no live heartbeat of `node`: nothing to bind its claim to
+        handed, rev = await self._claims.hand_over(claim, node, lease=lease, node_key=self.conn.key("nodes", node))
+        self.floor = max(self.floor, rev)
+        return handed
 
     # --- the cluster spec (specs.py) ------------------------------------------------------
 

@@ -16,6 +16,7 @@ import pytest
 
 from cluster import Cluster
 from helpers import wait_until
+from test_resources_agent import lab  # noqa: F401 (the fixture: network namespaces, torn down after)
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare")]
 
@@ -189,3 +190,30 @@ def test_move_on_etcd(etcd_single, make_cluster):
     assert c.owner("web") == other and c.runs_on_one("web") == other
     p = reconcile(c, "move", "web", "--wait", "--timeout", "20")  # back: the best eligible other node
     assert p.returncode == 0 and f"runs on {first}" in p.stdout, p.stderr
+
+
+@pytest.mark.needs("ip", "nsenter", "mount")
+def test_move_of_a_group_with_a_mount_and_an_address_never_on_both(lab, tmp_path):
+    """A group of a tmpfs mount, an address and a process moves; a poller samples every 10 ms
+    which namespaces hold the address: never both."""
+    from test_resources_agent import VIP, VIP_CIDR, Poller, addresses, mounted, vip_cluster
+
+    c, nets, target = vip_cluster(lab, tmp_path)
+    owner = c.runs_on_one("vipg")
+    other = next(n for n in nets if n != owner)
+    poller = Poller([nets["n1"], nets["n2"]], VIP)
+    lab.pollers.append(poller)
+    poller.begin()
+    wait_until(lambda: len(poller.samples) >= 5, 5, what="the poller's first samples")
+    p = reconcile(c, "move", "vipg", other, "--wait", "--timeout", "20")
+    assert p.returncode == 0, p.stderr
+    wait_until(lambda: VIP_CIDR in addresses(nets[other]), 3, what="the address on the target")
+    time.sleep(0.2)
+    poller.stop()
+    assert poller.error is None, poller.error
+    assert poller.both() == [], "the address was in both namespaces"
+    assert poller.last(nets[owner]) < poller.first(nets[other])
+    assert c.runs_on_one("vipg") == other and c.owner("vipg") == other
+    assert mounted(c.nodes[other].agent_pid, target) == ["tmpfs"]
+    assert mounted(c.nodes[owner].agent_pid, target) == []
+    assert VIP_CIDR not in addresses(nets[owner])

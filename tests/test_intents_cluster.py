@@ -196,15 +196,12 @@ def test_move_on_etcd(etcd_single, make_cluster):
 def test_move_of_a_group_with_a_mount_and_an_address_never_on_both(lab, tmp_path):
     """A group of a tmpfs mount, an address and a process moves; a poller samples every 10 ms
     which namespaces hold the address: never both."""
-    from test_resources_agent import VIP, VIP_CIDR, Poller, addresses, mounted, vip_cluster
+    from test_resources_agent import VIP_CIDR, addresses, mounted, polled_vip, vip_cluster
 
     c, nets, target = vip_cluster(lab, tmp_path)
     owner = c.runs_on_one("vipg")
     other = next(n for n in nets if n != owner)
-    poller = Poller([nets["n1"], nets["n2"]], VIP)
-    lab.pollers.append(poller)
-    poller.begin()
-    wait_until(lambda: len(poller.samples) >= 5, 5, what="the poller's first samples")
+    poller = polled_vip(lab, nets)
     p = reconcile(c, "move", "vipg", other, "--wait", "--timeout", "20")
     assert p.returncode == 0, p.stderr
     wait_until(lambda: VIP_CIDR in addresses(nets[other]), 3, what="the address on the target")

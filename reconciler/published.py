@@ -9,7 +9,9 @@ the wrong type or a name that is not a valid name is refused (`StatusError`, one
 the field path, e.g. `status.groups.web.entries.db.state`), and the store skips that status
 like any other malformed entry (reconciler/store/records.py).
 
-Pure: no I/O; only the values, their (un)structuring and the JSON text.
+Pure: no I/O; only the values, their (un)structuring and the JSON text. The store's other
+records live here too (a spec revision, an operator's intent), for the one strict converter:
+hence about 450 lines.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from reconciler.decide import intents, view as viewrules
 from reconciler.decide.plan import plan
-from reconciler.model import Claim, ClusterView, EntryState, Heartbeat, Member, Observed
+from reconciler.model import Claim, ClusterView, EntryState, Heartbeat, Member
 from reconciler.published import GroupStatus, Intent, NodeStatus
 from reconciler.spec import Cluster, Group, Spec
 

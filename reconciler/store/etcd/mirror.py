@@ -27,8 +27,8 @@ flags). Heartbeats, statuses and claims are parsed only when their key's value c
 reconciler/store/records.py (by values.py): a malformed value (or a key that is not a valid name)
 is left out of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
 
-(A little over ~400 lines: the delta, the full read and the stale-status bookkeeping share
-one revision and one set of maps; split, each half would reach into the other's.)
+(About 450 lines: the delta, the full read and the stale-status bookkeeping share one
+revision and one set of maps; split, each half would reach into the other's.)
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ a call moves on to the next endpoint after UNAVAILABLE or a timed-out attempt, a
 StoreError. Use one instance from one event loop.
 
 The store composes its parts, each given what it needs when it is made: conn.py, lease.py,
-watch.py, mirror.py, claims.py, specs.py and twin.py; values.py parses what etcd holds. (About 400
-lines: what is left here is the Store contract's methods and the publish transaction.)
+watch.py, mirror.py, claims.py, specs.py, intents.py and twin.py; values.py parses what etcd holds.
+(About 450 lines: what is left here is the Store contract's methods, each a few lines that
+delegate, and the publish and read transactions with their freshness argument.)
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler import published
 from reconciler.published import EMPTY, Intent, NodeStatus, SpecRevision
 from reconciler.spec import redact_url
 from reconciler.store import Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.etcd import values
 from reconciler.store.etcd.claims import Claims
-from reconciler.store.etcd.conn import Connection, LeaseGone, compare_op, put_op
+from reconciler.store.etcd.intents import Intents
+from reconciler.store.etcd.conn import Connection, LeaseGone, put_op
 from reconciler.store.etcd.lease import Lease
 from reconciler.store.etcd.mirror import Mirror
 from reconciler.store.etcd.specs import Specs
@@ -107,6 +108,7 @@ class EtcdStore(Store):
         self.watch: Watch = Watch(self.conn) if twin_of is None else twin_of.watch
         self._claims = Claims(self.conn)
         self._specs = Specs(self.conn)
+        self._intents = Intents(self.conn)
         # node -> (lease, status hash, digest) last written: a status is written again under
         # a new lease (its keys went with the old one) and when it or the digest changed.
         self._last_status: dict[str, tuple[int, str, str]] = {}
@@ -377,34 +379,25 @@ class EtcdStore(Store):
         self.floor = max(self.floor, rev)  # the next read() must not show the claim any more
         return ended
 
-    # --- operator intents and hand-over -------------------------------------------------
-    # intents/KEY holds the intent's JSON (published.intent_dumps), with no lease: it outlives
-    # every node. Every read has them (the mirror ranges over intents/ in its delta).
+    # --- operator intents (intents.py) and hand-over (claims.py) ---------------------------
 
     async def intent_put(self, intent: Intent) -> Intent:
-        """Store.intent_put: one put; the next read() shows it."""
-        key = self.conn.key("intents", intent.key)
-        resp = await self.conn.txn(f"intent {intent.key}", [], [put_op(key, published.intent_dumps(intent))], [],
-                                   self.conn.deadline())
-        self.floor = max(self.floor, resp.header.revision)
+        """Store.intent_put (Intents.put): one put; the next read() shows it."""
+        self.floor = max(self.floor, await self._intents.put(intent))
         return intent
 
     async def intent_delete(self, key: str, *, token: str) -> bool:
-        """Store.intent_delete: deleted in a transaction comparing the value read back, so only
-        that instance (its id is in the value) is ever removed."""
-        ckey = self.conn.key("intents", key)
+        """Store.intent_delete (Intents.delete): only the instance whose id is `token`, as the
+        mirror (read again if it does not hold it) has it."""
         current = self._mirror.intents.get(key)
         if current is None or current.id != token:
             await self.read()
             current = self._mirror.intents.get(key)
             if current is None or current.id != token:
                 return False
-        compare = [compare_op(ckey, "VALUE", value=published.intent_dumps(current).encode())]
-        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=ckey))
-        resp = await self.conn.txn(f"forget {key}", compare, [delete], [], self.conn.deadline())
-        if resp.succeeded:
-            self.floor = max(self.floor, resp.header.revision)
-        return bool(resp.succeeded)
+        gone, rev = await self._intents.delete(current)
+        self.floor = max(self.floor, rev)
+        return gone
 
     async def hand_over(self, claim: Claim, node: str) -> Claim | None:
         """Store.hand_over (Claims.hand_over): the claim is put again for `node`, bound to the

@@ -13,8 +13,10 @@ from typing import NoReturn
 
 import click
 
-from reconciler.cli import SPEC_HELP, complete_group, complete_node, epilog, fail, main, own
+from reconciler.cli import SPEC_HELP, USES, complete_group, complete_node, epilog, fail, main, own
 
+# The group options each command reads (`reconcile --node n1 move ...` is refused: a move names no node of its own).
+USES.update({name: {"spec_path", "node_file"} for name in ("move", "standby", "unstandby", "maintenance")})
 WAIT_HELP = "wait until the agents show it done (exit 1 if not within --timeout)"
 
 

@@ -219,3 +219,25 @@ def test_move_of_a_group_with_a_mount_and_an_address_never_on_both(lab, tmp_path
     assert mounted(c.nodes[other].agent_pid, target) == ["tmpfs"]
     assert mounted(c.nodes[owner].agent_pid, target) == []
     assert VIP_CIDR not in addresses(nets[owner])
+
+
+def test_the_keeper_spares_the_groups_in_maintenance(make_cluster):
+    """The owner's agent is killed during maintenance of group a: its lease runs out, and its
+    keeper kills b (not in maintenance; n2 then takes it over) but leaves a running; nobody
+    takes a over. The agent, back, adopts a."""
+    c = make_cluster(nodes=("n1", "n2")).fault_mode()
+    c.write("groups.toml", groups(c.guard_log, "a", "b"))
+    for n in c.nodes.values():
+        n.start().follow_init()
+    wait_until(lambda: all(c.runs_on_one(g) == "n1" for g in "ab"), 15, what="a and b on n1")
+    before = pids(c)
+    assert reconcile(c, "maintenance", "on", "--group", "a").returncode == 0
+    told = c.nodes["n1"].state_path / "maintenance.json"  # (fault mode: the node's own tmpfs)
+    wait_until(lambda: told.exists() and json.loads(told.read_text()) == {"groups": ["a"]}, 5, what="the keeper told to spare a")
+    c.nodes["n1"].kill_agent()
+    wait_until(lambda: c.runs_on_one("b") == "n2", 10, what="b taken over by n2 once n1's keeper killed it")
+    time.sleep(0.5)
+    assert pids(c)["a"] == before["a"] and c.owner("a") == "n1"
+    c.nodes["n1"].respawn_agent()
+    time.sleep(1.0)
+    assert pids(c)["a"] == before["a"] and c.owner("a") == "n1"

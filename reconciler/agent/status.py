@@ -44,6 +44,7 @@ def node_status(
     spec_revision: int = 0,
     restarts: Mapping[tuple[str, str], str] = {},
     cleared: Mapping[str, str] = {},
+    maintenance: tuple[str, ...] | None = None,
 ) -> NodeStatus:
     """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known;
     `restarts`: why the executor last restarted each entry; `cleared`: the id of the last
@@ -112,7 +113,8 @@ def node_status(
         members={n: MemberStatus(alive=view.alive(n, now, spec.cluster.timing.dead_after), up=m.up) for n, m in view.members.items()},
         eligible_groups=tuple(sorted(eligible)),
         groups=groups,
-        maintenance=intents.maintenance(view),  # what this node saw: peers wait for it to see the end
+        # What this node saw (None: the view's): peers wait for it to see the end.
+        maintenance=intents.maintenance(view) if maintenance is None else maintenance,
     )
 
 

@@ -47,6 +47,14 @@ def frozen(view: ClusterView, group: str, claim: Claim | None) -> str:
     return ""
 
 
+def exempt(view: ClusterView, groups: Iterable[str]) -> frozenset[str]:
+    """Of `groups`, those this node owns that are in maintenance: the keeper spares them."""
+    if not view.intents:
+        return frozenset()
+    me = view.node
+    return frozenset(g for g in groups if (c := view.claims.get(g)) is not None and c.node == me and frozen(view, g, c))
+
+
 def unacknowledged(view: ClusterView, group: str, claim: Claim) -> str:
     """Why a peer must not take `group` over from its owner yet ("": it may): the owner's last
     published status still shows a maintenance that held the group, which the view no longer

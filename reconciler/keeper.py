@@ -78,7 +78,8 @@ def fire(node_dir: str) -> list[int]:
             records = json.load(fh).get("records", [])
     except (OSError, ValueError, AttributeError):
         records = []
-    groups, kept = set(), set()
+    groups: set[int] = set()
+    kept: set[int] = set()  # the recorded process groups of the spared groups
     for r in records if isinstance(records, list) else []:
         if not isinstance(r, dict):
             continue
@@ -94,7 +95,7 @@ def fire(node_dir: str) -> list[int]:
     killed = []
     root = cgroups.node_root(os.path.basename(os.path.normpath(node_dir)))
     by_cgroup = root is not None and bool(spared) and os.path.isdir(root)
-    if by_cgroup:
+    if root is not None and by_cgroup:
         # Each group's cgroup but the spared ones (the agent itself is not in the subtree).
         for sub in cgroups.children(root):
             name = os.path.basename(sub)

@@ -167,6 +167,12 @@ def test_the_owner_in_standby_hands_over_one_group_at_a_time():
     obs = attrs.evolve(obs, entries={**obs.entries, ("api", "s"): EntryState(group="api", tag="s", state="running", pid=9)})
     p = plan(spec, obs, view, NOW)
     assert [(a.kind, a.group, a.target) for a in p.actions if a.kind in ("handover", "stop")] == [("handover", "web", N2)]
+    assert "handed over after web" in p.notes["api"]
+    # a group no other node may take stays, and holds up none after it
+    only_me = attrs.evolve(spec.groups["web"], nodes=(ME,))
+    p = plan(attrs.evolve(spec, groups={"web": only_me, "api": g2}), obs, view, NOW)
+    assert [(a.kind, a.group) for a in p.actions if a.kind in ("handover", "stop")] == [("stop", "api")]
+    assert "no other node may take it" in p.notes["web"]
     # with no other eligible node it keeps what it runs
     spec1, obs1, view1 = situation(claim=ME, running=True)
     assert plan(spec1, obs1, with_intents(view1, STANDBY_ME), NOW).actions == ()

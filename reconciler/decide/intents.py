@@ -11,7 +11,7 @@ waits. The safety argument (hand-over, the end of maintenance) is in docs/design
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -165,14 +165,15 @@ def mover(g: specmod.Group, view: ClusterView, now: float, *, dead_after: float,
     return Move()
 
 
-def standby_turn(spec: specmod.Spec, view: ClusterView) -> str:
+def standby_turn(spec: specmod.Spec, view: ClusterView, *, movable: Callable[[specmod.Group], bool]) -> str:
     """The one group a node in standby hands over now ("" none): the first it owns in spec
-    order; the next one only after that one has gone (one planned move at a time)."""
+    order that another node may take (`movable`); the next one only after that one has gone
+    (one planned move at a time). One that no other node may take stays, and holds up none."""
     if view.node not in standby(view):
         return ""
-    for name in spec.groups:
+    for name, g in spec.groups.items():
         claim = view.claims.get(name)
-        if claim is not None and claim.node == view.node and spec.groups[name].runlevel != specmod.STOP:
+        if claim is not None and claim.node == view.node and g.runlevel != specmod.STOP and movable(g):
             return name
     return ""
 

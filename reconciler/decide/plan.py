@@ -57,7 +57,10 @@ def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) 
     names = list(spec.groups) + sorted(set(observed.by_group) - set(spec.groups))
     t = spec.cluster.timing
     roster = placement.Roster(view, now, t.dead_after)  # placement's per-view work, done once
-    turn = intents.standby_turn(spec, view) if view.intents else ""
+    turn = ""
+    if view.intents and view.node in intents.standby(view):
+        turn = intents.standby_turn(spec, view, movable=lambda g: bool(intents.mover(
+            g, view, now, dead_after=t.dead_after, wall=view.wall, roster=roster, obs=observed, standby_turn=True).target))
     for name in names:
         g = spec.groups.get(name)
         # In maintenance (an operator's intent) nothing about the group changes: no action at
@@ -165,6 +168,7 @@ def _owner(
             return entries.stop_all(g.name, obs, "claim outlived a lapse of this node's lease", urgent=True, deadline=now, order=entries.entry_tags(g))
         return _Part((Action("release", g.name, reason=f"lease lapsed since generation {claim.generation} was won (or another agent under this name won it): re-arbitrate", claim=claim),))
     done: tuple[Action, ...] = ()  # the removal of a move intent that is over
+    waiting = ""  # in standby: why this group is not being handed over yet
     if view.intents:
         move = intents.mover(g, view, now, dead_after=t.dead_after, wall=view.wall, roster=roster, obs=obs,
                              standby_turn=turn == g.name)
@@ -176,6 +180,11 @@ def _owner(
                                  intent=move.intent),))
         if move.ended and move.intent is not None:
             done = (Action("forget", g.name, reason=move.ended, intent=move.intent),)
+        if view.node in intents.standby(view):
+            movable = turn and intents.mover(g, view, now, dead_after=t.dead_after, wall=view.wall, roster=roster, obs=obs,
+                                             standby_turn=True).target
+            waiting = (f"this node is in standby: handed over after {turn}" if movable else
+                       "this node is in standby, but no other node may take it: it stays")
     reason = ""
     if g.runlevel == specmod.STOP:
         reason = "desired runlevel is stop"
@@ -206,7 +215,7 @@ def _owner(
     arrived = intents.move_of(view, g.name) if view.intents else None
     if arrived is not None and arrived.target == view.node and not part.actions and entries.is_active(g.name, obs):
         done = (Action("forget", g.name, reason=f"move done: {g.name} runs on {view.node}", intent=arrived),)
-    return _Part(part.actions + done, _earliest(part.wake_at, view.lease_until - t.demote_margin), part.note)
+    return _Part(part.actions + done, _earliest(part.wake_at, view.lease_until - t.demote_margin), waiting or part.note)
 
 
 def _maybe_claim(

@@ -260,3 +260,34 @@ def test_frozen_and_standby_sets():
     assert intents.standby(v) == {ME}
     assert intents.maintenance(v) == ("maintenance/group/web",)
     assert OTHER == N2  # (the property tests' peer is n2: SCOPES name it)
+
+
+@given(st.data())
+def test_a_node_in_standby_never_claims_or_takes_over(data):
+    spec = data.draw(specs())
+    obs = data.draw(observed_for(spec, busy=True))
+    view, now = data.draw(any_view(spec, obs))
+    p = plan(spec, obs, with_intents(view, STANDBY_ME), now)
+    assert not [a.describe() for a in p.actions if a.kind in ("claim", "takeover")]
+    # and what it hands over goes to a node that is not in standby
+    assert all(a.target not in (ME, "") for a in p.actions if a.kind == "handover")
+
+
+NODES = (ME, N2, N3, "n4")
+
+
+@given(st.data())
+def test_move_target_is_always_an_eligible_other_node(data):
+    nodes = tuple(data.draw(st.lists(st.sampled_from(NODES), unique=True, max_size=4)))
+    peers = {n: {"eligible": data.draw(st.sampled_from((True, False, None))), "banned": data.draw(st.booleans()),
+                 "age": data.draw(st.sampled_from((0.0, 5.0)))} for n in data.draw(st.lists(st.sampled_from(NODES), unique=True))}
+    away = data.draw(st.lists(st.sampled_from(NODES), unique=True, max_size=2))
+    spec, view = outside(claim=data.draw(st.sampled_from((ME, N2))), peers=peers, nodes=nodes,
+                         failback=data.draw(st.booleans()), extra=tuple(Intent(kind="standby", id="s", node=n) for n in away))
+    asked = data.draw(st.sampled_from((None, *NODES)))
+    target, why = intents.move_target(spec, view, "web", asked, NOW)
+    assert bool(target) != bool(why)
+    if target:
+        assert target != view.claims["web"].node and target not in away and (asked is None or target == asked)
+        assert intents.refusal(spec.groups["web"], view, target, NOW, dead_after=T.dead_after) == ""
+        assert not nodes or target in nodes

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from reconciler.act.book import replace_file
 
 log = logging.getLogger("reconciler.act")
 
@@ -41,21 +42,9 @@ class Exemptions:
         want = tuple(sorted(groups))
         if self.path is None or want == self._written:
             return True
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                data = (json.dumps({"groups": list(want)}) + "\n").encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError(28, "No space left on device")
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            replace_file(self.path, json.dumps({"groups": list(want)}) + "\n")
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             error = f"cannot write {self.path}: {exc.strerror or exc}"
             if error != self._error:
                 self._error = error

@@ -52,18 +52,34 @@ LOCK_WAIT = 2.0  # seconds a new keeper waits for the lock of one that is handin
 TORN_GRACE = 0.05  # an unreadable record is read again for this long before it counts as one
 
 
+def exempt(node_dir: str) -> frozenset[str]:
+    """The groups in maintenance the agent listed in STATE/NODE/maintenance.json (issue 15):
+    their processes, mounts and addresses are left alone at expiry. Anything but a valid list
+    of names reads as none (the fail-closed default: kill everything)."""
+    try:
+        with open(os.path.join(node_dir, "maintenance.json")) as fh:
+            groups = json.load(fh).get("groups", [])
+    except (OSError, ValueError, AttributeError):
+        return frozenset()
+    return frozenset(g for g in groups if isinstance(g, str) and g) if isinstance(groups, list) else frozenset()
+
+
 def fire(node_dir: str) -> list[int]:
     """SIGKILL everything the agent runs: the node's cgroup subtree (cgroup.kill: also what
     double-forked or called setsid()); the process groups the table records; (for a process
     spawned a moment before the agent froze, not yet recorded) the agent's own children;
     and, where cgroups cannot be used, every process carrying the node's environment marker
-    (the table may be lost or stale). Returns the pids and process groups killed."""
+    (the table may be lost or stale). Returns the pids and process groups killed. The groups
+    in maintenance (`exempt`) are spared: their group cgroups, recorded process groups and
+    marked processes."""
+    spared = exempt(node_dir)
     try:
         with open(os.path.join(node_dir, "processes.json")) as fh:
             records = json.load(fh).get("records", [])
     except (OSError, ValueError, AttributeError):
         records = []
-    groups = set()
+    groups: set[int] = set()
+    kept: set[int] = set()  # the recorded process groups of the spared groups
     for r in records if isinstance(records, list) else []:
         if not isinstance(r, dict):
             continue
@@ -72,17 +88,31 @@ def fire(node_dir: str) -> list[int]:
             continue
         if procfs.start_ticks(pid) != r.get("ticks"):
             continue  # gone, or the pid was recycled: not ours
-        groups.add(pgid)
+        (kept if r.get("group") in spared else groups).add(pgid)
     agent = procfs.agent_pid(node_dir)
     if agent is not None:
-        groups.update(p for p in procfs.children_of(agent) if p != os.getpid())
+        groups.update(p for p in procfs.children_of(agent) if p != os.getpid() and p not in kept)
     killed = []
     root = cgroups.node_root(os.path.basename(os.path.normpath(node_dir)))
-    inside = cgroups.procs(root, recursive=True) if root is not None else []
-    if root is not None and cgroups.kill(root):
-        killed.extend(inside)
-    else:
-        for pids in procfs.marked_processes(node_dir).values():
+    by_cgroup = root is not None and bool(spared) and os.path.isdir(root)
+    if root is not None and by_cgroup:
+        # Each group's cgroup but the spared ones (the agent itself is not in the subtree).
+        for sub in cgroups.children(root):
+            name = os.path.basename(sub)
+            if name.startswith(cgroups.GROUP_PREFIX) and name[len(cgroups.GROUP_PREFIX):] in spared:
+                continue
+            inside = cgroups.procs(sub, recursive=True)
+            if cgroups.kill(sub):
+                killed.extend(inside)
+    elif root is not None:
+        inside = cgroups.procs(root, recursive=True)
+        by_cgroup = cgroups.kill(root)
+        if by_cgroup:
+            killed.extend(inside)
+    if not by_cgroup:
+        for entry, pids in procfs.marked_processes(node_dir).items():
+            if entry.partition("/")[0] in spared:
+                continue
             for pid in pids:
                 if pid != agent:
                     try:
@@ -116,8 +146,9 @@ def read_resources(node_dir: str) -> str:
         return ""
 
 
-def release(listing: str) -> list[str]:
-    """Remove the addresses, then lazily unmount the mounts, of a resources.json text.
+def release(listing: str, spared: frozenset[str] = frozenset()) -> list[str]:
+    """Remove the addresses, then lazily unmount the mounts, of a resources.json text (but
+    those of the `spared` groups: in maintenance).
 
     Addresses first: a peer may add the same address as soon as our lease has run out.
     A mount is unmounted only while the filesystem at its target is still of its type (a
@@ -128,7 +159,7 @@ def release(listing: str) -> list[str]:
         items = json.loads(listing).get("resources", []) if listing else []
     except (ValueError, AttributeError):
         return []
-    items = [it for it in items if isinstance(it, dict)]
+    items = [it for it in items if isinstance(it, dict) and it.get("group") not in spared]
     done = []
     env = {**os.environ, "LC_ALL": "C"}
 
@@ -355,7 +386,7 @@ class Watch:
         # Mounts and addresses: once per expiry, and again whenever the agent lists
         # something new (it writes the list before it applies anything).
         listing = read_resources(self.node_dir)
-        released = release(listing) if listing != self.released_listing else []
+        released = release(listing, exempt(self.node_dir)) if listing != self.released_listing else []
         self.released_listing = listing
         lines = [f"{why}: SIGKILL process groups {fresh_kills}"] if fresh_kills else []
         self.log.write(*lines, *(f"{why}: released: {line}" for line in released))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import attrs
 
-from reconciler.published import EMPTY, NodeStatus
+from reconciler.published import EMPTY, Intent, NodeStatus
 # Re-exported (the `as` form makes it explicit): the spec, observe/, act/fence, the cli and the
 # store's records read these words from here, next to the values they describe.
 from reconciler.terms import NAME_RE as NAME_RE
@@ -128,6 +128,8 @@ class Snapshot:
     displaced: dict[str, Heartbeat] = attrs.field(factory=dict)
     # The number of the store's current cluster spec revision (0: the store holds none yet).
     spec_revision: int = 0
+    # The operator's intents (published.Intent: move, standby, maintenance), by Intent.key.
+    intents: dict[str, Intent] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -168,6 +170,11 @@ class ClusterView:
     membership_error: str = ""
     # The store's current cluster spec revision as last read (Snapshot.spec_revision; 0: none).
     spec_revision: int = 0
+    # The operator's intents as last read (Snapshot.intents; reconciler/decide/intents.py).
+    intents: dict[str, Intent] = attrs.field(factory=dict)
+    # This node's wall clock at that read (0: unknown), only to compare with an intent's
+    # deadline (Intent.expires, another machine's wall clock: seconds of skew do not matter).
+    wall: float = 0.0
 
     def alive(self, name: str, now: float, dead_after: float) -> bool:
         if name == self.node:

@@ -12,8 +12,9 @@ like any other malformed entry (reconciler/store/records.py).
 The cluster's history (`Event`, appended to the store by every agent: agent/events.py) is
 here too: a node publishes it, the same strict converter reads it back.
 
-Pure: no I/O; only the values, their (un)structuring and the JSON text. (A little over ~400
-lines: one private converter serves every record, and its hooks are shared.)
+Pure: no I/O; only the values, their (un)structuring and the JSON text. The store's other
+records live here too (a spec revision, an operator's intent, an event of the history), for
+the one strict converter and its shared hooks: hence about 500 lines.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ _T = TypeVar("_T")
 _Hook = Callable[[Any, Any], Any]
 
 __all__ = [
-    "EMPTY", "EntryStatus", "Event", "GroupStatus", "MemberStatus", "NodeStatus", "SpecFile", "SpecRevision", "StatusError",
-    "dumps", "event_dumps", "event_loads", "loads", "revision_dumps", "revision_loads",
+    "EMPTY", "EntryStatus", "Event", "GroupStatus", "INTENT_KINDS", "Intent", "MemberStatus", "NodeStatus", "SpecFile",
+    "SpecRevision", "StatusError", "dumps", "event_dumps", "event_loads", "intent_doc", "intent_dumps", "intent_loads",
+    "loads", "revision_dumps", "revision_loads",
 ]
 
 
@@ -115,6 +117,11 @@ class NodeStatus:
     # Events of the cluster's history this node dropped since its start (the store was slow
     # or down: agent/events.py). Left out of the record while 0, so older versions read it.
     events_dropped: int = 0
+    # Issue 15 (left out of the record while empty, so older versions read it): the keys of the
+    # maintenance intents this node last saw (Intent.key), sorted. A peer takes over none of
+    # the groups they cover from this node until it publishes a record without them (it has
+    # then seen maintenance end, and enforces its lease again): docs/design.md, "Maintenance".
+    maintenance: tuple[str, ...] = ()
 
 
 EMPTY = NodeStatus()  # a node that published no status (yet), or one that did not parse
@@ -160,6 +167,42 @@ class Event:
     # had been silent when this node decided, fencing, winning the claim, starting the group).
     phases: dict[str, float] = attrs.field(factory=dict)
     seq: int = 0  # assigned by the store when appended (0 before): increasing
+
+
+# --- operator intents: what an operator asked of the cluster (reconciler/decide/intents.py) ----
+
+INTENT_KINDS = ("move", "standby", "maintenance")
+
+
+@attrs.frozen
+class Intent:
+    """One operator intent, cluster-wide, in the store: `move` a group to `target`, keep
+    `node` in `standby`, or hold a scope in `maintenance` (the whole cluster, a `group`, or
+    the groups a `node` owns). One per key (Intent.key); put again, it replaces the one
+    there; deleted only as the very instance read (its random `id`)."""
+
+    kind: str  # one of INTENT_KINDS
+    id: str  # random hex, new with every put: the instance a delete names
+    group: str = ""  # move; maintenance of a group
+    node: str = ""  # standby; maintenance of a node's groups
+    target: str = ""  # move: the node it goes to
+    created: float = 0.0  # the writer's wall time (for people and --wait)
+    expires: float | None = None  # move: the writer's wall time it gives up (timed out)
+    who: str = ""  # "cli@HOST" or a node name
+
+    @property
+    def key(self) -> str:
+        """Where it lives: move/GROUP, standby/NODE, maintenance, maintenance/group/GROUP,
+        maintenance/node/NODE (one of each at a time)."""
+        if self.kind == "move":
+            return f"move/{self.group}"
+        if self.kind == "standby":
+            return f"standby/{self.node}"
+        if self.group:
+            return f"maintenance/group/{self.group}"
+        if self.node:
+            return f"maintenance/node/{self.node}"
+        return "maintenance"
 
 
 # --- the converter: private, strict --------------------------------------------------------
@@ -284,8 +327,34 @@ _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional
 _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
           twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus),
-          events_dropped=_int)
+          events_dropped=_int,
+          maintenance=_strings)
 _register(SpecFile, name=_str, text=_str)
+
+
+def _intent_kind(value: Any, _t: Any = None) -> str:
+    kind = _str(value)
+    if kind not in INTENT_KINDS:
+        raise _Bad(f"{kind[:40]!r} is not an intent kind ({', '.join(INTENT_KINDS)})")
+    return kind
+
+
+def _name_or_empty(value: Any, _t: Any = None) -> str:
+    name = _str(value)
+    if name and not valid_name(name):
+        raise _Bad(f"{name[:40]!r} is not a valid name")
+    return name
+
+
+def _hex(value: Any, _t: Any = None) -> str:
+    text = _str(value)
+    if not (1 <= len(text) <= 32 and all(c in "0123456789abcdef" for c in text)):
+        raise _Bad(f"{text[:40]!r} is not an id (1 to 32 hex digits)")
+    return text
+
+
+_register(Intent, kind=_intent_kind, id=_hex, group=_name_or_empty, node=_name_or_empty, target=_name_or_empty,
+          created=_float, expires=_optional(_float), who=_str)
 
 
 def _files(value: Any, _t: Any = None) -> tuple[SpecFile, ...]:
@@ -331,7 +400,8 @@ _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatu
 # A group's issue-16 fields only when set: a record without them is what older versions write and read.
 _omitted: dict[str, Any] = {f: override(omit_if_default=True) for f in ("failures", "banned", "banned_until", "cleared")}
 _conv.register_unstructure_hook(GroupStatus, make_dict_unstructure_fn(GroupStatus, _conv, **_omitted))
-_conv.register_unstructure_hook(NodeStatus, make_dict_unstructure_fn(NodeStatus, _conv, events_dropped=override(omit_if_default=True)))
+_conv.register_unstructure_hook(NodeStatus, make_dict_unstructure_fn(NodeStatus, _conv, events_dropped=override(omit_if_default=True),
+                                                                   maintenance=override(omit_if_default=True)))
 
 
 def _structure(value: Any, cls: type[_T]) -> _T:
@@ -410,3 +480,26 @@ def _record_loads(text: str | bytes, cls: type[_T], what: str) -> _T:
         return _structure(doc, cls)
     except _Bad as exc:
         raise StatusError(f"{what}{exc.sub}: {exc}") from None
+
+
+def intent_dumps(intent: Intent) -> str:
+    """The text a store keeps for one intent (JSON, keys sorted: equal intents, equal text)."""
+    return json.dumps(_conv.unstructure(intent), sort_keys=True, separators=(",", ":"))
+
+
+def intent_doc(intent: Intent) -> dict[str, Any]:
+    """One intent's JSON-able document (for --json output)."""
+    return cast("dict[str, Any]", _conv.unstructure(intent))
+
+
+def intent_loads(text: str | bytes) -> Intent:
+    """intent_dumps() read back; StatusError (one line, with the field path) if it does not
+    parse, or if its fields do not make one intent (a move without a group and target...)."""
+    intent = _record_loads(text, Intent, "intent")
+    need = {"move": ("group", "target"), "standby": ("node",), "maintenance": ()}[intent.kind]
+    for field in need:
+        if not getattr(intent, field):
+            raise StatusError(f"intent.{field}: a {intent.kind} intent needs one")
+    if intent.kind == "maintenance" and intent.group and intent.node:
+        raise StatusError("intent.node: a maintenance intent has one scope: a group or a node, not both")
+    return intent

@@ -672,7 +672,7 @@ def test_status_json_shape(env, agents):
     wait_for(lambda: env.entry_status("g", "s").get("pid") == pid, 5, "status published")
     p = reconcile("status", "--spec", str(env.spec_dir), "--node", NODE, "--json", check=0)
     doc = json.loads(p.stdout)
-    assert set(doc) == {"nodes", "groups", "summary", "problems", "spec_error"}
+    assert set(doc) == {"nodes", "groups", "summary", "problems", "spec_error", "intents"}
     n = doc["nodes"][NODE]
     assert n["live"] is True and isinstance(n["heartbeat_age"], float) and n["spec_differs"] is False and n["spec_error"] == ""
     g = doc["groups"]["g"]

@@ -45,7 +45,7 @@ def test_first_start_creates_the_store_and_nothing_else_does(tmp_path):
     with pytest.raises(StoreError):
         run(bare.read())  # absent: unreachable, not empty
     run(bare.setup())  # what the agent does once at start-up
-    assert sorted(os.listdir(tmp_path / "store")) == ["claims", "ends", "events", "generations", "nodes", "spec", "status"]
+    assert sorted(os.listdir(tmp_path / "store")) == ["claims", "ends", "events", "generations", "intents", "nodes", "spec", "status"]
     assert os.stat(tmp_path / "store").st_mode & 0o022 == 0
     run(bare.publish(Heartbeat(node="n1", counter=1)))
     assert run(bare.read()).members["n1"].counter == 1

@@ -49,9 +49,16 @@ METRICS = frozenset(
         "reconciler_bans_total",
         # issue 15: the cluster's history
         "reconciler_events_total",
+        # issue 15: operator intents
+        "reconciler_groups_in_maintenance",
+        "reconciler_nodes_in_standby",
+        "reconciler_maintenance_started_timestamp_seconds",
+        "reconciler_moves_total",
+        "reconciler_switchover_seconds",
     }
 )
-HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds", "reconciler_probe_duration_seconds"})
+HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds", "reconciler_probe_duration_seconds",
+                        "reconciler_switchover_seconds"})
 _NAME = re.compile(r"\breconciler_[a-z_]+")
 _SERIES = re.compile(r"_(bucket|sum|count)$")
 

@@ -413,14 +413,20 @@ def vip_cluster(lab: Lab, tmp_path: Path) -> tuple[Cluster, dict[str, str], Path
     return c, nets, target
 
 
-def test_crashed_owner_address_and_guard_move_never_on_both(lab, tmp_path):
-    c, nets, target = vip_cluster(lab, tmp_path)
-    owner = c.runs_on_one("vipg")
-    other = next(n for n in nets if n != owner)
+def polled_vip(lab: Lab, nets: dict[str, str]) -> Poller:
+    """A Poller of both nodes' namespaces for VIP, sampling already (stopped with the lab)."""
     poller = Poller([nets["n1"], nets["n2"]], VIP)
     lab.pollers.append(poller)
     poller.begin()
     wait_until(lambda: len(poller.samples) >= 5, 5, what="the poller's first samples")
+    return poller
+
+
+def test_crashed_owner_address_and_guard_move_never_on_both(lab, tmp_path):
+    c, nets, target = vip_cluster(lab, tmp_path)
+    owner = c.runs_on_one("vipg")
+    other = next(n for n in nets if n != owner)
+    poller = polled_vip(lab, nets)
 
     t0 = time.monotonic()
     c.nodes[owner].crash()
@@ -451,10 +457,7 @@ def test_paused_owner_keeper_removes_the_address_before_the_peer_adds_it(lab, tm
     listed = tmp_path / "state" / owner / "resources.json"
     items = {(r["kind"], r.get("ip") or r.get("target")) for r in json.loads(listed.read_text())["resources"]}
     assert items == {("mount", str(target)), ("address", VIP_CIDR)}
-    poller = Poller([nets["n1"], nets["n2"]], VIP)
-    lab.pollers.append(poller)
-    poller.begin()
-    wait_until(lambda: len(poller.samples) >= 5, 5, what="the poller's first samples")
+    poller = polled_vip(lab, nets)
 
     t0 = time.monotonic()
     node.pause()  # the agent stops, its keeper does not: at the lease deadline it cleans up

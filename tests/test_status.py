@@ -118,7 +118,8 @@ def test_the_json_keys_are_the_fields():
     doc = overview.Overview(nodes={"n1": node()}, groups={"g": row(RUNNING)},
                             summary=overview.summary({"n1": node()}, {"g": row(RUNNING)}), problems=())
     out = json.loads(json.dumps(overview.to_json(doc)))
-    assert set(out) == {"nodes", "groups", "summary", "problems", "spec_error"}
+    assert set(out) == {"nodes", "groups", "summary", "problems", "spec_error", "intents"}
+    assert out["intents"] == {"maintenance": [], "standby": [], "moves": {}}
     assert set(out["groups"]["g"]) == {"desired", "owner", "generation", "actual", "state", "entries", "failures", "notes",
                                        "group_failures", "bans", "banned_everywhere"}
     assert out["summary"] == {"nodes": 1, "live": 1, "groups": 1, "states": {"running": 1}}
@@ -276,3 +277,16 @@ def test_a_failure_is_published_with_its_wall_time_the_same_on_every_pass():
     assert fit.since is not None and abs(fit.since - (time.time() - (time.monotonic() - 100.0))) < 1.0  # wall time
     assert again == first  # an idle node publishes the same record
     assert first.groups["web"].entries["svc"].since is None  # only failures carry a time
+
+
+def test_the_operators_intents_are_shown():
+    from reconciler.agent.status import intent_rows
+    from reconciler.published import Intent
+
+    found = {i.key: i for i in (Intent(kind="maintenance", id="a"), Intent(kind="maintenance", id="b", group="web"),
+                                Intent(kind="standby", id="c", node="n2"), Intent(kind="move", id="d", group="db", target="n3"))}
+    rows = intent_rows(found)
+    assert rows == overview.Intents(maintenance=("cluster", "group web"), standby=("n2",), moves={"db": "n3"})
+    assert overview.intent_lines(rows) == ["maintenance: cluster, group web (observed only, nothing changed)", "standby: n2",
+                                           "moving: db -> n3"]
+    assert overview.intent_lines(overview.Intents()) == []

@@ -107,21 +107,9 @@ class ResourceBook:
         doc = json.dumps({"node": self.node, "resources": items}, sort_keys=True)
         if doc == self._doc:
             return
-        tmp = self.resource_file.with_name(f".{self.resource_file.name}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                data = (doc + "\n").encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.resource_file)
+            replace_file(self.resource_file, doc + "\n")
         except OSError as exc:
-            try:
-                os.unlink(tmp)  # a partial copy must not keep the space a retry needs
-            except OSError:
-                pass
             error = f"cannot write {self.resource_file}: {exc.strerror or exc}"
             if error != self._error:
                 self._error = error
@@ -133,6 +121,28 @@ class ResourceBook:
         if self._error:
             log.warning("%s written again", self.resource_file)
             self._error = ""
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` as a whole for the keeper: a temporary file beside it (never followed
+    through a link), renamed over it; OSError if that fails (a short write included), and
+    then no partial copy is left to keep the space a retry needs."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            data = text.encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def listed(resource_file: str | os.PathLike) -> dict[tuple[str, str], ownership.Held]:

@@ -23,7 +23,7 @@ from reconciler.act.book import ResourceBook
 from reconciler.act.ledger import Ledger
 from reconciler.decide import backoff
 from reconciler.decide.plan import Action
-from reconciler.store import Claim, Store, StoreError
+from reconciler.store import Claim, Intent, Store, StoreError
 
 log = logging.getLogger("reconciler.act")
 
@@ -40,6 +40,8 @@ class Events:
     claimed: Callable[[str, Claim | None], None] = lambda group, claim: None
     fenced: Callable[[str, fencemod.Outcome], None] = lambda group, outcome: None
     taken_over: Callable[[str, Claim], None] = lambda group, claim: None
+    handed_over: Callable[[str, Claim], None] = lambda group, claim: None  # the new claim, the target's
+    intent_ended: Callable[[Intent, str], None] = lambda intent, result: None  # a move done/refused/timed out
     claim_attempt: Callable[[str, bool], None] = lambda group, won: None  # every store.claim answer
     done: Callable[[Action, bool, str], None] = lambda a, ok, message: None  # what the log line says (agent/events.py)
 
@@ -159,6 +161,20 @@ class Executor:
             return True, "released" if won else "already gone"
         if a.kind == "takeover":
             return await self._takeover(spec, a)
+        if a.kind == "handover":
+            assert a.claim is not None
+            handed = await self._store(lambda: self.store.hand_over(a.claim, a.target), "handover")
+            if handed is None:
+                return False, "the claim was no longer this node's"
+            self.events.claimed(a.group, handed)  # the view shows the new owner before the next read
+            self.events.handed_over(a.group, handed)
+            return True, f"handed to {a.target}: generation {handed.generation}"
+        if a.kind == "forget":
+            assert a.intent is not None
+            intent = a.intent
+            gone = await self._store(lambda: self.store.intent_delete(intent.key, token=intent.id), "forget")
+            self.events.intent_ended(intent, a.reason)
+            return True, "intent removed" if gone else "intent already gone"
         return False, f"unknown action kind {a.kind}"
 
     async def _takeover(self, spec: specmod.Spec, a: Action) -> tuple[bool, str]:

@@ -70,7 +70,8 @@ async def cluster_view(spec: specmod.Spec, node: str, down: tuple[str, ...]) -> 
         m = members.get(n) or Member(name=n, last_change=now)
         members[n] = attrs.evolve(m, last_change=now - t.dead_after, up=False)
     # Unclaimed groups: show what the best candidate would do (others wait for it).
-    return attrs.evolve(view, members=members, unclaimed_since={g: now for g in view.unclaimed_since})
+    return attrs.evolve(view, members=members, unclaimed_since={g: now for g in view.unclaimed_since},
+                        intents=look.snapshot.intents, wall=time.time())
 
 
 def with_health(spec: specmod.Spec, observed: Observed, view: ClusterView, ledger: Ledger, now: float) -> Observed:

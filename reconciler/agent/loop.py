@@ -33,6 +33,7 @@ from reconciler.cluster import lease as leasemod
 from reconciler.cluster import watch as watchmod
 from reconciler.spec import loader
 from reconciler.observe.observer import Observer
+from reconciler.decide import intents
 from reconciler.decide import plan as planmod
 from reconciler.cluster import renewal
 from reconciler.spec import watch as specwatch
@@ -40,6 +41,7 @@ from reconciler.agent import status as statusmod
 from reconciler.act import executor as executormod
 from reconciler.act import process, resources
 from reconciler.act.book import ResourceBook
+from reconciler.act.exemptions import Exemptions
 from reconciler.act.ledger import Ledger
 from reconciler.observe.events import KernelEvents
 from reconciler.observe.probes import Prober
@@ -125,6 +127,7 @@ class Agent:
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake,
                                              on_failure=self.ledger.record)
         self.book = ResourceBook(node=self.node, resource_file=None if self.once else self.node_dir / "resources.json")
+        self.exemptions = Exemptions(None if self.once else self.node_dir / "maintenance.json")
         # The executor's events are metrics', except that a claim won or ended goes straight to
         # the cluster watch (the view shows it before the next read).
         events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.watch.set_claim)
@@ -324,13 +327,17 @@ class Agent:
                 follow.cancel()
 
     def _anything_runs(self) -> bool:
-        return any(st.active for st in self.observer.observe(time.monotonic()).entries.values())
+        # (groups in maintenance are left running by a shutdown, as by everything else: the
+        # keeper spares them, and the next agent adopts them)
+        spared = intents.exempt(self.watch.view, self.spec.groups)
+        return any(st.active and st.group not in spared for st in self.observer.observe(time.monotonic()).entries.values())
 
     async def _release_all(self) -> None:
         if not self.instance.may_release():
             return  # the claims under this name may be another agent's (node identity)
+        spared = intents.exempt(self.watch.view, self.spec.groups)  # kept: they run on, in maintenance
         for g, c in list(self.watch.view.claims.items()):
-            if c.node == self.node:
+            if c.node == self.node and g not in spared:
                 try:
                     await self.store.release(c)
                     self.history.record("release", g, "the agent stops")
@@ -369,10 +376,13 @@ class Agent:
             self.supervisor.save()
             self.book.save()  # observation may have adopted or dropped some
             state_errors = tuple(e for e in (self.supervisor.save_error, self.lease.file_error) if e)
+            # The keeper spares the groups in maintenance; until it is told, this node shows maintenance still.
+            told = self.exemptions.save(intents.exempt(view, spec.groups))
             doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.specsync.error, digest=self._digest(spec),
                                         state_errors=state_errors, spec_revision=self.specsync.revision,
                                         restarts=self.executor.restart_reasons, cleared=self.ledger.cleared,
-                                        events_dropped=self.history.dropped)
+                                        events_dropped=self.history.dropped,
+                                        maintenance=None if told else ("maintenance",))
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
             self.metrics.tick(  # (the spec as loaded: while stopping, `spec` says runlevel stop)

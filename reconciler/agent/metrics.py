@@ -16,11 +16,13 @@ import prometheus_client as prom
 from reconciler import spec as specmod
 from reconciler.act import process
 from reconciler.act.executor import Events
+from reconciler.decide import intents
 from reconciler.decide.intent import Plan
 from reconciler.observe import STATES, Observed
 from reconciler.store import ClusterView
 
-KINDS = ("start", "stop", "restart", "reset", "claim", "release", "takeover")
+KINDS = ("start", "stop", "restart", "reset", "claim", "release", "takeover", "handover", "forget")
+MOVE_RESULTS = ("done", "refused", "timed_out")  # reconciler_moves_total (issue 15)
 PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PHASE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
@@ -97,6 +99,22 @@ class Metrics:
             "reconciler_group_banned", "1 while this node is banned from the group (it gave it up: max_failures); 0 if not,"
             " for every group this node may run.", L + ["group"], registry=r)
         self.bans = prom.Counter("reconciler_bans", "Bans of this node from a group (give-ups).", L + ["group"], registry=r)
+        # Operator intents (issue 15): see intents_seen and the executor's intent events.
+        self.in_maintenance = prom.Gauge(
+            "reconciler_groups_in_maintenance", "Groups of the spec this node leaves alone: in maintenance.", L, registry=r)
+        self.in_standby = prom.Gauge("reconciler_nodes_in_standby", "Nodes in standby, as this node reads the store.", L,
+                                     registry=r)
+        self.maintenance_since = prom.Gauge(
+            "reconciler_maintenance_started_timestamp_seconds",
+            "Unix time the oldest maintenance this node sees was set (its writer's clock; 0: none).", L, registry=r)
+        self.moves = prom.Counter("reconciler_moves", "Moves of groups this node ended, by result (done on the target).",
+                                  L + ["result"], registry=r)
+        self.switchover = prom.Histogram(
+            "reconciler_switchover_seconds",
+            "A move's phases: stop (the owner: its stop began -> claim handed over), start (the target: the handed "
+            "claim first seen -> the group runs there).", L + ["phase"], registry=r, buckets=PHASE_BUCKETS)
+        self._intents_shown = True  # the intent gauges are not all zero yet (set at the first pass)
+        self._moving: dict[str, float] = {}  # group -> monotonic time its stop for a move (owner) or its arrival (target) began
         self._banned_now: set[str] = set()
         self._probe_children: dict[tuple[str, str, str], tuple] = {}
         self._unhealthy_now: set[tuple[str, str]] = set()
@@ -116,6 +134,9 @@ class Metrics:
             self.reloads.labels(node, res)
         for res in ("won", "lost"):
             self.claims.labels(node, res)
+        for res in MOVE_RESULTS:
+            self.moves.labels(node, res)
+        self.maintenance_since.labels(node).set(0)
         for res in ("ok", "failed"):
             self.fence.labels(node, res)
         for res in ("appended", "dropped"):
@@ -164,6 +185,7 @@ class Metrics:
         self.ticks.labels(n, "ok").inc()
         self.last_ok.labels(n).set(time.time())
         self.twin.labels(n).set(1 if view.twin else 0)
+        self.intents_seen(view, groups)
         if skipped_total > self._skipped_seen:
             self.skipped.labels(n).inc(skipped_total - self._skipped_seen)
         self._skipped_seen = max(self._skipped_seen, skipped_total)
@@ -258,6 +280,8 @@ class Metrics:
 
         def action(a, result, seconds):
             self.actions.labels(n, a.kind, result).inc()
+            if a.kind == "stop" and a.reason.startswith("moving to"):
+                self._moving.setdefault(a.group, time.monotonic() - seconds)
             if a.kind == "restart":
                 self.restarts.labels(n, a.group, "unhealthy").inc()
             elif a.kind == "start" and a.reason.startswith("respawn"):
@@ -278,9 +302,21 @@ class Metrics:
             if detect is not None:
                 self.detected(detect[1])
 
+        def handed_over(group, claim):
+            began = self._moving.pop(group, None)
+            if began is not None:
+                self.switchover.labels(n, "stop").observe(time.monotonic() - began)
+
+        def intent_ended(intent, result):
+            kind = "done" if result.startswith("move done") else "timed_out" if result.startswith("timed out") else "refused"
+            self.moves.labels(n, kind).inc()
+            began = self._moving.pop(intent.group, None)
+            if kind == "done" and began is not None:
+                self.switchover.labels(n, "start").observe(time.monotonic() - began)
+
         return Events(
             action=action, retry=lambda kind: self.retries.labels(n, kind).inc(), fenced=fenced, taken_over=taken_over,
-            claim_attempt=lambda group, won: self.claim_attempt(won),
+            claim_attempt=lambda group, won: self.claim_attempt(won), handed_over=handed_over, intent_ended=intent_ended,
         )
 
     def events_appended(self, n: int) -> None:
@@ -288,6 +324,22 @@ class Metrics:
 
     def events_dropped(self, n: int) -> None:
         self.events.labels(self.node, "dropped").inc(n)
+
+    def intents_seen(self, view: ClusterView, groups: Mapping[str, specmod.Group]) -> None:
+        """The operator's intents as this pass read them (decide/intents.py)."""
+        n = self.node
+        found = view.intents
+        if not found and not self._intents_shown:
+            return  # (the usual case: zero, as set at the start)
+        self._intents_shown = bool(found)
+        upkeep = [i for i in found.values() if i.kind == "maintenance"]
+        self.in_standby.labels(n).set(sum(1 for i in found.values() if i.kind == "standby"))
+        self.maintenance_since.labels(n).set(min((i.created for i in upkeep), default=0))
+        self.in_maintenance.labels(n).set(sum(1 for g in groups if upkeep and intents.frozen(view, g, view.claims.get(g))))
+        for g, c in view.claims.items():  # a claim handed to this node: the start phase of a move begins
+            move = found.get(f"move/{g}")
+            if c.node == n and move is not None and move.target == n:
+                self._moving.setdefault(g, time.monotonic())
 
     def detected(self, seconds: float) -> None:
         self.phase.labels(self.node, "detect").observe(seconds)

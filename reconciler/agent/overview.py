@@ -83,12 +83,22 @@ class Summary:
 
 
 @attrs.frozen
+class Intents:
+    """The operator's intents in the store (issue 15: decide/intents.py)."""
+
+    maintenance: tuple[str, ...] = ()  # scopes: "cluster", "group G", "node N"
+    standby: tuple[str, ...] = ()  # nodes
+    moves: dict[str, str] = attrs.field(factory=dict)  # group -> the node it is moving to
+
+
+@attrs.frozen
 class Overview:
     nodes: dict[str, NodeRow]
     groups: dict[str, GroupRow]
     summary: Summary
     problems: tuple[str, ...]  # what is not as desired (`--check` fails on any)
     spec_error: str = ""  # the spec on disk does not load: groups are those the nodes publish
+    intents: Intents = Intents()
 
 
 # --- judgements ---------------------------------------------------------------------------
@@ -277,5 +287,18 @@ def render(doc: Overview, *, now: float) -> str:
             left = "" if until is None else f", {max(0.0, until - now):.0f}s left"
             out.append(f"  [{node}] banned ({g.group_failures.get(node, 0)} failures{left})")
     out.append("")
+    out.extend(intent_lines(doc.intents))
     out.append(summary_line(doc.summary))
     return "\n".join(out)
+
+
+def intent_lines(i: Intents) -> list[str]:
+    """The operator's intents, one line each kind that has any (none: no line)."""
+    out = []
+    if i.maintenance:
+        out.append(f"maintenance: {', '.join(i.maintenance)} (observed only, nothing changed)")
+    if i.standby:
+        out.append(f"standby: {', '.join(i.standby)}")
+    if i.moves:
+        out.append("moving: " + ", ".join(f"{g} -> {n}" for g, n in i.moves.items()))
+    return out

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from reconciler.agent import overview
 from reconciler.cluster.survey import Look
 from reconciler import spec as specmod
-from reconciler.decide import health, placement
+from reconciler.decide import health, intents, placement
 from reconciler.model import Probe
-from reconciler.published import EntryStatus, GroupStatus, MemberStatus, NodeStatus
+from reconciler.published import EntryStatus, GroupStatus, Intent, MemberStatus, NodeStatus
 from reconciler.observe import Observed
 from reconciler.decide.plan import Plan
 from reconciler.store import ClusterView
@@ -45,6 +45,7 @@ def node_status(
     restarts: Mapping[tuple[str, str], str] = {},
     cleared: Mapping[str, str] = {},
     events_dropped: int = 0,
+    maintenance: tuple[str, ...] | None = None,
 ) -> NodeStatus:
     """The status this node publishes with its heartbeat (`digest`: spec.digest(), if known;
     `restarts`: why the executor last restarted each entry; `cleared`: the id of the last
@@ -114,6 +115,8 @@ def node_status(
         eligible_groups=tuple(sorted(eligible)),
         groups=groups,
         events_dropped=events_dropped,
+        # What this node saw (None: the view's): peers wait for it to see the end.
+        maintenance=intents.maintenance(view) if maintenance is None else maintenance,
     )
 
 
@@ -210,4 +213,17 @@ def cluster_status(spec: specmod.Spec, look: Look, *, now: float, published_grou
             banned_everywhere=banned_everywhere,
         )
     return overview.Overview(nodes=nodes, groups=groups, summary=overview.summary(nodes, groups),
-                             problems=overview.problems(nodes, groups))
+                             problems=overview.problems(nodes, groups), intents=intent_rows(snap.intents))
+
+
+def intent_rows(found: Mapping[str, Intent]) -> overview.Intents:
+    """The operator's intents for `reconcile status` (issue 15)."""
+    scopes = []
+    for key in sorted(k for k, i in found.items() if i.kind == "maintenance"):
+        i = found[key]
+        scopes.append(f"group {i.group}" if i.group else f"node {i.node}" if i.node else "cluster")
+    return overview.Intents(
+        maintenance=tuple(scopes),
+        standby=tuple(sorted(i.node for i in found.values() if i.kind == "standby")),
+        moves={i.group: i.target for _, i in sorted(found.items()) if i.kind == "move"},
+    )

@@ -585,3 +585,5 @@ def clear(ctx, group, spec_path, node, timeout) -> None:
 # own; importing it adds them to `main`.
 from reconciler.cli import clusterspec as _clusterspec  # noqa: E402,F401
 from reconciler.cli import history as _history  # noqa: E402,F401 (`reconcile events`)
+# The operator's intent commands (move, standby, unstandby, maintenance): cli/operator.py.
+from reconciler.cli import operator as _operator  # noqa: E402,F401

@@ -32,10 +32,11 @@ def local_or_fail(path: str) -> tuple[specmod.Spec, dict]:
         raise AssertionError  # unreachable
 
 
-def store_op(path: str, op, *, error_code: int = 1, no_spec=None) -> NoReturn:
+def store_op(path: str, op, *, error_code: int = 1, no_spec=None, after=None) -> NoReturn:
     """Run `op(store, local)` (agent/specops.py) on the store this node's settings name; print
     its lines, exit with its code; its OpError or a StoreError: one line, `error_code`.
-    `no_spec()`: what to do instead when the store holds no cluster spec yet."""
+    `no_spec()`: what to do instead when the store holds no cluster spec yet; `after()`: what
+    to do once it succeeded (--wait), before exiting 0."""
     from reconciler.agent import specops
     from reconciler.cluster import survey
     from reconciler.store import StoreError
@@ -62,7 +63,39 @@ def store_op(path: str, op, *, error_code: int = 1, no_spec=None) -> NoReturn:
         fail(str(exc), error_code)
     for line in lines:
         click.echo(line)
+    if code == 0 and after is not None:
+        after()
     sys.exit(code)
+
+
+def wait_option(fn):
+    """--wait and --timeout for a command that changes the cluster spec."""
+    fn = click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+                      help="seconds --wait waits")(fn)
+    return click.option("--wait", "wait", is_flag=True,
+                        help="wait until every live node runs the new revision and every group converged to it "
+                             "(exit 1 if not within --timeout)")(fn)
+
+
+def waiter(ctx: click.Context, spec_path: str, wait: bool, timeout: float):
+    """The `after` of store_op for --wait: the store's current revision, then its convergence."""
+    if not wait:
+        return None
+
+    def after() -> None:
+        from reconciler.agent import intentops
+        from reconciler.cli.operator import wait_for
+
+        node_file = ctx.obj.get("node_file")
+        try:
+            spec, number = intentops.with_revision(intentops.load_spec(spec_path, node_file=node_file), spec_path,
+                                                   node_file=node_file)
+        except intentops.OpError as exc:
+            fail(str(exc))
+        wait_for(spec, "revision", timeout=timeout, revision=number)
+        click.echo(f"converged: every live node runs revision {number}")
+
+    return after
 
 
 @main.command(epilog=epilog("reconcile tell web stop", "reconcile tell web run --local --spec /etc/reconciler/web.toml"))
@@ -71,8 +104,9 @@ def store_op(path: str, op, *, error_code: int = 1, no_spec=None) -> NoReturn:
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
 @click.option("--local", "local_file", is_flag=True,
               help="edit the local spec file instead of the cluster spec in the store (a node that runs alone)")
+@wait_option
 @click.pass_context
-def tell(ctx, group, runlevel, spec_path, local_file) -> None:
+def tell(ctx, group, runlevel, spec_path, local_file, wait, timeout) -> None:
     """Set GROUP's desired RUNLEVEL in the cluster spec: a new revision in the store (comments
     kept), from any node, owner or not; every agent converges and writes it into its files.
     Before any agent has seeded the store (or with --local): in the local spec file."""
@@ -91,11 +125,13 @@ def tell(ctx, group, runlevel, spec_path, local_file) -> None:
         sys.exit(0)
 
     if local_file:
+        if wait:
+            ctx.fail("--wait watches the cluster spec in the store: not with --local")
         in_the_file()
     from reconciler.agent import specops
 
     store_op(spec_path, lambda store, local: specops.tell(store, group, runlevel, spec_path=spec_path, local=local),
-             no_spec=in_the_file)
+             no_spec=in_the_file, after=waiter(ctx, spec_path, wait, timeout))
 
 
 @main.command(epilog=epilog("reconcile apply", "reconcile apply --dry-run /etc/reconciler", "reconcile apply --force new.toml"))
@@ -103,8 +139,9 @@ def tell(ctx, group, runlevel, spec_path, local_file) -> None:
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
 @click.option("--dry-run", "dry", is_flag=True, help="print what would change, apply nothing")
 @click.option("--force", is_flag=True, help="apply files edited on an older revision than the store's")
+@wait_option
 @click.pass_context
-def apply(ctx, path, spec_path, dry, force) -> None:
+def apply(ctx, path, spec_path, dry, force, wait, timeout) -> None:
     """Validate PATH (files or a directory; default: the spec) and publish it as the cluster
     spec's next revision, after a summary of what changes. Exit 0 applied (or nothing to
     apply), 1 on an error or a conflict."""
@@ -113,6 +150,8 @@ def apply(ctx, path, spec_path, dry, force) -> None:
     spec_path = own(ctx, "spec", spec_path)
     path = path or spec_path
     node_file = ctx.obj.get("node_file")
+    if wait and dry:
+        ctx.fail("--wait waits for what is applied: not with --dry-run")
 
     def base_of(new: specmod.Spec) -> int | None:
         synced = clusterspec.synced_for(new, path)
@@ -121,7 +160,8 @@ def apply(ctx, path, spec_path, dry, force) -> None:
         return synced.revision
 
     store_op(spec_path, lambda store, local: specops.apply(store, path, node_file=node_file, local=local, force=force,
-                                                           dry_run=dry, base_of=base_of, node=ctx.obj["node"]))
+                                                           dry_run=dry, base_of=base_of, node=ctx.obj["node"]),
+             after=waiter(ctx, spec_path, wait, timeout))
 
 
 @main.command(epilog=epilog("reconcile diff", "reconcile diff new.toml && echo same"))

@@ -79,6 +79,8 @@ class Watch:
             view = attrs.evolve(view, membership_error=self._membership_error)
         if snap.spec_revision != view.spec_revision:
             view = attrs.evolve(view, spec_revision=snap.spec_revision)
+        if snap.intents:
+            view = attrs.evolve(view, intents=snap.intents, wall=time.time())
         self.view = view
         if not error:
             self.read_at = now

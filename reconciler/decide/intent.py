@@ -6,8 +6,11 @@ from __future__ import annotations
 import attrs
 
 from reconciler.model import Claim
+from reconciler.published import Intent
 
-KINDS = ("start", "stop", "restart", "reset", "claim", "release", "takeover")  # restart: an unhealthy entry (decide/health.py)
+# restart: an unhealthy entry (decide/health.py); handover: give the claim to `target` (a move,
+# standby); forget: remove the operator's `intent` (a move done, refused or timed out)
+KINDS = ("start", "stop", "restart", "reset", "claim", "release", "takeover", "handover", "forget")
 
 
 @attrs.frozen
@@ -23,6 +26,8 @@ class Action:
     # restart, stop: the failure of the group here that this action records (decide/health.py:
     # an unhealthy entry; "" none): the executor counts it before acting
     failure: str = ""
+    target: str = ""  # handover: the node the claim goes to
+    intent: Intent | None = None  # handover (a move's), forget: the operator's intent concerned
 
     def describe(self) -> str:
         what = f"{self.group}/{self.tag}" if self.tag else self.group

@@ -259,10 +259,12 @@ def _report(node: str, status: NodeStatus) -> tuple[tuple[str, ...], tuple[str, 
 class Roster:
     """The placement rules that look at the members, for one view at one time, asked for many groups."""
 
-    __slots__ = ("view", "now", "dead_after", "_names", "_live", "_rankings", "_reports")
+    __slots__ = ("view", "now", "dead_after", "_names", "_live", "_rankings", "_reports", "_away")
 
     def __init__(self, view: ClusterView, now: float, dead_after: float):
         self.view, self.now, self.dead_after = view, now, dead_after
+        # Nodes in standby (an operator's intent: decide/intents.py) rank for nothing.
+        self._away = frozenset(i.node for i in view.intents.values() if i.kind == "standby") if view.intents else frozenset()
         self._names: set[str] = set()  # every member, and this node
         self._live: frozenset[str] = frozenset()
         self._rankings: dict[str, _Ranking] | None = None  # the memo for this live set
@@ -304,6 +306,13 @@ class Roster:
         self, g: specmod.Group, observed: Observed, exclude: str = "", unseen_rank: bool = False
     ) -> tuple[list[str], int]:
         """(candidates(...) as above, the index of this node in them or -1)."""
+        out, rank = self._ranked(g, observed, exclude, unseen_rank)
+        if self._away:
+            out = [n for n in out if n not in self._away]
+            rank = _index_of(self.view.node, out)
+        return out, rank
+
+    def _ranked(self, g: specmod.Group, observed: Observed, exclude: str, unseen_rank: bool) -> tuple[list[str], int]:
         unfit_by_group = self._peer_reports()[0]
         me = self.view.node
         live, names = self._live, self._names

@@ -16,6 +16,7 @@ import attrs
 
 from reconciler.decide import entries
 from reconciler.decide import health
+from reconciler.decide import intents
 from reconciler.decide import placement
 from reconciler import spec as specmod
 # Re-exported (explicitly, the `as` form): plan.Action and plan.Plan are the planner's interface.
@@ -56,9 +57,21 @@ def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) 
     names = list(spec.groups) + sorted(set(observed.by_group) - set(spec.groups))
     t = spec.cluster.timing
     roster = placement.Roster(view, now, t.dead_after)  # placement's per-view work, done once
+    turn = ""
+    if view.intents and view.node in intents.standby(view):
+        turn = intents.standby_turn(spec, view, movable=lambda g: bool(intents.mover(
+            g, view, now, dead_after=t.dead_after, wall=view.wall, roster=roster, obs=observed, standby_turn=True).target))
     for name in names:
         g = spec.groups.get(name)
-        part = _removed(name, observed, view, now, t) if g is None else _group(g, t, observed, view, now, roster)
+        # In maintenance (an operator's intent) nothing about the group changes: no action at
+        # all, not even a self-demotion (decide/intents.py; docs/design.md, "Maintenance").
+        frozen = intents.frozen(view, name, view.claims.get(name)) if view.intents else ""
+        if frozen:
+            part = _Part(note=frozen)
+        elif g is None:
+            part = _removed(name, observed, view, now, t)
+        else:
+            part = _group(g, t, observed, view, now, roster, turn=turn)
         if name in observed.busy and not any(a.urgent for a in part.actions):
             continue  # its previous actions are still running; it is planned again after
         actions.extend(part.actions)
@@ -72,13 +85,15 @@ def plan(spec: specmod.Spec, observed: Observed, view: ClusterView, now: float) 
 
 
 def _group(
-    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, roster: placement.Roster
+    g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, roster: placement.Roster,
+    *, turn: str = "",
 ) -> _Part:
     me = view.node
     claim = view.claims.get(g.name)
     can_run = view.quorum and view.may_run and now < view.lease_until - t.demote_margin
     if claim is not None and claim.node == me:
-        return _owner(g, t, obs, view, now, claim, can_run, roster)
+        return _owner(g, t, obs, view, now, claim, can_run, roster, turn=turn)
+    away = bool(view.intents) and me in intents.standby(view)
     if claim is None and g.name in view.stale_claims:
         view = attrs.evolve(view, stale_claims=view.stale_claims - {g.name})
     mine_active = entries.is_active(g.name, obs, keep=_test_tags(g))
@@ -102,6 +117,7 @@ def _group(
             and view.store_ok
             and view.may_claim
             and not (blocked and now < blocked[0])
+            and not away
         ):
             return _Part((Action("claim", g.name, reason="runs here without a claim: claim it back"),))
         return entries.stop_all(g.name, obs, "runs here without a claim", keep=_test_tags(g), order=entries.entry_tags(g))
@@ -110,6 +126,8 @@ def _group(
     standby = _standby(g, t, obs, view, now)
     if not placement.allowed(g, me):
         return _noted(standby, f"not allowed here (nodes = {', '.join(g.nodes)})")
+    if away:  # (its tests still run: it reports its fitness for when it comes back)
+        return _noted(standby, "this node is in standby: it claims and takes over nothing")
     if placement.banned(g, obs, now):  # it claims, takes over and ranks for nothing until the ban ends
         return _Part(standby.actions, _earliest(standby.wake_at, obs.bans[g.name]), health.ban_note(g))
     blocked = obs.blocked.get(g.name)
@@ -131,7 +149,7 @@ def _group(
 
 def _owner(
     g: specmod.Group, t: specmod.Timing, obs: Observed, view: ClusterView, now: float, claim: Claim, can_run: bool,
-    roster: placement.Roster,
+    roster: placement.Roster, *, turn: str = "",
 ) -> _Part:
     if not can_run:
         why = view.twin if not view.may_run else "no quorum" if not view.quorum else "lease not renewed in time"
@@ -149,6 +167,24 @@ def _owner(
         if entries.is_active(g.name, obs):
             return entries.stop_all(g.name, obs, "claim outlived a lapse of this node's lease", urgent=True, deadline=now, order=entries.entry_tags(g))
         return _Part((Action("release", g.name, reason=f"lease lapsed since generation {claim.generation} was won (or another agent under this name won it): re-arbitrate", claim=claim),))
+    done: tuple[Action, ...] = ()  # the removal of a move intent that is over
+    waiting = ""  # in standby: why this group is not being handed over yet
+    if view.intents:
+        move = intents.mover(g, view, now, dead_after=t.dead_after, wall=view.wall, roster=roster, obs=obs,
+                             standby_turn=turn == g.name)
+        if move.target and g.runlevel != specmod.STOP:
+            why = f"moving to {move.target}" + ("" if move.intent is not None else " (this node is in standby)")
+            if entries.is_active(g.name, obs):  # stopped here first, as a stop: only then handed over
+                return entries.stop_all(g.name, obs, why, order=entries.entry_tags(g))
+            return _Part((Action("handover", g.name, reason=f"{why}: stopped here", claim=claim, target=move.target,
+                                 intent=move.intent),))
+        if move.ended and move.intent is not None:
+            done = (Action("forget", g.name, reason=move.ended, intent=move.intent),)
+        if view.node in intents.standby(view):
+            movable = turn and intents.mover(g, view, now, dead_after=t.dead_after, wall=view.wall, roster=roster, obs=obs,
+                                             standby_turn=True).target
+            waiting = (f"this node is in standby: handed over after {turn}" if movable else
+                       "this node is in standby, but no other node may take it: it stays")
     reason = ""
     if g.runlevel == specmod.STOP:
         reason = "desired runlevel is stop"
@@ -176,7 +212,10 @@ def _owner(
         if until is not None and until > now:
             stops = entries.stop_all(g.name, obs, health.give_up_reason(g, failures), order=entries.entry_tags(g))
             return _Part(tuple(attrs.evolve(a, failure=restart.failure if a.tag == restart.tag else "") for a in stops.actions))
-    return _Part(part.actions, _earliest(part.wake_at, view.lease_until - t.demote_margin), part.note)
+    arrived = intents.move_of(view, g.name) if view.intents else None
+    if arrived is not None and arrived.target == view.node and not part.actions and entries.is_active(g.name, obs):
+        done = (Action("forget", g.name, reason=f"move done: {g.name} runs on {view.node}", intent=arrived),)
+    return _Part(part.actions + done, _earliest(part.wake_at, view.lease_until - t.demote_margin), waiting or part.note)
 
 
 def _maybe_claim(
@@ -207,6 +246,9 @@ def _maybe_takeover(
         m = view.members.get(owner)
         due = m.last_change + t.dead_after if m is not None and m.up else None
         return _Part(standby.actions, _earliest(standby.wake_at, due), f"runs on {owner} (generation {claim.generation})")
+    held = intents.unacknowledged(view, g.name, claim)
+    if held and not g.fence:  # (with a fence hook the owner is fenced first, whatever it runs)
+        return _noted(standby, f"{held}: not taken over without a fence hook")
     stalled = view.stalled_for(owner, now)
     ranked, rank = roster.ranked(g, obs, exclude=owner)
     if rank < 0 or not placement.local_eligibility(g, obs):

@@ -126,7 +126,7 @@ def fingerprint(view: ClusterView, now: float, *, dead_after: float) -> object:
     alive = frozenset(n for n in view.members if view.alive(n, now, dead_after))
     eligible = {n: m.heartbeat.status.eligible_groups for n, m in view.members.items() if m.heartbeat is not None}
     return (alive, eligible, view.claims, view.store_ok, view.quorum, view.twin, view.may_claim, view.may_run,
-            view.may_release, view.spec_revision)
+            view.may_release, view.spec_revision, view.intents)
 
 
 # --- a look from outside the agent (`reconcile status`, `reconcile --dry-run`) ---------------

@@ -191,6 +191,11 @@ def signal_all(path: str, sig: int) -> list[int]:
     return sent
 
 
+def children(path: str) -> list[str]:
+    """The cgroups directly below `path` (their paths)."""
+    return _children(path)
+
+
 def _children(path: str) -> list[str]:
     try:
         return [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]

@@ -42,7 +42,7 @@ class StoreRefused(StoreError):
 
 
 from reconciler.model import Claim, ClusterView, Heartbeat, Member, Snapshot  # noqa: E402,F401
-from reconciler.published import Event, SpecFile, SpecRevision  # noqa: E402,F401
+from reconciler.published import Event, Intent, SpecFile, SpecRevision  # noqa: E402,F401
 
 KEEP = 20  # cluster spec revisions a store keeps (history, rollback): the newest KEEP
 # The cluster's history (events_append): a store keeps at most the newest EVENTS_KEEP events
@@ -197,6 +197,30 @@ class Store(abc.ABC):
         """The oldest `limit` events kept whose seq is larger than `after`, in seq order
         ([] if none; a store set up by an older version holds none). A malformed one is
         skipped and counted (skipped_total), as a read skips any entry."""
+
+    # --- operator intents (published.Intent; reconciler/decide/intents.py) and hand-over -----
+    # Every read() and read_blocking() reports the current intents (Snapshot.intents, by
+    # Intent.key) with the same freshness as claims; a malformed one is skipped and listed in
+    # Snapshot.skipped.
+
+    @abc.abstractmethod
+    async def intent_put(self, intent: Intent) -> Intent:
+        """Store `intent` under its key, replacing whatever intent holds that key. Durable
+        when it returns; returns `intent`."""
+
+    @abc.abstractmethod
+    async def intent_delete(self, key: str, *, token: str) -> bool:
+        """Remove the intent at `key` if it is still the instance whose id is `token` (an
+        intent put again since is never removed, like release()). True if this call removed it."""
+
+    @abc.abstractmethod
+    async def hand_over(self, claim: Claim, node: str) -> Claim | None:
+        """The owner hands this claim instance to `node`, atomically: if it is still the
+        current instance, it is replaced by a claim of `node` with a larger generation, with
+        no moment in which the group is unclaimed (nobody else can claim it in between).
+        Returns the new Claim, or None if this instance was no longer current (ended, broken,
+        handed over already). Exactly one of concurrent hand_over/release/break_claim calls
+        on one instance wins."""
 
     async def wait(self, timeout: float) -> None:
         """Return when the store may have changed, or after `timeout` seconds.

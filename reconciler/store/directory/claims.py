@@ -63,6 +63,31 @@ class Claims:
             self._prune(d["ends"], claim.group, claim.generation)
             return True
 
+    def hand_over(self, claim: Claim, node: str) -> Claim | None:
+        """Store.hand_over: like end(), the exclusive marker ends/GROUP.GENERATION first (one
+        winner among enders and hand-overs of this instance); then the generation counter
+        moves on and the new claim's symlink is renamed over the old one: claims/GROUP never
+        stops existing, so no claim() can slip in between."""
+        if not (records.valid_name(claim.group) and records.valid_name(claim.node) and records.valid_name(node)):
+            return None
+        with self._layout.dirs("claims", "ends", "generations") as d:
+            if not self._is_current(d, claim):
+                return None
+            marker = f"{claim.group}.{claim.generation}"
+            try:
+                os.symlink(claim.node, marker, dir_fd=d["ends"])
+            except FileExistsError:
+                return None
+            if not self._is_current(d, claim):
+                return None
+            gen = claim.generation + 1
+            replace(d["generations"], claim.group, str(gen))  # never behind a claim that exists
+            tmp = f".{claim.group}.{uuid.uuid4().hex}.tmp"
+            os.symlink(f"{node}:{gen}", tmp, dir_fd=d["claims"])
+            os.replace(tmp, claim.group, src_dir_fd=d["claims"], dst_dir_fd=d["claims"])
+            self._prune(d["ends"], claim.group, claim.generation)
+            return Claim(group=claim.group, node=node, generation=gen, token=str(gen))
+
     def _read_claim(self, claims_fd: int, group: str) -> Claim | None:
         """One claim, for claiming and ending: a malformed one is an error here (StoreError),
         not absent: nobody may claim over it or end it."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from reconciler.host import procfs
 from reconciler.store import StoreError, StoreRefused
 
-SUBDIRS = ("nodes", "status", "claims", "ends", "generations", "spec", "events")
+SUBDIRS = ("nodes", "status", "claims", "ends", "generations", "spec", "events", "intents")
 DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # (NONBLOCK: a planted FIFO)
 NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

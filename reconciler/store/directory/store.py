@@ -13,11 +13,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from reconciler.published import Event, SpecRevision
+from reconciler.published import Event, Intent, SpecRevision
 from reconciler.store import EVENTS_KEEP, EVENTS_MAX_AGE, Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.directory.claims import Claims
 from reconciler.store.directory.events import Events
 from reconciler.store.directory.heartbeats import Heartbeats
+from reconciler.store.directory.intents import Intents
 from reconciler.store.directory.layout import Layout
 from reconciler.store.directory.reader import Reader
 from reconciler.store.directory.specs import Specs
@@ -34,6 +35,7 @@ class DirectoryStore(Store):
         self._claims = Claims(self._layout)
         self._specs = Specs(self._layout)
         self._events = Events(self._layout, self._skips)
+        self._intents = Intents(self._layout, self._skips)
         # The heartbeat (publish, read) has a thread of its own: a burst of claims or releases
         # (a node starting or taking over many groups) must not delay the lease renewal.
         self._heartbeat_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -91,8 +93,9 @@ class DirectoryStore(Store):
 
     def _read(self) -> Snapshot:
         members, claims, skipped = self._reader.read()
+        intents = self._intents.read(skipped)
         return Snapshot(members=members, claims=claims, skipped=tuple(skipped), displaced=self._heartbeats.displaced(),
-                        spec_revision=self._specs.current_for_read())
+                        spec_revision=self._specs.current_for_read(), intents=intents)
 
     async def close(self) -> None:
         if self._heartbeat_pool is not None:
@@ -110,6 +113,17 @@ class DirectoryStore(Store):
 
     async def break_claim(self, claim: Claim) -> bool:
         return await self._io(self._claims.end, claim)
+
+    async def hand_over(self, claim: Claim, node: str) -> Claim | None:
+        return await self._io(self._claims.hand_over, claim, node)
+
+    # --- operator intents (intents.py) ----------------------------------------------------
+
+    async def intent_put(self, intent: Intent) -> Intent:
+        return await self._io(self._intents.put, intent)
+
+    async def intent_delete(self, key: str, *, token: str) -> bool:
+        return await self._io(self._intents.delete, key, token)
 
     # --- the cluster spec (specs.py) ------------------------------------------------------
 

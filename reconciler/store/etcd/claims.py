@@ -75,3 +75,27 @@ class Claims:
         delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=ckey))
         resp = await self._conn.txn(f"{what} {claim.group}", compare, [delete], [], self._conn.deadline())
         return bool(resp.succeeded), resp.header.revision if resp.succeeded else 0
+
+    async def hand_over(self, claim: Claim, node: str, *, lease: int, node_key: bytes) -> tuple[Claim | None, int]:
+        """Replace this claim instance with one of `node` (Store.hand_over), bound to `lease`,
+        the lease `node`'s heartbeat key (`node_key`) is bound to. One transaction compares the
+        instance (create revision and value, as end() does) and that lease, then bumps the
+        generation and puts the new value over the key: the key never stops existing, so no
+        claim() can slip in, and the old value is gone, so the old instance can no longer be
+        ended or handed over (exactly one of those wins). The key keeps its create revision:
+        the new instance is told apart by its value (NODE:GENERATION), as end() compares."""
+        if not claim.token.isdigit():
+            return None, 0
+        conn = self._conn
+        ckey, gkey = conn.key("claims", claim.group), conn.key("generations", claim.group)
+        gen = claim.generation + 1
+        compare = [compare_op(ckey, "CREATE", create_revision=int(claim.token)),
+                   compare_op(ckey, "VALUE", value=f"{claim.node}:{claim.generation}".encode()),
+                   compare_op(node_key, "LEASE", lease=lease)]
+        success = [put_op(gkey, str(gen)), put_op(ckey, f"{node}:{gen}", lease)]
+        resp = await conn.txn(f"handover {claim.group}", compare, success, [], conn.deadline())
+        if not resp.succeeded:
+            return None, 0
+        rev = resp.header.revision
+        self._gens[claim.group] = (gen, rev)
+        return Claim(group=claim.group, node=node, generation=gen, token=claim.token), rev

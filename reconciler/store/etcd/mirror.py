@@ -14,7 +14,9 @@ stale, at the mirror's revision, in one more round trip (read() does it before i
 EtcdStore._read for why the result is exactly a read at that revision).
 
 The delta also reads spec/head (one small key, whatever its mod revision), so the snapshot's
-spec_revision is the number at the mirror's revision at no cost of its own.
+spec_revision is the number at the mirror's revision at no cost of its own; and all of
+intents/ (the operator's intents: a few small keys, usually none), so Snapshot.intents costs no
+round trip either. It keeps each node's heartbeat lease too (hand_over binds a claim to it).
 
 A heartbeat without a status_hash (written by an older version) cannot tell: the statuses of
 such nodes are ranged over in the delta itself (modified since the mirror's revision only), as
@@ -25,8 +27,8 @@ flags). Heartbeats, statuses and claims are parsed only when their key's value c
 reconciler/store/records.py (by values.py): a malformed value (or a key that is not a valid name)
 is left out of the snapshot, listed in `bad` (Snapshot.skipped) and logged once.
 
-(A little over ~400 lines: the delta, the full read and the stale-status bookkeeping share
-one revision and one set of maps; split, each half would reach into the other's.)
+(About 450 lines: the delta, the full read and the stale-status bookkeeping share one
+revision and one set of maps; split, each half would reach into the other's.)
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ import attrs
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler.published import EMPTY, NodeStatus
+from reconciler import published
+from reconciler.published import EMPTY, Intent, NodeStatus
 from reconciler.store import Claim, Heartbeat, Snapshot, records
 from reconciler.store.etcd import values
 
 KINDS = ("nodes", "status", "claims")
 HEAD = 5  # the delta's range over spec/head: after those of nodes/ and claims/ and the counts
+INTENTS = 6  # then all of intents/ (operator intents: a few small keys, read whole every time)
 # At most this many statuses are ranged over one key each (etcd allows 128 operations in a
 # transaction); more: one range over status/.
 EACH = 32
@@ -86,6 +90,9 @@ class Mirror:
         self.stale: dict[str, int] = {}
         self.status_count = 0  # keys under status/ at `rev`
         self.head = base + b"spec/head"
+        self.intents_prefix = base + b"intents/"
+        self.intents: dict[str, Intent] = {}  # key -> the operator's intent at `rev`
+        self.leases: dict[str, int] = {}  # node -> the etcd lease its heartbeat key is bound to (hand_over)
         self.spec_revision = 0  # spec/head's number at `rev` (0: absent or malformed)
         self.version = 0  # counts changes: a fetch answered after another change is not applied
         self.snap: Snapshot | None = None  # the Snapshot of the mirror as it is now, once built
@@ -99,7 +106,7 @@ class Mirror:
     def snapshot(self) -> Snapshot:
         if self.snap is None:
             self.snap = Snapshot(members=self.members, claims=self.claims, skipped=tuple(sorted(self.bad)),
-                                 spec_revision=self.spec_revision)
+                                 spec_revision=self.spec_revision, intents=self.intents)
             self.members_shared = self.claims_shared = True
         return self.snap
 
@@ -127,6 +134,7 @@ class Mirror:
         ops = [_range(self.prefix["nodes"], min_mod_revision=mod), _range(self.prefix["claims"], min_mod_revision=mod)]
         ops += [_range(self.prefix[kind], count_only=True) for kind in KINDS]
         ops.append(_range(self.head, single=True))  # HEAD: spec/head, always
+        ops.append(_range(self.intents_prefix))  # INTENTS: always, whole
         covered: tuple[str, ...] | None = ()
         if base:  # nodes whose heartbeat names no status hash: their statuses, if changed
             covered = tuple(name for name, h in self.announced.items() if h is None)
@@ -157,6 +165,7 @@ class Mirror:
         nodes, claims = ranges[0].kvs, ranges[1].kvs
         counts = dict(zip(KINDS, (r.count for r in ranges[2:5])))
         self._set_head(ranges[HEAD].kvs)
+        self._set_intents(ranges[INTENTS].kvs)
         self.version += 1
         for kind, kvs in (("claims", claims), ("nodes", nodes)):
             names = [self._name(kind, kv.key) for kv in kvs]
@@ -172,7 +181,7 @@ class Mirror:
             for name, kv in zip(names, kvs):
                 put(name, kv)
         fetched = set()
-        for r in ranges[HEAD + 1:]:  # statuses of nodes without a hash, as of rev
+        for r in ranges[INTENTS + 1:]:  # statuses of nodes without a hash, as of rev
             for kv in r.kvs:
                 name = self._name("status", kv.key)
                 self._set_status(name, kv.value)
@@ -199,6 +208,15 @@ class Mirror:
         n = 0 if isinstance(n, str) else n
         if n != self.spec_revision:
             self.spec_revision, self.snap = n, None
+
+    def _set_intents(self, kvs) -> None:
+        found, bad = parse_intents(self.intents_prefix, kvs)
+        for name in [e for e in self.bad if e.startswith("intents/") and e not in bad]:
+            self._mark(name, "")
+        for entry, why in bad.items():
+            self._mark(entry, why)
+        if found != self.intents:
+            self.intents, self.snap = found, None
 
     def _names(self, kvs):
         return [self._name("nodes", kv.key) for kv in kvs]
@@ -277,8 +295,12 @@ class Mirror:
         bad: dict[str, str] = {}
         sp, cp, np = self.prefix["status"], self.prefix["claims"], self.prefix["nodes"]
         head = 0
+        leases: dict[str, int] = {}
+        intent_kvs = []
         for kv in kvs:
-            if kv.key == self.head:
+            if kv.key.startswith(self.intents_prefix):
+                intent_kvs.append(kv)
+            elif kv.key == self.head:
                 n = values.parse_spec_head(kv.value)
                 if isinstance(n, str):
                     bad["spec/head"] = n
@@ -303,6 +325,7 @@ class Mirror:
             elif kv.key.startswith(np):
                 name = self._name("nodes", kv.key)
                 raw["nodes"][name] = kv.value
+                leases[name] = kv.lease
                 nodes.append((name, kv.value))
         for name, value in nodes:
             known, doc = self.members.get(name), status[name][1] if name in status else EMPTY
@@ -320,14 +343,16 @@ class Mirror:
                 bad[f"nodes/{name}"] = hb
             else:
                 members[name] = hb
+        intents, bad_intents = parse_intents(self.intents_prefix, intent_kvs)
+        bad.update(bad_intents)
         for entry, why in bad.items():
             self.skips.warn(entry, why)
-        return raw, announced, members, claims, status, bad, head
+        return raw, announced, members, claims, status, bad, head, intents, leases
 
     def install(self, rev: int, parsed: tuple) -> None:
         """Replace the mirror with `parsed` (parse_all), the whole prefix at `rev`. Claims
         equal to the mirror's stay the very same dict (the agent skips work on that)."""
-        raw, announced, members, claims, status, bad, self.spec_revision = parsed
+        raw, announced, members, claims, status, bad, self.spec_revision, self.intents, self.leases = parsed
         if claims != self.claims:
             self.claims, self.claims_shared = claims, False
         self.raw, self.announced, self.members, self.status = raw, announced, members, status
@@ -342,6 +367,7 @@ class Mirror:
         if have.get(name) == kv.value and name in self.announced:
             return
         have[name] = kv.value
+        self.leases[name] = kv.lease
         beat = values.parse_json(kv.value)
         self.announced[name] = values.announced_hash(beat)
         known = self.status.get(name)
@@ -373,6 +399,7 @@ class Mirror:
             return
         # Its status went with it (the same lease); the status count checks that.
         self.announced.pop(name, None)
+        self.leases.pop(name, None)
         self.stale.pop(name, None)
         self.status.pop(name, None)
         self._mark(f"status/{name}", "")
@@ -406,6 +433,24 @@ class Mirror:
         if self.claims_shared:
             self.claims, self.claims_shared = dict(self.claims), False
         return self.claims
+
+
+def parse_intents(prefix: bytes, kvs) -> tuple[dict[str, Intent], dict[str, str]]:
+    """(key -> intent, "intents/KEY" -> why malformed) of the keys under intents/."""
+    found: dict[str, Intent] = {}
+    bad: dict[str, str] = {}
+    for kv in kvs:
+        name = kv.key[len(prefix):].decode(errors="replace")
+        try:
+            intent = published.intent_loads(kv.value)
+        except published.StatusError as exc:
+            bad[f"intents/{name}"] = str(exc)[:200]
+            continue
+        if intent.key != name:
+            bad[f"intents/{name}"] = f"holds the intent {intent.key}, not the one its key says"
+            continue
+        found[name] = intent
+    return found, bad
 
 
 def _range(key: bytes, single: bool = False, **options):

@@ -31,8 +31,9 @@ a call moves on to the next endpoint after UNAVAILABLE or a timed-out attempt, a
 StoreError. Use one instance from one event loop.
 
 The store composes its parts, each given what it needs when it is made: conn.py, lease.py,
-watch.py, mirror.py, claims.py, specs.py and twin.py; values.py parses what etcd holds. (About 400
-lines: what is left here is the Store contract's methods and the publish transaction.)
+watch.py, mirror.py, claims.py, specs.py, intents.py and twin.py; values.py parses what etcd holds.
+(About 450 lines: what is left here is the Store contract's methods, each a few lines that
+delegate, and the publish and read transactions with their freshness argument.)
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from reconciler.published import EMPTY, Event, NodeStatus, SpecRevision
+from reconciler.published import EMPTY, Event, Intent, NodeStatus, SpecRevision
 from reconciler.spec import redact_url
 from reconciler.store import EVENTS_KEEP, EVENTS_MAX_AGE, Claim, Heartbeat, Snapshot, Store, StoreError, records
 from reconciler.store.etcd import values
 from reconciler.store.etcd.claims import Claims
+from reconciler.store.etcd.intents import Intents
 from reconciler.store.etcd.conn import Connection, LeaseGone, put_op
 from reconciler.store.etcd.events import Events
 from reconciler.store.etcd.lease import Lease
@@ -109,6 +111,7 @@ class EtcdStore(Store):
         self.watch: Watch = Watch(self.conn) if twin_of is None else twin_of.watch
         self._claims = Claims(self.conn)
         self._specs = Specs(self.conn)
+        self._intents = Intents(self.conn)
         # node -> (lease, status hash, digest) last written: a status is written again under
         # a new lease (its keys went with the old one) and when it or the digest changed.
         self._last_status: dict[str, tuple[int, str, str]] = {}
@@ -330,7 +333,7 @@ class EtcdStore(Store):
         (not the spec's revisions: up to KEEP whole specs, which spec_get reads; nor the
         generations: a role limited to what the agent uses may leave the rest out); it
         replaces the mirror if newer."""
-        keys = [self.conn.key(kind) for kind in ("nodes", "status", "claims")]
+        keys = [self.conn.key(kind) for kind in ("nodes", "status", "claims", "intents")]
         ranges = [(k, prefix_range_end(k)) for k in keys] + [(self._specs.head, b"")]
         ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=k, range_end=e)) for k, e in ranges]
         resp = await self.conn.txn("read", [], ops, [], deadline)
@@ -338,7 +341,8 @@ class EtcdStore(Store):
         self.watch.note_read(rev)
         parsed = self._mirror.parse_all([kv for r in resp.responses for kv in r.response_range.kvs])
         if rev < self._mirror.rev:  # a publish answered meanwhile moved the mirror past this read
-            return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])), spec_revision=parsed[6])
+            return Snapshot(members=parsed[2], claims=parsed[3], skipped=tuple(sorted(parsed[5])), spec_revision=parsed[6],
+                            intents=parsed[7])
         self._mirror.install(rev, parsed)
         return self._mirror.snapshot()
 
@@ -379,6 +383,40 @@ class EtcdStore(Store):
         ended, rev = await self._claims.end(what, claim)
         self.floor = max(self.floor, rev)  # the next read() must not show the claim any more
         return ended
+
+    # --- operator intents (intents.py) and hand-over (claims.py) ---------------------------
+
+    async def intent_put(self, intent: Intent) -> Intent:
+        """Store.intent_put (Intents.put): one put; the next read() shows it."""
+        self.floor = max(self.floor, await self._intents.put(intent))
+        return intent
+
+    async def intent_delete(self, key: str, *, token: str) -> bool:
+        """Store.intent_delete (Intents.delete): only the instance whose id is `token`, as the
+        mirror (read again if it does not hold it) has it."""
+        current = self._mirror.intents.get(key)
+        if current is None or current.id != token:
+            await self.read()
+            current = self._mirror.intents.get(key)
+            if current is None or current.id != token:
+                return False
+        gone, rev = await self._intents.delete(current)
+        self.floor = max(self.floor, rev)
+        return gone
+
+    async def hand_over(self, claim: Claim, node: str) -> Claim | None:
+        """Store.hand_over (Claims.hand_over): the claim is put again for `node`, bound to the
+        lease of `node`'s heartbeat (as its own claim would be), in one transaction that checks
+        the instance and that lease; None if either changed."""
+        lease = self._mirror.leases.get(node)
+        if not lease:
+            await self.read()
+            lease = self._mirror.leases.get(node)
+            if not lease:
+                return None  # no live heartbeat of `node`: nothing to bind its claim to
+        handed, rev = await self._claims.hand_over(claim, node, lease=lease, node_key=self.conn.key("nodes", node))
+        self.floor = max(self.floor, rev)
+        return handed
 
     # --- the cluster spec (specs.py) ------------------------------------------------------
 

@@ -20,7 +20,7 @@ from reconciler.store.etcd.conn import Connection, describe
 
 # The watches wait() relies on: (what, filters); "spec/head" is one key (a new spec revision),
 # the others are prefixes.
-_WATCHES = (("claims", ()), ("status", ()), ("nodes", (rpc.WatchCreateRequest.NOPUT,)), ("spec/head", ()))
+_WATCHES = (("claims", ()), ("status", ()), ("nodes", (rpc.WatchCreateRequest.NOPUT,)), ("spec/head", ()), ("intents", ()))
 
 
 class Watch:

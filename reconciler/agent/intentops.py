@@ -1,0 +1,186 @@
+"""What the operator's intent commands do (`reconcile move`, `standby`, `unstandby`,
+`maintenance`), and `--wait`: each looks at the cluster as `reconcile status` does, checks
+with the pure core (decide/intents.py), and records or removes one intent in the store
+through `set_intent` / `end_intent` (the one place an intent is written: an event log can
+note it there). The agents do the rest; `wait` polls the store until what they publish
+shows it done.
+
+Each raises OpError (one line for stderr) for what it refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+
+from reconciler import spec as specmod
+from reconciler.agent import clusterspec
+from reconciler.agent.dryrun import cluster_view
+from reconciler.agent.specops import OpError
+from reconciler.cluster import survey
+from reconciler.decide import intents as rules
+from reconciler.published import Intent
+from reconciler.spec import loader
+from reconciler.store import Store, StoreError
+
+POLL = 0.1  # seconds between reads while waiting
+LOOKER = "-look"  # the view's own node name while looking from outside: never a member (not a valid name)
+
+
+class UsageError(OpError):
+    """A name that is not there (an unknown node or group): the command exits 2."""
+
+
+def load_spec(path: str, *, node_file: str | None) -> specmod.Spec:
+    """The cluster's spec: the store's current revision where there is one, else the local files."""
+    try:
+        spec = loader.load(path, node_file=node_file)
+    except specmod.SpecError as exc:
+        raise OpError(str(exc)) from None
+    rev = asyncio.run(survey.current_revision(spec))
+    if rev is None:
+        return spec
+    try:
+        return clusterspec.load_revision(rev, spec_path=path, local=loader.local_settings(path, node_file=node_file))
+    except specmod.SpecError as exc:
+        raise OpError(f"the store's revision {rev.number} does not load here: {exc}") from None
+
+
+def new_intent(kind: str, *, group: str = "", node: str = "", target: str = "", timeout: float | None = None) -> Intent:
+    created = time.time()
+    return Intent(kind=kind, id=secrets.token_hex(8), group=group, node=node, target=target, created=round(created, 3),
+                  expires=round(created + timeout, 3) if timeout is not None else None, who=clusterspec.cli_author())
+
+
+async def set_intent(store: Store, intent: Intent) -> Intent:
+    """Record `intent` (replacing any at its key): every intent command writes through here."""
+    return await store.intent_put(intent)
+
+
+async def end_intent(store: Store, intent: Intent) -> bool:
+    """Remove this very intent instance (unstandby, maintenance off): True if this call did."""
+    return await store.intent_delete(intent.key, token=intent.id)
+
+
+def _with_store(spec: specmod.Spec, op):
+    async def go():
+        store = survey.open_spec_store(spec)
+        try:
+            return await op(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    except StoreError as exc:
+        raise OpError(str(exc)) from None
+
+
+def _known_node(spec: specmod.Spec, view_members, node: str) -> None:
+    named = {n for g in spec.groups.values() for n in g.nodes}
+    if node not in view_members and node not in named:
+        raise UsageError(f"no node {node!r} in the cluster (members: {', '.join(sorted(view_members)) or 'none'})")
+
+
+def move(spec: specmod.Spec, group: str, node: str | None, *, timeout: float) -> Intent:
+    """Check that `group` may move (to `node`, or the best eligible node) and record the move."""
+    if group not in spec.groups:
+        raise UsageError(f"no group {group!r} in the spec (known: {', '.join(spec.groups) or 'none'})")
+    view = asyncio.run(cluster_view(spec, LOOKER, ()))
+    if node is not None:
+        _known_node(spec, view.members, node)
+    target, why = rules.move_target(spec, view, group, node, time.monotonic())
+    if not target:
+        raise OpError(f"move {group}: refused: {why}")
+    return _with_store(spec, lambda store: set_intent(store, new_intent("move", group=group, target=target, timeout=timeout)))
+
+
+def standby(spec: specmod.Spec, node: str, *, on: bool) -> tuple[Intent | None, str]:
+    """Put `node` in standby (on) or take it out: (the intent written or removed, one line)."""
+    view = asyncio.run(cluster_view(spec, LOOKER, ()))
+    _known_node(spec, view.members, node)
+    current = view.intents.get(f"standby/{node}")
+    if on:
+        if current is not None:
+            return current, f"{node} is already in standby"
+        return _with_store(spec, lambda store: set_intent(store, new_intent("standby", node=node))), f"{node}: standby"
+    if current is None:
+        return None, f"{node} is not in standby"
+    _with_store(spec, lambda store: end_intent(store, current))
+    return current, f"{node}: out of standby"
+
+
+def maintenance(spec: specmod.Spec, *, on: bool, group: str = "", node: str = "") -> tuple[Intent | None, str]:
+    """Start or end maintenance of the whole cluster, a group or a node's groups."""
+    if group and group not in spec.groups:
+        raise UsageError(f"no group {group!r} in the spec (known: {', '.join(spec.groups) or 'none'})")
+    view = asyncio.run(cluster_view(spec, LOOKER, ()))
+    if node:
+        _known_node(spec, view.members, node)
+    want = Intent(kind="maintenance", id="0", group=group, node=node)
+    scope = f"group {group}" if group else f"node {node}" if node else "the cluster"
+    current = view.intents.get(want.key)
+    if on:
+        if current is not None:
+            return current, f"{scope} is already in maintenance"
+        made = _with_store(spec, lambda store: set_intent(store, new_intent("maintenance", group=group, node=node)))
+        return made, f"maintenance on: {scope} (agents observe and report, and change nothing)"
+    if current is None:
+        return None, f"{scope} is not in maintenance"
+    _with_store(spec, lambda store: end_intent(store, current))
+    return current, f"maintenance off: {scope}"
+
+
+# --- --wait ------------------------------------------------------------------------------------
+
+
+async def _wait(store: Store, spec: specmod.Spec, ask: Callable[..., rules.Pending], *, timeout: float,
+                progress: Callable[[str], None]) -> rules.Pending:
+    t = spec.cluster.timing
+    look = await survey.look(store, heartbeat=t.heartbeat, dead_after=t.dead_after)
+    now = time.monotonic()
+    # A member is alive while its counter moves (timed on this clock, as the agents do).
+    seen = {n: (hb.counter, now if n in look.advanced else now - look.silent.get(n, 0.0))
+            for n, hb in look.snapshot.members.items()}
+    deadline = now + timeout
+    snap = look.snapshot
+    while True:
+        now = time.monotonic()
+        for n, hb in snap.members.items():
+            if n not in seen or seen[n][0] != hb.counter:
+                seen[n] = (hb.counter, now)
+        alive = [n for n, (_, at) in seen.items() if now - at < t.dead_after]
+        result = ask(snap.members, snap.claims, snap.intents, alive)
+        if result.done or result.failed or now >= deadline:
+            return result
+        progress(result.waiting[0] if len(result.waiting) == 1 else f"{result.waiting[0]} (and {len(result.waiting) - 1} more)")
+        await asyncio.sleep(POLL)
+        snap = await store.read()
+
+
+def wait(spec: specmod.Spec, what: str, *, timeout: float, progress: Callable[[str], None], subject: str = "",
+         revision: int = 0, target: str = "", intent_id: str = "") -> rules.Pending:
+    """Poll the store until `what` (decide/intents.pending) is done, failed, or `timeout` passed."""
+
+    def ask(members, claims, intents, alive) -> rules.Pending:
+        return rules.pending(spec, members, claims, intents, alive=alive, what=what, subject=subject, revision=revision,
+                             target=target, intent_id=intent_id)
+
+    return _with_store(spec, lambda store: _wait(store, spec, ask, timeout=timeout, progress=progress))
+
+
+def with_revision(spec: specmod.Spec, path: str, *, node_file: str | None) -> tuple[specmod.Spec, int]:
+    """(the cluster's spec as now current in the store, its revision number) for tell/apply --wait."""
+    rev = asyncio.run(survey.current_revision(spec))
+    if rev is None:
+        return spec, 0
+    try:
+        return clusterspec.load_revision(rev, spec_path=path, local=loader.local_settings(path, node_file=node_file)), rev.number
+    except specmod.SpecError as exc:
+        raise OpError(f"the store's revision {rev.number} does not load here: {exc}") from None
+
+
+__all__ = ["OpError", "UsageError", "end_intent", "load_spec", "maintenance", "move", "new_intent", "set_intent",
+           "standby", "wait", "with_revision"]

@@ -1,0 +1,169 @@
+"""The operator's intent commands: `reconcile move`, `standby`, `unstandby`, `maintenance`,
+each with `--wait [--timeout D]`. Each turns argv into a call of reconciler/agent/intentops.py.
+
+Exit codes: 0 done (recorded; with --wait: converged), 1 refused, a store error or --wait
+timed out (one line saying what is still pending), 2 a name that is not there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import NoReturn
+
+import click
+
+from reconciler.cli import SPEC_HELP, USES, complete_group, complete_node, epilog, fail, main, own
+
+# The group options each command reads (`reconcile --node n1 move ...` is refused: a move names no node of its own).
+USES.update({name: {"spec_path", "node_file"} for name in ("move", "standby", "unstandby", "maintenance")})
+WAIT_HELP = "wait until the agents show it done (exit 1 if not within --timeout)"
+
+
+def _spec(ctx: click.Context, spec_path: str | None):
+    from reconciler.agent import intentops
+
+    path = own(ctx, "spec", spec_path)
+    try:
+        return intentops.load_spec(path, node_file=ctx.obj.get("node_file"))
+    except intentops.OpError as exc:
+        fail(str(exc))
+
+
+def _failed(exc: Exception) -> NoReturn:
+    from reconciler.agent import intentops
+
+    fail(str(exc), 2 if isinstance(exc, intentops.UsageError) else 1)
+
+
+def wait_for(spec, what: str, *, timeout: float, **subject) -> None:
+    """`--wait`: a one-line live progress on a terminal (cleared at the end); exit 1 with what
+    is still pending if it does not happen within `timeout`."""
+    from reconciler.agent import intentops
+
+    tty = sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        if tty:
+            click.echo(f"\r\033[Kwaiting: {line}"[:200], nl=False, err=True)
+
+    try:
+        result = intentops.wait(spec, what, timeout=timeout, progress=progress, **subject)
+    except intentops.OpError as exc:
+        fail(str(exc))
+    finally:
+        if tty:
+            click.echo("\r\033[K", nl=False, err=True)
+    if result.failed:
+        fail(result.failed)
+    if result.waiting:
+        more = f" (and {len(result.waiting) - 1} more)" if len(result.waiting) > 1 else ""
+        fail(f"not done within {timeout:g}s: {result.waiting[0]}{more}")
+
+
+def _report(intent, line: str, as_json: bool) -> None:
+    if as_json:
+        from reconciler.published import intent_doc
+
+        click.echo(json.dumps({"message": line, "intent": intent_doc(intent) if intent is not None else None},
+                              sort_keys=True))
+    else:
+        click.echo(line)
+
+
+@main.command(epilog=epilog("reconcile move web n2 --wait", "reconcile move web --timeout 120"))
+@click.argument("group", shell_complete=complete_group)
+@click.argument("node", required=False, shell_complete=complete_node)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="seconds the move may take; with --wait, also how long to wait")
+@click.option("--wait", "wait", is_flag=True, help=WAIT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print the intent recorded as JSON")
+@click.pass_context
+def move(ctx, group, node, spec_path, timeout, wait, as_json) -> None:
+    """Move GROUP to NODE (default: the best eligible node by placement order): its owner stops
+    it, hands its claim straight to NODE, and NODE starts it at once. Refused up front, with
+    the reason, if NODE may not run it (not in `nodes`, tests failed there, standby, banned,
+    not alive, already there; with failback = true, a node less preferred than the one
+    failback would take it back to). Not done within --timeout: it stays (or starts again)
+    where it was."""
+    from reconciler.agent import intentops
+
+    spec = _spec(ctx, spec_path)
+    try:
+        intent = intentops.move(spec, group, node, timeout=timeout)
+    except intentops.OpError as exc:
+        _failed(exc)
+    _report(intent, f"{group}: moving to {intent.target}", as_json)
+    if wait:
+        wait_for(spec, "move", timeout=timeout, subject=group, target=intent.target, intent_id=intent.id)
+        click.echo(f"{group}: runs on {intent.target}")
+
+
+def _standby(ctx, node, spec_path, wait, timeout, as_json, on: bool) -> None:
+    from reconciler.agent import intentops
+
+    spec = _spec(ctx, spec_path)
+    try:
+        intent, line = intentops.standby(spec, node, on=on)
+    except intentops.OpError as exc:
+        _failed(exc)
+    _report(intent, line, as_json)
+    if wait:
+        wait_for(spec, "standby", timeout=timeout, subject=node)
+        click.echo(f"{node}: owns nothing")
+
+
+@main.command(epilog=epilog("reconcile standby n1 --wait", "reconcile unstandby n1"))
+@click.argument("node", shell_complete=complete_node)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--wait", "wait", is_flag=True, help=WAIT_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True, help="seconds --wait waits")
+@click.option("--json", "as_json", is_flag=True, help="print the intent as JSON")
+@click.pass_context
+def standby(ctx, node, spec_path, wait, timeout, as_json) -> None:
+    """Put NODE in standby: it claims nothing, ranks for nothing, and hands each group it owns
+    to another eligible node, one at a time; it stays a member and keeps running its tests.
+    Kept in the store (it survives agent restarts) until `reconcile unstandby NODE`."""
+    _standby(ctx, node, spec_path, wait, timeout, as_json, True)
+
+
+@main.command(epilog=epilog("reconcile unstandby n1"))
+@click.argument("node", shell_complete=complete_node)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print the intent removed as JSON")
+@click.pass_context
+def unstandby(ctx, node, spec_path, as_json) -> None:
+    """Take NODE out of standby: it claims and ranks again (failback = true groups come back)."""
+    _standby(ctx, node, spec_path, False, 0.0, as_json, False)
+
+
+@main.command(epilog=epilog("reconcile maintenance on --group web", "reconcile maintenance off --wait"))
+@click.argument("state", type=click.Choice(["on", "off"]))
+@click.option("--group", default="", help="only this group", shell_complete=complete_group)
+@click.option("--node", default="", help="only the groups this node owns (and the node itself)", shell_complete=complete_node)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--wait", "wait", is_flag=True, help="off: wait until every owner acknowledged the end and converged")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="seconds --wait waits")
+@click.option("--json", "as_json", is_flag=True, help="print the intent as JSON")
+@click.pass_context
+def maintenance(ctx, state, group, node, spec_path, wait, timeout, as_json) -> None:
+    """Maintenance on|off for the whole cluster, one --group, or the groups one --node owns: in
+    scope the agents observe and report but change nothing (no start, stop, respawn, claim,
+    takeover, fence or release; a spec edit waits), and no peer takes such a group over.
+    `off` adopts what runs and changes only what differs."""
+    from reconciler.agent import intentops
+
+    if group and node:
+        ctx.fail("--group or --node, not both")
+    if wait and state == "on":
+        ctx.fail("--wait waits for the end of maintenance: with `off` only (`on` takes effect at the agents' next read)")
+    spec = _spec(ctx, spec_path)
+    try:
+        intent, line = intentops.maintenance(spec, on=state == "on", group=group, node=node)
+    except intentops.OpError as exc:
+        _failed(exc)
+    _report(intent, line, as_json)
+    if wait and state == "off":
+        wait_for(spec, "maintenance-off", timeout=timeout)
+        click.echo("every owner acknowledged the end of maintenance and converged")

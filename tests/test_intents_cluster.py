@@ -79,6 +79,17 @@ def test_move_refusals_with_and_without_a_target_and_wait(two):
     p = reconcile(c, "move", "web", first, "--wait", "--timeout", "20")
     assert p.returncode == 0, p.stderr
     assert wait_until(lambda: c.runs_on_one("web") == first, 5, what="web back")
+    # The history tells both moves: asked (by the command), handed over (by the owner), done
+    # (by the target); the events are appended from a queue: wait for the last one.
+    def told():
+        p = reconcile(c, "events", "--group", "web", "--json")
+        return [(e["node"], e["kind"]) for e in map(json.loads, p.stdout.splitlines()) if e["kind"].startswith("move")]
+
+    want = [("move", None), ("move", first), ("move-ended", other), ("move", None), ("move", other), ("move-ended", first)]
+    seen = wait_until(lambda: (lambda t: t if len(t) >= len(want) else None)(told()), 5, what="the moves in the history")
+    assert [k for _, k in seen] == [k for k, _ in want], seen
+    assert [n for (n, _), (_, w) in zip(seen, want) if w is not None] == [w for _, w in want if w is not None], seen
+    assert all(n.startswith("cli@") for (n, _), (_, w) in zip(seen, want) if w is None), seen
 
 
 def test_standby_hands_every_group_over_and_wait_times_out(make_cluster):

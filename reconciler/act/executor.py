@@ -42,6 +42,7 @@ class Events:
     taken_over: Callable[[str, Claim], None] = lambda group, claim: None
     handed_over: Callable[[str, Claim], None] = lambda group, claim: None  # the new claim, the target's
     intent_ended: Callable[[Intent, str], None] = lambda intent, result: None  # a move done/refused/timed out
+    forgotten: Callable[[Intent], None] = lambda intent: None  # an intent is gone from the store (view update)
     claim_attempt: Callable[[str, bool], None] = lambda group, won: None  # every store.claim answer
     done: Callable[[Action, bool, str], None] = lambda a, ok, message: None  # what the log line says (agent/events.py)
 
@@ -173,7 +174,11 @@ class Executor:
             assert a.intent is not None
             intent = a.intent
             gone = await self._store(lambda: self.store.intent_delete(intent.key, token=intent.id), "forget")
-            self.events.intent_ended(intent, a.reason)
+            # Out of the view at once (as a claim won is): until the next read, each pass would
+            # plan the same forget again, and count and tell its end again.
+            self.events.forgotten(intent)
+            if gone:
+                self.events.intent_ended(intent, a.reason)
             return True, "intent removed" if gone else "intent already gone"
         return False, f"unknown action kind {a.kind}"
 

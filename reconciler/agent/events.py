@@ -130,6 +130,15 @@ class History:
     def wrap(self, events: Events) -> Events:
         """The executor's callbacks `events`, each also telling this history."""
         fenced, taken_over, done = events.fenced, events.taken_over, events.done
+        handed_over, intent_ended = events.handed_over, events.intent_ended
+
+        def on_handed_over(group, claim):
+            handed_over(group, claim)
+            self.record("move", group, f"stopped here, claim handed to {claim.node}: generation {claim.generation}")
+
+        def on_intent_ended(intent, result):
+            intent_ended(intent, result)
+            self.record(f"{intent.kind}-ended", intent.group, f"{intent.key}: {result}")
 
         def on_fenced(group, outcome):
             fenced(group, outcome)
@@ -149,7 +158,8 @@ class History:
             done(a, ok, message)
             self._done(a, ok, message)
 
-        return attrs.evolve(events, fenced=on_fenced, taken_over=on_taken_over, done=on_done)
+        return attrs.evolve(events, fenced=on_fenced, taken_over=on_taken_over, done=on_done, handed_over=on_handed_over,
+                            intent_ended=on_intent_ended)
 
     def _done(self, a: Action, ok: bool, message: str) -> None:
         if a.kind == "claim" and ok:

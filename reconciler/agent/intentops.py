@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 import time
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ from reconciler.agent.dryrun import cluster_view
 from reconciler.agent.specops import OpError
 from reconciler.cluster import survey
 from reconciler.decide import intents as rules
-from reconciler.published import Intent
+from reconciler.published import Event, Intent
 from reconciler.spec import loader
 from reconciler.store import Store, StoreError
 
@@ -55,13 +56,38 @@ def new_intent(kind: str, *, group: str = "", node: str = "", target: str = "", 
 
 
 async def set_intent(store: Store, intent: Intent) -> Intent:
-    """Record `intent` (replacing any at its key): every intent command writes through here."""
-    return await store.intent_put(intent)
+    """Record `intent` (replacing any at its key): every intent command writes through here,
+    and tells the cluster's history."""
+    stored = await store.intent_put(intent)
+    await _tell(store, intent, _said(intent, on=True))
+    return stored
 
 
 async def end_intent(store: Store, intent: Intent) -> bool:
     """Remove this very intent instance (unstandby, maintenance off): True if this call did."""
-    return await store.intent_delete(intent.key, token=intent.id)
+    ended = await store.intent_delete(intent.key, token=intent.id)
+    if ended:
+        await _tell(store, intent, _said(intent, on=False))
+    return ended
+
+
+def _said(intent: Intent, *, on: bool) -> str:
+    if intent.kind == "move":
+        return f"move to {intent.target} asked"
+    if intent.kind == "standby":
+        return f"{intent.node}: standby {'on' if on else 'off'}"
+    scope = f"group {intent.group}" if intent.group else f"node {intent.node}'s groups" if intent.node else "the whole cluster"
+    return f"maintenance {'on' if on else 'off'} for {scope}"
+
+
+async def _tell(store: Store, intent: Intent, reason: str) -> None:
+    """The history's line for an operator's change (by `who`): a store that lost it after the
+    intent itself was written costs the line, never the intent (a warning on stderr)."""
+    event = Event(wall=time.time(), node=intent.who, kind=intent.kind, group=intent.group, reason=reason)
+    try:
+        await store.events_append([event])
+    except StoreError as exc:
+        print(f"reconcile: warning: the history did not take this change: {exc}", file=sys.stderr)
 
 
 def _with_store(spec: specmod.Spec, op):

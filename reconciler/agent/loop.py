@@ -130,7 +130,8 @@ class Agent:
         self.exemptions = Exemptions(None if self.once else self.node_dir / "maintenance.json")
         # The executor's events are metrics', except that a claim won or ended goes straight to
         # the cluster watch (the view shows it before the next read).
-        events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.watch.set_claim)
+        events = attrs.evolve(self.metrics.executor_events(supervisor=self.supervisor), claimed=self.watch.set_claim,
+                              forgotten=self.watch.drop_intent)
         # The cluster's history (agent/events.py): told by the executor's results, appended by a task of its own.
         self.history = History(self.node, on_appended=self.metrics.events_appended, on_dropped=self.metrics.events_dropped)
         events = self.history.wrap(events)

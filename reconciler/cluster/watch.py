@@ -22,6 +22,7 @@ from reconciler.cluster.lease import Lease
 from reconciler.cluster.liveness import Liveness
 from reconciler.decide import view as rules
 from reconciler.model import Claim, ClusterView, Snapshot
+from reconciler.published import Intent
 
 
 class Watch:
@@ -99,6 +100,15 @@ class Watch:
             claims[group] = claim
         self.view = attrs.evolve(self.view, claims=claims)
         self._lease.discard_stale(group)
+
+    def drop_intent(self, intent: Intent) -> None:
+        """The executor removed this intent instance (or found it gone): out of the view
+        before the next read, unless that already shows a newer one at its key."""
+        current = self.view.intents.get(intent.key)
+        if current is not None and current.id == intent.id:
+            intents = dict(self.view.intents)
+            del intents[intent.key]
+            self.view = attrs.evolve(self.view, intents=intents)
 
     def planning_view(self) -> ClusterView:
         """The view to plan with (decide/view.py: planning_view)."""

@@ -68,6 +68,16 @@ def test_move_refusals_with_and_without_a_target_and_wait(two):
     assert p.returncode == 2 and "no group" in p.stderr, p.stderr
     time.sleep(0.3)
     assert pids(c)["web"] == before
+    # --dry-run: the whole transition, and nothing recorded or changed.
+    p = reconcile(c, "move", "web", "--dry-run")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert f"web: would move to {other} (dry run: nothing recorded)" in p.stdout, p.stdout
+    steps = [line.strip() for line in p.stdout.splitlines() if line.strip().startswith(("stop web", "handover web", "start web"))]
+    assert steps and steps[0].startswith("stop web") and f"({first}, " in steps[0], p.stdout
+    assert any(s.startswith("handover web") and f"({first}, " in s for s in steps), p.stdout
+    assert steps[-1].startswith("start web") and f"({other}, " in steps[-1], p.stdout
+    assert f"web: runs on {other}" in p.stdout, p.stdout
+    assert not list((c.store / "intents").iterdir()) and pids(c)["web"] == before
     # Without a target: the best eligible other node; --wait returns once it runs there.
     p = reconcile(c, "move", "web", "--wait", "--timeout", "20")
     assert p.returncode == 0, p.stderr

@@ -187,3 +187,26 @@ def test_what_is_under_way_is_taken_as_done_and_an_unhealthy_entry_is_restarted_
     tr = sim.simulate(spec_of(web), start, NOW)
     assert steps(tr) == [("n1", "restart", "db"), ("n1", "start", "app")], steps(tr)
     assert tr.converged and tr.placement == {"web": ("n1",)}
+
+
+def test_a_move_intent_stops_hands_over_and_starts_on_the_target_then_is_forgotten():
+    from reconciler.published import Intent
+
+    move = Intent(kind="move", id="ab12", group="web", target="n2", created=1.0, expires=None, who="cli@h")
+    tr = sim.simulate(spec_of(WEB), attrs.evolve(converged_on_n1(), intents={move.key: move}, wall=1.0), NOW)
+    kinds = steps(tr)
+    # The owner stops the group (reverse order: app, db, then prep's record), hands the claim over; n2 starts it.
+    assert kinds.index(("n1", "handover", "web")) > max(i for i, s in enumerate(kinds) if s[:2] == ("n1", "stop"))
+    assert ("n2", "start", "app") in kinds and kinds[-1] == ("n2", "forget", "web")  # removed once it runs there
+    assert tr.converged and not tr.overlaps and tr.placement == {"web": ("n2",)}
+    assert tr.final.claims["web"] == Claim(group="web", node="n2", generation=5) and not tr.final.intents
+
+
+def test_maintenance_plans_nothing_for_the_group_even_on_a_node_down():
+    from reconciler.published import Intent
+
+    upkeep = Intent(kind="maintenance", id="cd34", group="web", who="cli@h")
+    start = attrs.evolve(converged_on_n1(), intents={upkeep.key: upkeep})
+    down = attrs.evolve(start, observed={"n2": start.observed["n2"]}, down=frozenset({"n1"}))
+    tr = sim.simulate(spec_of(WEB), down, NOW)
+    assert tr.steps == () and tr.final.claims["web"].node == "n1"

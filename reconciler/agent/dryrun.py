@@ -129,7 +129,8 @@ async def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = (),
             continue
         nodes[n] = peer_observed(spec, n, m.heartbeat.status)
     return simulation.ClusterState(observed=nodes, claims=dict(view.claims), down=frozenset(down),
-                              unclaimed_since=dict(view.unclaimed_since)), now
+                                   unclaimed_since=dict(view.unclaimed_since), intents=dict(view.intents),
+                                   wall=time.time()), now
 
 
 def peer_observed(spec: specmod.Spec, node: str, status) -> Observed:

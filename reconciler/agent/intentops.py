@@ -16,17 +16,21 @@ import sys
 import time
 from collections.abc import Callable
 
+import attrs
+
 from reconciler import spec as specmod
 from reconciler.agent import clusterspec
 from reconciler.agent.dryrun import cluster_view
 from reconciler.agent.specops import OpError
 from reconciler.cluster import survey
 from reconciler.decide import intents as rules
+from reconciler.decide import simulate as simulation
 from reconciler.published import Event, Intent
 from reconciler.spec import loader
 from reconciler.store import Store, StoreError
 
 POLL = 0.1  # seconds between reads while waiting
+NOTHING = "nothing: every node would go on as it is"  # transition()'s one line when nothing would change
 LOOKER = "-look"  # the view's own node name while looking from outside: never a member (not a valid name)
 
 
@@ -104,14 +108,47 @@ def _with_store(spec: specmod.Spec, op):
         raise OpError(str(exc)) from None
 
 
+def _record(spec: specmod.Spec, intent: Intent, dry_run: bool) -> Intent:
+    return intent if dry_run else _with_store(spec, lambda store: set_intent(store, intent))
+
+
+def _end(spec: specmod.Spec, intent: Intent, dry_run: bool) -> None:
+    if not dry_run:
+        _with_store(spec, lambda store: end_intent(store, intent))
+
+
+def transition(spec: specmod.Spec, *, put: Intent | None = None, removed: Intent | None = None) -> list[str]:
+    """What the cluster would do with `put` recorded (or `removed` gone): the whole transition
+    (decide/simulate.py), as `--dry-run` prints it, from the cluster as it stands."""
+    from reconciler.agent import dryrun
+
+    async def go() -> list[str]:
+        cluster, now = await dryrun.start_state(spec, LOOKER, member_only=True)
+        if not cluster.observed:
+            return ["no agent runs: nothing happens until one starts"]
+        intents = dict(cluster.intents)
+        if put is not None:
+            intents[put.key] = put
+        if removed is not None:
+            intents.pop(removed.key, None)
+        doc = dryrun.transition_doc(simulation.simulate(spec, attrs.evolve(cluster, intents=intents), now), LOOKER)
+        return [NOTHING] if doc["converged"] else dryrun.render_transition(doc)
+
+    try:
+        return asyncio.run(go())
+    except StoreError as exc:
+        raise OpError(str(exc)) from None
+
+
 def _known_node(spec: specmod.Spec, view_members, node: str) -> None:
     named = {n for g in spec.groups.values() for n in g.nodes}
     if node not in view_members and node not in named:
         raise UsageError(f"no node {node!r} in the cluster (members: {', '.join(sorted(view_members)) or 'none'})")
 
 
-def move(spec: specmod.Spec, group: str, node: str | None, *, timeout: float) -> Intent:
-    """Check that `group` may move (to `node`, or the best eligible node) and record the move."""
+def move(spec: specmod.Spec, group: str, node: str | None, *, timeout: float, dry_run: bool = False) -> Intent:
+    """Check that `group` may move (to `node`, or the best eligible node) and record the move
+    (`dry_run`: only return it)."""
     if group not in spec.groups:
         raise UsageError(f"no group {group!r} in the spec (known: {', '.join(spec.groups) or 'none'})")
     view = asyncio.run(cluster_view(spec, LOOKER, ()))
@@ -120,10 +157,10 @@ def move(spec: specmod.Spec, group: str, node: str | None, *, timeout: float) ->
     target, why = rules.move_target(spec, view, group, node, time.monotonic())
     if not target:
         raise OpError(f"move {group}: refused: {why}")
-    return _with_store(spec, lambda store: set_intent(store, new_intent("move", group=group, target=target, timeout=timeout)))
+    return _record(spec, new_intent("move", group=group, target=target, timeout=timeout), dry_run)
 
 
-def standby(spec: specmod.Spec, node: str, *, on: bool) -> tuple[Intent | None, str]:
+def standby(spec: specmod.Spec, node: str, *, on: bool, dry_run: bool = False) -> tuple[Intent | None, str]:
     """Put `node` in standby (on) or take it out: (the intent written or removed, one line)."""
     view = asyncio.run(cluster_view(spec, LOOKER, ()))
     _known_node(spec, view.members, node)
@@ -131,14 +168,15 @@ def standby(spec: specmod.Spec, node: str, *, on: bool) -> tuple[Intent | None, 
     if on:
         if current is not None:
             return current, f"{node} is already in standby"
-        return _with_store(spec, lambda store: set_intent(store, new_intent("standby", node=node))), f"{node}: standby"
+        return _record(spec, new_intent("standby", node=node), dry_run), f"{node}: standby"
     if current is None:
         return None, f"{node} is not in standby"
-    _with_store(spec, lambda store: end_intent(store, current))
+    _end(spec, current, dry_run)
     return current, f"{node}: out of standby"
 
 
-def maintenance(spec: specmod.Spec, *, on: bool, group: str = "", node: str = "") -> tuple[Intent | None, str]:
+def maintenance(spec: specmod.Spec, *, on: bool, group: str = "", node: str = "",
+                dry_run: bool = False) -> tuple[Intent | None, str]:
     """Start or end maintenance of the whole cluster, a group or a node's groups."""
     if group and group not in spec.groups:
         raise UsageError(f"no group {group!r} in the spec (known: {', '.join(spec.groups) or 'none'})")
@@ -151,11 +189,11 @@ def maintenance(spec: specmod.Spec, *, on: bool, group: str = "", node: str = ""
     if on:
         if current is not None:
             return current, f"{scope} is already in maintenance"
-        made = _with_store(spec, lambda store: set_intent(store, new_intent("maintenance", group=group, node=node)))
+        made = _record(spec, new_intent("maintenance", group=group, node=node), dry_run)
         return made, f"maintenance on: {scope} (agents observe and report, and change nothing)"
     if current is None:
         return None, f"{scope} is not in maintenance"
-    _with_store(spec, lambda store: end_intent(store, current))
+    _end(spec, current, dry_run)
     return current, f"maintenance off: {scope}"
 
 

@@ -61,6 +61,29 @@ def wait_for(spec, what: str, *, timeout: float, **subject) -> None:
         fail(f"not done within {timeout:g}s: {result.waiting[0]}{more}")
 
 
+DRY_HELP = "show the whole transition it would cause (every node's steps), and record nothing"
+
+
+def _not_both(ctx: click.Context, dry: bool, wait: bool, as_json: bool) -> None:
+    if dry and (wait or as_json):
+        ctx.fail(f"--dry-run records nothing: {'--wait' if wait else '--json'} does not apply")
+
+
+def _dry(spec, line: str, **change) -> NoReturn:
+    """--dry-run: what the change would do, then exit 0 (nothing would happen) or 2 (steps
+    pending), as `reconcile --dry-run` exits."""
+    from reconciler.agent import intentops
+
+    try:
+        lines = intentops.transition(spec, **change)
+    except intentops.OpError as exc:
+        fail(str(exc))
+    click.echo(f"{line} (dry run: nothing recorded); the cluster would then (every node's steps, each taken as succeeding):")
+    for text in lines:
+        click.echo(f"  {text}")
+    sys.exit(0 if lines == [intentops.NOTHING] else 2)
+
+
 def _report(intent, line: str, as_json: bool) -> None:
     if as_json:
         from reconciler.published import intent_doc
@@ -79,8 +102,9 @@ def _report(intent, line: str, as_json: bool) -> None:
               help="seconds the move may take; with --wait, also how long to wait")
 @click.option("--wait", "wait", is_flag=True, help=WAIT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the intent recorded as JSON")
+@click.option("--dry-run", "dry", is_flag=True, help=DRY_HELP)
 @click.pass_context
-def move(ctx, group, node, spec_path, timeout, wait, as_json) -> None:
+def move(ctx, group, node, spec_path, timeout, wait, as_json, dry) -> None:
     """Move GROUP to NODE (default: the best eligible node by placement order): its owner stops
     it, hands its claim straight to NODE, and NODE starts it at once. Refused up front, with
     the reason, if NODE may not run it (not in `nodes`, tests failed there, standby, banned,
@@ -89,25 +113,31 @@ def move(ctx, group, node, spec_path, timeout, wait, as_json) -> None:
     where it was."""
     from reconciler.agent import intentops
 
+    _not_both(ctx, dry, wait, as_json)
     spec = _spec(ctx, spec_path)
     try:
-        intent = intentops.move(spec, group, node, timeout=timeout)
+        intent = intentops.move(spec, group, node, timeout=timeout, dry_run=dry)
     except intentops.OpError as exc:
         _failed(exc)
+    if dry:
+        _dry(spec, f"{group}: would move to {intent.target}", put=intent)
     _report(intent, f"{group}: moving to {intent.target}", as_json)
     if wait:
         wait_for(spec, "move", timeout=timeout, subject=group, target=intent.target, intent_id=intent.id)
         click.echo(f"{group}: runs on {intent.target}")
 
 
-def _standby(ctx, node, spec_path, wait, timeout, as_json, on: bool) -> None:
+def _standby(ctx, node, spec_path, wait, timeout, as_json, on: bool, dry: bool = False) -> None:
     from reconciler.agent import intentops
 
+    _not_both(ctx, dry, wait, as_json)
     spec = _spec(ctx, spec_path)
     try:
-        intent, line = intentops.standby(spec, node, on=on)
+        intent, line = intentops.standby(spec, node, on=on, dry_run=dry)
     except intentops.OpError as exc:
         _failed(exc)
+    if dry:
+        _dry(spec, line, put=intent if on else None, removed=intent if not on else None)
     _report(intent, line, as_json)
     if wait:
         wait_for(spec, "standby", timeout=timeout, subject=node)
@@ -120,22 +150,24 @@ def _standby(ctx, node, spec_path, wait, timeout, as_json, on: bool) -> None:
 @click.option("--wait", "wait", is_flag=True, help=WAIT_HELP)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True, help="seconds --wait waits")
 @click.option("--json", "as_json", is_flag=True, help="print the intent as JSON")
+@click.option("--dry-run", "dry", is_flag=True, help=DRY_HELP)
 @click.pass_context
-def standby(ctx, node, spec_path, wait, timeout, as_json) -> None:
+def standby(ctx, node, spec_path, wait, timeout, as_json, dry) -> None:
     """Put NODE in standby: it claims nothing, ranks for nothing, and hands each group it owns
     to another eligible node, one at a time; it stays a member and keeps running its tests.
     Kept in the store (it survives agent restarts) until `reconcile unstandby NODE`."""
-    _standby(ctx, node, spec_path, wait, timeout, as_json, True)
+    _standby(ctx, node, spec_path, wait, timeout, as_json, True, dry)
 
 
 @main.command(epilog=epilog("reconcile unstandby n1"))
 @click.argument("node", shell_complete=complete_node)
 @click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the intent removed as JSON")
+@click.option("--dry-run", "dry", is_flag=True, help=DRY_HELP)
 @click.pass_context
-def unstandby(ctx, node, spec_path, as_json) -> None:
+def unstandby(ctx, node, spec_path, as_json, dry) -> None:
     """Take NODE out of standby: it claims and ranks again (failback = true groups come back)."""
-    _standby(ctx, node, spec_path, False, 0.0, as_json, False)
+    _standby(ctx, node, spec_path, False, 0.0, as_json, False, dry)
 
 
 @main.command(epilog=epilog("reconcile maintenance on --group web", "reconcile maintenance off --wait"))
@@ -146,8 +178,9 @@ def unstandby(ctx, node, spec_path, as_json) -> None:
 @click.option("--wait", "wait", is_flag=True, help="off: wait until every owner acknowledged the end and converged")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="seconds --wait waits")
 @click.option("--json", "as_json", is_flag=True, help="print the intent as JSON")
+@click.option("--dry-run", "dry", is_flag=True, help=DRY_HELP)
 @click.pass_context
-def maintenance(ctx, state, group, node, spec_path, wait, timeout, as_json) -> None:
+def maintenance(ctx, state, group, node, spec_path, wait, timeout, as_json, dry) -> None:
     """Maintenance on|off for the whole cluster, one --group, or the groups one --node owns: in
     scope the agents observe and report but change nothing (no start, stop, respawn, claim,
     takeover, fence or release; a spec edit waits), and no peer takes such a group over.
@@ -158,11 +191,14 @@ def maintenance(ctx, state, group, node, spec_path, wait, timeout, as_json) -> N
         ctx.fail("--group or --node, not both")
     if wait and state == "on":
         ctx.fail("--wait waits for the end of maintenance: with `off` only (`on` takes effect at the agents' next read)")
+    _not_both(ctx, dry, wait, as_json)
     spec = _spec(ctx, spec_path)
     try:
-        intent, line = intentops.maintenance(spec, on=state == "on", group=group, node=node)
+        intent, line = intentops.maintenance(spec, on=state == "on", group=group, node=node, dry_run=dry)
     except intentops.OpError as exc:
         _failed(exc)
+    if dry:
+        _dry(spec, line, put=intent if state == "on" else None, removed=intent if state == "off" else None)
     _report(intent, line, as_json)
     if wait and state == "off":
         wait_for(spec, "maintenance-off", timeout=timeout)

@@ -29,7 +29,7 @@ from reconciler.decide import entries, placement
 from reconciler.decide import plan as planmod
 from reconciler.decide.intent import Action
 from reconciler.model import Claim, ClusterView, EntryState, Heartbeat, Member, Observed
-from reconciler.published import GroupStatus, NodeStatus
+from reconciler.published import GroupStatus, Intent, NodeStatus
 
 STEPS = 100_000  # actions at most; a transition longer than that is cut short (said in `stopped`)
 HORIZON = 86400.0  # seconds: a wait longer than this is not simulated (said in `stopped`)
@@ -47,6 +47,10 @@ class ClusterState:
     down: frozenset[str] = frozenset()  # nodes taken as dead (silent for dead_after at the start)
     # Groups without a claim and since when (unclaimed_since: a candidate's turn counts from it)
     unclaimed_since: Mapping[str, float] = attrs.field(factory=dict)
+    # The operator's intents (move, standby, maintenance): every simulated node sees each at
+    # once, and acknowledges the end of maintenance at once.
+    intents: Mapping[str, Intent] = attrs.field(factory=dict)
+    wall: float = 0.0  # the wall clock at the start (a move's deadline is wall time)
 
 
 @attrs.frozen
@@ -172,7 +176,8 @@ def _view(spec: specmod.Spec, cluster: ClusterState, node: str, now: float, t0: 
     for n in cluster.down:
         # "Just died" at the start, as the dry run of one node has always shown it.
         members[n] = Member(name=n, last_change=t0 - dead_after, up=False)
-    return ClusterView(node=node, members=members, claims=dict(cluster.claims), unclaimed_since=dict(cluster.unclaimed_since))
+    return ClusterView(node=node, members=members, claims=dict(cluster.claims), unclaimed_since=dict(cluster.unclaimed_since),
+                       intents=dict(cluster.intents), wall=cluster.wall + (now - t0))
 
 
 # --- applying one action as if it succeeded ---------------------------------------------------
@@ -207,12 +212,18 @@ def _apply(spec: specmod.Spec, cluster: ClusterState, node: str, a: Action, now:
     elif a.kind == "release":
         claims.pop(a.group, None)
         unclaimed[a.group] = now
+    elif a.kind == "handover" and a.claim is not None:
+        claims[a.group] = Claim(group=a.group, node=a.target, generation=a.claim.generation + 1)
+    intents = cluster.intents
+    if a.kind == "forget" and a.intent is not None:
+        intents = {k: i for k, i in intents.items() if k != a.intent.key}
     probes = obs.probes
     if a.kind in ("start", "restart", "stop") and key in probes:
         probes = {k: v for k, v in probes.items() if k != key}  # a new process starts with no probe result
     observed = dict(cluster.observed)
     observed[node] = attrs.evolve(obs, entries=states, probes=probes)
-    return ClusterState(observed=observed, claims=claims, down=cluster.down, unclaimed_since=unclaimed)
+    return ClusterState(observed=observed, claims=claims, down=cluster.down, unclaimed_since=unclaimed, intents=intents,
+                        wall=cluster.wall)
 
 
 def _level(spec: specmod.Spec, group: str) -> str:

@@ -108,6 +108,9 @@ class NodeStatus:
     members: dict[str, MemberStatus] = attrs.field(factory=dict)
     eligible_groups: tuple[str, ...] = ()  # sorted: the groups whose tests passed here
     groups: dict[str, GroupStatus] = attrs.field(factory=dict)
+    # The failsafe (issue 17): this node's peer endpoint ("HOST:PORT"; "": off). Left out of
+    # the record while unset, so older versions read it.
+    peer: str = ""
 
 
 EMPTY = NodeStatus()  # a node that published no status (yet), or one that did not parse
@@ -260,7 +263,7 @@ _register(GroupStatus, desired=_str, owner=_optional(_str), generation=_optional
           banned=_bool, banned_until=_optional(_float), cleared=_str)
 _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
-          twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus))
+          twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus), peer=_str)
 _register(SpecFile, name=_str, text=_str)
 
 
@@ -294,6 +297,7 @@ _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatu
 # A group's issue-16 fields only when set: a record without them is what older versions write and read.
 _omitted: dict[str, Any] = {f: override(omit_if_default=True) for f in ("failures", "banned", "banned_until", "cleared")}
 _conv.register_unstructure_hook(GroupStatus, make_dict_unstructure_fn(GroupStatus, _conv, **_omitted))
+_conv.register_unstructure_hook(NodeStatus, make_dict_unstructure_fn(NodeStatus, _conv, peer=override(omit_if_default=True)))
 
 
 def _structure(value: Any, cls: type[_T]) -> _T:

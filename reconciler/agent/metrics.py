@@ -143,6 +143,22 @@ class Metrics:
         self.store_age.labels(self.node).set_function(lambda: clock() - max(round_trip_at(), started))
         self.lease_left.labels(self.node).set_function(lambda: max(0.0, lease_until() - clock()))
 
+    def follow_failsafe(self, counters) -> None:
+        """The failsafe's gauges and counters (issue 17; cluster/failsafe.Counters), at scrape
+        time: the failsafe thread and the peer endpoint move them, not the loop."""
+        prom.Gauge("reconciler_failsafe_active",
+                   "1 while this node runs its groups on its peers' promises (its store renewals fail).", ["node"],
+                   registry=self.registry).labels(self.node).set_function(lambda: 1.0 if counters.active else 0.0)
+        # (counters whose values the failsafe counts: prometheus_client offers no counter read
+        # at scrape time, so a small collector reports each)
+        for name, doc, attr in (
+            ("reconciler_failsafe_promises_asked", "Promises this node asked of its peers while its store renewals failed.", "asked"),
+            ("reconciler_failsafe_promises_given", "Promises this node gave to owners that could not reach the store.", "given"),
+            ("reconciler_failsafe_promises_refused", "Requests for a promise this node refused (it reached the store, or the "
+             "request was forged, replayed, misaddressed or from a stranger).", "refused"),
+        ):
+            self.registry.register(_CounterOf(name, doc, self.node, lambda attr=attr: getattr(counters, attr)))
+
     def tick_failed(self, seconds: float) -> None:
         """A reconcile pass that raised."""
         self.tick_seconds.labels(self.node).observe(seconds)
@@ -302,3 +318,20 @@ def serve(metrics: Metrics, address: str) -> WSGIServer:
     host, _, port = address.rpartition(":")
     server, _thread = prom.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)
     return server
+
+
+class _CounterOf:
+    """A counter whose value another object counts (read at scrape time)."""
+
+    def __init__(self, name: str, doc: str, node: str, value: Callable[[], float]):
+        self.name, self.doc, self.node, self.value = name, doc, node, value
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(self.name, self.doc, labels=["node"])
+        family.add_metric([self.node], self.value())
+        yield family
+
+    def describe(self):
+        return []

@@ -350,7 +350,7 @@ def run(ctx, spec_path, node, once, dry, node_down, as_json, metrics_address, lo
         if server is not None:
             server.shutdown()
         sys.exit(code)
-    except (specmod.SpecError, agentmod.AlreadyRunning, StoreRefused) as exc:
+    except (specmod.SpecError, agentmod.AlreadyRunning, agentmod.PeerError, StoreRefused) as exc:
         fail(str(exc))
 
 

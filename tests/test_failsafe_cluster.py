@@ -1,0 +1,170 @@
+"""The failsafe on real agents (issue 17): a store outage for everyone stops nothing; an owner
+cut off from the store alone (or from everything) still demotes by its lease and is taken
+over once; a store outage while a member is down stops the groups, and each comes back once.
+
+Every agent runs in a network namespace of its own on one bridge: the peer link (UDP). The
+store is the directory store, reached through the filesystem: "the store unreachable for
+everyone" is its directory renamed away (every node then finds no store: unreachable, never
+empty), and "one node's store link cut" is an empty tmpfs mounted over the store directory
+in that node's own mount namespace (it finds no store, its peers still do), so the two links
+are cut apart. The etcd variant (every member SIGSTOPped) is at the end. Every test ends
+with the double-run checker (make_cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from cluster import Cluster
+from helpers import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "ip", "mount", "nsenter")]
+
+NODES = ("n1", "n2", "n3")
+GROUPS = tuple(f"g{i}" for i in range(1, 7))
+# Short timings that ride out a loaded 2-core machine: the outage below (5 s) is over six
+# leases; dead_after > (0.8 + 0.05 + 0.1) x 1.02.
+TIMING = """
+[cluster.timing]
+heartbeat = "100ms"
+lease = "800ms"
+demote_margin = "200ms"
+dead_after = "1.2s"
+"""
+DEAD_AFTER, LEASE = 1.2, 0.8
+OUTAGE = 5.0
+SECRET = b"failsafe-test-secret-0123456789abcdef"
+
+
+def records(log: str, *events: str) -> list[tuple[float, str, str, str, int]]:
+    """Guard records (time, event, node, group, pid), optionally only these events."""
+    out = []
+    if not os.path.exists(log):
+        return out
+    with open(log) as fh:
+        for line in fh:
+            p = line.split()
+            if len(p) >= 6 and (not events or p[1] in events):
+                out.append((float(p[0]), p[1], p[2], p[3], int(p[4])))
+    return out
+
+
+def starts_stops(c: Cluster, after: float = 0.0) -> list[tuple[float, str, str, str, int]]:
+    return [r for r in records(c.guard_log, "start", "stop") if r[0] > after]
+
+
+def settled(c: Cluster, timeout: float = 25.0) -> dict[str, str]:
+    """Every group running on exactly one node, and nothing started or stopped for a lease."""
+    deadline = time.monotonic() + timeout
+    for g in GROUPS:
+        wait_until(lambda: c.runs_on_one(g), timeout, what=f"{g} on one node")
+    while True:
+        last = starts_stops(c)
+        time.sleep(LEASE + 0.2)
+        if starts_stops(c) == last and all(c.runs_on_one(g) for g in GROUPS):
+            return {g: c.runs_on_one(g) for g in GROUPS}
+        assert time.monotonic() < deadline, "the cluster never settled"
+
+
+@pytest.fixture
+def topology():
+    from netns import Topology
+
+    topo = Topology(f"rcf{os.getpid() % 100000}")
+    try:
+        yield topo
+    finally:
+        topo.cleanup()
+
+
+@pytest.fixture
+def failsafe_cluster(topology, make_cluster, tmp_path):
+    """Three agents with the failsafe on, six guard groups spread over them."""
+    secret = tmp_path / "peer.secret"
+    secret.write_bytes(SECRET)
+    os.chmod(secret, 0o600)
+    spaces = {n: topology.add(n, f"198.51.100.{21 + i}") for i, n in enumerate(NODES)}
+    groups = "".join(Cluster.guard_group(g, str(tmp_path / "guard.log")) for g in GROUPS)
+    c = make_cluster(netns=spaces, own_specs=True, cluster_extra=TIMING, groups=groups)
+    for i, n in enumerate(NODES):
+        c.write("node.toml", f"""
+            [cluster]
+            peer_listen = "198.51.100.{21 + i}:7946"
+            peer_secret_file = "{secret}"
+        """, node=n)
+    c.start()
+    c.before = settled(c)
+    return c
+
+
+def store_away(c: Cluster) -> None:
+    os.rename(c.store, c.store.with_name("store.away"))
+
+
+def store_back(c: Cluster) -> None:
+    os.rename(c.store.with_name("store.away"), c.store)
+
+
+def cut_store(c: Cluster, node: str) -> None:
+    """An empty tmpfs over the store directory in `node`'s mount namespace: only it loses the store."""
+    subprocess.run(["nsenter", "-t", str(c.nodes[node].agent_pid), "-m", "mount", "-t", "tmpfs", "-o", "size=64k", "cut",
+                    str(c.store)], check=True, capture_output=True, timeout=10)
+
+
+def test_a_store_outage_for_everyone_stops_nothing_and_a_member_down_stops_the_groups_once(failsafe_cluster):
+    c = failsafe_cluster
+    before_at = time.monotonic()
+    store_away(c)
+    try:
+        time.sleep(OUTAGE)  # the outage: its length is the test
+    finally:
+        store_back(c)
+    time.sleep(DEAD_AFTER + 0.5)
+    assert starts_stops(c, before_at) == [], "a store outage for everyone stopped or moved something"
+    assert {g: c.runs_on_one(g) for g in GROUPS} == c.before
+    assert "running on promises" in "".join(c.nodes[n].log.read_text() for n in NODES)
+    # The same outage while a member is down: nobody can vouch for it, so the owners demote
+    # by their leases (docs/operations.md), and each group comes back once with the store.
+    down = "n3"
+    c.nodes[down].crash()
+    after = settled(c)
+    assert all(n != down for n in after.values())
+    crashed_at = time.monotonic()
+    store_away(c)
+    try:
+        wait_until(lambda: not any(c.running(g) for g in GROUPS), LEASE + 3, what="every group to stop")
+        time.sleep(1.0)
+    finally:
+        store_back(c)
+    back_at = time.monotonic()
+    again = settled(c)
+    starts = [r for r in records(c.guard_log, "start") if r[0] > back_at]
+    assert sorted(r[3] for r in starts) == sorted(GROUPS), starts
+    stops = [r for r in records(c.guard_log, "stop") if r[0] > crashed_at]
+    assert sorted(r[3] for r in stops if r[0] < back_at) == sorted(GROUPS)
+    assert all(n != down for n in again.values())
+
+
+@pytest.mark.parametrize("peer_link", ["up", "cut"])
+def test_an_owner_cut_off_from_the_store_demotes_by_its_lease_and_is_taken_over_once(failsafe_cluster, topology, peer_link):
+    c = failsafe_cluster
+    owner = c.before["g1"]
+    mine = sorted(g for g, n in c.before.items() if n == owner)
+    cut_at = time.monotonic()
+    cut_store(c, owner)
+    if peer_link == "cut":
+        topology.cut(owner)
+    for g in mine:
+        wait_until(lambda: (n := c.runs_on_one(g)) and n != owner, DEAD_AFTER + LEASE + 6, what=f"{g} taken over")
+    stops = {r[3]: r[0] for r in records(c.guard_log, "stop") if r[2] == owner and r[0] > cut_at}
+    starts = {r[3]: r[0] for r in records(c.guard_log, "start") if r[2] != owner and r[0] > cut_at}
+    for g in mine:
+        assert stops[g] - cut_at < LEASE + 0.5, f"{owner} demoted {g} by its lease"
+        assert stops[g] < starts[g], f"{g}: the cut-off owner stopped before the takeover started"
+    assert "self-demotion" in c.nodes[owner].log.read_text()
+    # the others' groups never moved
+    assert all(c.runs_on_one(g) == n for g, n in c.before.items() if n != owner)

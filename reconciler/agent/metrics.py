@@ -157,7 +157,7 @@ class Metrics:
             ("reconciler_failsafe_promises_refused", "Requests for a promise this node refused (it reached the store, or the "
              "request was forged, replayed, misaddressed or from a stranger).", "refused"),
         ):
-            self.registry.register(_CounterOf(name, doc, self.node, lambda attr=attr: getattr(counters, attr)))
+            self.registry.register(_CounterOf(name, doc, self.node, _reader(counters, attr)))
 
     def tick_failed(self, seconds: float) -> None:
         """A reconcile pass that raised."""
@@ -318,6 +318,10 @@ def serve(metrics: Metrics, address: str) -> WSGIServer:
     host, _, port = address.rpartition(":")
     server, _thread = prom.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)
     return server
+
+
+def _reader(obj: object, attr: str) -> Callable[[], float]:
+    return lambda: float(getattr(obj, attr))
 
 
 class _CounterOf:

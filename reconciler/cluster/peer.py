@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from reconciler.decide import failsafe as rules
 from reconciler.spec.model import SpecError
@@ -176,7 +177,7 @@ class Endpoint:
             except Exception:  # never let the endpoint die: members would stop answering
                 log.exception("failsafe: a request could not be answered")
 
-    def handle(self, data: bytes, origin: object) -> None:
+    def handle(self, data: bytes, origin: Any) -> None:
         body = unseal(self.secret, data)
         if body is None:
             self._refused("bad MAC (not signed with the cluster secret)", origin)
@@ -196,7 +197,7 @@ class Endpoint:
         reply = {"v": VERSION, "kind": kind, "sender": self.node, "receiver": request.sender, "time": self._wall(),
                  "nonce": secrets.token_hex(12), "reply_to": request.nonce, "duration": request.duration, "reason": reason}
         try:
-            self.sock.sendto(seal(self.secret, reply), origin)  # type: ignore[arg-type]
+            self.sock.sendto(seal(self.secret, reply), origin)
         except OSError as exc:
             log.debug("failsafe: cannot answer %s: %s", origin, exc)
 

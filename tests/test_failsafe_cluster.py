@@ -168,3 +168,57 @@ def test_an_owner_cut_off_from_the_store_demotes_by_its_lease_and_is_taken_over_
     assert "self-demotion" in c.nodes[owner].log.read_text()
     # the others' groups never moved
     assert all(c.runs_on_one(g) == n for g, n in c.before.items() if n != owner)
+
+
+# --- etcd: the store on a second bridge, every member paused ------------------------------
+
+
+@pytest.mark.needs("etcd")
+def test_every_etcd_member_paused_stops_nothing(topology, make_cluster, tmp_path):
+    """The agents on the peer bridge; etcd's members and a second link of every agent on a
+    bridge of their own (the store link). Every member SIGSTOPped for OUTAGE seconds."""
+    import signal
+
+    from netns import NetnsEtcdCluster, Topology
+
+    store_net = Topology(f"rcs{os.getpid() % 100000}")
+    etcd = None
+    try:
+        hosts = [f"192.0.2.{11 + i}" for i in range(3)]
+        spaces = [store_net.add(f"m{i + 1}", h) for i, h in enumerate(hosts)]
+        agents = {n: topology.add(n, f"198.51.100.{21 + i}") for i, n in enumerate(NODES)}
+        for i, n in enumerate(NODES):
+            store_net.attach(n, agents[n], f"192.0.2.{21 + i}")
+        observer = store_net.add("obs", "192.0.2.30")
+        etcd = NetnsEtcdCluster(spaces, hosts, tmp_path / "etcd").start(timeout=20)
+        secret = tmp_path / "peer.secret"
+        secret.write_bytes(SECRET)
+        os.chmod(secret, 0o600)
+        groups = "".join(Cluster.guard_group(g, str(tmp_path / "guard.log")) for g in GROUPS)
+        c = make_cluster(store=etcd.url, netns=agents, store_netns=observer, own_specs=True, cluster_extra=TIMING,
+                         groups=groups)
+        for i, n in enumerate(NODES):
+            c.write("node.toml", f"""
+                [cluster]
+                peer_listen = "198.51.100.{21 + i}:7946"
+                peer_secret_file = "{secret}"
+            """, node=n)
+        c.start()
+        before = settled(c)
+        paused_at = time.monotonic()
+        procs = [p for p in etcd.procs if p is not None]
+        for p in procs:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            time.sleep(OUTAGE)  # the outage: its length is the test
+        finally:
+            for p in procs:
+                os.kill(p.pid, signal.SIGCONT)
+        time.sleep(DEAD_AFTER + 1.0)
+        assert starts_stops(c, paused_at) == [], "an etcd outage stopped or moved something"
+        assert {g: c.runs_on_one(g) for g in GROUPS} == before
+        c.stop()  # while etcd answers: the agents release their claims
+    finally:
+        if etcd is not None:
+            etcd.stop()
+        store_net.cleanup()

@@ -9,8 +9,8 @@ Two threads, both only with `peer_listen` and `peer_secret_file` set:
   for its deadline, 1 s, longer than the default lease; a hung NFS mount has none) would
   hold the renewer past the point where asking still helps. It sleeps until the lease,
   unrenewed, would reach decide/failsafe.ask_at, and asks then only if the store is the
-  reason: the renewer's last publish failed or hangs (never when the renewer stopped on
-  purpose: a stalled loop, a twin under this node's name). While the store answers, each
+  reason (never when the renewer stopped on purpose: a stalled loop, a twin under this
+  node's name). While the store answers, each
   renewal moves the lease on before the thread's wake-up, which then finds nothing to do.
 """
 
@@ -52,7 +52,7 @@ class Failsafe:
 
     def __init__(self, node: str, *, lease: Lease, watch: Watch, instance: Instance, book: PromiseBook, secret: bytes,
                  listen: str, advertise: str, timing: Callable[[], Timing],
-                 renewer_state: Callable[[], tuple[str, float | None, float]], clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 loop_alive_at: Callable[[], float], clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.node = node
         self.lease = lease
         self.watch = watch
@@ -61,8 +61,7 @@ class Failsafe:
         self.secret = secret
         self.advertise = advertise
         self._timing = timing
-        # (publish error, when the publish in flight began (None: none), when the loop last proved itself alive)
-        self._renewer_state = renewer_state
+        self._loop_alive_at = loop_alive_at  # (renewal.Pulse: when the event loop last proved itself alive)
         self._clock = clock
         self._wall = wall
         self.counters = Counters()
@@ -129,15 +128,14 @@ class Failsafe:
         return {n: self._addresses.get(n) for n in self.members() if n != self.node}
 
     def store_failing(self, now: float) -> bool:
-        """Is the store why the lease did not move (not a stalled loop or a twin)?"""
-        error, publishing_since, loop_alive_at = self._renewer_state()
+        """Is the store why the lease did not move? Not when the renewer stopped on purpose:
+        a stalled event loop, or an identity verdict that forbids running (a twin). Any other
+        renewal that did not come in time (a publish or a read that failed or hangs) is the
+        store's."""
         t = self._timing()
-        if viewrules.renewal_stopped(now, loop_alive_at, stall=viewrules.loop_stall(t.lease)):
+        if viewrules.renewal_stopped(now, self._loop_alive_at(), stall=viewrules.loop_stall(t.lease)):
             return False
-        if not self.instance.verdict.run:
-            return False
-        hung = publishing_since is not None and now - publishing_since >= t.heartbeat
-        return hung or (bool(error) and not error.startswith("agent event loop stalled"))
+        return self.instance.verdict.run and self.instance.verdict.publish
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -203,14 +201,14 @@ class Failsafe:
 
 def build(node: str, *, cluster_listen: str, advertise: str | None, secret_file: str, node_dir: str, lease: Lease,
           watch: Watch, instance: Instance, timing: Callable[[], Timing],
-          renewer_state: Callable[[], tuple[str, float | None, float]]) -> Failsafe:
+          loop_alive_at: Callable[[], float]) -> Failsafe:
     """The failsafe as configured (peer.PeerError, one line, if it cannot start), with the
     promises a predecessor gave loaded and honoured by `watch` from now on."""
     secret = peer.read_secret(secret_file)
     book = PromiseBook(os.path.join(node_dir, "promises.json"), boot=peer.boot_id())
     book.load(timing().dead_after)
     fs = Failsafe(node, lease=lease, watch=watch, instance=instance, book=book, secret=secret, listen=cluster_listen,
-                  advertise=advertise or cluster_listen, timing=timing, renewer_state=renewer_state)
+                  advertise=advertise or cluster_listen, timing=timing, loop_alive_at=loop_alive_at)
     if advertise is None:
         host, port = fs.endpoint.address[:2]
         fs.advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # (port 0: the one the kernel chose)

@@ -99,7 +99,6 @@ class Renewer:
         self.thread = threading.Thread(target=self._run, name="lease-renewal", daemon=True)
         self.loop_stall = rules.loop_stall(timing().lease)
         self.publish_error = ""  # the last publish error ("": it succeeded)
-        self.publishing_since: float | None = None  # when the publish in flight began (the failsafe: a hung store)
         self._stalled_logged = False
         self._posted_at = 0.0
 
@@ -191,14 +190,11 @@ class Renewer:
         self._stalled_logged = False
         if not self.instance.may_publish():  # node identity: watching this node's record, or a twin
             return
-        self.publishing_since = started
         try:
             self.store.publish_blocking(self.publisher.heartbeat())
         except StoreError as exc:
             self.publish_error = str(exc)
             return
-        finally:
-            self.publishing_since = None
         self.publish_error = ""
         self.instance.note_published(started)
         duration = self._timing().lease

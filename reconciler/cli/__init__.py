@@ -549,6 +549,45 @@ def clear(ctx, group, spec_path, node, timeout) -> None:
     click.echo(f"{group}: failures and ban cleared on {node}")
 
 
+@main.command(epilog=epilog("reconcile forget n4"))
+@click.argument("member", shell_complete=complete_node)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.pass_context
+def forget(ctx, member, spec_path) -> None:
+    """Remove a decommissioned node's record from the store, so that the failsafe no longer
+    needs its promise (docs/operations.md, "Store outages"). Refused (exit 1) while the node
+    is alive or holds a claim; exit 2 if the store has no such node."""
+    from reconciler.cluster import survey
+    from reconciler.store import StoreError
+
+    spec = load_or_fail(own(ctx, "spec", spec_path))
+    try:
+        look = asyncio.run(survey.look_at(spec))
+    except StoreError as exc:
+        fail(str(exc))
+    members = look.snapshot.members
+    if member not in members:
+        fail(f"{member}: no such node in the store (known: {', '.join(sorted(members)) or 'none'})", code=2)
+    if member in look.advanced:
+        fail(f"{member}: alive (its heartbeat advances): stop its agent first")
+    owned = sorted(g for g, c in look.snapshot.claims.items() if c.node == member)
+    if owned:
+        fail(f"{member}: holds the claims of {', '.join(owned)}: they must move first")
+
+    async def remove() -> bool:
+        store = survey.open_spec_store(spec)
+        try:
+            return await store.forget(member)
+        finally:
+            await store.close()
+
+    try:
+        removed = asyncio.run(remove())
+    except StoreError as exc:
+        fail(str(exc))
+    click.echo(f"{member}: forgotten (its record is removed from the store)" if removed else f"{member}: already gone")
+
+
 # The cluster spec's commands (tell, apply, diff, history, rollback) live in a module of their
 # own; importing it adds them to `main`.
 from reconciler.cli import clusterspec as _clusterspec  # noqa: E402,F401

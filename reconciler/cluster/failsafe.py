@@ -51,12 +51,13 @@ class Failsafe:
     """The failsafe of `node`: its endpoint on `listen`, advertising `advertise`."""
 
     def __init__(self, node: str, *, lease: Lease, watch: Watch, instance: Instance, book: PromiseBook, secret: bytes,
-                 listen: str, advertise: str, timing: Callable[[], Timing],
+                 listen: str, advertise: str, timing: Callable[[], Timing], records_expire: bool = False,
                  loop_alive_at: Callable[[], float], clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.node = node
         self.lease = lease
         self.watch = watch
         self.instance = instance
+        self.records_expire = records_expire
         self.book = book
         self.secret = secret
         self.advertise = advertise
@@ -85,10 +86,14 @@ class Failsafe:
     # --- the member ------------------------------------------------------------------------
 
     def members(self) -> set[str]:
-        """The recorded members: every node of this node's last good view of the store,
-        alive or not, and the owners it holds promises to (a restarted agent during an
-        outage has no view yet)."""
-        return set(self.watch.view.members) | set(self.book.promises)
+        """The recorded members: every node with a record in this node's last good view of
+        the store, alive or not; where records vanish on their own (etcd: with a stopped
+        node's lease) every node this agent has seen; and the owners it holds promises to
+        (a restarted agent during an outage has no view yet). `reconcile forget` removes a
+        record: the node is no longer asked (on etcd: by agents started after it)."""
+        members = self.watch.view.members
+        seen = members if self.records_expire else {n for n, m in members.items() if m.heartbeat is not None}
+        return set(seen) | set(self.book.promises)
 
     def decide(self, request: rules.Request, seen: bool) -> rules.Promise | rules.Refusal:
         t = self._timing()
@@ -200,7 +205,7 @@ class Failsafe:
 
 
 def build(node: str, *, cluster_listen: str, advertise: str | None, secret_file: str, node_dir: str, lease: Lease,
-          watch: Watch, instance: Instance, timing: Callable[[], Timing],
+          watch: Watch, instance: Instance, timing: Callable[[], Timing], records_expire: bool,
           loop_alive_at: Callable[[], float]) -> Failsafe:
     """The failsafe as configured (peer.PeerError, one line, if it cannot start), with the
     promises a predecessor gave loaded and honoured by `watch` from now on."""
@@ -208,7 +213,8 @@ def build(node: str, *, cluster_listen: str, advertise: str | None, secret_file:
     book = PromiseBook(os.path.join(node_dir, "promises.json"), boot=peer.boot_id())
     book.load(timing().dead_after)
     fs = Failsafe(node, lease=lease, watch=watch, instance=instance, book=book, secret=secret, listen=cluster_listen,
-                  advertise=advertise or cluster_listen, timing=timing, loop_alive_at=loop_alive_at)
+                  advertise=advertise or cluster_listen, timing=timing, records_expire=records_expire,
+                  loop_alive_at=loop_alive_at)
     if advertise is None:
         host, port = fs.endpoint.address[:2]
         fs.advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # (port 0: the one the kernel chose)

@@ -167,6 +167,16 @@ class Store(abc.ABC):
         """The revisions kept, newest first (at most KEEP); [] if none. A malformed one is a
         StoreError naming it (as spec_get)."""
 
+    # Does a node's record vanish on its own when the node stops (etcd: with its lease)? The
+    # failsafe then counts every node this agent has seen as a member, not only the records.
+    records_expire: bool = False
+
+    async def forget(self, node: str) -> bool:
+        """Remove `node`'s record (heartbeat and status) from the store: a decommissioned node
+        is no longer a member (`reconcile forget`, which first checks that it is dead and owns
+        no claim). True if there was a record. Backends override it; this default refuses."""
+        raise StoreError(f"{self.url}: this store cannot forget a node")
+
     async def wait(self, timeout: float) -> None:
         """Return when the store may have changed, or after `timeout` seconds.
 

@@ -199,3 +199,49 @@ def test_the_replay_cache_is_bounded_and_forgets_after_the_window():
     assert not cache.check_and_add("b", 1.0)
     assert cache.check_and_add("c", 2.0)  # full: refused, never evicted early
     assert not cache.check_and_add("c", 100.0)  # a and b aged out
+
+
+def test_a_member_restarted_right_after_promising_still_honours_it(tmp_path):
+    """The promise given by one agent is in the planning view of the next one (same boot):
+    the owner counts as alive until the promise's deadline + dead_after, though the fresh
+    agent's first read finds its heartbeat long still."""
+    from reconciler import spec as specmod
+    from reconciler.cluster import failsafe as failsafemod
+    from reconciler.cluster.instance import Instance
+    from reconciler.cluster.lease import Lease
+    from reconciler.cluster.watch import Watch
+    from reconciler.model import Heartbeat, Snapshot
+    from reconciler.published import NodeStatus
+
+    timing = specmod.Timing()
+    now = [1000.0]
+    clock = lambda: now[0]  # noqa: E731
+    given = PromiseBook(str(tmp_path / "promises.json"), boot=peer.boot_id(), clock=clock)
+    assert given.give(rules.Promise(owner=OWNER, deadline=now[0] + timing.lease), dead_after=timing.dead_after)
+    # -- the agent is SIGKILLed and restarted at once: a new process, the same file and boot --
+    spec = specmod.Spec(cluster=specmod.Cluster(timing=timing), groups={})
+    lease = Lease(ME, str(tmp_path / "lease"), keeper=False, clock=clock)
+    instance = Instance(ME, str(tmp_path / "instance"), lease=lease, timing=lambda: timing, clock=clock)
+    watch = Watch(ME, spec=lambda: spec, store_url="dir:x", lease=lease, instance=instance, clock=clock)
+    fs = failsafemod.build(ME, cluster_listen="127.0.0.1:0", advertise=None, secret_file=str(_secret(tmp_path)),
+                           node_dir=str(tmp_path), lease=lease, watch=watch, instance=instance, timing=lambda: timing,
+                           records_expire=False, loop_alive_at=clock, clock=clock)
+    try:
+        assert set(fs.book.promises) == {OWNER}
+        hb = Heartbeat(node=OWNER, counter=5, status=NodeStatus())
+        watch.apply_read(Snapshot(members={OWNER: hb}), "", None)
+        now[0] += timing.lease + timing.dead_after - 0.01  # long after the owner's last heartbeat change
+        watch.apply_read(Snapshot(members={OWNER: hb}), "", None)
+        assert watch.planning_view().alive(OWNER, now[0], timing.dead_after)
+        assert not watch.view.alive(OWNER, now[0], timing.dead_after)  # (without the promise: dead)
+        now[0] += 0.02
+        assert not watch.planning_view().alive(OWNER, now[0], timing.dead_after)
+    finally:
+        fs.endpoint.sock.close()
+
+
+def _secret(tmp_path):
+    f = tmp_path / "secret"
+    f.write_bytes(SECRET)
+    os.chmod(f, 0o600)
+    return f

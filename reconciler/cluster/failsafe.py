@@ -206,15 +206,15 @@ class Failsafe:
 
 def build(node: str, *, cluster_listen: str, advertise: str | None, secret_file: str, node_dir: str, lease: Lease,
           watch: Watch, instance: Instance, timing: Callable[[], Timing], records_expire: bool,
-          loop_alive_at: Callable[[], float]) -> Failsafe:
+          loop_alive_at: Callable[[], float], clock: Callable[[], float] = time.monotonic) -> Failsafe:
     """The failsafe as configured (peer.PeerError, one line, if it cannot start), with the
     promises a predecessor gave loaded and honoured by `watch` from now on."""
     secret = peer.read_secret(secret_file)
-    book = PromiseBook(os.path.join(node_dir, "promises.json"), boot=peer.boot_id())
+    book = PromiseBook(os.path.join(node_dir, "promises.json"), boot=peer.boot_id(), clock=clock)
     book.load(timing().dead_after)
     fs = Failsafe(node, lease=lease, watch=watch, instance=instance, book=book, secret=secret, listen=cluster_listen,
                   advertise=advertise or cluster_listen, timing=timing, records_expire=records_expire,
-                  loop_alive_at=loop_alive_at)
+                  loop_alive_at=loop_alive_at, clock=clock)
     if advertise is None:
         host, port = fs.endpoint.address[:2]
         fs.advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # (port 0: the one the kernel chose)

@@ -47,6 +47,11 @@ METRICS = frozenset(
         "reconciler_entry_unhealthy",
         "reconciler_group_banned",
         "reconciler_bans_total",
+        # issue 17: the failsafe
+        "reconciler_failsafe_active",
+        "reconciler_failsafe_promises_asked_total",
+        "reconciler_failsafe_promises_given_total",
+        "reconciler_failsafe_promises_refused_total",
     }
 )
 HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds", "reconciler_probe_duration_seconds"})

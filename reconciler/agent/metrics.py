@@ -77,6 +77,7 @@ class Metrics:
             "reconciler_lease_remaining_seconds", "Seconds until this node's lease runs out (0: lapsed, or none held).", L,
             registry=r,
         )
+        self._failsafe_metrics()
         # Health (issue 16): labels are bounded (kind: command|tcp|http; result: ok|fail;
         # cause: unhealthy|exit for restarts, decide/health.CAUSES for failures).
         self.probes = prom.Counter("reconciler_probes", "Health probes by group, kind and result.",
@@ -144,11 +145,18 @@ class Metrics:
         self.lease_left.labels(self.node).set_function(lambda: max(0.0, lease_until() - clock()))
 
     def follow_failsafe(self, counters) -> None:
-        """The failsafe's gauges and counters (issue 17; cluster/failsafe.Counters), at scrape
-        time: the failsafe thread and the peer endpoint move them, not the loop."""
+        """Read the failsafe's gauge and counters (cluster/failsafe.Counters) from
+        `counters` from now on (until then, and without the failsafe: 0)."""
+        self._failsafe = counters
+
+    def _failsafe_metrics(self) -> None:
+        """The failsafe's (issue 17), read at scrape time: its thread and the peer endpoint
+        count, not the loop. Exported (as 0) with the failsafe off too: one dashboard fits all."""
+        self._failsafe = None
         prom.Gauge("reconciler_failsafe_active",
                    "1 while this node runs its groups on its peers' promises (its store renewals fail).", ["node"],
-                   registry=self.registry).labels(self.node).set_function(lambda: 1.0 if counters.active else 0.0)
+                   registry=self.registry).labels(self.node).set_function(
+                       lambda: 1.0 if self._failsafe is not None and self._failsafe.active else 0.0)
         # (counters whose values the failsafe counts: prometheus_client offers no counter read
         # at scrape time, so a small collector reports each)
         for name, doc, attr in (
@@ -157,7 +165,10 @@ class Metrics:
             ("reconciler_failsafe_promises_refused", "Requests for a promise this node refused (it reached the store, or the "
              "request was forged, replayed, misaddressed or from a stranger).", "refused"),
         ):
-            self.registry.register(_CounterOf(name, doc, self.node, _reader(counters, attr)))
+            self.registry.register(_CounterOf(name, doc, self.node, self._failsafe_reader(attr)))
+
+    def _failsafe_reader(self, attr: str) -> Callable[[], float]:
+        return lambda: float(getattr(self._failsafe, attr)) if self._failsafe is not None else 0.0
 
     def tick_failed(self, seconds: float) -> None:
         """A reconcile pass that raised."""
@@ -318,10 +329,6 @@ def serve(metrics: Metrics, address: str) -> WSGIServer:
     host, _, port = address.rpartition(":")
     server, _thread = prom.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)
     return server
-
-
-def _reader(obj: object, attr: str) -> Callable[[], float]:
-    return lambda: float(getattr(obj, attr))
 
 
 class _CounterOf:

@@ -211,7 +211,8 @@ class Agent:
             self.failsafe = failsafemod.build(
                 self.node, cluster_listen=c.peer_listen, advertise=c.peer_advertise, secret_file=self.spec.path(c.peer_secret_file),
                 node_dir=str(self.node_dir), lease=self.lease, watch=self.watch, instance=self.instance, timing=self._timing,
-                records_expire=self.store.records_expire, loop_alive_at=lambda: self.pulse.at)
+                records_expire=self.store.records_expire, loop_alive_at=lambda: self.pulse.at,
+                tell=self.notify.status if self.notify else lambda line: None)
             self.metrics.follow_failsafe(self.failsafe.counters)
             self.failsafe.start()
             log.info("failsafe on: peer endpoint %s (advertised as %s)", c.peer_listen, self.failsafe.advertise)

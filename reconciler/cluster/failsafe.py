@@ -52,12 +52,13 @@ class Failsafe:
 
     def __init__(self, node: str, *, lease: Lease, watch: Watch, instance: Instance, book: PromiseBook, secret: bytes,
                  listen: str, advertise: str, timing: Callable[[], Timing], records_expire: bool = False,
-                 loop_alive_at: Callable[[], float], clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 loop_alive_at: Callable[[], float], tell: Callable[[str], object] = lambda line: None, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.node = node
         self.lease = lease
         self.watch = watch
         self.instance = instance
         self.records_expire = records_expire
+        self._tell = tell  # the status line, to systemd (`systemctl status`): the store, and with it `reconcile status`, is away
         self.book = book
         self.secret = secret
         self.advertise = advertise
@@ -186,6 +187,7 @@ class Failsafe:
             if self._clock() - self._logged_at >= LOG_EVERY:
                 self._logged_at = self._clock()
                 log.info("failsafe: %s", self.counters.line)
+                self._tell(f"{self.node}: {self.counters.line}")
             return True
         missing = {n: a.reason if isinstance(a, rules.Refusal) else "no answer" for n, a in answers.items()
                    if not isinstance(a, rules.Promise)}
@@ -206,7 +208,8 @@ class Failsafe:
 
 def build(node: str, *, cluster_listen: str, advertise: str | None, secret_file: str, node_dir: str, lease: Lease,
           watch: Watch, instance: Instance, timing: Callable[[], Timing], records_expire: bool,
-          loop_alive_at: Callable[[], float], clock: Callable[[], float] = time.monotonic) -> Failsafe:
+          loop_alive_at: Callable[[], float], tell: Callable[[str], object] = lambda line: None,
+          clock: Callable[[], float] = time.monotonic) -> Failsafe:
     """The failsafe as configured (peer.PeerError, one line, if it cannot start), with the
     promises a predecessor gave loaded and honoured by `watch` from now on."""
     secret = peer.read_secret(secret_file)
@@ -214,7 +217,7 @@ def build(node: str, *, cluster_listen: str, advertise: str | None, secret_file:
     book.load(timing().dead_after)
     fs = Failsafe(node, lease=lease, watch=watch, instance=instance, book=book, secret=secret, listen=cluster_listen,
                   advertise=advertise or cluster_listen, timing=timing, records_expire=records_expire,
-                  loop_alive_at=loop_alive_at, clock=clock)
+                  loop_alive_at=loop_alive_at, tell=tell, clock=clock)
     if advertise is None:
         host, port = fs.endpoint.address[:2]
         fs.advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # (port 0: the one the kernel chose)

@@ -245,7 +245,7 @@ USES = {"run": {"spec_path", "node", "node_down", "node_file"}, "status": {"spec
         "check": {"spec_path", "node_file"}, "tell": {"spec_path", "node_file"}, "logs": {"spec_path", "node", "node_file"},
         "import": set(), "apply": {"spec_path", "node_file"}, "diff": {"spec_path", "node_file"},
         "history": {"spec_path", "node_file"}, "rollback": {"spec_path", "node_file"},
-        "clear": {"spec_path", "node", "node_file"}}
+        "clear": {"spec_path", "node", "node_file"}, "forget": {"spec_path", "node_file"}}
 
 
 @click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},

@@ -21,6 +21,7 @@ import pytest
 
 from cluster import Cluster
 from helpers import wait_until
+from test_etcd_agent import _pause_etcd, records
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("root", "unshare", "ip", "mount", "nsenter")]
 
@@ -38,19 +39,6 @@ dead_after = "1.2s"
 DEAD_AFTER, LEASE = 1.2, 0.8
 OUTAGE = 5.0
 SECRET = b"failsafe-test-secret-0123456789abcdef"
-
-
-def records(log: str, *events: str) -> list[tuple[float, str, str, str, int]]:
-    """Guard records (time, event, node, group, pid), optionally only these events."""
-    out = []
-    if not os.path.exists(log):
-        return out
-    with open(log) as fh:
-        for line in fh:
-            p = line.split()
-            if len(p) >= 6 and (not events or p[1] in events):
-                out.append((float(p[0]), p[1], p[2], p[3], int(p[4])))
-    return out
 
 
 def starts_stops(c: Cluster, after: float = 0.0) -> list[tuple[float, str, str, str, int]]:
@@ -81,15 +69,14 @@ def topology():
         topo.cleanup()
 
 
-@pytest.fixture
-def failsafe_cluster(topology, make_cluster, tmp_path):
-    """Three agents with the failsafe on, six guard groups spread over them."""
+def start_with_failsafe(make_cluster, tmp_path, agents: dict[str, str], **options) -> Cluster:
+    """Three agents (in the namespaces `agents`, on 198.51.100.21-23) with the failsafe on,
+    six guard groups spread over them, settled (`before`: where each group runs)."""
     secret = tmp_path / "peer.secret"
     secret.write_bytes(SECRET)
     os.chmod(secret, 0o600)
-    spaces = {n: topology.add(n, f"198.51.100.{21 + i}") for i, n in enumerate(NODES)}
     groups = "".join(Cluster.guard_group(g, str(tmp_path / "guard.log")) for g in GROUPS)
-    c = make_cluster(netns=spaces, own_specs=True, cluster_extra=TIMING, groups=groups)
+    c = make_cluster(netns=agents, own_specs=True, cluster_extra=TIMING, groups=groups, **options)
     for i, n in enumerate(NODES):
         c.write("node.toml", f"""
             [cluster]
@@ -99,6 +86,15 @@ def failsafe_cluster(topology, make_cluster, tmp_path):
     c.start()
     c.before = settled(c)
     return c
+
+
+def peer_spaces(topology) -> dict[str, str]:
+    return {n: topology.add(n, f"198.51.100.{21 + i}") for i, n in enumerate(NODES)}
+
+
+@pytest.fixture
+def failsafe_cluster(topology, make_cluster, tmp_path):
+    return start_with_failsafe(make_cluster, tmp_path, peer_spaces(topology))
 
 
 def store_away(c: Cluster) -> None:
@@ -179,8 +175,6 @@ def test_an_owner_cut_off_from_the_store_demotes_by_its_lease_and_is_taken_over_
 def test_every_etcd_member_paused_stops_nothing(topology, make_cluster, tmp_path):
     """The agents on the peer bridge; etcd's members and a second link of every agent on a
     bridge of their own (the store link). Every member SIGSTOPped for OUTAGE seconds."""
-    import signal
-
     from netns import NetnsEtcdCluster, Topology
 
     store_net = Topology(f"rcs{os.getpid() % 100000}")
@@ -188,34 +182,15 @@ def test_every_etcd_member_paused_stops_nothing(topology, make_cluster, tmp_path
     try:
         hosts = [f"192.0.2.{11 + i}" for i in range(3)]
         spaces = [store_net.add(f"m{i + 1}", h) for i, h in enumerate(hosts)]
-        agents = {n: topology.add(n, f"198.51.100.{21 + i}") for i, n in enumerate(NODES)}
+        agents = peer_spaces(topology)
         for i, n in enumerate(NODES):
             store_net.attach(n, agents[n], f"192.0.2.{21 + i}")
         observer = store_net.add("obs", "192.0.2.30")
         etcd = NetnsEtcdCluster(spaces, hosts, tmp_path / "etcd").start(timeout=20)
-        secret = tmp_path / "peer.secret"
-        secret.write_bytes(SECRET)
-        os.chmod(secret, 0o600)
-        groups = "".join(Cluster.guard_group(g, str(tmp_path / "guard.log")) for g in GROUPS)
-        c = make_cluster(store=etcd.url, netns=agents, store_netns=observer, own_specs=True, cluster_extra=TIMING,
-                         groups=groups)
-        for i, n in enumerate(NODES):
-            c.write("node.toml", f"""
-                [cluster]
-                peer_listen = "198.51.100.{21 + i}:7946"
-                peer_secret_file = "{secret}"
-            """, node=n)
-        c.start()
-        before = settled(c)
+        c = start_with_failsafe(make_cluster, tmp_path, agents, store=etcd.url, store_netns=observer)
+        before = c.before
         paused_at = time.monotonic()
-        procs = [p for p in etcd.procs if p is not None]
-        for p in procs:
-            os.kill(p.pid, signal.SIGSTOP)
-        try:
-            time.sleep(OUTAGE)  # the outage: its length is the test
-        finally:
-            for p in procs:
-                os.kill(p.pid, signal.SIGCONT)
+        _pause_etcd(etcd, OUTAGE)  # every member SIGSTOPped: its length is the test
         time.sleep(DEAD_AFTER + 1.0)
         assert starts_stops(c, paused_at) == [], "an etcd outage stopped or moved something"
         assert {g: c.runs_on_one(g) for g in GROUPS} == before

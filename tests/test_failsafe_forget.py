@@ -24,7 +24,10 @@ def cluster(tmp_path: Path):
     and n3 (dead, nothing)."""
     os.chmod(tmp_path, 0o755)
     store_url = f"dir:{tmp_path / 'store'}"
-    write_file(tmp_path / "cluster.toml", f'[cluster]\nname = "t"\nstore = "{store_url}"\nstate_dir = "{tmp_path / "state"}"\n')
+    # (short timings: a look at a dead member lasts dead_after)
+    write_file(tmp_path / "cluster.toml", f'[cluster]\nname = "t"\nstore = "{store_url}"\nstate_dir = "{tmp_path / "state"}"\n'
+                                          '[cluster.timing]\nheartbeat = "50ms"\nlease = "200ms"\ndemote_margin = "50ms"\n'
+                                          'dead_after = "400ms"\n')
     store = open_store(store_url)
     store.create()
     stop = threading.Event()

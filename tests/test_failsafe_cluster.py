@@ -209,10 +209,11 @@ def uncut_store(c: Cluster, pid: int) -> None:
 
 
 def test_randomized_outages_cuts_kills_and_pauses_never_run_a_group_twice(failsafe_cluster, topology):
-    """RECONCILER_FAULTS faults (default 200) with the failsafe on: the store away for everyone,
-    one node's store link cut, one node's peer link cut, a node killed (restarted 0.2-1 s
-    later), an agent paused, a link cut or the store away (0.05-1.2 s each). At no moment does a group run on two nodes (the
-    checker), and once the faults end every group runs exactly once."""
+    """RECONCILER_FAULTS faults (default 200; RECONCILER_FAULT_SEED) with the failsafe on: the
+    store away for everyone, one node's store link cut, one node's peer link cut (each for
+    0.05-1.2 s), a node killed (restarted 0.2-1 s later), an agent paused (0.05-1.2 s). At no
+    moment does a group run on two nodes (the checker), and once the faults end every group
+    runs exactly once."""
     import random
 
     c = failsafe_cluster

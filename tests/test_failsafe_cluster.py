@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,22 +172,31 @@ def test_an_owner_cut_off_from_the_store_demotes_by_its_lease_and_is_taken_over_
 # --- etcd: the store on a second bridge, every member paused ------------------------------
 
 
+def etcd_on_a_store_bridge(topology, store_net, base: Path):
+    """The agents' namespaces on the peer bridge (`topology`), a 3-member etcd on a bridge of
+    its own (`store_net`) that every agent joins with a second link: (etcd started, agents'
+    namespaces, an observer's namespace on the store bridge)."""
+    from netns import NetnsEtcdCluster
+
+    hosts = [f"192.0.2.{11 + i}" for i in range(3)]
+    spaces = [store_net.add(f"m{i + 1}", h) for i, h in enumerate(hosts)]
+    agents = peer_spaces(topology)
+    for i, n in enumerate(NODES):
+        store_net.attach(n, agents[n], f"192.0.2.{21 + i}")
+    observer = store_net.add("obs", "192.0.2.30")
+    return NetnsEtcdCluster(spaces, hosts, base / "etcd").start(timeout=20), agents, observer
+
+
 @pytest.mark.needs("etcd")
 def test_every_etcd_member_paused_stops_nothing(topology, make_cluster, tmp_path):
     """The agents on the peer bridge; etcd's members and a second link of every agent on a
     bridge of their own (the store link). Every member SIGSTOPped for OUTAGE seconds."""
-    from netns import NetnsEtcdCluster, Topology
+    from netns import Topology
 
     store_net = Topology(f"rcs{os.getpid() % 100000}")
     etcd = None
     try:
-        hosts = [f"192.0.2.{11 + i}" for i in range(3)]
-        spaces = [store_net.add(f"m{i + 1}", h) for i, h in enumerate(hosts)]
-        agents = peer_spaces(topology)
-        for i, n in enumerate(NODES):
-            store_net.attach(n, agents[n], f"192.0.2.{21 + i}")
-        observer = store_net.add("obs", "192.0.2.30")
-        etcd = NetnsEtcdCluster(spaces, hosts, tmp_path / "etcd").start(timeout=20)
+        etcd, agents, observer = etcd_on_a_store_bridge(topology, store_net, tmp_path)
         c = start_with_failsafe(make_cluster, tmp_path, agents, store=etcd.url, store_netns=observer)
         before = c.before
         paused_at = time.monotonic()

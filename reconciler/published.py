@@ -122,6 +122,9 @@ class NodeStatus:
     # the groups they cover from this node until it publishes a record without them (it has
     # then seen maintenance end, and enforces its lease again): docs/design.md, "Maintenance".
     maintenance: tuple[str, ...] = ()
+    # The failsafe (issue 17): this node's peer endpoint ("HOST:PORT"; "": off). Left out of
+    # the record while unset, so older versions read it.
+    peer: str = ""
 
 
 EMPTY = NodeStatus()  # a node that published no status (yet), or one that did not parse
@@ -328,7 +331,8 @@ _register(MemberStatus, alive=_optional(_bool), up=_bool)
 _register(NodeStatus, digest=_str, spec_error=_str, state_errors=_strings, store_ok=_bool, store_error=_str, quorum=_bool,
           twin=_str, spec_revision=_int, store_skipped=_strings, members=_table(MemberStatus), eligible_groups=_names, groups=_table(GroupStatus),
           events_dropped=_int,
-          maintenance=_strings)
+          maintenance=_strings,
+          peer=_str)
 _register(SpecFile, name=_str, text=_str)
 
 
@@ -401,7 +405,8 @@ _conv.register_unstructure_hook(EntryStatus, make_dict_unstructure_fn(EntryStatu
 _omitted: dict[str, Any] = {f: override(omit_if_default=True) for f in ("failures", "banned", "banned_until", "cleared")}
 _conv.register_unstructure_hook(GroupStatus, make_dict_unstructure_fn(GroupStatus, _conv, **_omitted))
 _conv.register_unstructure_hook(NodeStatus, make_dict_unstructure_fn(NodeStatus, _conv, events_dropped=override(omit_if_default=True),
-                                                                   maintenance=override(omit_if_default=True)))
+                                                                   maintenance=override(omit_if_default=True),
+                                                                   peer=override(omit_if_default=True)))
 
 
 def _structure(value: Any, cls: type[_T]) -> _T:

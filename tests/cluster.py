@@ -500,6 +500,15 @@ stop_timeout = "2s"
         nodes = self.running(group)
         return next(iter(nodes)) if len(nodes) == 1 else None
 
+    def each_runs_once(self, groups, timeout: float) -> None:
+        """Wait until every group of `groups` runs on exactly one node, and check that it still
+        does a second later (the end of a fault run)."""
+        for g in groups:
+            wait_until(lambda: self.runs_on_one(g), timeout, what=f"{g} running exactly once after the faults")
+        time.sleep(1.0)  # and stays so: the time passing is the test
+        for g in groups:
+            assert len(self.running(g)) == 1, (g, self.running(g))
+
     def violations(self) -> list[str]:
         return safety.violations(self.guard_log) if os.path.exists(self.guard_log) else []
 

@@ -58,6 +58,16 @@ class Topology:
         self.spaces[name], self.addresses[name] = ns, address
         return ns
 
+    def attach(self, name: str, ns: str, address: str, *, dev: str = "eth1") -> None:
+        """Join namespace `ns` (another Topology's node) to this bridge as `dev` with `address`:
+        a second link, cut and restored apart from the first (the failsafe's store link)."""
+        peer = f"p-{name}"
+        ip("-n", self.bridge, "link", "add", peer, "type", "veth", "peer", "name", dev, "netns", ns)
+        ip("-n", self.bridge, "link", "set", peer, "master", "br0", "up")
+        ip("-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+        ip("-n", ns, "link", "set", dev, "up")
+        self.spaces[name], self.addresses[name] = ns, address
+
     def cut(self, name: str) -> None:
         """Take the node's bridge port down: it can reach nobody and nobody reaches it."""
         ip("-n", self.bridge, "link", "set", f"p-{name}", "down")

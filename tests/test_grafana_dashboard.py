@@ -55,6 +55,11 @@ METRICS = frozenset(
         "reconciler_maintenance_started_timestamp_seconds",
         "reconciler_moves_total",
         "reconciler_switchover_seconds",
+        # issue 17: the failsafe
+        "reconciler_failsafe_active",
+        "reconciler_failsafe_promises_asked_total",
+        "reconciler_failsafe_promises_given_total",
+        "reconciler_failsafe_promises_refused_total",
     }
 )
 HISTOGRAMS = frozenset({"reconciler_tick_duration_seconds", "reconciler_failover_phase_seconds", "reconciler_probe_duration_seconds",

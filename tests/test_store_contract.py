@@ -78,6 +78,27 @@ def test_publish_read_round_trip(backend):
     backend.run(body)
 
 
+def test_forget_removes_a_nodes_record_for_every_reader(backend):
+    """Store.forget (`reconcile forget`): the node's heartbeat and status are gone for this
+    store and another; the others' records and the claims stay; a second forget finds none."""
+    async def body():
+        a, b = backend.new(), backend.new()
+        await a.publish(Heartbeat(node="n3", counter=1, digest="d", status=S(n=3)))
+        await b.publish(Heartbeat(node="n1", counter=1, digest="d", status=S(n=1)))
+        claim = await b.claim("web", "n1")
+        assert set((await b.read()).members) == {"n1", "n3"}
+        assert await b.forget("n3") is True
+        await a.read()  # (another store's write shows by the next read: Store.read)
+        for store in (a, b):
+            snap = await store.read()
+            assert set(snap.members) == {"n1"} and snap.members["n1"].status == S(n=1)
+            assert snap.claims == {"web": claim}
+        assert await b.forget("n3") is False
+        assert set((await backend.new().read()).members) == {"n1"}  # (a fresh reader, no cache)
+
+    backend.run(body)
+
+
 def test_counter_visible_to_second_instance(backend):
     async def body():
         a, b = backend.new(), backend.new()

@@ -52,6 +52,9 @@ from reconciler.agent.specsync import SpecSync
 from reconciler.agent.upkeep import Upkeep
 from reconciler.store import ClusterView, Store, StoreError, StoreRefused
 from reconciler.cluster import survey
+from reconciler.cluster import failsafe as failsafemod
+from reconciler.cluster.peer import PeerError  # noqa: F401 (agent.PeerError: the CLI's)
+import contextlib
 
 log = logging.getLogger("reconciler.agent")
 PACE_MAX = 0.05  # the longest pause between two reconcile passes (see Agent._wait_until_due)
@@ -103,6 +106,8 @@ class Agent:
         self.watch: watchmod.Watch  # (these three: built in run())
         self.renewer: renewal.Renewer
         self.upkeep: Upkeep
+        self.failsafe: failsafemod.Failsafe | None = None  # issue 17: peers' promises during a store outage
+        self._takeovers: dict[str, str] = {}  # group -> the owner a dispatched takeover breaks (the failsafe's)
         self.last_plan = planmod.Plan()
         self.status_doc = published.EMPTY  # what the heartbeat publishes (agent/status.py)
         self._digest_of: tuple[specmod.Spec, str] | None = None  # (spec, spec.digest()): see _digest
@@ -218,6 +223,16 @@ class Agent:
             pulse=self.pulse, post=lambda changed: loop.call_soon_threadsafe(self.read_posted, changed),
             timing=self._timing,
         )
+        c = self.spec.cluster
+        if c.peer_listen and c.peer_secret_file and not self.once:
+            self.failsafe = failsafemod.build(
+                self.node, cluster_listen=c.peer_listen, advertise=c.peer_advertise, secret_file=self.spec.path(c.peer_secret_file),
+                node_dir=str(self.node_dir), lease=self.lease, watch=self.watch, instance=self.instance, timing=self._timing,
+                records_expire=self.store.records_expire, loop_alive_at=lambda: self.pulse.at,
+                tell=self.notify.status if self.notify else lambda line: None)
+            self.metrics.follow_failsafe(self.failsafe.counters)
+            self.failsafe.start()
+            log.info("failsafe on: peer endpoint %s (advertised as %s)", c.peer_listen, self.failsafe.advertise)
         await asyncio.to_thread(self.renewer.beat)
         self.specsync = SpecSync(spec_path=self.spec_path, node_file=self.node_file, node=self.node, store=self.store,
                                  node_dir=self.node_dir, local=self.local, running=lambda: self.spec,
@@ -242,6 +257,8 @@ class Agent:
             self.watch_stop.set()
             await self.history.drain(0.5)  # (a clean exit's releases; a hung store costs half a second)
             await asyncio.to_thread(self.renewer.stop)
+            if self.failsafe is not None:
+                await asyncio.to_thread(self.failsafe.stop)
             log.debug("exit: waiting for %s", [t.get_name() for t in tasks])
             # Cancel until they are done: Python 3.11's asyncio.wait_for swallows a cancel
             # that arrives as its inner wait completes (the task then runs on).
@@ -354,25 +371,10 @@ class Agent:
             self.ledger.apply_requests()  # `reconcile clear`: before observing, so this pass shows it
             now = time.monotonic()
             observed = self.observer.observe(now)
-            view = self.watch.planning_view()
-            self._planned_lease = view.lease_until
-            self.narrator.tell(view, now)
-            p = planmod.plan(spec, observed, view, now)
-            self.last_plan = p
-            by_group: dict[str, list[planmod.Action]] = {}
-            for a in p.actions:
-                by_group.setdefault(a.group, []).append(a)
-            for group, actions in by_group.items():
-                for a in actions:
-                    if a.kind == "takeover" and a.claim is not None:
-                        self.metrics.takeover_dispatched(group, a.claim.generation, view.stalled_for(a.claim.node, now))
-                        self.history.dispatched(a, view.stalled_for(a.claim.node, now))
-                running = self.busy.get(group)
-                if running is not None:
-                    running.cancel()  # only urgent actions reach a busy group: preempt it
-                claim = view.claims.get(group)
-                gen = claim.generation if claim is not None and claim.node == self.node else None
-                self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
+            # (the failsafe: no promise is given between this view and the dispatch of its takeovers)
+            planning = self.failsafe.planning() if self.failsafe is not None else contextlib.nullcontext(lambda _owners: None)
+            with planning as taking_over:
+                p, view = self._plan_and_dispatch(spec, observed, now, taking_over)
             self.history.observed(spec, observed, p, self.busy, now)
             self.supervisor.save()
             self.book.save()  # observation may have adopted or dropped some
@@ -384,6 +386,8 @@ class Agent:
                                         restarts=self.executor.restart_reasons, cleared=self.ledger.cleared,
                                         events_dropped=self.history.dropped,
                                         maintenance=None if told else ("maintenance",))
+            if self.failsafe is not None:
+                doc = attrs.evolve(doc, peer=self.failsafe.advertise)
             if doc != self.status_doc:  # the same object while unchanged: the store skips it
                 self.status_doc = doc
             self.metrics.tick(  # (the spec as loaded: while stopping, `spec` says runlevel stop)
@@ -396,6 +400,30 @@ class Agent:
             log.exception("reconcile failed")
             self.metrics.tick_failed(time.monotonic() - started)
 
+    def _plan_and_dispatch(self, spec, observed, now: float, taking_over) -> tuple[planmod.Plan, ClusterView]:
+        view = self.watch.planning_view()
+        self._planned_lease = view.lease_until
+        self.narrator.tell(view, now)
+        p = planmod.plan(spec, observed, view, now)
+        self.last_plan = p
+        by_group: dict[str, list[planmod.Action]] = {}
+        for a in p.actions:
+            by_group.setdefault(a.group, []).append(a)
+        for group, actions in by_group.items():
+            for a in actions:
+                if a.kind == "takeover" and a.claim is not None:
+                    self.metrics.takeover_dispatched(group, a.claim.generation, view.stalled_for(a.claim.node, now))
+                    self.history.dispatched(a, view.stalled_for(a.claim.node, now))
+                    self._takeovers[group] = a.claim.node
+            running = self.busy.get(group)
+            if running is not None:
+                running.cancel()  # only urgent actions reach a busy group: preempt it
+            claim = view.claims.get(group)
+            gen = claim.generation if claim is not None and claim.node == self.node else None
+            self.busy[group] = asyncio.create_task(self._run_group(spec, group, tuple(actions), gen, running))
+        taking_over(frozenset(self._takeovers.values()))
+        return p, view
+
     async def _run_group(self, spec, group, actions, generation, previous: asyncio.Task | None) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
@@ -404,6 +432,8 @@ class Agent:
         finally:
             if self.busy.get(group) is asyncio.current_task():
                 del self.busy[group]
+                if self._takeovers.pop(group, None) is not None and self.failsafe is not None:
+                    self.failsafe.book.taking_over = frozenset(self._takeovers.values())
             self.supervisor.save()
             self.wake()
 

@@ -81,6 +81,7 @@ class Metrics:
             "reconciler_lease_remaining_seconds", "Seconds until this node's lease runs out (0: lapsed, or none held).", L,
             registry=r,
         )
+        self._failsafe_metrics()
         # Health (issue 16): labels are bounded (kind: command|tcp|http; result: ok|fail;
         # cause: unhealthy|exit for restarts, decide/health.CAUSES for failures).
         self.probes = prom.Counter("reconciler_probes", "Health probes by group, kind and result.",
@@ -167,6 +168,32 @@ class Metrics:
         started = clock()
         self.store_age.labels(self.node).set_function(lambda: clock() - max(round_trip_at(), started))
         self.lease_left.labels(self.node).set_function(lambda: max(0.0, lease_until() - clock()))
+
+    def follow_failsafe(self, counters) -> None:
+        """Read the failsafe's gauge and counters (cluster/failsafe.Counters) from
+        `counters` from now on (until then, and without the failsafe: 0)."""
+        self._failsafe = counters
+
+    def _failsafe_metrics(self) -> None:
+        """The failsafe's (issue 17), read at scrape time: its thread and the peer endpoint
+        count, not the loop. Exported (as 0) with the failsafe off too: one dashboard fits all."""
+        self._failsafe = None
+        prom.Gauge("reconciler_failsafe_active",
+                   "1 while this node runs its groups on its peers' promises (its store renewals fail).", ["node"],
+                   registry=self.registry).labels(self.node).set_function(
+                       lambda: 1.0 if self._failsafe is not None and self._failsafe.active else 0.0)
+        # (counters whose values the failsafe counts: prometheus_client offers no counter read
+        # at scrape time, so a small collector reports each)
+        for name, doc, attr in (
+            ("reconciler_failsafe_promises_asked", "Promises this node asked of its peers while its store renewals failed.", "asked"),
+            ("reconciler_failsafe_promises_given", "Promises this node gave to owners that could not reach the store.", "given"),
+            ("reconciler_failsafe_promises_refused", "Requests for a promise this node refused (it reached the store, or the "
+             "request was forged, replayed, misaddressed or from a stranger).", "refused"),
+        ):
+            self.registry.register(_CounterOf(name, doc, self.node, self._failsafe_reader(attr)))
+
+    def _failsafe_reader(self, attr: str) -> Callable[[], float]:
+        return lambda: float(getattr(self._failsafe, attr)) if self._failsafe is not None else 0.0
 
     def tick_failed(self, seconds: float) -> None:
         """A reconcile pass that raised."""
@@ -364,3 +391,20 @@ def serve(metrics: Metrics, address: str) -> WSGIServer:
     host, _, port = address.rpartition(":")
     server, _thread = prom.start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=metrics.registry)
     return server
+
+
+class _CounterOf:
+    """A counter whose value another object counts (read at scrape time)."""
+
+    def __init__(self, name: str, doc: str, node: str, value: Callable[[], float]):
+        self.name, self.doc, self.node, self.value = name, doc, node, value
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(self.name, self.doc, labels=["node"])
+        family.add_metric([self.node], self.value())
+        yield family
+
+    def describe(self):
+        return []

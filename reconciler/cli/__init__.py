@@ -242,7 +242,8 @@ USES = {"run": {"spec_path", "node", "node_down", "node_file"}, "status": {"spec
         "check": {"spec_path", "node_file"}, "tell": {"spec_path", "node_file"}, "logs": {"spec_path", "node", "node_file"},
         "import": set(), "apply": {"spec_path", "node_file"}, "diff": {"spec_path", "node_file"},
         "history": {"spec_path", "node_file"}, "rollback": {"spec_path", "node_file"},
-        "clear": {"spec_path", "node", "node_file"}, "events": {"spec_path", "node_file"}}
+        "clear": {"spec_path", "node", "node_file"}, "events": {"spec_path", "node_file"},
+        "forget": {"spec_path", "node_file"}}
 
 
 @click.group(cls=_Cli, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
@@ -347,7 +348,7 @@ def run(ctx, spec_path, node, once, dry, node_down, as_json, metrics_address, lo
         if server is not None:
             server.shutdown()
         sys.exit(code)
-    except (specmod.SpecError, agentmod.AlreadyRunning, agentmod.StateUnwritable, StoreRefused) as exc:
+    except (specmod.SpecError, agentmod.AlreadyRunning, agentmod.StateUnwritable, agentmod.PeerError, StoreRefused) as exc:
         fail(str(exc))
 
 
@@ -579,6 +580,45 @@ def clear(ctx, group, spec_path, node, timeout) -> None:
         fail(f"{group}: {node} has not shown the clear within {timeout:g}s (is its agent running? the request stays"
              f" in {Path(spec.state_dir) / node / 'clear'} for its next pass)")
     click.echo(f"{group}: failures and ban cleared on {node}")
+
+
+@main.command(epilog=epilog("reconcile forget n4"))
+@click.argument("member", shell_complete=complete_node)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.pass_context
+def forget(ctx, member, spec_path) -> None:
+    """Remove a decommissioned node's record from the store, so that the failsafe no longer
+    needs its promise (docs/operations.md, "Store outages"). Refused (exit 1) while the node
+    is alive or holds a claim; exit 2 if the store has no such node."""
+    from reconciler.cluster import survey
+    from reconciler.store import StoreError
+
+    spec = load_or_fail(own(ctx, "spec", spec_path))
+    try:
+        look = asyncio.run(survey.look_at(spec))
+    except StoreError as exc:
+        fail(str(exc))
+    members = look.snapshot.members
+    if member not in members:
+        fail(f"{member}: no such node in the store (known: {', '.join(sorted(members)) or 'none'})", code=2)
+    if member in look.advanced:
+        fail(f"{member}: alive (its heartbeat advances): stop its agent first")
+    owned = sorted(g for g, c in look.snapshot.claims.items() if c.node == member)
+    if owned:
+        fail(f"{member}: holds the claims of {', '.join(owned)}: they must move first")
+
+    async def remove() -> bool:
+        store = survey.open_spec_store(spec)
+        try:
+            return await store.forget(member)
+        finally:
+            await store.close()
+
+    try:
+        removed = asyncio.run(remove())
+    except StoreError as exc:
+        fail(str(exc))
+    click.echo(f"{member}: forgotten (its record is removed from the store)" if removed else f"{member}: already gone")
 
 
 # The cluster spec's commands (tell, apply, diff, history, rollback) live in a module of their

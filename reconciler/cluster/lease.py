@@ -57,6 +57,17 @@ class Lease:
         with self.lock:
             self._extend_locked(until)
 
+    def extend_valid(self, until: float) -> bool:
+        """The failsafe's extension (cluster/failsafe.py): move the lease on to `until` only
+        while it is still valid. A lease that lapsed meanwhile is not revived by promises: its
+        claims may have been taken over, and only a store renewal (after_lapse) re-arbitrates
+        them. True if the lease (and the keeper's file) now reach `until`."""
+        with self.lock:
+            if self.finished or self.until <= self._clock():
+                return False
+            self._extend_locked(until)
+            return self.until >= until
+
     def after_lapse(self, started: float, *, claims: Mapping[str, Claim], duration: float) -> bool:
         """A renewal that began at `started` succeeded after the lease had run out: mark this
         node's claims stale and extend the lease, in one step. True if it did (False: the

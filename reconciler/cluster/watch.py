@@ -11,7 +11,7 @@ stopped coming back (decide/view.py says when).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import attrs
 
@@ -20,6 +20,7 @@ from reconciler.cluster import hpc as hpcmod
 from reconciler.cluster.instance import Instance
 from reconciler.cluster.lease import Lease
 from reconciler.cluster.liveness import Liveness
+from reconciler.decide import failsafe as failsaferules
 from reconciler.decide import view as rules
 from reconciler.model import Claim, ClusterView, Snapshot
 from reconciler.published import Intent
@@ -41,6 +42,9 @@ class Watch:
         self.read_at = 0.0  # monotonic time of the last successful store read
         self._fingerprint: object = None
         self._membership_error = ""  # the last membership read's ("" when read, or no hpc membership)
+        # The promises this node holds to owners (owner -> deadline; the failsafe's, when on):
+        # each plan honours them (decide/failsafe.honour).
+        self.promises: Callable[[], Mapping[str, float]] = dict
 
     def read_membership(self) -> tuple[hpcmod.HpcView | None, str]:
         """(the /proc/hpc view, "") or (None, why not); (None, "") without hpc membership."""
@@ -115,5 +119,6 @@ class Watch:
         view = self.view
         lease_until, stale = self._lease.snapshot(view.claims)
         t = self._spec().cluster.timing
-        return rules.planning_view(view, lease_until=lease_until, stale=stale, now=self._clock(), read_at=self.read_at,
+        view = rules.planning_view(view, lease_until=lease_until, stale=stale, now=self._clock(), read_at=self.read_at,
                                    lease=t.lease, heartbeat=t.heartbeat, store_url=self._store_url)
+        return failsaferules.honour(view, self.promises())

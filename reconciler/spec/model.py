@@ -39,6 +39,9 @@ LOCAL_KEYS = (
     "etcd_user",
     "etcd_password",
     "etcd_password_file",
+    "peer_listen",
+    "peer_advertise",
+    "peer_secret_file",
 )
 
 
@@ -339,6 +342,10 @@ class Cluster:
     etcd_password: str | None = attrs.field(default=None, repr=False)  # never in a repr, a log or the digest
     etcd_password_file: str | None = None  # the password, read at load (mode 0600 or 0400)
     stop_all: bool = False  # this spec may remove every group that runs (an empty spec): see loader.check_replacement
+    # The failsafe (issue 17, reconciler/cluster/failsafe.py): off unless both are set.
+    peer_listen: str | None = None  # "IP:PORT" of this node's peer endpoint (UDP)
+    peer_advertise: str | None = None  # "HOST:PORT" peers send to (default: peer_listen; required for 0.0.0.0 / [::])
+    peer_secret_file: str | None = None  # the cluster secret (mode 0600 or 0400), read at agent start
 
 
 @attrs.frozen

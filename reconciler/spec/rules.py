@@ -19,6 +19,7 @@ from reconciler.spec.model import (
     MODES,
     STOP,
     TIMING_RANGES,
+    Cluster,
     Entry,
     Group,
     Health,
@@ -53,6 +54,7 @@ def validate(spec: Spec, cluster_file: str) -> None:
     s = spec.cluster.store
     if not (s.startswith("dir:") and len(s) > 4) and not re.match(r"^etcds?://[^/]+", s):
         raise SpecError('must be "dir:PATH" or "etcd://HOST:PORT[,HOST:PORT...]"', file=cluster_file, field="cluster.store")
+    _validate_peer(spec.cluster, cluster_file)
     tags: dict[str, str] = {}
     for g in spec.groups.values():
         for i, e in enumerate(g.entries):
@@ -69,6 +71,34 @@ def validate(spec: Spec, cluster_file: str) -> None:
             _in_range(getattr(g, fld), least, most, file=g.source, field=f"groups.{g.name}.{fld}")
         if g.fence and not any("{node}" in a for a in g.fence):
             raise SpecError('must pass the dead node, e.g. ["/usr/local/sbin/fence", "{node}"]', file=g.source, field=f"groups.{g.name}.fence")
+
+
+def _validate_peer(c: Cluster, cluster_file: str) -> None:
+    """The failsafe's keys: both peer_listen and peer_secret_file, or neither."""
+    if c.peer_listen is None and c.peer_secret_file is None:
+        if c.peer_advertise is not None:
+            raise SpecError("set only together with peer_listen and peer_secret_file", file=cluster_file, field="cluster.peer_advertise")
+        return
+    if c.peer_listen is None or c.peer_secret_file is None:
+        missing = "peer_listen" if c.peer_listen is None else "peer_secret_file"
+        raise SpecError(f"the failsafe needs peer_listen and peer_secret_file: {missing} is not set", file=cluster_file,
+                        field=f"cluster.{missing}")
+    listen = split_host_port(c.peer_listen)
+    try:
+        ipaddress.ip_address(listen[0] if listen else "")
+    except ValueError:
+        raise SpecError('must be "IP:PORT" (e.g. "10.0.0.1:7946" or "[::]:7946")', file=cluster_file, field="cluster.peer_listen") from None
+    if c.peer_advertise is not None and split_host_port(c.peer_advertise) is None:
+        raise SpecError('must be "HOST:PORT"', file=cluster_file, field="cluster.peer_advertise")
+    if c.peer_advertise is None and _unspecified(listen):
+        raise SpecError("listens on every address: set peer_advertise to the address peers reach this node at",
+                        file=cluster_file, field="cluster.peer_advertise")
+    if not c.peer_secret_file:
+        raise SpecError("must be a path", file=cluster_file, field="cluster.peer_secret_file")
+
+
+def _unspecified(host_port: tuple[str, int] | None) -> bool:
+    return host_port is not None and ipaddress.ip_address(host_port[0]).is_unspecified
 
 
 def _in_range(value: float, least: float, most: float, *, file: str, field: str, plain: bool = False) -> None:

@@ -221,6 +221,15 @@ class Store(abc.ABC):
         Returns the new Claim, or None if this instance was no longer current (ended, broken,
         handed over already). Exactly one of concurrent hand_over/release/break_claim calls
         on one instance wins."""
+    # Does a node's record vanish on its own when the node stops (etcd: with its lease)? The
+    # failsafe then counts every node this agent has seen as a member, not only the records.
+    records_expire: bool = False
+
+    async def forget(self, node: str) -> bool:
+        """Remove `node`'s record (heartbeat and status) from the store: a decommissioned node
+        is no longer a member (`reconcile forget`, which first checks that it is dead and owns
+        no claim). True if there was a record. Backends override it; this default refuses."""
+        raise StoreError(f"{self.url}: this store cannot forget a node")
 
     async def wait(self, timeout: float) -> None:
         """Return when the store may have changed, or after `timeout` seconds.

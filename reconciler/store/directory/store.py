@@ -87,6 +87,23 @@ class DirectoryStore(Store):
     async def read(self) -> Snapshot:
         return await self._io(self._read, heartbeat=True)
 
+    async def forget(self, node: str) -> bool:
+        """Store.forget: nodes/NODE and status/NODE.json unlinked."""
+        return bool(await self._io(self._forget, node))
+
+    def _forget(self, node: str) -> bool:
+        if not records.valid_name(node):
+            raise StoreError(f"{self.url}: cannot forget {node!r}: not a valid node name")
+        found = False
+        with self._layout.dirs("nodes", "status") as d:
+            for sub, name in (("nodes", node), ("status", f"{node}.json")):
+                try:
+                    os.unlink(name, dir_fd=d[sub])
+                    found = True
+                except FileNotFoundError:
+                    pass
+        return found
+
     def read_blocking(self) -> Snapshot:
         """read(), in the calling thread."""
         return self._blocking(self._read)

@@ -32,8 +32,10 @@ class Claims:
         One transaction compares that the claim key does not exist and that generations/GROUP
         is unchanged since we read it, then bumps the generation and creates the claim: among
         concurrent claimers exactly one succeeds, and generations only grow. None if a claim
-        exists; but if an earlier attempt (`attempts`: those that timed out, kept across the
-        caller's retries) was applied, the claim it made (it carries `lease` and `node`).
+        exists; but one that carries `node` and `lease` is this store instance's own (nobody else
+        binds to its lease): made by an earlier attempt that timed out (`attempts`, kept across
+        the caller's retries) or by an earlier claim that a lagging read did not show yet (the
+        claims taken back after a store outage): that claim.
         Raises LeaseGone if etcd no longer knows `lease`, StoreError at the deadline.
         """
         conn = self._conn
@@ -56,7 +58,7 @@ class Claims:
             self._gens[group] = (int(last), gens[0].mod_revision if gens else 0)
             if current:
                 owner, cgen = values.claim_owner(current[0].value)
-                if attempts and owner == node and current[0].lease == lease:
+                if owner == node and current[0].lease == lease:
                     found = Claim(group=group, node=node, generation=cgen, token=str(current[0].create_revision))
                     return found, current[0].mod_revision
                 return None, current[0].mod_revision

@@ -28,8 +28,13 @@ class Lease:
         self._ka: tuple[SimpleNamespace, Any] | None = None  # (stubs, open LeaseKeepAlive stream)
 
     async def ensure(self, deadline: float) -> int:
-        """The lease, granted first if there is none."""
+        """The lease, granted first if there is none, or if it went unrenewed for its whole
+        TTL: etcd may have expired it, and keys bound to it now would be deleted with it
+        moments later (after a store outage that the failsafe rode out, a claim taken back
+        under the old lease vanished again)."""
         async with self._lock:
+            if self.id and asyncio.get_running_loop().time() - self._renewed_at >= self.ttl:
+                self.drop(self.id)
             if not self.id:
                 grant = rpc.LeaseGrantRequest(TTL=self.ttl)
                 fn = lambda s, t, md: s.lease.LeaseGrant(grant, timeout=t, metadata=md)  # noqa: E731

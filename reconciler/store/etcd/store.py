@@ -367,6 +367,16 @@ class EtcdStore(Store):
             self.floor = max(self.floor, rev)
             return made
 
+    records_expire = True  # a node's keys go with its etcd lease
+
+    async def forget(self, node: str) -> bool:
+        """Store.forget: nodes/NODE and status/NODE deleted in one transaction."""
+        ops = [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self.conn.key(kind, node)))
+               for kind in ("nodes", "status")]
+        resp = await self.conn.txn(f"forget {node}", [], ops, [], asyncio.get_running_loop().time() + self.timeout)
+        self.floor = max(self.floor, resp.header.revision)  # the next read() must not show it any more
+        return any(r.response_delete_range.deleted for r in resp.responses)
+
     async def release(self, claim: Claim) -> bool:
         """The owner deletes its claim instance (Claims.end): True if this call removed it; a
         stale owner never removes a successor's claim. Raises StoreError if no endpoint

@@ -164,7 +164,8 @@ class Executor:
             return await self._takeover(spec, a)
         if a.kind == "handover":
             assert a.claim is not None
-            handed = await self._store(lambda: self.store.hand_over(a.claim, a.target), "handover")
+            fenced = a.group in spec.groups and bool(spec.groups[a.group].fence)
+            handed = await self._store(lambda: self.store.hand_over(a.claim, a.target, outlive_owner=fenced), "handover")
             if handed is None:
                 return False, "the claim was no longer this node's"
             self.events.claimed(a.group, handed)  # the view shows the new owner before the next read

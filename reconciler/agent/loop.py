@@ -7,9 +7,10 @@ on a thread of its own) publishes the heartbeat, renews this node's lease and th
 deadline (cluster/lease.py) and reads the store into the cluster watch (cluster/watch.py);
 `plan` alone decides what that means for the groups.
 
-(A little over ~400 lines: start-up order (lock, store, adoption, lease, first beat, keeper),
-the pass and the shutdown are the loop's own; the parts it composes live in cluster/, act/
-and agent/upkeep.py, agent/narrator.py.)
+(About 500 lines: start-up order (lock, store, adoption, lease, first beat, keeper),
+the pass and the shutdown are the loop's own, and it wires the failsafe, the history and the
+operator's intents into them; the parts it composes live in cluster/, act/ and agent/upkeep.py,
+agent/narrator.py, agent/events.py.)
 """
 
 from __future__ import annotations

@@ -214,13 +214,13 @@ class Store(abc.ABC):
         intent put again since is never removed, like release()). True if this call removed it."""
 
     @abc.abstractmethod
-    async def hand_over(self, claim: Claim, node: str) -> Claim | None:
+    async def hand_over(self, claim: Claim, node: str, *, outlive_owner: bool = False) -> Claim | None:
         """The owner hands this claim instance to `node`, atomically: if it is still the
         current instance, it is replaced by a claim of `node` with a larger generation, with
         no moment in which the group is unclaimed (nobody else can claim it in between).
         Returns the new Claim, or None if this instance was no longer current (ended, broken,
         handed over already). Exactly one of concurrent hand_over/release/break_claim calls
-        on one instance wins."""
+        on one instance wins. `outlive_owner`: as for claim() (a fenced group's claim)."""
     # Does a node's record vanish on its own when the node stops (etcd: with its lease)? The
     # failsafe then counts every node this agent has seen as a member, not only the records.
     records_expire: bool = False

@@ -131,7 +131,8 @@ class DirectoryStore(Store):
     async def break_claim(self, claim: Claim) -> bool:
         return await self._io(self._claims.end, claim)
 
-    async def hand_over(self, claim: Claim, node: str) -> Claim | None:
+    async def hand_over(self, claim: Claim, node: str, *, outlive_owner: bool = False) -> Claim | None:
+        # (Claims here never expire: outlive_owner changes nothing.)
         return await self._io(self._claims.hand_over, claim, node)
 
     # --- operator intents (intents.py) ----------------------------------------------------

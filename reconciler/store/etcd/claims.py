@@ -58,7 +58,9 @@ class Claims:
             self._gens[group] = (int(last), gens[0].mod_revision if gens else 0)
             if current:
                 owner, cgen = values.claim_owner(current[0].value)
-                if owner == node and current[0].lease == lease:
+                # (a claim bound to no lease, a fenced group's, proves nothing of this instance:
+                # it is this call's own only if an attempt of it may have made it)
+                if owner == node and current[0].lease == lease and (lease or attempts):
                     found = Claim(group=group, node=node, generation=cgen, token=str(current[0].create_revision))
                     return found, current[0].mod_revision
                 return None, current[0].mod_revision
@@ -78,14 +80,16 @@ class Claims:
         resp = await self._conn.txn(f"{what} {claim.group}", compare, [delete], [], self._conn.deadline())
         return bool(resp.succeeded), resp.header.revision if resp.succeeded else 0
 
-    async def hand_over(self, claim: Claim, node: str, *, lease: int, node_key: bytes) -> tuple[Claim | None, int]:
+    async def hand_over(self, claim: Claim, node: str, *, lease: int, node_key: bytes,
+                        bind: bool = True) -> tuple[Claim | None, int]:
         """Replace this claim instance with one of `node` (Store.hand_over), bound to `lease`,
         the lease `node`'s heartbeat key (`node_key`) is bound to. One transaction compares the
         instance (create revision and value, as end() does) and that lease, then bumps the
         generation and puts the new value over the key: the key never stops existing, so no
         claim() can slip in, and the old value is gone, so the old instance can no longer be
         ended or handed over (exactly one of those wins). The key keeps its create revision:
-        the new instance is told apart by its value (NODE:GENERATION), as end() compares."""
+        the new instance is told apart by its value (NODE:GENERATION), as end() compares.
+        `bind` False: the new claim is bound to no lease (Store.claim's outlive_owner)."""
         if not claim.token.isdigit():
             return None, 0
         conn = self._conn
@@ -94,7 +98,7 @@ class Claims:
         compare = [compare_op(ckey, "CREATE", create_revision=int(claim.token)),
                    compare_op(ckey, "VALUE", value=f"{claim.node}:{claim.generation}".encode()),
                    compare_op(node_key, "LEASE", lease=lease)]
-        success = [put_op(gkey, str(gen)), put_op(ckey, f"{node}:{gen}", lease)]
+        success = [put_op(gkey, str(gen)), put_op(ckey, f"{node}:{gen}", lease if bind else 0)]
         resp = await conn.txn(f"handover {claim.group}", compare, success, [], conn.deadline())
         if not resp.succeeded:
             return None, 0

@@ -414,7 +414,7 @@ class EtcdStore(Store):
         self.floor = max(self.floor, rev)
         return gone
 
-    async def hand_over(self, claim: Claim, node: str) -> Claim | None:
+    async def hand_over(self, claim: Claim, node: str, *, outlive_owner: bool = False) -> Claim | None:
         """Store.hand_over (Claims.hand_over): the claim is put again for `node`, bound to the
         lease of `node`'s heartbeat (as its own claim would be), in one transaction that checks
         the instance and that lease; None if either changed."""
@@ -424,7 +424,8 @@ class EtcdStore(Store):
             lease = self._mirror.leases.get(node)
             if not lease:
                 return None  # no live heartbeat of `node`: nothing to bind its claim to
-        handed, rev = await self._claims.hand_over(claim, node, lease=lease, node_key=self.conn.key("nodes", node))
+        handed, rev = await self._claims.hand_over(claim, node, lease=lease, node_key=self.conn.key("nodes", node),
+                                                   bind=not outlive_owner)
         self.floor = max(self.floor, rev)
         return handed
 

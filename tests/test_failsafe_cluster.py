@@ -103,6 +103,10 @@ def store_away(c: Cluster) -> None:
 
 
 def store_back(c: Cluster) -> None:
+    if c.store.exists():
+        # An agent restarted during the outage set up a new, empty store in its place (as one
+        # would on an unmounted share): moved aside, the one the others know comes back.
+        os.rename(c.store, c.store.with_name(f"store.fresh-{time.monotonic_ns()}"))
     os.rename(c.store.with_name("store.away"), c.store)
 
 

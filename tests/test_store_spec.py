@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from reconciler.published import SpecFile, SpecRevision, revision_dumps
+from reconciler.published import Event, SpecFile, SpecRevision, revision_dumps
 from reconciler.store import KEEP, Heartbeat, SpecConflict, StoreError, StoreRefused
 from test_store_contract import Backend, _plant, backend  # noqa: F401 (the fixture)
 
@@ -257,9 +257,10 @@ def test_dir_a_writer_that_died_half_way_wedges_nothing(tmp_path):
 @pytest.mark.integration
 @pytest.mark.needs("etcd")
 def test_etcd_agents_limited_to_read_the_spec_run_and_cannot_publish(tmp_path):
-    """A role with readwrite on nodes/, status/, claims/, generations/ and read on spec/ is
-    all an agent needs (heartbeat, reads, full reads, claims, the watch, spec_get); a put of
-    a revision is then refused by etcd, and a publisher's role on spec/ may."""
+    """A role with readwrite on nodes/, status/, claims/, generations/, intents/, events/ and
+    read on spec/ is all an agent needs (heartbeat, reads, full reads, claims, the watch,
+    spec_get, the history); a put of a revision is then refused by etcd, and a publisher's
+    role on spec/ may."""
     import grpc
     from aetcd import rpc
     from aetcd.utils import prefix_range_end
@@ -276,7 +277,7 @@ def test_etcd_agents_limited_to_read_the_spec_run_and_cannot_publish(tmp_path):
             auth = rpc.AuthStub(channel)
             for user, role, perms in (("root", "root", None),
                                       ("agent", "agent", [perm(k, rpc.Permission.READWRITE) for k in
-                                                          ("nodes", "status", "claims", "generations")]
+                                                          ("nodes", "status", "claims", "generations", "intents", "events")]
                                        + [perm("spec", rpc.Permission.READ)]),
                                       ("publisher", "publisher", [perm("spec", rpc.Permission.READWRITE)])):
                 await auth.UserAdd(rpc.AuthUserAddRequest(name=user, password=f"{user}-pw"))
@@ -316,6 +317,8 @@ def test_etcd_agents_limited_to_read_the_spec_run_and_cannot_publish(tmp_path):
             await waiting
             assert time.monotonic() - t0 < 3
             assert await agent.release(held)
+            told = await agent.events_append([Event(wall=1.0, node="n1", kind="claim", group="web")])
+            assert [e.seq for e in await other.events_read()] == [e.seq for e in told]
 
         be.run(body)
     finally:

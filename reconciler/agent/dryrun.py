@@ -116,7 +116,8 @@ async def start_state(spec: specmod.Spec, node: str, down: tuple[str, ...] = (),
     the nodes in `down` and those already dead run nothing (their keepers stopped it).
     `member_only`: this node takes part only if an agent runs here (`apply --dry-run` from
     a machine that may be no member); else it is taken as about to run one."""
-    observed = observe(spec, node)
+    # (in a thread: observing addresses uses pyroute2, which runs an event loop of its own)
+    observed = await asyncio.to_thread(observe, spec, node)
     view = await cluster_view(spec, node, down)
     observed = owned_here(spec, observed, view, bookmod.listed(Path(spec.state_dir) / node / "resources.json"))
     now = time.monotonic()

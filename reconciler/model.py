@@ -175,6 +175,11 @@ class ClusterView:
     # This node's wall clock at that read (0: unknown), only to compare with an intent's
     # deadline (Intent.expires, another machine's wall clock: seconds of skew do not matter).
     wall: float = 0.0
+    # The latest deadline of the failsafe's promises this node holds to owners (its monotonic
+    # clock; 0: none; decide/failsafe.honour). Until then + dead_after it claims no unclaimed
+    # group: a claim that vanished with its owner's etcd lease during a store outage may be a
+    # promised owner's, whose group still runs there.
+    promised_until: float = 0.0
 
     def alive(self, name: str, now: float, dead_after: float) -> bool:
         if name == self.node:

@@ -4,6 +4,8 @@ agent, no clock: `now` is an argument)."""
 
 from __future__ import annotations
 
+import attrs
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -145,8 +147,27 @@ def test_promises_bind_until_deadline_plus_dead_after_then_are_dropped():
 def test_honour_changes_nothing_without_promises_and_never_moves_a_heartbeat_back():
     _spec, _obs, view = situation(age=0.0, promise=None)
     assert rules.honour(view, {}) is view
-    assert rules.honour(view, {OWNER: NOW - 5}) is view  # an older deadline: the heartbeat is newer
-    assert rules.honour(view, {"gone": NOW + 5}) is view  # a member the view does not hold
+    held = rules.honour(view, {OWNER: NOW - 5})  # an older deadline: the heartbeat is newer
+    assert held.members == view.members
+    assert rules.honour(view, {OWNER: NOW - 5}).promised_until == NOW - 5  # (the deadline, for claims)
+
+
+def test_a_promised_owner_the_store_dropped_keeps_its_claims_and_nothing_unclaimed_is_claimed():
+    """etcd dropped the owner's record (and its unfenced claims) with its lease during the
+    outage: until the promise's deadline + dead_after, its surviving (fenced) claim is not
+    broken and no group that lost its claim is claimed: the owner may still run them."""
+    spec, obs, view = situation(age=0.0, promise=None)
+    view = attrs.evolve(view, members={})
+    for now, want in ((NOW + 1.0, []), (NOW + 2.0 + T.dead_after + 0.01, ["takeover"])):
+        held = rules.honour(view, {OWNER: NOW + 2.0})
+        assert held.members[OWNER].last_change == NOW + 2.0 and held.members[OWNER].heartbeat is None
+        assert [a.kind for a in plan(spec, obs, held, now).actions] == want
+        unclaimed = attrs.evolve(held, claims={})
+        p = plan(spec, obs, unclaimed, now)
+        if want:
+            assert [a.kind for a in p.actions] == ["claim"]
+        else:
+            assert not p.actions and "promised a peer" in p.notes["web"] and p.wake_at == pytest.approx(NOW + 2.0 + T.dead_after)
 
 
 def test_the_status_line():

@@ -3,6 +3,10 @@
 Names follow Prometheus conventions (reconciler_ prefix, base units, _total counters);
 labels are bounded sets (node, group, tag, action kind, state, result, phase), never pids
 or messages. Each agent has its own registry, so tests can run several in one process.
+
+(A little over ~400 lines: every metric is declared here, in one registry and one place,
+with its help text, so that the names the dashboard, the alerts and docs/operations.md use
+are found together.)
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ line on stderr naming the file and field), 2 dry run with changes pending, 3 `st
 found something not as desired, 64 usage error (sysexits' EX_USAGE: click's own 2 would read
 as "changes pending").
 
-(Over the house's ~400 lines: one function per command, each only argv -> calls; what a
-command computes lives in the package (spec/summary.py, agent/overview.py, agent/dryrun.py).
-The cluster spec's commands are in cli/clusterspec.py.)
+What a command computes lives in the package (spec/summary.py, agent/overview.py,
+agent/dryrun.py); the commands live here (run, check, import) and beside: the cluster spec's
+in cli/clusterspec.py, the operator's (move, standby, maintenance, clear, forget) in
+cli/operator.py, what shows the cluster (status, logs) in cli/views.py, the history (events)
+in cli/history.py.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
 import click  # noqa: E402
@@ -370,166 +370,6 @@ def check(ctx, spec_path, as_json) -> None:
     sys.exit(1 if doc["problems"] else 0)
 
 
-STATUS_NOT_AS_DESIRED = 3  # `status --check`: something is not as desired
-
-
-@main.command(epilog=epilog("reconcile status", "reconcile status --check --json > status.json || alert \"cluster: $?\""))
-@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
-@click.option("--node", default=None, hidden=True, help="ignored: liveness is judged from the store (kept for scripts)")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output (the same facts)")
-@click.option("--check", is_flag=True, help=f"exit {STATUS_NOT_AS_DESIRED} if anything is not as desired (for scripts and monitoring)")
-@click.option("-w", "--watch", is_flag=True, help="show it again every --interval, in place on a terminal (Ctrl-C ends: exit 0)")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="seconds between two --watch refreshes")
-@click.pass_context
-def status(ctx, spec_path, node, as_json, check, watch, interval) -> None:
-    """Show every node and every group: liveness, owner, runlevels, state, entries, failed
-    tests, and a summary line.
-
-    A node is live if its heartbeat counter moves while status looks (a heartbeat or so; up
-    to dead_after while one stands still), as the agents judge it: any machine that reaches
-    the store can run this, member or not. A group is running, starting, stopping,
-    degraded (an entry crash-loops or is in error), failed (its tests failed on its owner or
-    on every live node that may run it), stopped, unowned (desired to run, but no live node
-    holds it) or unknown.
-
-    With --check it exits 3 when a node is not live or a group is not in its desired state
-    (degraded, failed, unowned, starting, stopping ...), naming each on stderr.
-
-    With --watch it looks again every --interval seconds, refreshing the screen in place on
-    a terminal (plain repeated output otherwise); an error is shown in place of the status
-    and the watch goes on.
-    """
-    if watch:
-        if check or as_json:
-            ctx.fail(f"{'--check' if check else '--json'} is not used with --watch")
-        from reconciler.cli import history
-
-        history.watch(lambda: status_text(ctx, spec_path), interval=interval)
-    if not watch and given(ctx, "interval"):
-        ctx.fail("--interval needs --watch")
-    status_once(ctx, spec_path, as_json=as_json, check=check)
-
-
-def status_text(ctx: click.Context, spec_path: str | None) -> str:
-    """What `reconcile status` prints (for --watch): its text, or its error line."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status_once(ctx, spec_path, as_json=False, check=False)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    text = out.getvalue() + err.getvalue()
-    return text if code == 0 or text else text + f"reconcile: status failed (exit {code})\n"
-
-
-def status_once(ctx: click.Context, spec_path: str | None, *, as_json: bool, check: bool) -> None:
-    """One `reconcile status` (exits only on an error or with --check's finding)."""
-    import time
-
-    import attrs
-
-    from reconciler.agent import overview
-    from reconciler.agent import status as statusmod
-    from reconciler.cluster import survey
-    from reconciler.store import StoreError
-
-    from reconciler.spec import loader
-
-    from reconciler.agent import clusterspec
-
-    path = own(ctx, "spec", spec_path)
-    spec_error = None
-    local_error = None  # this machine's spec files do not load (the cluster spec may)
-    node_file = ctx.obj.get("node_file")
-    try:
-        spec = loader.load(path, node_file=node_file)
-    except specmod.SpecError as exc:
-        # The agents keep running their last good spec: still show what they publish.
-        spec_error = local_error = str(exc)
-        try:
-            spec = loader.peek(path, node_file=node_file)
-        except specmod.SpecError:
-            fail(spec_error)
-    try:
-        # The desired state is the cluster spec's (the store's current revision), where there is one.
-        rev = asyncio.run(survey.current_revision(spec))
-        if rev is not None:
-            try:
-                spec = clusterspec.load_revision(rev, spec_path=path, local=loader.local_settings(path, node_file=node_file))
-                spec_error = None
-            except specmod.SpecError as exc:
-                spec_error = f"the store's revision {rev.number} does not load here: {exc}"
-        look = asyncio.run(survey.look_at(spec))
-    except StoreError as exc:
-        # After a bad edit the store's address may be a guess: the spec error comes first.
-        fail(f"{spec_error} (and the store: {exc})" if spec_error is not None else str(exc))
-    doc = statusmod.cluster_status(spec, look, now=time.time(), published_groups=spec_error is not None)
-    if spec_error is not None:
-        doc = attrs.evolve(doc, spec_error=spec_error)
-    click.echo(json.dumps(overview.to_json(doc), indent=2, sort_keys=True) if as_json else overview.render(doc, now=time.time()))
-    if spec_error is not None:
-        fail(f"{spec_error} (shown: what the nodes publish; they keep their last good spec)")
-    if local_error is not None:  # shown: the cluster spec; this machine's files hold a refused edit
-        click.echo(f"reconcile: warning: {local_error} (not the cluster's: it runs revision {rev.number if rev else '?'})",
-                   err=True)
-    if check and doc.problems:
-        for p in doc.problems:
-            click.echo(f"reconcile: {p}", err=True)
-        sys.exit(STATUS_NOT_AS_DESIRED)
-
-
-@main.command(epilog=epilog("reconcile logs web/httpd -n 50", "reconcile logs web/httpd -f"))
-@click.argument("entry", metavar="GROUP/TAG", shell_complete=complete_entry)
-@click.option("-n", "--lines", type=click.IntRange(min=0), default=None, help="only the last N lines [default: all]")
-@click.option("-f", "--follow", is_flag=True, help="keep printing lines as they are written, across rotations")
-@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
-@click.option("--node", default=None, help="whose logs (this machine's state directory)", shell_complete=complete_node)
-@click.pass_context
-def logs(ctx, entry, lines, follow, spec_path, node) -> None:
-    """Show an entry's output (stdout and stderr), oldest first, across its rotated copies.
-
-    Each line carries the time it was written by (the agent's index of the log's growth: at
-    most a tick late while an agent runs); a segment is headed by the time it was last
-    written. With -f, each new line carries the time it was seen (within 0.2s).
-    """
-    from reconciler.act import logs as logsmod
-
-    group, sep, tag = entry.partition("/")
-    if not (sep and group and tag):
-        ctx.fail(f"{entry!r}: expected GROUP/TAG")
-    spec_path, node = own(ctx, "spec", spec_path), own(ctx, "node", node)
-    spec = load_or_fail(spec_path)
-    g = spec.groups.get(group)
-    if g is None or tag not in {e.tag for e in g.entries}:
-        known = ", ".join(f"{x.name}/{e.tag}" for x in spec.groups.values() for e in x.entries) or "none"
-        fail(f"{spec_path}: no entry {entry} (known: {known})")
-    path = Path(spec.state_dir) / node / "logs" / f"{group}.{tag}.log"
-    segments = logsmod.tail(path, lines)
-    if not segments and not follow and not path.parent.is_dir():
-        fail(f"{path.parent}: no logs here (is {node} the node that ran {entry}? --node names another)")
-    for seg in segments:
-        click.echo(f"-- {seg.path.name}: last written {stamp(seg.mtime)} --")
-        for t, line in zip(seg.times, seg.lines):
-            click.echo(f"{stamp(t)} {line}")
-    if follow:
-        follower = logsmod.Follower(path)
-        try:
-            while True:
-                for line in follower.poll():
-                    click.echo(f"{stamp(time.time())} {line}")
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
-
-
-def stamp(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
-
-
 @main.command(name="import", epilog=epilog("reconcile import /etc/mosix/cltab /etc/mosix/hactl > /etc/reconciler/cluster.toml"))
 @click.argument("cltab", type=click.Path(dir_okay=False))
 @click.argument("hactl", type=click.Path(dir_okay=False), required=False)
@@ -555,75 +395,11 @@ def import_(cltab, hactl) -> None:
     click.echo(text, nl=False)
 
 
-@main.command(epilog=epilog("reconcile clear web", "reconcile clear web --node n2 --timeout 30"))
-@click.argument("group", shell_complete=complete_group)
-@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
-@click.option("--node", default=None, help="the node to clear (its state directory on this machine)", shell_complete=complete_node)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="seconds to wait for the node to show it")
-@click.pass_context
-def clear(ctx, group, spec_path, node, timeout) -> None:
-    """Lift the node's ban from GROUP and reset GROUP's failure count there (docs/spec.md,
-    "Health"). The node's agent applies it on its next pass; exit 1 if it does not show it
-    in time."""
-    from reconciler.agent import clearing
-
-    spec_path, node = own(ctx, "spec", spec_path), own(ctx, "node", node)
-    spec = load_or_fail(spec_path)
-    if group not in spec.groups:
-        fail(f"{spec_path}: no group {group!r} (known: {', '.join(spec.groups) or 'none'})")
-    try:
-        rid = clearing.request(spec, node, group)
-    except OSError as exc:
-        fail(str(exc) if not exc.strerror else f"{exc.filename}: {exc.strerror}")
-    if not asyncio.run(clearing.wait(spec, node, group, rid, timeout)):
-        fail(f"{group}: {node} has not shown the clear within {timeout:g}s (is its agent running? the request stays"
-             f" in {Path(spec.state_dir) / node / 'clear'} for its next pass)")
-    click.echo(f"{group}: failures and ban cleared on {node}")
-
-
-@main.command(epilog=epilog("reconcile forget n4"))
-@click.argument("member", shell_complete=complete_node)
-@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
-@click.pass_context
-def forget(ctx, member, spec_path) -> None:
-    """Remove a decommissioned node's record from the store, so that the failsafe no longer
-    needs its promise (docs/operations.md, "Store outages"). Refused (exit 1) while the node
-    is alive or holds a claim; exit 2 if the store has no such node."""
-    from reconciler.cluster import survey
-    from reconciler.store import StoreError
-
-    spec = load_or_fail(own(ctx, "spec", spec_path))
-    try:
-        look = asyncio.run(survey.look_at(spec))
-    except StoreError as exc:
-        fail(str(exc))
-    members = look.snapshot.members
-    if member not in members:
-        fail(f"{member}: no such node in the store (known: {', '.join(sorted(members)) or 'none'})", code=2)
-    if member in look.advanced:
-        fail(f"{member}: alive (its heartbeat advances): stop its agent first")
-    owned = sorted(g for g, c in look.snapshot.claims.items() if c.node == member)
-    if owned:
-        fail(f"{member}: holds the claims of {', '.join(owned)}: they must move first")
-
-    async def remove() -> bool:
-        store = survey.open_spec_store(spec)
-        try:
-            return await store.forget(member)
-        finally:
-            await store.close()
-
-    try:
-        removed = asyncio.run(remove())
-    except StoreError as exc:
-        fail(str(exc))
-    click.echo(f"{member}: forgotten (its record is removed from the store)" if removed else f"{member}: already gone")
-
-
 # The cluster spec's commands (tell, apply, diff, history, rollback) live in a module of their
 # own; importing it adds them to `main`.
 from reconciler.cli import clusterspec as _clusterspec  # noqa: E402,F401
 from reconciler.cli import history as _history  # noqa: E402,F401 (`reconcile events`)
 # The operator's intent commands (move, standby, unstandby, maintenance): cli/operator.py.
 from reconciler.cli import operator as _operator  # noqa: E402,F401
+# What shows the cluster and its entries (status, status --watch, logs): cli/views.py.
+from reconciler.cli import views as _views  # noqa: E402,F401

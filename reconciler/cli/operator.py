@@ -1,5 +1,7 @@
-"""The operator's intent commands: `reconcile move`, `standby`, `unstandby`, `maintenance`,
-each with `--wait [--timeout D]`. Each turns argv into a call of reconciler/agent/intentops.py.
+"""The operator's commands: the intents `reconcile move`, `standby`, `unstandby`,
+`maintenance`, each with `--wait [--timeout D]` and `--dry-run`; `clear` (a node's ban) and
+`forget` (a decommissioned node's record). Each turns argv into calls of
+reconciler/agent/intentops.py (clear: agent/clearing.py).
 
 Exit codes: 0 done (recorded; with --wait: converged), 1 refused, a store error or --wait
 timed out (one line saying what is still pending), 2 a name that is not there.
@@ -7,13 +9,15 @@ timed out (one line saying what is still pending), 2 a name that is not there.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import click
 
-from reconciler.cli import SPEC_HELP, USES, complete_group, complete_node, epilog, fail, main, own
+from reconciler.cli import SPEC_HELP, USES, complete_group, complete_node, epilog, fail, load_or_fail, main, own
 
 # The group options each command reads (`reconcile --node n1 move ...` is refused: a move names no node of its own).
 USES.update({name: {"spec_path", "node_file"} for name in ("move", "standby", "unstandby", "maintenance")})
@@ -203,3 +207,69 @@ def maintenance(ctx, state, group, node, spec_path, wait, timeout, as_json, dry)
     if wait and state == "off":
         wait_for(spec, "maintenance-off", timeout=timeout)
         click.echo("every owner acknowledged the end of maintenance and converged")
+
+
+@main.command(epilog=epilog("reconcile clear web", "reconcile clear web --node n2 --timeout 30"))
+@click.argument("group", shell_complete=complete_group)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.option("--node", default=None, help="the node to clear (its state directory on this machine)", shell_complete=complete_node)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="seconds to wait for the node to show it")
+@click.pass_context
+def clear(ctx, group, spec_path, node, timeout) -> None:
+    """Lift the node's ban from GROUP and reset GROUP's failure count there (docs/spec.md,
+    "Health"). The node's agent applies it on its next pass; exit 1 if it does not show it
+    in time."""
+    from reconciler.agent import clearing
+
+    spec_path, node = own(ctx, "spec", spec_path), own(ctx, "node", node)
+    spec = load_or_fail(spec_path)
+    if group not in spec.groups:
+        fail(f"{spec_path}: no group {group!r} (known: {', '.join(spec.groups) or 'none'})")
+    try:
+        rid = clearing.request(spec, node, group)
+    except OSError as exc:
+        fail(str(exc) if not exc.strerror else f"{exc.filename}: {exc.strerror}")
+    if not asyncio.run(clearing.wait(spec, node, group, rid, timeout)):
+        fail(f"{group}: {node} has not shown the clear within {timeout:g}s (is its agent running? the request stays"
+             f" in {Path(spec.state_dir) / node / 'clear'} for its next pass)")
+    click.echo(f"{group}: failures and ban cleared on {node}")
+
+
+@main.command(epilog=epilog("reconcile forget n4"))
+@click.argument("member", shell_complete=complete_node)
+@click.option("--spec", "spec_path", default=None, help=SPEC_HELP)
+@click.pass_context
+def forget(ctx, member, spec_path) -> None:
+    """Remove a decommissioned node's record from the store, so that the failsafe no longer
+    needs its promise (docs/operations.md, "Store outages"). Refused (exit 1) while the node
+    is alive or holds a claim; exit 2 if the store has no such node."""
+    from reconciler.cluster import survey
+    from reconciler.store import StoreError
+
+    spec = load_or_fail(own(ctx, "spec", spec_path))
+    try:
+        look = asyncio.run(survey.look_at(spec))
+    except StoreError as exc:
+        fail(str(exc))
+    members = look.snapshot.members
+    if member not in members:
+        fail(f"{member}: no such node in the store (known: {', '.join(sorted(members)) or 'none'})", code=2)
+    if member in look.advanced:
+        fail(f"{member}: alive (its heartbeat advances): stop its agent first")
+    owned = sorted(g for g, c in look.snapshot.claims.items() if c.node == member)
+    if owned:
+        fail(f"{member}: holds the claims of {', '.join(owned)}: they must move first")
+
+    async def remove() -> bool:
+        store = survey.open_spec_store(spec)
+        try:
+            return await store.forget(member)
+        finally:
+            await store.close()
+
+    try:
+        removed = asyncio.run(remove())
+    except StoreError as exc:
+        fail(str(exc))
+    click.echo(f"{member}: forgotten (its record is removed from the store)" if removed else f"{member}: already gone")

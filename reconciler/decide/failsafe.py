@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
-from reconciler.model import ClusterView
+from reconciler.model import ClusterView, Member
 
 # A request's wall time may differ from the member's by this much (loosely synced clocks:
 # NTP keeps them within milliseconds, a machine without NTP may drift by seconds); nonces
@@ -116,16 +116,27 @@ def live(promises: Mapping[str, float], now: float, *, dead_after: float) -> dic
 def honour(view: ClusterView, promises: Mapping[str, float]) -> ClusterView:
     """The view with each promised owner's heartbeat counted as last seen no earlier than the
     promise's deadline: breaking its claims then waits deadline + dead_after, the budget that
-    protects a paused owner. The view itself when no promise changes anything."""
+    protects a paused owner. A promised owner the view no longer lists (etcd dropped its
+    record with its lease during the outage) counts as a member last seen then: a claim of
+    its that outlived the outage (a fenced group's) is not broken before then either. And the
+    view carries the latest deadline (promised_until): plan claims no unclaimed group before
+    it + dead_after (the owner's claim may have vanished with its lease, its group running
+    on). The view itself when no promise changes anything."""
     if not promises:
         return view
     members = dict(view.members)
     changed = False
     for owner, deadline in promises.items():
         m = members.get(owner)
-        if m is not None and m.last_change < deadline:
+        if m is None and owner != view.node:
+            members[owner] = Member(name=owner, last_change=deadline)
+            changed = True
+        elif m is not None and m.last_change < deadline:
             members[owner] = attrs.evolve(m, last_change=deadline)
             changed = True
+    until = max(promises.values())
+    if until > view.promised_until:
+        return attrs.evolve(view, members=members, promised_until=until)
     return attrs.evolve(view, members=members) if changed else view
 
 

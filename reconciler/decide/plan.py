@@ -229,6 +229,11 @@ def _maybe_claim(
     if rank < 0 or not fit:
         why = "tests have not passed here yet" if fit is None else "a test failed here"
         return _noted(standby, f"unclaimed; {why}")
+    bound = view.promised_until + t.dead_after  # the failsafe (decide/failsafe.honour)
+    if now < bound:
+        return _Part(standby.actions, _earliest(standby.wake_at, bound),
+                     f"unclaimed, but this node promised a peer not to break its claims until +{bound - now:.2f}s"
+                     " (one that vanished with the store's outage may still run there)")
     waited = now - view.unclaimed_since.get(g.name, now)
     if placement.my_turn(rank, waited, t.dead_after):
         return _Part((Action("claim", g.name, reason=f"unclaimed and this node is candidate {rank + 1} of {len(ranked)}"),))

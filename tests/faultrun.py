@@ -27,7 +27,7 @@ DURATION = {  # seconds the fault lasts (until the node is back, the agent resum
     "agent-kill": (0.0, 0.3), "agent-kill+table-truncate": (0.0, 0.3), "agent-kill+table-delete": (0.0, 0.3),
     "fill": (0.3, 2.0), "twin": (0.5, 2.0), "stray": (0.3, 1.5),
 }
-GAP = (0.05, 0.4)  # seconds between two faults
+GAP = (0.03, 0.3)  # seconds between two faults
 CONVERGE = 20.0  # seconds the cluster gets, once the last fault ended, to run every group once
 
 

@@ -256,9 +256,11 @@ def test_rapid_exits_back_off_exponentially_to_a_cap_and_never_give_up(tmp_path)
     """Three rapid exits in a row restart at once; then 0.25 s, doubling, up to 60 s."""
     fake = FakeSys()
     expected = [0, 0, 0, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 60, 60]
+    told: list[str] = []
 
     async def go():
         sup = supervisor(tmp_path, fake)
+        sup.on_backoff = lambda g, t, why: told.append(why)  # the history's hook
         for n, delay in enumerate(expected, start=1):
             pid = await sup.start("g", entry(min_uptime=10.0), level="run", env={})
             fake.exit(pid, 1)
@@ -270,6 +272,9 @@ def test_rapid_exits_back_off_exponentially_to_a_cap_and_never_give_up(tmp_path)
             else:
                 assert rec.retry_at is None and rec.message == "exit 1"
         assert rec.respawns == len(expected) - 1
+        # The history hears of each step up of the backoff, not of every respawn (none at the cap)
+        steps = [(n, d) for n, d in enumerate(expected, start=1) if d and d != expected[n - 2]]
+        assert told == [f"exit 1; respawning too rapidly, next try in {d:.2f}s ({n} rapid exits in a row)" for n, d in steps]
 
     asyncio.run(go())
 

@@ -52,6 +52,7 @@ class Supervisor:
     def __init__(
         self, *, node: str, state_dir: str | os.PathLike, on_change: Callable[[], None], sys: Sys | None = None, create: bool = True,
         tree: cgroups.Tree | None | bool = True, on_failure: Callable[[str, str, str, str], None] = lambda g, t, cause, msg: None,
+        on_backoff: Callable[[str, str, str], None] = lambda g, t, why: None,
     ):
         """`tree`: True finds the node's cgroup subtree (under this process's cgroup; for a
         `create=False` observer such as --dry-run, under the running agent's), False or
@@ -78,6 +79,7 @@ class Supervisor:
         # (group, tag, cause, message): a rapid exit or a failed start, one failure of the
         # group on this node (act/ledger.py; decide/health.py counts them)
         self.on_failure = on_failure
+        self.on_backoff = on_backoff  # a respawn entry's backoff stepped up (group, tag, why): the history
         self.dirty = False
         self._saved_texts: dict[tuple[str, str], tuple[tuple, str]] = {}  # key -> (saved fields, their JSON)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -170,8 +172,7 @@ class Supervisor:
             rec.exited.set_result(code)
         self.dirty = True
 
-    @staticmethod
-    def _log_exit(rec: Record, now: float) -> None:
+    def _log_exit(self, rec: Record, now: float) -> None:
         """A respawn entry exited: at INFO while it is respawned at once, at WARNING once per
         step of the rapid-exit backoff, at DEBUG once the backoff stays at its cap (not at
         every respawn of a crash loop)."""
@@ -182,6 +183,7 @@ class Supervisor:
         elif backoff.RESPAWN.steps_up(rec.rapid_exits):
             log.warning("%s: %s (%d rapid exits in a row; each further step of the backoff is logged)", where,
                         rec.message, rec.rapid_exits, extra=extra)
+            self.on_backoff(rec.group, rec.tag, f"{rec.message} ({rec.rapid_exits} rapid exits in a row)")
         else:
             log.debug("%s: %s (%d rapid exits in a row)", where, rec.message, rec.rapid_exits, extra=extra)
 

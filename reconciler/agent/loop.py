@@ -131,7 +131,8 @@ class Agent:
         self.ledger = Ledger(path=None if self.once else self.node_dir / "health.json", on_failure=self.metrics.failure)
         self.prober = Prober(node=self.node, on_change=self.wake, measured=self.metrics.probed)
         self.supervisor = process.Supervisor(node=self.node, state_dir=self.spec.state_dir, on_change=self.wake,
-                                             on_failure=self.ledger.record)
+                                             on_failure=self.ledger.record,
+                                             on_backoff=lambda g, t, why: self.history.record("backoff", g, f"{t}: {why}"))
         self.book = ResourceBook(node=self.node, resource_file=None if self.once else self.node_dir / "resources.json")
         self.exemptions = Exemptions(None if self.once else self.node_dir / "maintenance.json")
         # The executor's events are metrics', except that a claim won or ended goes straight to

@@ -10,7 +10,7 @@ RECONCILER_FAULTS the number of faults of either test.
 SIGSTOP/SIGCONT of agents, agent restarts, on plain nodes (the agent is PID 1 of its
 namespace and its state directory outlives it).
 
-`test_randomized_local_state_faults_never_run_a_group_twice` (240 faults by default: about
+`test_randomized_local_state_faults_never_run_a_group_twice` (200 faults by default: about
 45 % of the kinds above, the rest local-state faults) runs every node in fault mode (see
 tests/cluster.py: PID 1 of its namespace is tests/nodeinit.py with the agent as its child,
 and STATE/NODE is a tmpfs of its own, which ends with the node):
@@ -114,7 +114,7 @@ def test_randomized_faults_never_run_a_group_twice(tmp_path):
 
 
 def test_randomized_local_state_faults_never_run_a_group_twice(tmp_path):
-    faults = int(os.environ.get("RECONCILER_FAULTS", "240"))
+    faults = int(os.environ.get("RECONCILER_FAULTS", "200"))
     seed = int(os.environ.get("RECONCILER_FAULT_SEED", str(int(time.time()))))
     print(f"RECONCILER_FAULT_SEED={seed} RECONCILER_FAULTS={faults}")
     kinds = {k.strip() for k in os.environ.get("RECONCILER_FAULT_KINDS", "").split(",") if k.strip()} or None

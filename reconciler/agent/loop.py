@@ -383,7 +383,9 @@ class Agent:
             state_errors = tuple(e for e in (self.supervisor.save_error, self.lease.file_error) if e)
             # The keeper spares the groups in maintenance; until it is told, this node shows maintenance still.
             told = self.exemptions.save(intents.exempt(view, spec.groups))
-            doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.specsync.error, digest=self._digest(spec),
+            # (the digest of the spec as loaded: while stopping, `spec` says runlevel stop, and its
+            # digest would show a cleanly stopped node's last record as running another spec)
+            doc = statusmod.node_status(spec, observed, view, p, now, spec_error=self.specsync.error, digest=self._digest(self.spec),
                                         state_errors=state_errors, spec_revision=self.specsync.revision,
                                         restarts=self.executor.restart_reasons, cleared=self.ledger.cleared,
                                         events_dropped=self.history.dropped,

@@ -9,7 +9,9 @@ What a command computes lives in the package (spec/summary.py, agent/overview.py
 agent/dryrun.py); the commands live here (run, check, import) and beside: the cluster spec's
 in cli/clusterspec.py, the operator's (move, standby, maintenance, clear, forget) in
 cli/operator.py, what shows the cluster (status, logs) in cli/views.py, the history (events)
-in cli/history.py.
+in cli/history.py. (About 400 lines: besides run, check and import, this module holds what
+every command module shares: the group's options, spec and node defaults, completion, the
+one-line failure and the logging set-up.)
 """
 
 from __future__ import annotations
